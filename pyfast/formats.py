@@ -1,0 +1,49 @@
+"""The bit layouts of every packed format in pyfast, written down once.
+
+Every backend (reference, C++ CPU, Triton, CUDA C++) reads and writes exactly
+these layouts; a kernel that wants another layout (tensor-core fragment order,
+sparse-tensor-core metadata) gets it from a repack op with its own reference,
+run once at layer creation. Shapes use M = rows of activations, K = reduction
+(in_features), N = out_features. All tensors are row-major (contiguous).
+
+int8 per-token activations  (quantize_per_token)
+    x_int8 : int8    [M, K]   round-half-to-even(x / scale) clamped to [-127, 127]
+    scale  : float32 [M]      amax(|x[m, :]|) / 127; a row of zeros gets scale 1.0
+    The range is symmetric: -128 is never produced (so -x quantizes to -q).
+
+int8 weights  (int8_mm, int8_weight_mm)
+    w_int8 : int8    [N, K]   same rule as above, per output channel
+    w_scale: float32 [N]
+    int8_mm:        out[m, n] = (sum_k int32(a[m,k]) * int32(b[n,k])) * a_scale[m] * b_scale[n] + bias[n]
+                    int32 accumulation (exact); the epilogue in float32, then cast to out_dtype.
+    int8_weight_mm: out = (x @ w_int8.T) * w_scale + bias, in float32, cast to x.dtype.
+    Any int8 value, -128 included, is a valid weight (PyTorch's quantize_dynamic emits -128).
+
+int4 weights, group-wise  (pack_int4, int4_mm)
+    packed : uint8   [N, K/2] packed[n, j] = q[n, 2j] | (q[n, 2j+1] << 4)
+                              (low nibble holds the even k, high nibble the odd k)
+    scales : float32 [N, G]   G = K / group_size (G = 1 when group_size == -1, per channel)
+    zeros  : uint8   [N, G]   zero point in the integer domain, 0..15
+    q is unsigned, 0..15.  w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g],  g = k // group_size
+    symmetric:  scale = amax(|w_group|) / 7 (1.0 for an all-zero group), zero = 8,
+                q = clamp(round(w / scale) + 8, 0, 15)   (so the signed value is in [-8, 7])
+    asymmetric: scale = (max - min) / 15 over the group with min <= 0 <= max forced
+                (1.0 when max == min), zero = clamp(round(-min / scale), 0, 15),
+                q = clamp(round(w / scale) + zero, 0, 15)
+    group_size is one of 32, 64, 128 or -1; K must be even and a multiple of group_size.
+
+2:4 semi-structured sparsity along K  (sparse24_compress, sparse24_mm)
+    Each row of w [N, K] is cut into K/4 groups of 4 consecutive k; a group may hold
+    at most 2 nonzeros (NaN counts as nonzero).
+    values : w.dtype [N, K/2] the 2 kept elements of each group, in increasing k order
+    meta   : uint8   [N, K/4] bits 0-1: index (0..3) in the group of the first kept
+                              element, bits 2-3: index of the second; idx0 < idx1;
+                              bits 4-7 are zero
+    The kept positions are the nonzero ones; a group with fewer than 2 nonzeros is
+    filled with its lowest-index zero positions, so the layout is deterministic.
+    K must be a multiple of 4. sparse24_mm: out = x @ W.T + bias in x.dtype, W the
+    dense matrix rebuilt from (values, meta); x.dtype must equal values.dtype.
+"""
+
+INT4_GROUP_SIZES = (32, 64, 128, -1)
+FLOAT_DTYPES_NAMES = ("float32", "float16", "bfloat16")
