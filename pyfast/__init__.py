@@ -1,0 +1,20 @@
+"""pyfast: compressed PyTorch inference (int8, int4, 2:4 sparse) on custom kernels.
+
+    import pyfast
+    pyfast.quantize(model, "int8")      # or "int8-weight", "int4"
+    pyfast.sparsify(model, "2:4")
+    pyfast.swap(model)                   # layers compressed with torch's own tools
+    print(pyfast.summary(model))
+    print(pyfast.backends())             # what runs where, and why not
+"""
+from . import ops  # noqa: F401  (defines torch.ops.pyfast.*)
+from . import backends as _backend_families  # noqa: F401  (registers kernels)
+from ._report import BackendReport, BackendStatus, backends
+from .api import quantize, sparsify, swap
+from .dispatch import BackendUnavailableError, use_backend
+from .summary import summary
+from . import nn  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["ops", "nn", "quantize", "sparsify", "swap", "summary", "backends",
+           "use_backend", "BackendUnavailableError", "BackendReport", "BackendStatus"]

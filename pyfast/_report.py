@@ -1,0 +1,89 @@
+"""pyfast.backends(): what runs where on this machine, and why not."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from . import _ext, dispatch
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    op: str
+    family: str
+    device: str              # "cpu" or "cuda"
+    reason: Optional[str]    # None: usable here for typical inputs
+    default: bool            # first usable in the priority list of this device
+    source: str
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+class BackendReport(list):
+    """A list of BackendStatus rows; str() is a readable table."""
+
+    def for_op(self, op: str) -> List[BackendStatus]:
+        return [r for r in self if r.op == op]
+
+    def default(self, op: str, device: str) -> str:
+        return next(r.family for r in self if r.op == op and r.device == device and r.default)
+
+    def __str__(self) -> str:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        devices = list(dispatch.PRIORITY)
+        lines = [f"pyfast backends (torch {torch.__version__}; GPU: {gpu}; "
+                 f"extension pyfast._C: {_ext.status()})",
+                 "rule: a forced backend, else the first usable in order: "
+                 + "; ".join(f"{d}: {' > '.join(p)}" for d, p in dispatch.PRIORITY.items()),
+                 "* = what a plain call runs",
+                 f"{'op':<20}" + "".join(f"{d:<26}" for d in devices)]
+        for op in dict.fromkeys(r.op for r in self):
+            cells = []
+            for d in devices:
+                order = dispatch.PRIORITY[d]
+                usable = sorted((r for r in self if r.op == op and r.device == d and r.available),
+                                key=lambda r: order.index(r.family) if r.family in order else 99)
+                cells.append(" ".join(r.family + ("*" if r.default else "") for r in usable) or "-")
+            lines.append(f"{op:<20}" + "".join(f"{c:<26}" for c in cells))
+        why: dict = {}
+        for r in self:
+            if not r.available and r.source and not r.reason.startswith("kernel runs on"):
+                why.setdefault((r.family, r.device, r.reason), []).append(r.op)
+        if why:
+            lines.append("kernels that exist but cannot run here:")
+            for (fam, dev, reason), op_names in why.items():
+                lines.append(f"  {fam} on {dev} ({', '.join(op_names)}): {reason}")
+        return "\n".join(lines)
+
+
+def backends() -> BackendReport:
+    """Every op x backend family x device: usable here or the reason why not.
+
+    "DEFAULT" marks what a plain call on that device runs (for inputs that every
+    kernel accepts; a kernel's own `supports` check can still pass a call on).
+    """
+    report = BackendReport()
+    for op in dispatch.ops():
+        table = dispatch.kernels(op)
+        for device, order in dispatch.PRIORITY.items():
+            rows = []
+            for family in dispatch.FAMILIES:
+                backend = table.get(family)
+                if backend is None:
+                    reason = "no kernel for this op yet"
+                elif device not in backend.devices:
+                    reason = f"kernel runs on {'/'.join(backend.devices)} only"
+                else:
+                    reason = dispatch.unavailable_reason(family, device)
+                if reason is None and family not in order:
+                    reason = "used only when forced on this device"
+                rows.append((family, reason, backend.source if backend else ""))
+            usable = [f for f, reason, _ in rows if reason is None]
+            first = min(usable, key=order.index) if usable else None
+            report.extend(BackendStatus(op, f, device, reason, f == first, src)
+                          for f, reason, src in rows)
+    return report

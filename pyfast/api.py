@@ -1,0 +1,190 @@
+"""The model API: quantize, sparsify and swap nn.Linear layers in place.
+
+Each function walks the model, replaces every eligible layer by the pyfast
+layer for the format, and never converts a layer the kernels cannot take: it
+is left as it is, and the reason is kept in `model.pyfast_skipped` (shown by
+pyfast.summary) and reported once in a warning.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from . import _checks as chk
+from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear
+from .sparsity import is_24, magnitude_24_mask
+
+Filter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+QUANT_METHODS = ("int8", "int8-weight", "int4")
+
+
+def _matcher(spec: Filter, arg: str, default: bool) -> Callable[[str, nn.Module], bool]:
+    if spec is None:
+        return lambda name, mod: default
+    if callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{arg} must be a glob string, a list of them or a callable(name, module); "
+                        f"got {spec!r}")
+    return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """None if a plain dense nn.Linear that a pyfast layer can stand in for."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "inside nn.MultiheadAttention, which reads .weight directly"
+    if type(mod).forward is not nn.Linear.forward:
+        return f"{type(mod).__name__} overrides nn.Linear.forward"
+    if mod.weight.dtype not in chk.FLOAT_DTYPES:
+        return f"weight dtype {mod.weight.dtype} is not float32/float16/bfloat16"
+    if mod.weight.device.type not in ("cpu", "cuda"):
+        return f"weight on {mod.weight.device}, pyfast runs on cpu and cuda"
+    return None
+
+
+def _walk(model: nn.Module, include: Filter, exclude: Filter,
+          convert: Callable[[str, nn.Module], Union[nn.Module, str, None]],
+          is_target: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear)) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inc = _matcher(include, "include", True)
+    exc = _matcher(exclude, "exclude", False)
+    parents = {id(c): m for m in model.modules() for c in m.children()}
+    skipped: Dict[str, str] = dict(getattr(model, "pyfast_skipped", {}))
+    targets = [(n, m) for n, m in model.named_modules() if is_target(m)]
+    for name, mod in targets:
+        if not inc(name, mod) or exc(name, mod):
+            continue
+        reason = _why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear) else None
+        result = reason if reason is not None else convert(name, mod)
+        if isinstance(result, str):
+            skipped[name or "<root>"] = result
+        elif result is not None and result is not mod:
+            if name == "":
+                raise ValueError("model is itself an nn.Linear; wrap it in a container "
+                                 "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, result)
+            skipped.pop(name, None)
+    model.pyfast_skipped = skipped
+    if skipped:
+        warnings.warn("pyfast left these layers as they were: "
+                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
+    return model
+
+
+def quantize(model: nn.Module, method: str, *, group_size: int = 128, symmetric: bool = True,
+             include: Filter = None, exclude: Filter = None) -> nn.Module:
+    """Replace nn.Linear layers by quantized pyfast layers, in place; returns model.
+
+    method: "int8" (W8A8, Int8Linear), "int8-weight" (Int8WeightOnlyLinear) or
+    "int4" (Int4Linear with group_size 32/64/128/-1 and symmetric or not).
+    include/exclude: glob(s) on module names (e.g. "blocks.*.mlp.*") or a
+    callable(name, module) -> bool. Layers whose in_features the format cannot
+    take (int4: not a multiple of group_size) are skipped with the reason.
+    """
+    if method not in QUANT_METHODS:
+        raise ValueError(f"method {method!r} is not supported; accepted: {', '.join(QUANT_METHODS)}")
+    if method == "int4":
+        chk.group_size(group_size, 2 * abs(group_size))  # validates the value itself
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+
+    def convert(name: str, lin: nn.Linear):
+        if method == "int8":
+            return Int8Linear.from_linear(lin)
+        if method == "int8-weight":
+            return Int8WeightOnlyLinear.from_linear(lin)
+        k = lin.in_features
+        if k % 2 or (group_size != -1 and k % group_size):
+            return f"in_features {k} is not a multiple of group_size {group_size} (int4)"
+        return Int4Linear.from_linear(lin, group_size=group_size, symmetric=symmetric)
+
+    with torch.no_grad():
+        return _walk(model, include, exclude, convert)
+
+
+def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
+             exclude: Filter = None) -> nn.Module:
+    """Magnitude 2:4 pruning of each nn.Linear weight, then Sparse24Linear; in place."""
+    if pattern != "2:4":
+        raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
+
+    def convert(name: str, lin: nn.Linear):
+        if lin.in_features % 4:
+            return f"in_features {lin.in_features} is not a multiple of 4 (2:4)"
+        return Sparse24Linear.from_linear(lin, prune=True)
+
+    with torch.no_grad():
+        return _walk(model, include, exclude, convert)
+
+
+def _from_dynamic_quantized(mod: nn.Module):
+    """torch.ao dynamic quantized Linear -> Int8Linear, or the reason it cannot be."""
+    try:
+        w = mod.weight()
+        b = mod.bias()
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        return f"cannot read its packed weight ({exc})"
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.qint8:
+        return f"weight is {getattr(w, 'dtype', type(w).__name__)}, not qint8 (only int8 converts)"
+    scheme = w.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        zero = torch.tensor([w.q_zero_point()])
+        scale = torch.full((w.shape[0],), w.q_scale(), dtype=torch.float32)
+    elif scheme in (torch.per_channel_affine, torch.per_channel_symmetric) and w.q_per_channel_axis() == 0:
+        zero = w.q_per_channel_zero_points()
+        scale = w.q_per_channel_scales().float()
+    else:
+        return f"weight quantization scheme {scheme} is not supported"
+    if bool((zero != 0).any()):
+        return "weight zero point is not 0 (pyfast int8 weights are symmetric)"
+    return Int8Linear.from_int8(w.int_repr(), scale, b)
+
+
+def _dynamic_linear_types():
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    except ImportError:  # torch.ao.quantization is deprecated and may be removed
+        return ()
+    return (DynLinear,)
+
+
+def swap(model: nn.Module, *, include: Filter = None, exclude: Filter = None) -> nn.Module:
+    """Convert layers compressed with PyTorch's own tools, in place; returns model.
+
+    - nn.Linear pruned with torch.nn.utils.prune: a 2:4 mask becomes a
+      Sparse24Linear; any other mask is made permanent (prune.remove) and the
+      layer stays dense.
+    - torch.ao.quantization.quantize_dynamic qint8 Linear becomes Int8Linear.
+    """
+    dyn_types = _dynamic_linear_types()
+
+    def is_target(mod: nn.Module) -> bool:
+        return (bool(dyn_types) and isinstance(mod, dyn_types)) or (
+            isinstance(mod, nn.Linear) and torch_prune.is_pruned(mod))
+
+    def convert(name: str, mod: nn.Module):
+        if dyn_types and isinstance(mod, dyn_types):
+            return _from_dynamic_quantized(mod)
+        mask = getattr(mod, "weight_mask", None)
+        for pname in [h._tensor_name for h in mod._forward_pre_hooks.values()
+                      if isinstance(h, torch_prune.BasePruningMethod)]:
+            torch_prune.remove(mod, pname)   # weight = weight_orig * mask, permanently
+        if mask is None:
+            return "pruned, but not its weight; masks made permanent, layer stays dense"
+        if mod.in_features % 4 or not is_24(mask):
+            return "pruning mask is not 2:4; made permanent, layer stays dense"
+        return Sparse24Linear.from_linear(mod)
+
+    with torch.no_grad():
+        return _walk(model, include, exclude, convert, is_target)
+
+
+__all__ = ["quantize", "sparsify", "swap", "magnitude_24_mask"]

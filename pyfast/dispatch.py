@@ -1,0 +1,190 @@
+"""Which backend runs an op: one table, one rule, and a way to force the choice.
+
+Backends are families of kernels:
+    reference  pyfast/reference.py     pure torch, every device, the test oracle
+    cpp        csrc/cpu                C++ CPU kernels in the extension pyfast._C
+    cuda       csrc/cuda               CUDA C++ kernels in pyfast._C (CUDA builds only)
+    triton     kernels/                Triton kernels (GPU; CPU only through the
+                                       Triton interpreter, and only when forced)
+
+The rule, for an op called on a tensor of device type D:
+    1. a forced backend (use_backend(...) or PYFAST_BACKEND) wins; if it cannot run
+       these inputs that is an error that says why, never a silent fallback;
+    2. otherwise the first backend in PRIORITY[D] that is registered for the op,
+       available here and accepts these inputs (its `supports` check);
+    3. the reference is last in every list and accepts everything.
+`pyfast.backends()` prints this table for the current machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+# Priority per device type; families absent here are only used when forced.
+PRIORITY: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+FAMILIES = ("reference", "cpp", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One kernel for one op.
+
+    fn:       called with the op's arguments exactly as its schema lists them.
+    devices:  device types it runs on ("cpu", "cuda").
+    supports: optional; given the same arguments, returns None if it can take
+              them or a short reason (e.g. "K % 16 != 0") if not.
+    source:   where the kernel lives, for the report.
+    """
+    family: str
+    op: str
+    fn: Callable
+    devices: Tuple[str, ...]
+    supports: Optional[Callable[..., Optional[str]]] = None
+    source: str = ""
+
+
+@dataclass
+class _Registry:
+    kernels: Dict[str, Dict[str, Backend]] = field(default_factory=dict)
+    # family -> callable returning None if usable here, else the reason it is not
+    availability: Dict[str, Callable[[str], Optional[str]]] = field(default_factory=dict)
+
+
+_REGISTRY = _Registry()
+_FORCED = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the call; the message says why."""
+
+
+def register(backend: Backend) -> None:
+    if backend.family not in FAMILIES:
+        raise ValueError(f"family {backend.family!r} is not one of {FAMILIES}")
+    _REGISTRY.kernels.setdefault(backend.op, {})[backend.family] = backend
+
+
+def set_availability(family: str, check: Callable[[str], Optional[str]]) -> None:
+    """check(device_type) -> None if the family can run on that device here, else why not."""
+    _REGISTRY.availability[family] = check
+
+
+def ops() -> List[str]:
+    return sorted(_REGISTRY.kernels)
+
+
+def kernels(op: str) -> Dict[str, Backend]:
+    return dict(_REGISTRY.kernels.get(op, {}))
+
+
+def unavailable_reason(family: str, device_type: str) -> Optional[str]:
+    check = _REGISTRY.availability.get(family)
+    return None if check is None else check(device_type)
+
+
+def _why_not(backend: Optional[Backend], device_type: str, args) -> Optional[str]:
+    if backend is None:
+        return "no kernel for this op"
+    if device_type not in backend.devices:
+        return f"runs on {'/'.join(backend.devices)}, not {device_type}"
+    reason = unavailable_reason(backend.family, device_type)
+    if reason is None and backend.supports is not None:
+        reason = backend.supports(*args)
+    return reason
+
+
+# --- forcing -------------------------------------------------------------------
+
+def _parse_env(value: str) -> Dict[str, str]:
+    """PYFAST_BACKEND="reference" or "int8_mm=cpp,int4_mm=reference"."""
+    forced: Dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        op, _, fam = part.rpartition("=")
+        if fam not in FAMILIES:
+            raise ValueError(f"PYFAST_BACKEND names backend {fam!r}; accepted: {', '.join(FAMILIES)}")
+        forced[op or "*"] = fam
+    return forced
+
+
+def _forced_for(op: str) -> Tuple[Optional[str], bool]:
+    """(family, strict): strict when the op was named, not just the global '*'."""
+    stack = getattr(_FORCED, "stack", None)
+    layers = list(stack) if stack else []
+    env = os.environ.get("PYFAST_BACKEND", "")
+    if env:
+        layers.insert(0, _parse_env(env))
+    for forced in reversed(layers):
+        if op in forced:
+            return forced[op], True
+        if "*" in forced:
+            return forced["*"], False
+    return None, False
+
+
+@contextlib.contextmanager
+def use_backend(family: Optional[str] = None, **per_op: str) -> Iterator[None]:
+    """Force backends inside a `with` block (this thread only).
+
+    use_backend("reference")            every op that has a reference kernel uses it
+    use_backend("triton")               ops with a Triton kernel must use it (error if it
+                                        cannot run the call); ops without one follow the rule
+    use_backend(int8_mm="cpp")          int8_mm must use the C++ kernel
+    """
+    forced: Dict[str, str] = {}
+    if family is not None:
+        forced["*"] = family
+    forced.update(per_op)
+    for op, fam in forced.items():
+        if fam not in FAMILIES:
+            raise ValueError(f"backend {fam!r} for {op!r} is not one of {', '.join(FAMILIES)}")
+        if op != "*" and op not in _REGISTRY.kernels:
+            raise ValueError(f"use_backend got unknown op {op!r}; ops: {', '.join(ops())}")
+    stack = getattr(_FORCED, "stack", None)
+    if stack is None:
+        stack = _FORCED.stack = []
+    stack.append(forced)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+# --- the rule ---------------------------------------------------------------------
+
+def choose(op: str, device_type: str, args: tuple) -> Backend:
+    """Pick the backend for op(*args) on device_type, following the module rule."""
+    table = _REGISTRY.kernels.get(op, {})
+    family, strict = _forced_for(op)
+    if family is not None and (strict or family in table):
+        backend = table.get(family)
+        reason = _why_not(backend, device_type, args)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"pyfast.{op}: backend {family!r} was forced but cannot run this call: {reason}"
+            )
+        return backend
+    trail = []
+    for fam in PRIORITY.get(device_type, ("reference",)):
+        backend = table.get(fam)
+        reason = _why_not(backend, device_type, args)
+        if reason is None:
+            return backend
+        trail.append(f"{fam}: {reason}")
+    raise BackendUnavailableError(
+        f"pyfast.{op}: no backend can run on {device_type}: " + "; ".join(trail)
+    )
+
+
+def device_type_of(args: tuple) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    raise TypeError("no tensor argument to take the device from")

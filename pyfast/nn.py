@@ -1,0 +1,229 @@
+"""Compressed drop-in replacements for nn.Linear, backed by the pyfast ops.
+
+Each layer keeps only its packed tensors (as buffers, so they are in the
+state_dict and follow .to(device)), calls only torch.ops.pyfast.*, accepts
+inputs of any leading shape [..., in_features], and says its format in repr.
+Layouts: pyfast/formats.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _checks as chk
+from . import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
+from .sparsity import magnitude_24_mask
+
+Tensor = torch.Tensor
+
+
+class _CompressedLinear(nn.Module):
+    """Shared plumbing: sizes, optional float bias, reshaping, byte counts."""
+
+    format: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 device=None, bias_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.orig_dtype = bias_dtype   # dtype of the dense weight it replaces
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    def _flat(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects input [..., {self.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features)
+
+    def _unflat(self, out: Tensor, x: Tensor) -> Tensor:
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def _check_linear(linear) -> None:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        chk.tensor("linear.weight", linear.weight, dtypes=chk.FLOAT_DTYPES)
+
+    def _copy_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().clone()
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def dense_bytes(self) -> int:
+        esize = torch.empty(0, dtype=self.orig_dtype).element_size()
+        nbias = 0 if self.bias is None else self.out_features
+        return (self.in_features * self.out_features + nbias) * esize
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format}")
+
+
+class Int8Linear(_CompressedLinear):
+    """W8A8: int8 weights per output channel, activations quantized per token at run time."""
+
+    format = "int8 W8A8 (per-token dynamic activations, per-channel weights)"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
+                                                        dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        cls._check_linear(linear)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device)
+        layer.orig_dtype = linear.weight.dtype
+        q, s = torch.ops.pyfast.quantize_per_token(linear.weight.detach())
+        layer.weight_int8.copy_(q)
+        layer.weight_scale.copy_(s)
+        layer._copy_bias(linear)
+        return layer
+
+    @classmethod
+    def from_int8(cls, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> "Int8Linear":
+        """From an already-quantized weight (e.g. torch's quantize_dynamic)."""
+        chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2)
+        chk.scale_vector("w_scale", w_scale, w_int8.shape[0], "one scale per output row")
+        n, k = w_int8.shape
+        layer = cls(k, n, bias is not None, device=w_int8.device)
+        layer.weight_int8.copy_(w_int8)
+        layer.weight_scale.copy_(w_scale.float())
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = self._flat(x)
+        q, s = torch.ops.pyfast.quantize_per_token(x2)
+        out = torch.ops.pyfast.int8_mm(q, self.weight_int8, s, self.weight_scale,
+                                       self.bias, x.dtype)
+        return self._unflat(out, x)
+
+
+class Int8WeightOnlyLinear(_CompressedLinear):
+    """W8A16 / W8A32: int8 weights per output channel, float activations."""
+
+    format = "int8 weight-only (per-channel)"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
+                                                        dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        cls._check_linear(linear)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device)
+        layer.orig_dtype = linear.weight.dtype
+        q, s = torch.ops.pyfast.quantize_per_token(linear.weight.detach())
+        layer.weight_int8.copy_(q)
+        layer.weight_scale.copy_(s)
+        layer._copy_bias(linear)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.ops.pyfast.int8_weight_mm(self._flat(x), self.weight_int8,
+                                              self.weight_scale, self.bias)
+        return self._unflat(out, x)
+
+
+class Int4Linear(_CompressedLinear):
+    """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = 128, symmetric: bool = True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        gs = chk.group_size(group_size, in_features, k_name="in_features")
+        self.group_size, self.symmetric = group_size, bool(symmetric)
+        groups = in_features // gs
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.full((out_features, groups), 8,
+                                                 dtype=torch.uint8, device=device))
+
+    @property
+    def format(self) -> str:  # type: ignore[override]
+        g = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        return f"int4 weight-only ({g}, {'symmetric' if self.symmetric else 'asymmetric'})"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128,
+                    symmetric: bool = True) -> "Int4Linear":
+        cls._check_linear(linear)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    group_size=group_size, symmetric=symmetric, device=linear.weight.device)
+        layer.orig_dtype = linear.weight.dtype
+        packed, scales, zeros = torch.ops.pyfast.pack_int4(linear.weight.detach(),
+                                                           group_size, bool(symmetric))
+        layer.packed.copy_(packed)
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        layer._copy_bias(linear)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.ops.pyfast.int4_mm(self._flat(x), self.packed, self.scales, self.zeros,
+                                       self.group_size, self.bias)
+        return self._unflat(out, x)
+
+
+class Sparse24Linear(_CompressedLinear):
+    """2:4 semi-structured sparse weights (fp32/fp16/bf16 values + 2-bit indices)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None):
+        chk.multiple_of_4("in_features", in_features)
+        if dtype not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype {dtype} is not supported; accepted: float32, float16, bfloat16")
+        super().__init__(in_features, out_features, bias, device, bias_dtype=dtype)
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2,
+                                                   dtype=dtype, device=device))
+        self.register_buffer("meta", torch.full((out_features, in_features // 4), 0b0100,
+                                                dtype=torch.uint8, device=device))
+
+    @property
+    def format(self) -> str:  # type: ignore[override]
+        return f"2:4 sparse ({str(self.values.dtype).replace('torch.', '')})"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, prune: bool = False) -> "Sparse24Linear":
+        """prune=True keeps the 2 largest |w| of each group of 4 first; otherwise the
+        weight must already be 2:4 (else ValueError naming the first bad group)."""
+        cls._check_linear(linear)
+        w = linear.weight.detach()
+        if prune:
+            w = w * magnitude_24_mask(w)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        values, meta = torch.ops.pyfast.sparse24_compress(w)
+        layer.values.copy_(values)
+        layer.meta.copy_(meta)
+        layer._copy_bias(linear)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = self._flat(x)
+        if x2.dtype != self.values.dtype:
+            raise TypeError(f"input has dtype {x2.dtype} but this layer's values are "
+                            f"{self.values.dtype}; call layer.to({x2.dtype}) or cast the input")
+        out = torch.ops.pyfast.sparse24_mm(x2, self.values, self.meta, self.bias)
+        return self._unflat(out, x)
+
+
+COMPRESSED_LAYERS = (Int8Linear, Int8WeightOnlyLinear, Int4Linear, Sparse24Linear)

@@ -1,0 +1,276 @@
+"""The pyfast ops: one schema each, one fake (for torch.compile), one dispatcher.
+
+Every op is registered in the torch.library namespace `pyfast`, so a model that
+calls `torch.ops.pyfast.<op>` traces under torch.compile as one opaque node. Its
+CPU and CUDA implementations are the same small function: check the inputs
+(pyfast/_checks.py), pick a backend with the rule in pyfast/dispatch.py, call it.
+The typed wrappers at the bottom are the Python API (`pyfast.ops.int8_mm(...)`).
+Layouts of every packed tensor: pyfast/formats.py.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import _checks as chk
+from . import dispatch, reference
+
+Tensor = torch.Tensor
+
+SCHEMAS: Dict[str, str] = {
+    # x [M, K] float -> (x_int8 [M, K] int8, scale [M] float32)
+    "quantize_per_token": "quantize_per_token(Tensor x) -> (Tensor, Tensor)",
+    # a [M, K] int8, b [N, K] int8, a_scale [M], b_scale [N], bias [N] -> [M, N] out_dtype
+    "int8_mm": "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, "
+               "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+    # x [M, K] float, w_int8 [N, K], w_scale [N], bias [N] -> [M, N] x.dtype
+    "int8_weight_mm": "int8_weight_mm(Tensor x, Tensor w_int8, Tensor w_scale, "
+                      "Tensor? bias=None) -> Tensor",
+    # w [N, K] float -> (packed uint8 [N, K/2], scales float32 [N, G], zeros uint8 [N, G])
+    "pack_int4": "pack_int4(Tensor w, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)",
+    # x [M, K] float, packed/scales/zeros as above -> [M, N] x.dtype
+    "int4_mm": "int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, "
+               "int group_size, Tensor? bias=None) -> Tensor",
+    # w [N, K] float, 2:4 along K -> (values [N, K/2] w.dtype, meta uint8 [N, K/4])
+    "sparse24_compress": "sparse24_compress(Tensor w) -> (Tensor, Tensor)",
+    # x [M, K] float, values [N, K/2], meta uint8 [N, K/4] -> [M, N] x.dtype
+    "sparse24_mm": "sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+}
+
+
+# --- checks: shapes, dtypes, devices; return the output shapes/dtypes ----------
+
+def _check_quantize_per_token(x):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+
+
+def _check_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    chk.tensor("a", a, dtypes=(torch.int8,), dim=2)
+    chk.tensor("b", b, dtypes=(torch.int8,), dim=2)
+    chk.size("b", b, 1, a.shape[1], "b is [N, K] and must share K with a [M, K]")
+    chk.scale_vector("a_scale", a_scale, a.shape[0], "one scale per row M of a")
+    chk.scale_vector("b_scale", b_scale, b.shape[0], "one scale per row N of b")
+    chk.bias(bias, b.shape[0])
+    chk.out_dtype(out_dtype)
+    chk.same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
+
+
+def _check_int8_weight_mm(x, w_int8, w_scale, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2)
+    chk.size("w_int8", w_int8, 1, x.shape[1], "w_int8 is [N, K] and must share K with x [M, K]")
+    chk.scale_vector("w_scale", w_scale, w_int8.shape[0], "one scale per output row N")
+    chk.bias(bias, w_int8.shape[0])
+    chk.same_device(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+
+
+def _check_pack_int4(w, group_size, symmetric):
+    chk.tensor("w", w, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.group_size(group_size, w.shape[1], k_name="w.shape[1] (K)")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+
+
+def _check_int4_mm(x, packed, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
+    k = x.shape[1]
+    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
+    n, groups = packed.shape[0], k // gs
+    chk.size("packed", packed, 1, k // 2, "packed is [N, K/2]: two int4 values per byte")
+    chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        chk.size(name, t, 0, n, "one row per output row N of packed")
+        chk.size(name, t, 1, groups, f"K / group_size = {k} / {group_size} groups")
+    chk.bias(bias, n)
+    chk.same_device(x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
+
+
+def _check_sparse24_compress(w):
+    chk.tensor("w", w, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.multiple_of_4("w.shape[1] (K)", w.shape[1])
+
+
+def _check_sparse24_values(w):
+    """Data check (not possible at trace time): every group of 4 keeps <= 2."""
+    bad = reference.sparse24_violations(w)
+    if bool(bad.any()):
+        row, group = (int(i) for i in bad.nonzero()[0])
+        vals = w[row, 4 * group:4 * group + 4].tolist()
+        raise ValueError(
+            f"w is not 2:4 sparse: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
+            f"has {sum(v != 0 for v in vals)} nonzeros {vals}; each group of 4 along K may keep "
+            "at most 2 (prune it first, e.g. pyfast.sparsify or pyfast.prune_24)"
+        )
+
+
+def _check_sparse24_mm(x, values, meta, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.multiple_of_4("x.shape[1] (K)", x.shape[1])
+    chk.tensor("values", values, dtypes=chk.FLOAT_DTYPES, dim=2)
+    if values.dtype != x.dtype:
+        raise TypeError(
+            f"values has dtype {values.dtype} but x has {x.dtype}; they must match "
+            "(convert the layer with .to(dtype))"
+        )
+    chk.size("values", values, 1, x.shape[1] // 2, "values is [N, K/2]: 2 kept of every 4")
+    chk.tensor("meta", meta, dtypes=(torch.uint8,), dim=2)
+    chk.size("meta", meta, 0, values.shape[0], "one row per output row N of values")
+    chk.size("meta", meta, 1, x.shape[1] // 4, "meta is [N, K/4]: one byte per group of 4")
+    chk.bias(bias, values.shape[0])
+    chk.same_device(x=x, values=values, meta=meta, bias=bias)
+
+
+CHECKS: Dict[str, Callable] = {
+    "quantize_per_token": _check_quantize_per_token,
+    "int8_mm": _check_int8_mm,
+    "int8_weight_mm": _check_int8_weight_mm,
+    "pack_int4": _check_pack_int4,
+    "int4_mm": _check_int4_mm,
+    "sparse24_compress": _check_sparse24_compress,
+    "sparse24_mm": _check_sparse24_mm,
+}
+VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values}
+
+
+# --- fakes: output metadata only, for torch.compile ---------------------------
+
+def _fake_quantize_per_token(x):
+    _check_quantize_per_token(x)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32))
+
+
+def _fake_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=chk.out_dtype(out_dtype))
+
+
+def _fake_int8_weight_mm(x, w_int8, w_scale, bias=None):
+    _check_int8_weight_mm(x, w_int8, w_scale, bias)
+    return x.new_empty((x.shape[0], w_int8.shape[0]))
+
+
+def _fake_pack_int4(w, group_size, symmetric):
+    _check_pack_int4(w, group_size, symmetric)
+    n, k = w.shape
+    groups = 1 if group_size == -1 else k // group_size
+    return (w.new_empty((n, k // 2), dtype=torch.uint8),
+            w.new_empty((n, groups), dtype=torch.float32),
+            w.new_empty((n, groups), dtype=torch.uint8))
+
+
+def _fake_int4_mm(x, packed, scales, zeros, group_size, bias=None):
+    _check_int4_mm(x, packed, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _fake_sparse24_compress(w):
+    _check_sparse24_compress(w)
+    n, k = w.shape
+    return w.new_empty((n, k // 2)), w.new_empty((n, k // 4), dtype=torch.uint8)
+
+
+def _fake_sparse24_mm(x, values, meta, bias=None):
+    _check_sparse24_mm(x, values, meta, bias)
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+FAKES: Dict[str, Callable] = {
+    "quantize_per_token": _fake_quantize_per_token,
+    "int8_mm": _fake_int8_mm,
+    "int8_weight_mm": _fake_int8_weight_mm,
+    "pack_int4": _fake_pack_int4,
+    "int4_mm": _fake_int4_mm,
+    "sparse24_compress": _fake_sparse24_compress,
+    "sparse24_mm": _fake_sparse24_mm,
+}
+
+
+# --- registration ----------------------------------------------------------------
+
+def _reference_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    return reference.int8_mm(a, b, a_scale, b_scale, bias, chk.out_dtype(out_dtype))
+
+
+REFERENCE: Dict[str, Callable] = {
+    "quantize_per_token": reference.quantize_per_token,
+    "int8_mm": _reference_int8_mm,
+    "int8_weight_mm": reference.int8_weight_mm,
+    "pack_int4": reference.pack_int4,
+    "int4_mm": reference.int4_mm,
+    "sparse24_compress": reference.sparse24_compress,
+    "sparse24_mm": reference.sparse24_mm,
+}
+
+
+def _make_dispatcher(op: str) -> Callable:
+    check, value_check = CHECKS[op], VALUE_CHECKS.get(op)
+
+    def run(*args):
+        check(*args)
+        if value_check is not None:
+            value_check(*args)
+        backend = dispatch.choose(op, dispatch.device_type_of(args), args)
+        return backend.fn(*args)
+
+    run.__name__ = f"dispatch_{op}"
+    return run
+
+
+_LIB = torch.library.Library("pyfast", "DEF")
+for _op, _schema in SCHEMAS.items():
+    _LIB.define(_schema)
+    torch.library.register_fake(f"pyfast::{_op}", FAKES[_op], lib=_LIB)
+    for _key in ("CPU", "CUDA"):
+        _LIB.impl(_op, _make_dispatcher(_op), _key)
+    dispatch.register(dispatch.Backend(
+        "reference", _op, REFERENCE[_op], ("cpu", "cuda"), source="pyfast/reference.py"))
+
+
+# --- typed Python API ---------------------------------------------------------------
+
+def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric dynamic int8 per row: x [M, K] -> (int8 [M, K], float32 scale [M])."""
+    _check_quantize_per_token(x)
+    return torch.ops.pyfast.quantize_per_token(x)
+
+
+def int8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
+            bias: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """W8A8: (a [M,K] int8 @ b [N,K].T int8, int32 acc) * a_scale[:,None] * b_scale + bias."""
+    _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    return torch.ops.pyfast.int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def int8_weight_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only int8: x [M,K] @ (w_int8 [N,K] * w_scale[:,None]).T + bias, in x.dtype."""
+    _check_int8_weight_mm(x, w_int8, w_scale, bias)
+    return torch.ops.pyfast.int8_weight_mm(x, w_int8, w_scale, bias)
+
+
+def pack_int4(w: Tensor, group_size: int = 128, symmetric: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Group-wise int4: w [N,K] -> (packed uint8 [N,K/2], scales f32 [N,G], zeros u8 [N,G])."""
+    _check_pack_int4(w, group_size, symmetric)
+    return torch.ops.pyfast.pack_int4(w, group_size, symmetric)
+
+
+def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
+            group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
+    """W4A16: x [M,K] @ dequant(packed, scales, zeros).T + bias, in x.dtype."""
+    _check_int4_mm(x, packed, scales, zeros, group_size, bias)
+    return torch.ops.pyfast.int4_mm(x, packed, scales, zeros, group_size, bias)
+
+
+def sparse24_compress(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """2:4 along K: w [N,K] -> (values [N,K/2], meta uint8 [N,K/4]); error if not 2:4."""
+    _check_sparse24_compress(w)
+    return torch.ops.pyfast.sparse24_compress(w)
+
+
+def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x [M,K] @ W.T + bias with W the dense 2:4 matrix stored as (values, meta)."""
+    _check_sparse24_mm(x, values, meta, bias)
+    return torch.ops.pyfast.sparse24_mm(x, values, meta, bias)

@@ -1,0 +1,97 @@
+"""pyfast.summary(model): one row per linear layer, dense or compressed, and totals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .nn import COMPRESSED_LAYERS, Sparse24Linear, _CompressedLinear
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    type: str
+    format: str
+    params: int          # logical weight + bias elements (as the dense layer has them)
+    bytes_before: int    # the dense layer in its original dtype
+    bytes_after: int     # what the layer stores now
+    sparsity: float      # fraction of zero weights in the effective dense weight
+
+
+class Summary(list):
+    """LayerRow list; str() is the table. `.skipped` maps layer names to reasons."""
+
+    skipped: dict
+
+    @property
+    def total_before(self) -> int:
+        return sum(r.bytes_before for r in self)
+
+    @property
+    def total_after(self) -> int:
+        return sum(r.bytes_after for r in self)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<28}{'type':<22}{'format':<34}{'params':>11}{'before':>11}{'after':>11}{'sparsity':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self:
+            lines.append(f"{r.name[:27]:<28}{r.type[:21]:<22}{r.format[:33]:<34}{r.params:>11,}"
+                         f"{_mib(r.bytes_before):>11}{_mib(r.bytes_after):>11}{r.sparsity:>8.1%}")
+        params = sum(r.params for r in self)
+        ratio = self.total_before / self.total_after if self.total_after else float("nan")
+        lines += ["-" * len(head),
+                  f"{'total':<84}{params:>11,}{_mib(self.total_before):>11}"
+                  f"{_mib(self.total_after):>11}   ({ratio:.2f}x smaller)"]
+        for name, why in self.skipped.items():
+            lines.append(f"left as is: {name}: {why}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<pyfast.Summary of {len(self)} layers>"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}MiB" if n >= 2**20 else f"{n / 2**10:.1f}KiB"
+
+
+def _dense_row(name: str, mod: nn.Linear) -> LayerRow:
+    w = mod.weight.detach()
+    nbias = 0 if mod.bias is None else mod.bias.numel()
+    nbytes = (w.numel() + nbias) * w.element_size()
+    zeros = float((w == 0).sum()) / max(w.numel(), 1)
+    return LayerRow(name, type(mod).__name__, f"dense {str(w.dtype).replace('torch.', '')}",
+                    w.numel() + nbias, nbytes, nbytes, zeros)
+
+
+def _compressed_row(name: str, mod: _CompressedLinear) -> LayerRow:
+    n, k = mod.out_features, mod.in_features
+    params = n * k + (0 if mod.bias is None else n)
+    if isinstance(mod, Sparse24Linear):
+        sparsity = 1.0 - float((mod.values != 0).sum()) / (n * k)
+    else:
+        sparsity = 0.0
+    return LayerRow(name, type(mod).__name__, mod.format, params, mod.dense_bytes(),
+                    mod.storage_bytes(), sparsity)
+
+
+def summary(model: nn.Module, print_table: bool = True) -> Summary:
+    """Per-layer table: type, format, parameters, bytes before/after, sparsity, totals.
+
+    Prints it (unless print_table=False) and returns it as a Summary (a list of
+    LayerRow), so the numbers can be read programmatically too.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rows = Summary()
+    for name, mod in model.named_modules():
+        if isinstance(mod, COMPRESSED_LAYERS):
+            rows.append(_compressed_row(name, mod))
+        elif isinstance(mod, nn.Linear):
+            rows.append(_dense_row(name, mod))
+    rows.skipped = dict(getattr(model, "pyfast_skipped", {}))
+    if print_table:
+        print(rows)
+    return rows
