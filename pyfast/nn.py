@@ -72,7 +72,7 @@ class _CompressedLinear(nn.Module):
 class Int8Linear(_CompressedLinear):
     """W8A8: int8 weights per output channel, activations quantized per token at run time."""
 
-    format = "int8 W8A8 (per-token dynamic activations, per-channel weights)"
+    format = "int8 W8A8"  # per-token dynamic activations, per-channel weights
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, bias, device)
@@ -116,7 +116,7 @@ class Int8Linear(_CompressedLinear):
 class Int8WeightOnlyLinear(_CompressedLinear):
     """W8A16 / W8A32: int8 weights per output channel, float activations."""
 
-    format = "int8 weight-only (per-channel)"
+    format = "int8 weight-only"  # per-channel scales
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, bias, device)
@@ -159,8 +159,8 @@ class Int4Linear(_CompressedLinear):
 
     @property
     def format(self) -> str:  # type: ignore[override]
-        g = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
-        return f"int4 weight-only ({g}, {'symmetric' if self.symmetric else 'asymmetric'})"
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int4 weight-only {g} {'sym' if self.symmetric else 'asym'}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128,
@@ -199,7 +199,7 @@ class Sparse24Linear(_CompressedLinear):
 
     @property
     def format(self) -> str:  # type: ignore[override]
-        return f"2:4 sparse ({str(self.values.dtype).replace('torch.', '')})"
+        return f"2:4 sparse {str(self.values.dtype).replace('torch.', '')}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = False) -> "Sparse24Linear":

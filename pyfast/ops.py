@@ -9,6 +9,7 @@ Layouts of every packed tensor: pyfast/formats.py.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -207,8 +208,14 @@ REFERENCE: Dict[str, Callable] = {
 
 def _make_dispatcher(op: str) -> Callable:
     check, value_check = CHECKS[op], VALUE_CHECKS.get(op)
+    signature = inspect.signature(check)
 
     def run(*args):
+        # The dispatcher drops trailing arguments equal to their schema default;
+        # fill them back so every backend gets the full argument list.
+        bound = signature.bind(*args)
+        bound.apply_defaults()
+        args = bound.args
         check(*args)
         if value_check is not None:
             value_check(*args)

@@ -35,15 +35,15 @@ class Summary(list):
         return sum(r.bytes_after for r in self)
 
     def __str__(self) -> str:
-        head = f"{'layer':<28}{'type':<22}{'format':<34}{'params':>11}{'before':>11}{'after':>11}{'sparsity':>9}"
+        head = f"{'layer':<28}{'type':<22}{'format':<26}{'params':>11}{'before':>11}{'after':>11}{'sparsity':>9}"
         lines = [head, "-" * len(head)]
         for r in self:
-            lines.append(f"{r.name[:27]:<28}{r.type[:21]:<22}{r.format[:33]:<34}{r.params:>11,}"
+            lines.append(f"{r.name[:27]:<28}{r.type[:21]:<22}{r.format[:25]:<26}{r.params:>11,}"
                          f"{_mib(r.bytes_before):>11}{_mib(r.bytes_after):>11}{r.sparsity:>8.1%}")
         params = sum(r.params for r in self)
         ratio = self.total_before / self.total_after if self.total_after else float("nan")
         lines += ["-" * len(head),
-                  f"{'total':<84}{params:>11,}{_mib(self.total_before):>11}"
+                  f"{'total':<76}{params:>11,}{_mib(self.total_before):>11}"
                   f"{_mib(self.total_after):>11}   ({ratio:.2f}x smaller)"]
         for name, why in self.skipped.items():
             lines.append(f"left as is: {name}: {why}")

@@ -1,0 +1,162 @@
+"""pyfast.quantize / sparsify / swap / summary on small models."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import pyfast
+from pyfast.nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear
+from pyfast.sparsity import is_24, magnitude_24_mask
+
+
+class Net(nn.Module):
+    def __init__(self, k_odd=96):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+        self.head = nn.Linear(128, 10)
+        self.odd = nn.Linear(k_odd, 8)   # K = 96: not a multiple of 128
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+# Relative output error on uniform-random weights: int8 rounds to 1/254 of the range,
+# int4 to 1/14 of it (about 8% RMS per weight), so the thresholds differ by ~16x.
+@pytest.mark.parametrize("method,cls,max_rel_err", [
+    ("int8", Int8Linear, 0.02), ("int8-weight", Int8WeightOnlyLinear, 0.02),
+    ("int4", Int4Linear, 0.15)])
+def test_quantize_replaces_linears_in_place(method, cls, max_rel_err):
+    net = Net(k_odd=128)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        ref = net(x)
+    out = pyfast.quantize(net, method)
+    assert out is net
+    assert all(isinstance(m, cls) for m in (net.encoder[0], net.encoder[2], net.head, net.odd))
+    assert not any(type(m) is nn.Linear for m in net.modules())
+    with torch.no_grad():
+        assert float((net(x) - ref).norm() / ref.norm()) < max_rel_err
+
+
+def test_quantize_int4_skips_layer_with_reason():
+    net = Net()
+    with pytest.warns(UserWarning, match="odd: in_features 96 is not a multiple of group_size 128"):
+        pyfast.quantize(net, "int4", group_size=128)
+    assert type(net.odd) is nn.Linear
+    assert isinstance(net.head, Int4Linear)
+    assert "odd" in net.pyfast_skipped
+    text = str(pyfast.summary(net, print_table=False))
+    assert "left as is: odd: in_features 96 is not a multiple of group_size 128" in text
+
+
+def test_include_exclude_globs_and_callables():
+    net = Net()
+    pyfast.quantize(net, "int8", include="encoder.*", exclude=["encoder.2"])
+    assert isinstance(net.encoder[0], Int8Linear)
+    assert type(net.encoder[2]) is nn.Linear and type(net.head) is nn.Linear
+    net2 = Net()
+    pyfast.quantize(net2, "int8-weight", include=lambda name, mod: mod.out_features == 10)
+    assert isinstance(net2.head, Int8WeightOnlyLinear) and type(net2.encoder[0]) is nn.Linear
+    with pytest.raises(TypeError, match="include must be a glob string"):
+        pyfast.quantize(Net(), "int8", include=[3])
+
+
+def test_multihead_attention_projection_is_left_alone():
+    model = nn.Sequential(nn.MultiheadAttention(32, 4))
+    with pytest.warns(UserWarning, match="inside nn.MultiheadAttention"):
+        pyfast.quantize(model, "int8")
+    assert type(model[0].out_proj) is not Int8Linear
+
+
+def test_bad_method_and_pattern():
+    with pytest.raises(ValueError, match="method 'int3' is not supported; accepted: int8, int8-weight, int4"):
+        pyfast.quantize(Net(), "int3")
+    with pytest.raises(ValueError, match="group_size 48 is not supported"):
+        pyfast.quantize(Net(), "int4", group_size=48)
+    with pytest.raises(ValueError, match="pattern '1:4' is not supported"):
+        pyfast.sparsify(Net(), "1:4")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        pyfast.quantize("model", "int8")
+    with pytest.raises(ValueError, match="wrap it in a container"):
+        pyfast.quantize(nn.Linear(8, 8), "int8")
+
+
+def test_sparsify_prunes_by_magnitude_and_matches_masked_dense():
+    net = Net(k_odd=98)
+    dense = Net(k_odd=98)
+    dense.load_state_dict(net.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyfast.sparsify(net)
+    assert "odd: in_features 98 is not a multiple of 4" in str(caught[0].message)
+    with torch.no_grad():
+        for m in (dense.encoder[0], dense.encoder[2], dense.head):
+            m.weight.mul_(magnitude_24_mask(m.weight))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(net(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(net.head, Sparse24Linear) and type(net.odd) is nn.Linear
+
+
+def test_swap_turns_24_prune_mask_into_sparse24():
+    net = Net(k_odd=128)
+    w = net.head.weight.detach()
+    prune.custom_from_mask(net.head, "weight", magnitude_24_mask(w))
+    x = torch.randn(3, 128)
+    ref = net(x)
+    pyfast.swap(net)
+    assert isinstance(net.head, Sparse24Linear)
+    torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
+    assert type(net.encoder[0]) is nn.Linear and "encoder.0" not in net.pyfast_skipped
+
+
+def test_swap_makes_other_masks_permanent_and_stays_dense():
+    net = Net()
+    prune.l1_unstructured(net.encoder[0], "weight", amount=0.5)
+    x = torch.randn(3, 128)
+    ref = net(x)
+    with pytest.warns(UserWarning, match="not 2:4; made permanent"):
+        pyfast.swap(net)
+    layer = net.encoder[0]
+    assert type(layer) is nn.Linear and not hasattr(layer, "weight_orig")
+    assert not prune.is_pruned(layer) and not is_24(layer.weight)
+    assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    torch.testing.assert_close(net(x), ref)
+
+
+def test_swap_converts_quantize_dynamic_model():
+    net = Net(k_odd=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated upstream
+        qnet = torch.ao.quantization.quantize_dynamic(net, {nn.Linear}, dtype=torch.qint8)
+    qweight = qnet.head.weight()
+    x = torch.randn(4, 128)
+    pyfast.swap(qnet)
+    assert isinstance(qnet.head, Int8Linear) and isinstance(qnet.encoder[0], Int8Linear)
+    # the int8 weight moves over bit for bit, with its (per-tensor) scale
+    assert torch.equal(qnet.head.weight_int8, qweight.int_repr())
+    assert torch.allclose(qnet.head.weight_scale, torch.tensor(qweight.q_scale(), dtype=torch.float32))
+    # and the layer computes W8A8 with that weight: compare with the dequantized weight
+    h = torch.randn(4, 128)
+    deq = torch.nn.functional.linear(h, qweight.dequantize(), qnet.head.bias)
+    assert float((qnet.head(h) - deq).norm() / deq.norm()) < 0.02
+    assert qnet(x).shape == (4, 10)
+
+
+def test_summary_rows_and_totals():
+    net = Net()
+    pyfast.quantize(net, "int8", include="encoder.*")
+    pyfast.sparsify(net, include="head")
+    s = pyfast.summary(net, print_table=False)
+    rows = {r.name: r for r in s}
+    assert set(rows) == {"encoder.0", "encoder.2", "head", "odd"}
+    r = rows["encoder.0"]
+    assert r.type == "Int8Linear" and r.format == "int8 W8A8"
+    assert r.params == 128 * 256 + 256
+    assert r.bytes_before == (128 * 256 + 256) * 4
+    assert r.bytes_after == 128 * 256 + 256 * 4 + 256 * 4      # int8 weight, scales, bias
+    assert rows["head"].sparsity == pytest.approx(0.5, abs=0.02)
+    assert rows["odd"].format == "dense float32" and rows["odd"].bytes_after == rows["odd"].bytes_before
+    assert s.total_before == sum(x.bytes_before for x in s)
+    assert "total" in str(s) and "x smaller" in str(s)

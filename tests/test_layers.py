@@ -1,0 +1,179 @@
+"""pyfast.nn layers against the nn.Linear they came from.
+
+Tolerances are bounds derived from the quantization step, not guesses:
+- weight-only: |out - linear(x)| <= sum_k |x_k| * step_w(n, k) / 2, step_w the
+  weight scale of that row (and group); rounding to nearest is off by at most
+  half a step per weight.
+- W8A8: with dx = s_x / 2 and dw = s_w / 2 the error per product is at most
+  |x| dw + |w| dx + dx dw.
+Float rounding of the matmul itself is covered by a small absolute slack.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyfast
+from pyfast.nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear
+from pyfast.sparsity import magnitude_24_mask
+from conftest import DEVICES
+
+SLACK = 1e-4
+
+
+def _linear(k, n, bias=True, device="cpu", dtype=torch.float32):
+    return nn.Linear(k, n, bias=bias).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_int8_weight_only_within_half_step(device, m, bias):
+    lin = _linear(96, 33, bias, device)
+    layer = Int8WeightOnlyLinear.from_linear(lin)
+    x = torch.randn(m, 96, device=device)
+    bound = x.abs() @ (layer.weight_scale[:, None] / 2).expand(33, 96).T
+    err = (layer(x) - lin(x)).abs()
+    assert bool((err <= bound + SLACK).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int8_w8a8_within_bound(device, m):
+    lin = _linear(64, 130, True, device)
+    layer = Int8Linear.from_linear(lin)
+    x = torch.randn(m, 64, device=device)
+    sx = x.abs().amax(dim=1, keepdim=True) / 127
+    dx, dw = sx / 2, layer.weight_scale[None, :] / 2        # [M, 1], [1, N]
+    w = lin.weight.detach()
+    bound = x.abs().sum(1, keepdim=True) * dw + dx * w.abs().sum(1)[None, :] + 64 * dx * dw
+    err = (layer(x) - lin(x)).abs()
+    assert bool((err <= bound + SLACK).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int4_within_half_step(device, group_size, symmetric):
+    k, n = 128, 17
+    lin = _linear(k, n, True, device)
+    layer = Int4Linear.from_linear(lin, group_size=group_size, symmetric=symmetric)
+    x = torch.randn(5, k, device=device)
+    gs = k if group_size == -1 else group_size
+    step = layer.scales.repeat_interleave(gs, dim=1)         # [N, K]
+    # symmetric clamps to [-8, 7] with scale amax/7: never clipped, so half a step holds
+    bound = x.abs() @ (step / 2).T
+    err = (layer(x) - lin(x)).abs()
+    assert bool((err <= bound + SLACK).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sparse24_matches_pruned_linear(device, dtype):
+    lin = _linear(64, 24, True, device, dtype)
+    with torch.no_grad():
+        lin.weight.mul_(magnitude_24_mask(lin.weight))
+    layer = Sparse24Linear.from_linear(lin)
+    x = torch.randn(3, 64, device=device, dtype=dtype)
+    expected = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    out = layer(x)
+    assert out.dtype == dtype
+    # the only error is the final rounding to dtype (the reference works in float32)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_sparse24_prune_true_equals_magnitude_mask():
+    lin = _linear(32, 8)
+    layer = Sparse24Linear.from_linear(lin, prune=True)
+    masked = copy.deepcopy(lin)
+    with torch.no_grad():
+        masked.weight.mul_(magnitude_24_mask(masked.weight))
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layer(x), masked(x), atol=1e-6, rtol=1e-6)
+
+
+def test_sparse24_not_24_without_prune_names_group():
+    lin = _linear(8, 2)
+    with pytest.raises(ValueError, match=r"row 0, group 0"):
+        Sparse24Linear.from_linear(lin)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int8WeightOnlyLinear, Int4Linear, Sparse24Linear])
+def test_leading_dims_and_repr(cls):
+    lin = _linear(128, 12)
+    layer = cls.from_linear(lin, prune=True) if cls is Sparse24Linear else cls.from_linear(lin)
+    x = torch.randn(2, 3, 128)
+    assert layer(x).shape == (2, 3, 12)
+    assert layer.format in repr(layer) and "in_features=128" in repr(layer)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int8WeightOnlyLinear, Int4Linear])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_keep_dtype(cls, dtype):
+    layer = cls.from_linear(_linear(128, 16))
+    x = torch.randn(3, 128, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    ref = layer(x.float())
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
+
+
+def test_state_dict_holds_only_packed_tensors_and_int4_is_an_eighth():
+    lin = _linear(4096, 256)
+    layer = Int4Linear.from_linear(lin, group_size=128)
+    sd = layer.state_dict()
+    assert set(sd) == {"bias", "packed", "scales", "zeros"}
+    fp32_weight = 4096 * 256 * 4
+    assert sd["packed"].numel() * sd["packed"].element_size() == fp32_weight // 8
+    extra = sum(sd[k].numel() * sd[k].element_size() for k in ("scales", "zeros", "bias"))
+    assert layer.storage_bytes() == fp32_weight // 8 + extra
+    assert set(Int8Linear.from_linear(lin).state_dict()) == {"bias", "weight_int8", "weight_scale"}
+    assert set(Sparse24Linear.from_linear(lin, prune=True).state_dict()) == {"bias", "values", "meta"}
+
+
+def _mixed_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(),
+                         nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+
+
+def _compress_mixed(model):
+    pyfast.quantize(model, "int8", include="0")
+    pyfast.quantize(model, "int8-weight", include="2")
+    pyfast.quantize(model, "int4", group_size=32, symmetric=False, include="4")
+    pyfast.sparsify(model, include="6")
+    return model
+
+
+def test_state_dict_round_trip_into_fresh_model():
+    src = _compress_mixed(_mixed_model(0))
+    fresh = _compress_mixed(_mixed_model(1))  # same structure, other weights
+    x = torch.randn(5, 64)
+    assert not torch.equal(src(x), fresh(x))
+    fresh.load_state_dict(src.state_dict())
+    assert torch.equal(src(x), fresh(x))
+
+
+def test_torch_compile_of_swapped_model_matches_eager():
+    model = _compress_mixed(_mixed_model(0))
+    x = torch.randn(7, 64)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_input_errors():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        Int8Linear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="in_features = 100 is not a multiple of group_size 128"):
+        Int4Linear(100, 8, group_size=128)
+    with pytest.raises(ValueError, match="in_features = 6 is not a multiple of 4"):
+        Sparse24Linear(6, 8)
+    with pytest.raises(ValueError, match=r"expects input \[\.\.\., 64\], got shape \(3, 32\)"):
+        Int8Linear(64, 8)(torch.randn(3, 32))
+    layer = Sparse24Linear.from_linear(_linear(8, 4), prune=True)
+    with pytest.raises(TypeError, match="values are torch.float32"):
+        layer(torch.randn(2, 8, dtype=torch.float16))
+    assert layer.to(torch.float16)(torch.randn(2, 8, dtype=torch.float16)).dtype == torch.float16
