@@ -281,3 +281,8 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] 
     """x [M,K] @ W.T + bias with W the dense 2:4 matrix stored as (values, meta)."""
     _check_sparse24_mm(x, values, meta, bias)
     return torch.ops.pyfast.sparse24_mm(x, values, meta, bias)
+
+
+from . import _autograd  # noqa: E402  (needs the ops defined above)
+
+_autograd.register()

@@ -1,0 +1,124 @@
+"""Gradients of the pyfast ops, so autograd never gets a silently wrong answer.
+
+Without a registered autograd formula PyTorch would pass gradients through a
+custom op as if it were not there. Instead:
+- the weight-only and 2:4 matmuls are linear in x (and in the float scales or
+  values), so they get exact gradients, computed from the reference's
+  dequantized weight in float32: this lets a user fine-tune around compressed
+  layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
+- quantize_per_token, int8_mm, pack_int4 and sparse24_compress round or repack,
+  so their true gradient is zero almost everywhere and useless: backward raises
+  and says what to use instead. Forward passes with requires_grad inputs work.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+
+def _float_grad(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype)
+
+
+# --- int8_weight_mm(x, w_int8, w_scale, bias) ------------------------------------
+
+def _setup_int8_weight_mm(ctx, inputs, output):
+    x, w_int8, w_scale, bias = inputs
+    ctx.save_for_backward(x, w_int8, w_scale, bias)
+
+
+def _backward_int8_weight_mm(ctx, grad):
+    x, w_int8, w_scale, bias = ctx.saved_tensors
+    g, wf = grad.float(), w_int8.float()
+    gx = gs = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _float_grad((g * w_scale.float()) @ wf, x)
+    if ctx.needs_input_grad[2]:
+        gs = _float_grad((g * (x.float() @ wf.T)).sum(0), w_scale)
+    if bias is not None and ctx.needs_input_grad[3]:
+        gb = _float_grad(g.sum(0), bias)
+    return gx, None, gs, gb
+
+
+# --- int4_mm(x, packed, scales, zeros, group_size, bias) ------------------------------
+
+def _setup_int4_mm(ctx, inputs, output):
+    x, packed, scales, zeros, group_size, bias = inputs
+    ctx.save_for_backward(x, packed, scales, zeros, bias)
+    ctx.group_size = group_size
+
+
+def _backward_int4_mm(ctx, grad):
+    x, packed, scales, zeros, bias = ctx.saved_tensors
+    g = grad.float()
+    gx = gs = gb = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_int4(packed, scales, zeros, ctx.group_size)
+        gx = _float_grad(g @ w, x)
+    if ctx.needs_input_grad[2]:
+        # out = x @ ((q - z) * s).T, so d out / d s[n, g] sums (q - z) * (g.T @ x) over group g
+        n, groups = scales.shape
+        q_minus_z = reference.dequantize_int4(packed, torch.ones_like(scales), zeros,
+                                              ctx.group_size)
+        gs = _float_grad(((g.T @ x.float()) * q_minus_z).reshape(n, groups, -1).sum(2), scales)
+    if bias is not None and ctx.needs_input_grad[5]:
+        gb = _float_grad(g.sum(0), bias)
+    return gx, None, gs, None, None, gb
+
+
+# --- sparse24_mm(x, values, meta, bias) ------------------------------------------
+
+def _setup_sparse24_mm(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(x, values, meta, bias)
+
+
+def _backward_sparse24_mm(ctx, grad):
+    x, values, meta, bias = ctx.saved_tensors
+    g = grad.float()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _float_grad(g @ reference.sparse24_decompress(values, meta).float(), x)
+    if ctx.needs_input_grad[1]:
+        # the dense weight gradient g.T @ x, read at the kept positions only
+        n, groups = meta.shape
+        m = meta.to(torch.int64)
+        idx = torch.stack((m & 3, (m >> 2) & 3), dim=2)
+        dense = (g.T @ x.float()).reshape(n, groups, 4)
+        gv = _float_grad(dense.gather(2, idx).reshape(n, groups * 2), values)
+    if bias is not None and ctx.needs_input_grad[3]:
+        gb = _float_grad(g.sum(0), bias)
+    return gx, gv, None, gb
+
+
+# --- ops without a useful gradient ------------------------------------------------
+
+_NO_GRAD_ADVICE = {
+    "quantize_per_token": "rounding has zero gradient; train in float, or with "
+                          "fake quantization (straight-through), then convert",
+    "int8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
+               "('int8-weight'), which has exact input gradients, or train in float",
+    "pack_int4": "packing rounds the weight; pack a trained weight under torch.no_grad()",
+    "sparse24_compress": "compression is a re-layout; train the dense or the Sparse24Linear "
+                         "values (sparse24_mm has gradients) instead",
+}
+
+
+def _raising_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"pyfast.{op} has no gradient: {_NO_GRAD_ADVICE[op]}")
+    return backward
+
+
+def _no_setup(ctx, inputs, output):
+    return None
+
+
+def register() -> None:
+    reg = torch.library.register_autograd
+    reg("pyfast::int8_weight_mm", _backward_int8_weight_mm, setup_context=_setup_int8_weight_mm)
+    reg("pyfast::int4_mm", _backward_int4_mm, setup_context=_setup_int4_mm)
+    reg("pyfast::sparse24_mm", _backward_sparse24_mm, setup_context=_setup_sparse24_mm)
+    for op in _NO_GRAD_ADVICE:
+        reg(f"pyfast::{op}", _raising_backward(op), setup_context=_no_setup)

@@ -1,0 +1,66 @@
+"""Gradients through the ops equal autograd through the same math written in torch;
+ops whose gradient is meaningless raise on backward instead of being wrong."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyfast
+from pyfast.sparsity import magnitude_24_mask
+
+
+def _grads(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    return [t.grad for t in tensors]
+
+
+def _close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_weight_mm_grads_x_scale_bias():
+    x, w, b = torch.randn(5, 64), torch.randn(9, 64), torch.randn(9)
+    q, s = pyfast.ops.quantize_per_token(w)
+    got = _grads(lambda x, s, b: pyfast.ops.int8_weight_mm(x, q, s, b), x, s, b)
+    want = _grads(lambda x, s, b: F.linear(x, q.float() * s[:, None], b), x, s, b)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_int4_mm_grads_x_scales_bias(group_size):
+    x, w, b = torch.randn(3, 64), torch.randn(7, 64), torch.randn(7)
+    packed, scales, zeros = pyfast.ops.pack_int4(w, group_size, False)
+    q = pyfast.reference.unpack_nibbles(packed).float()
+    gs = 64 if group_size == -1 else group_size
+
+    def by_hand(x, s, b):
+        w = (q - zeros.float().repeat_interleave(gs, 1)) * s.repeat_interleave(gs, 1)
+        return F.linear(x, w, b)
+
+    got = _grads(lambda x, s, b: pyfast.ops.int4_mm(x, packed, s, zeros, group_size, b),
+                 x, scales, b)
+    _close(got, _grads(by_hand, x, scales, b))
+
+
+def test_sparse24_mm_grads_x_values_bias():
+    x, w, b = torch.randn(4, 32), torch.randn(6, 32), torch.randn(6)
+    w = w * magnitude_24_mask(w)
+    values, meta = pyfast.ops.sparse24_compress(w)
+    mask = magnitude_24_mask(w)
+
+    def by_hand(x, v, b):  # scatter v into the kept positions, row-major order
+        dense = torch.zeros(6, 32).masked_scatter(mask, v)
+        return F.linear(x, dense, b)
+
+    got = _grads(lambda x, v, b: pyfast.ops.sparse24_mm(x, v, meta, b), x, values, b)
+    _close(got, _grads(by_hand, x, values, b))
+
+
+def test_w8a8_forward_works_with_grad_but_backward_raises():
+    layer = pyfast.nn.Int8Linear.from_linear(torch.nn.Linear(16, 4))
+    y = layer(torch.randn(2, 16, requires_grad=True))
+    with pytest.raises(RuntimeError, match="pyfast.quantize_per_token has no gradient|"
+                                           "pyfast.int8_mm has no gradient"):
+        y.sum().backward()
