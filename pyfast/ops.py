@@ -18,6 +18,8 @@ from . import _checks as chk
 from . import dispatch, reference
 
 Tensor = torch.Tensor
+# 128 * 128 * K must stay below 2**31 for the int32 accumulator (csrc/cpu/int8_mm.cpp too).
+MAX_INT8_K = 2**31 // 128**2 - 1
 
 SCHEMAS: Dict[str, str] = {
     # x [M, K] float -> (x_int8 [M, K] int8, scale [M] float32)
@@ -50,6 +52,9 @@ def _check_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
     chk.tensor("a", a, dtypes=(torch.int8,), dim=2)
     chk.tensor("b", b, dtypes=(torch.int8,), dim=2)
     chk.size("b", b, 1, a.shape[1], "b is [N, K] and must share K with a [M, K]")
+    if a.shape[1] > MAX_INT8_K:
+        raise ValueError(f"a has K = {a.shape[1]}; int8_mm accepts K <= {MAX_INT8_K}, "
+                         "so that no int32 sum of int8 products can overflow")
     chk.scale_vector("a_scale", a_scale, a.shape[0], "one scale per row M of a")
     chk.scale_vector("b_scale", b_scale, b.shape[0], "one scale per row N of b")
     chk.bias(bias, b.shape[0])

@@ -1,0 +1,1 @@
+"""Triton kernels of pyfast (installed as pyfast.kernels)."""
