@@ -110,6 +110,8 @@ def _parse_env(value: str) -> Dict[str, str]:
         op, _, fam = part.rpartition("=")
         if fam not in FAMILIES:
             raise ValueError(f"PYFAST_BACKEND names backend {fam!r}; accepted: {', '.join(FAMILIES)}")
+        if op and op not in _REGISTRY.kernels:
+            raise ValueError(f"PYFAST_BACKEND names unknown op {op!r}; ops: {', '.join(ops())}")
         forced[op or "*"] = fam
     return forced
 

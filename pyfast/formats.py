@@ -8,7 +8,9 @@ run once at layer creation. Shapes use M = rows of activations, K = reduction
 
 int8 per-token activations  (quantize_per_token)
     x_int8 : int8    [M, K]   round-half-to-even(x / scale) clamped to [-127, 127]
-    scale  : float32 [M]      amax(|x[m, :]|) / 127; a row of zeros gets scale 1.0
+    scale  : float32 [M]      amax(|x[m, :]|) / 127; 1.0 where that is 0 (a row of zeros,
+                              or a subnormal amax that underflows); NaN for a row holding
+                              a NaN (its q are 0), so the NaN reaches the matmul output
     The range is symmetric: -128 is never produced (so -x quantizes to -q).
 
 int8 weights  (int8_mm, int8_weight_mm)
@@ -25,10 +27,11 @@ int4 weights, group-wise  (pack_int4, int4_mm)
     scales : float32 [N, G]   G = K / group_size (G = 1 when group_size == -1, per channel)
     zeros  : uint8   [N, G]   zero point in the integer domain, 0..15
     q is unsigned, 0..15.  w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g],  g = k // group_size
-    symmetric:  scale = amax(|w_group|) / 7 (1.0 for an all-zero group), zero = 8,
+    Scales follow the int8 rule: 1.0 where the division gives 0, NaN for a NaN group.
+    symmetric:  scale = amax(|w_group|) / 7, zero = 8,
                 q = clamp(round(w / scale) + 8, 0, 15)   (so the signed value is in [-8, 7])
     asymmetric: scale = (max - min) / 15 over the group with min <= 0 <= max forced
-                (1.0 when max == min), zero = clamp(round(-min / scale), 0, 15),
+                zero = clamp(round(-min / scale), 0, 15),
                 q = clamp(round(w / scale) + zero, 0, 15)
     group_size is one of 32, 64, 128 or -1; K must be even and a multiple of group_size.
 

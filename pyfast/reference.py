@@ -25,9 +25,17 @@ def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric per-row int8: x [R, C] float -> (int8 [R, C], float32 scale [R])."""
     xf = x.float()
     amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale = safe_scale(amax, 127.0)
+    q = torch.round(xf / scale[:, None]).nan_to_num_(0.0).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def safe_scale(span: Tensor, levels: float) -> Tensor:
+    """span / levels, but 1.0 where that is 0 (all-zero group, or a subnormal span
+    that underflows) and NaN where span is NaN, so a NaN input shows in the output."""
+    scale = span / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(torch.isnan(span), span, scale)
 
 
 def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -64,16 +72,15 @@ def pack_int4(w: Tensor, group_size: int, symmetric: bool) -> Tuple[Tensor, Tens
     gs = k if group_size == -1 else group_size
     g = w.float().reshape(n, k // gs, gs)
     if symmetric:
-        amax = g.abs().amax(dim=2)
-        scales = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+        scales = safe_scale(g.abs().amax(dim=2), 7.0)
         zeros = torch.full_like(scales, 8.0)
     else:
         lo = g.amin(dim=2).clamp(max=0.0)
         hi = g.amax(dim=2).clamp(min=0.0)
-        scales = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
-        zeros = torch.round(-lo / scales).clamp_(0, 15)
+        scales = safe_scale(hi - lo, 15.0)
+        zeros = torch.round(-lo / scales).nan_to_num_(0.0).clamp_(0, 15)
     q = torch.round(g / scales[:, :, None]) + zeros[:, :, None]
-    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    q = q.nan_to_num_(0.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
     return pack_nibbles(q), scales, zeros.to(torch.uint8)
 
 

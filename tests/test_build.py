@@ -9,6 +9,8 @@ dtype must match exactly.
 """
 from __future__ import annotations
 
+import math
+
 import importlib.machinery
 import importlib.util
 from pathlib import Path
@@ -141,8 +143,11 @@ def test_int8_mm_non_contiguous(ops):
 def quantize_oracle(x):
     xf = x.float()
     amax = xf.abs().amax(dim=1)
-    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return torch.round(xf / s[:, None]).clamp(-127, 127).to(torch.int8), s
+    s = amax / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))           # zero row or underflow -> 1.0
+    s = torch.where(torch.isnan(amax), amax, s)             # a NaN row keeps scale NaN
+    q = torch.round(xf / s[:, None]).nan_to_num(0.0).clamp(-127, 127)
+    return q.to(torch.int8), s
 
 
 def assert_quantize_exact(ops, x):
@@ -187,10 +192,10 @@ def test_quantize_empty_rows(ops):
 
 
 def test_quantize_nan_row(ops):
-    # as the reference: a NaN makes amax NaN, `amax > 0` is false -> scale 1.0; NaN -> 0
+    # as the reference: a NaN row gets scale NaN (so int8_mm's output row is NaN), q 0
     x = torch.tensor([[float("nan"), 2.4, -300.0], [1.0, 2.0, 3.0]])
     q, s = ops.quantize_per_token(x)
-    assert s[0].item() == 1.0 and q[0].tolist() == [0, 2, -127]
+    assert math.isnan(s[0].item()) and q[0].tolist() == [0, 0, 0]
     assert_quantize_exact(ops, x[1:])
 
 

@@ -2,7 +2,8 @@
 //
 //   x     : float32 / float16 / bfloat16 [M, K], any strides (made contiguous)
 //   q     : int8    [M, K] contiguous  clamp(round_half_even(x / scale), -127, 127)
-//   scale : float32 [M]                amax(|x[m, :]|) / 127, 1.0 for an all-zero row
+//   scale : float32 [M]                amax(|x[m, :]|) / 127; 1.0 where that is 0 (an
+//                                      all-zero row, or a subnormal amax that underflows)
 //
 // Bit-exact with the reference (pyfast/reference.py: quantize_rows_int8):
 // - every x is widened to float32 first (exact for float16/bfloat16);
@@ -12,9 +13,9 @@
 // - std::nearbyint rounds in the current rounding mode, which is the default
 //   round-to-nearest-even (the mode torch.round uses); the clamp bounds are
 //   integers, so rounding then clamping equals what the reference does.
-// NaN: a row holding a NaN has amax NaN; `amax > 0` is false, so its scale is
-// 1.0 as in the reference, and a NaN element quantizes to 0 (what torch's
-// NaN -> int8 conversion gives on CPU).
+// NaN: a row holding a NaN gets scale NaN, so whatever consumes the scale
+// (int8_mm's epilogue) yields NaN for that row instead of a plausible number;
+// its q values are 0. As in the reference.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
@@ -45,7 +46,8 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
         // NaN-propagating max (std::max / fmaxf would drop a NaN).
         amax = (a > amax || std::isnan(a)) ? a : amax;
       }
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      const float s0 = amax / 127.0f;
+      const float s = std::isnan(amax) ? amax : (s0 > 0.0f ? s0 : 1.0f);
       scale[m] = s;
       for (int64_t k = 0; k < K; ++k) {
         const float v = static_cast<float>(xr[k]) / s;

@@ -5,7 +5,8 @@
 //
 //   x     : float32/float16/bfloat16 [M, K], row stride x_row_stride elements
 //   q     : int8    [M, K] contiguous   clamp(round_half_even(x / scale), -127, 127)
-//   scale : float32 [M]                 amax(|x[m, :]|) / 127 (1.0 for an all-zero row)
+//   scale : float32 [M]                 amax(|x[m, :]|) / 127; 1.0 where that is 0
+//                                       (all-zero row, subnormal amax); NaN for a NaN row
 //
 // One thread block per row, two passes over the row (the second pass re-reads x,
 // mostly from L1/L2):
@@ -30,8 +31,8 @@
 //     -use_fast_math, which would turn `/` into an approximate division);
 //   - __float2int_rn rounds to nearest, ties to even (cvt.rni.s32.f32), like
 //     torch.round; the clamp to [-127, 127] is applied after rounding.
-// NaN: the abs-max propagates NaN, `amax > 0` is false, so scale is 1.0 (as in
-// the reference); a NaN element quantizes to 0.
+// NaN: the abs-max propagates NaN and the row's scale is NaN, so int8_mm makes
+// that row NaN (as the reference does); its q values are 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -105,7 +106,8 @@ quantize_per_token_kernel(const T* __restrict__ x, int64_t K, int64_t x_row_stri
     }
   }
   amax = block_absmax(amax);
-  const float s = amax > 0.0f ? __fdiv_rn(amax, 127.0f) : 1.0f;
+  const float s0 = __fdiv_rn(amax, 127.0f);
+  const float s = isnan(amax) ? amax : (s0 > 0.0f ? s0 : 1.0f);
   if (threadIdx.x == 0) scale[m] = s;
 
   // Pass 2: divide, round, clamp, store.

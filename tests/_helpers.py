@@ -1,0 +1,128 @@
+"""Independent oracles and tolerances shared by the op tests.
+
+Nothing here calls pyfast.reference: these are second, differently written
+implementations of the layouts in pyfast/formats.py, so that a bug in the
+reference cannot hide by agreeing with itself.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import pyfast
+from pyfast import dispatch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# --- backends ---------------------------------------------------------------------
+
+def usable_families(op: str, device: str) -> List[str]:
+    """Every backend family registered for op that can run on `device` on this machine."""
+    return [fam for fam, be in dispatch.kernels(op).items()
+            if device in be.devices and dispatch.unavailable_reason(fam, device) is None]
+
+
+def run_forced(op: str, family: str, *args):
+    """Call torch.ops.pyfast.<op>(*args) with `family` forced for that op."""
+    with pyfast.use_backend(**{op: family}):
+        return getattr(torch.ops.pyfast, op)(*args)
+
+
+# --- independent decoders of the packed layouts --------------------------------------
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int64 [N, K]: low nibble is the even k, high nibble the odd k."""
+    n, half = packed.shape
+    p = packed.to(torch.int64)
+    q = torch.empty(n, 2 * half, dtype=torch.int64, device=packed.device)
+    q[:, 0::2] = p % 16
+    q[:, 1::2] = p // 16
+    return q
+
+
+def dequant_int4(packed, scales, zeros, group_size) -> torch.Tensor:
+    """float64 [N, K]: w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k // group_size."""
+    q = unpack_int4(packed).double()
+    k = q.shape[1]
+    gs = k if group_size == -1 else group_size
+    z = zeros.double().repeat_interleave(gs, dim=1)
+    s = scales.double().repeat_interleave(gs, dim=1)
+    return (q - z) * s
+
+
+def decompress24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """(values [N, K/2], meta uint8 [N, K/4]) -> dense [N, K] in values.dtype, by plain indexing."""
+    n, groups = meta.shape
+    m = meta.to(torch.int64)
+    dense = torch.zeros(n, 4 * groups, dtype=values.dtype, device=values.device)
+    rows = torch.arange(n, device=values.device)[:, None]
+    base = 4 * torch.arange(groups, device=values.device)[None, :]
+    dense[rows, base + (m & 0b11)] = values[:, 0::2]
+    dense[rows, base + ((m >> 2) & 0b11)] = values[:, 1::2]
+    return dense
+
+
+def random_24(n: int, k: int, dtype=torch.float32, device="cpu", gen=None) -> torch.Tensor:
+    """A 2:4 weight whose groups hold 0, 1 or 2 nonzeros at random positions."""
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    groups = w.reshape(n, k // 4, 4)
+    rank = torch.rand(n, k // 4, 4, generator=gen).argsort(dim=2)
+    keep = torch.randint(0, 3, (n, k // 4, 1), generator=gen)     # nonzeros in each group
+    groups.mul_((rank < keep).to(dtype))
+    return groups.reshape(n, k).to(device)
+
+
+def quantize_rows_plain(x: torch.Tensor):
+    """Per-row symmetric int8 written the long way, in float64 then float32 for the scale."""
+    xf = x.to(torch.float32)
+    rows = []
+    scales = []
+    for r in range(xf.shape[0]):
+        row = xf[r]
+        amax = float(row.abs().max()) if row.numel() else 0.0
+        scale = torch.tensor(amax, dtype=torch.float32) / 127
+        if not scale > 0:  # all-zero row, or amax so small that amax / 127 underflows
+            scale = torch.tensor(1.0)
+        q = torch.round(row / scale).clamp(-127, 127).to(torch.int8)
+        rows.append(q)
+        scales.append(scale)
+    q = torch.stack(rows) if rows else xf.new_zeros(xf.shape, dtype=torch.int8)
+    s = torch.stack(scales) if scales else xf.new_zeros(0)
+    return q.to(x.device), s.to(x.device)
+
+
+# --- tolerances ------------------------------------------------------------------------
+
+def linear_tolerance(x: torch.Tensor, w64: torch.Tensor, bias: Optional[torch.Tensor],
+                     dtype: torch.dtype) -> float:
+    """How far a kernel's x @ w.T + bias in `dtype` may be from another correct one.
+
+    FlashAttention's rule: twice the largest error PyTorch's own F.linear makes
+    in that dtype against float64 on the same inputs, plus one ulp of the largest
+    output so that a case where PyTorch happens to be exact does not demand
+    bit-equality from a kernel that sums in another order.
+    """
+    if x.shape[0] == 0 or w64.shape[0] == 0:
+        return 0.0
+    b64 = None if bias is None else bias.double()
+    exact = F.linear(x.double(), w64, b64)
+    lowp = F.linear(x.to(dtype), w64.to(dtype), None if bias is None else bias.to(dtype))
+    err = (lowp.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    return 2 * err + ulp
+
+
+def assert_within(out: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    assert out.shape == expected.shape, f"{what}: shape {tuple(out.shape)} != {tuple(expected.shape)}"
+    assert out.dtype == expected.dtype, f"{what}: dtype {out.dtype} != {expected.dtype}"
+    if out.numel() == 0:
+        return
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g}"

@@ -1,0 +1,81 @@
+"""The benchmark harness runs end to end (--quick, CPU) and checks what it times.
+
+No assertion on speed: only that every op x usable backend and every torch baseline
+has a row, every row's output matched the reference, and the numbers are positive.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import run as bench_run  # noqa: E402
+from bench.cases import E2E, PYFAST_OPS, usable_families  # noqa: E402
+from pyfast import dispatch  # noqa: E402
+
+
+def _expected_backends(op):
+    """What the harness must time on CPU: every family with a CPU kernel usable here that
+    a plain call could pick (the Triton interpreter is timed only when asked for)."""
+    table = dispatch.kernels(op)
+    return {f for f, b in table.items()
+            if "cpu" in b.devices and dispatch.unavailable_reason(f, "cpu") is None
+            and f in dispatch.PRIORITY["cpu"]}
+
+
+def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
+    status = bench_run.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1, files
+    assert str(files[0]) in printed
+    result = json.loads(files[0].read_text())
+    rows = result["rows"]
+
+    assert status == 0
+    for op in PYFAST_OPS:
+        timed = {r["backend"] for r in rows if r["op"] == op}
+        assert timed == _expected_backends(op), (op, timed)
+        assert set(usable_families(op, "cpu", None)[0]) == timed
+        assert sum(r["default"] for r in rows if r["op"] == op) == len({r["M"] for r in rows}), op
+    assert "reference" in {r["backend"] for r in rows if r["op"] == E2E}
+    baselines = {(r["op"], r["dtype"], r["note"]) for r in rows if r["backend"] == "torch"}
+    assert {("F.linear", "f32"), ("F.linear", "bf16")} <= {b[:2] for b in baselines}
+    assert len({b for b in baselines if b[0] == "torch._int_mm"}) == 2   # view and contiguous
+
+    cells = {(r["M"], r["K"], r["N"]) for r in rows}
+    assert len(cells) == 2                                               # --quick: M 1 and 32
+    for r in rows:
+        assert r["check"] == "ok", r
+        assert r["median_ms"] > 0 and r["min_ms"] > 0 and r["reps"] >= 3, r
+        assert r["gbs"] > 0 and r["bytes"] > 0, r
+        assert r["speedup_vs_f32_linear"] > 0 and r["speedup_vs_half_linear"] > 0, r
+        if r["op"] != "quantize_per_token":
+            assert r["tflops"] > 0 and r["flops"] == 2 * r["M"] * r["K"] * r["N"], r
+    assert any(r["rotated_copies"] > 1 for r in rows if r["M"] == 1)    # M=1 rotates weights
+    assert all(r["rotated_copies"] == 1 for r in rows if r["M"] == 32)
+    assert result["rotation"]["used"] is True
+    machine = result["machine"]
+    assert machine["torch_version"] and machine["pyfast_version"] and machine["cpu_model"]
+    assert "pyfast backends" in machine["backends"]
+    assert result["args"]["quick"] is True
+
+
+def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):
+    """A backend whose output is off gets MISMATCH and a non-zero exit status."""
+    def wrong_int8_weight_mm(x, w_int8, w_scale, bias=None):
+        return (x.float() @ w_int8.float().T * w_scale * 1.5).to(x.dtype)
+
+    table = dict(dispatch.kernels("int8_weight_mm"))
+    table["cpp"] = dispatch.Backend("cpp", "int8_weight_mm", wrong_int8_weight_mm, ("cpu",))
+    monkeypatch.setitem(dispatch._REGISTRY.kernels, "int8_weight_mm", table)
+    monkeypatch.setitem(dispatch._REGISTRY.availability, "cpp", lambda device: None)
+
+    status = bench_run.main(["--quick", "--device", "cpu", "--ops", "int8_weight_mm",
+                             "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    checks = {r["backend"]: r["check"] for r in rows if r["op"] == "int8_weight_mm"}
+    assert checks == {"reference": "ok", "cpp": "MISMATCH"}
+    assert status == 1

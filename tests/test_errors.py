@@ -1,0 +1,293 @@
+"""Every error the ops raise: type, and a message that names the argument, what it
+got and what is accepted. Each case runs through the typed wrapper (pyfast.ops.*)
+and through the raw op (torch.ops.pyfast.*), whose dispatcher checks again.
+"""
+import re
+from typing import Callable, NamedTuple, Optional
+
+import pytest
+import torch
+
+import pyfast  # noqa: F401  (registers torch.ops.pyfast)
+from pyfast import ops
+
+
+def i8(*shape):
+    return torch.zeros(shape, dtype=torch.int8)
+
+
+def u8(*shape):
+    return torch.zeros(shape, dtype=torch.uint8)
+
+
+def f32(*shape):
+    return torch.randn(shape)
+
+
+class Case(NamedTuple):
+    op: str
+    args: Callable[[], tuple]
+    exc: type
+    message: str                          # literal text that must appear in the message
+    raw_exc: Optional[type] = None        # when the raw op raises something else
+    raw_message: Optional[str] = None
+
+
+ACCEPT_FLOAT = "accepted: float32, float16, bfloat16"
+INT4 = dict(packed=u8(5, 32), scales=f32(5, 2), zeros=u8(5, 2))
+
+CASES = {
+    # --- quantize_per_token
+    "quantize-x-float64": Case("quantize_per_token", lambda: (f32(3, 8).double(),), TypeError,
+                               f"x has dtype torch.float64; {ACCEPT_FLOAT}"),
+    "quantize-x-int8": Case("quantize_per_token", lambda: (i8(3, 8),), TypeError,
+                            f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "quantize-x-3d": Case("quantize_per_token", lambda: (f32(2, 3, 4),), ValueError,
+                          "x must be 2-D, got a 3-D tensor of shape (2, 3, 4)"),
+    "quantize-x-1d": Case("quantize_per_token", lambda: (f32(8),), ValueError,
+                          "x must be 2-D, got a 1-D tensor of shape (8,)"),
+    # --- int8_mm: a [3, 64], b [5, 64]
+    "int8_mm-a-float": Case("int8_mm", lambda: (f32(3, 64), i8(5, 64), f32(3), f32(5)), TypeError,
+                            "a has dtype torch.float32; accepted: int8"),
+    "int8_mm-b-uint8": Case("int8_mm", lambda: (i8(3, 64), u8(5, 64), f32(3), f32(5)), TypeError,
+                            "b has dtype torch.uint8; accepted: int8"),
+    "int8_mm-a-1d": Case("int8_mm", lambda: (i8(64), i8(5, 64), f32(3), f32(5)), ValueError,
+                         "a must be 2-D, got a 1-D tensor of shape (64,)"),
+    "int8_mm-K-mismatch": Case("int8_mm", lambda: (i8(3, 64), i8(5, 32), f32(3), f32(5)), ValueError,
+                               "b has shape (5, 32): dimension 1 must be 64 "
+                               "(b is [N, K] and must share K with a [M, K])"),
+    "int8_mm-K-overflow": Case("int8_mm", lambda: (i8(1, 2 ** 17), i8(1, 2 ** 17), f32(1), f32(1)),
+                               ValueError, "a has K = 131072; int8_mm accepts K <= 131071, so that "
+                               "no int32 sum of int8 products can overflow"),
+    "int8_mm-a_scale-length": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(4), f32(5)),
+                                   ValueError, "a_scale has shape (4,): dimension 0 must be 3 "
+                                   "(one scale per row M of a)"),
+    "int8_mm-b_scale-length": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(6)),
+                                   ValueError, "b_scale has shape (6,): dimension 0 must be 5 "
+                                   "(one scale per row N of b)"),
+    "int8_mm-a_scale-2d": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3, 1), f32(5)),
+                               ValueError, "a_scale must be 1-D, got a 2-D tensor of shape (3, 1)"),
+    "int8_mm-b_scale-int": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), i8(5)),
+                                TypeError, f"b_scale has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "int8_mm-bias-length": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5), f32(4)),
+                                ValueError, "bias has shape (4,): dimension 0 must be 5 "
+                                "(one entry per output feature N)"),
+    "int8_mm-bias-int": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5),
+                                                 torch.zeros(5, dtype=torch.int64)),
+                             TypeError, f"bias has dtype torch.int64; {ACCEPT_FLOAT}"),
+    "int8_mm-bias-2d": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5), f32(1, 5)),
+                            ValueError, "bias must be 1-D, got a 2-D tensor of shape (1, 5)"),
+    "int8_mm-out_dtype-int32": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5), None,
+                                                        torch.int32), ValueError,
+                                    f"out_dtype torch.int32 is not supported; {ACCEPT_FLOAT}"),
+    "int8_mm-out_dtype-float64": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5),
+                                                          None, torch.float64), ValueError,
+                                      f"out_dtype torch.float64 is not supported; {ACCEPT_FLOAT}"),
+    "int8_mm-out_dtype-str": Case("int8_mm", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5), None,
+                                                      "float16"), TypeError,
+                                  "out_dtype must be a torch.dtype, got 'float16'",
+                                  RuntimeError, "for argument 'out_dtype' but instead found type 'str'"),
+    # --- int8_weight_mm: x [3, 64], w_int8 [5, 64]
+    "int8_weight_mm-x-int8": Case("int8_weight_mm", lambda: (i8(3, 64), i8(5, 64), f32(5)),
+                                  TypeError, f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "int8_weight_mm-w-float": Case("int8_weight_mm", lambda: (f32(3, 64), f32(5, 64), f32(5)),
+                                   TypeError, "w_int8 has dtype torch.float32; accepted: int8"),
+    "int8_weight_mm-w-3d": Case("int8_weight_mm", lambda: (f32(3, 64), i8(1, 5, 64), f32(5)),
+                                ValueError, "w_int8 must be 2-D, got a 3-D tensor of shape (1, 5, 64)"),
+    "int8_weight_mm-K-mismatch": Case("int8_weight_mm", lambda: (f32(3, 64), i8(5, 63), f32(5)),
+                                      ValueError, "w_int8 has shape (5, 63): dimension 1 must be 64 "
+                                      "(w_int8 is [N, K] and must share K with x [M, K])"),
+    "int8_weight_mm-scale-length": Case("int8_weight_mm", lambda: (f32(3, 64), i8(5, 64), f32(3)),
+                                        ValueError, "w_scale has shape (3,): dimension 0 must be 5 "
+                                        "(one scale per output row N)"),
+    "int8_weight_mm-bias-length": Case("int8_weight_mm", lambda: (f32(3, 64), i8(5, 64), f32(5),
+                                                                  f32(6)), ValueError,
+                                       "bias has shape (6,): dimension 0 must be 5"),
+    # --- pack_int4: w [4, 64]
+    "pack_int4-w-int": Case("pack_int4", lambda: (i8(4, 64), 32, True), TypeError,
+                            f"w has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "pack_int4-w-1d": Case("pack_int4", lambda: (f32(64), 32, True), ValueError,
+                           "w must be 2-D, got a 1-D tensor of shape (64,)"),
+    "pack_int4-group-48": Case("pack_int4", lambda: (f32(4, 96), 48, True), ValueError,
+                               "group_size 48 is not supported; accepted: 32, 64, 128 or -1 (per channel)"),
+    "pack_int4-group-0": Case("pack_int4", lambda: (f32(4, 64), 0, False), ValueError,
+                              "group_size 0 is not supported; accepted: 32, 64, 128 or -1"),
+    # the schema converts True to the int 1 before the dispatcher sees it
+    "pack_int4-group-True": Case("pack_int4", lambda: (f32(4, 64), True, True), TypeError,
+                                 "group_size must be an int, got True", ValueError,
+                                 "group_size 1 is not supported; accepted: 32, 64, 128 or -1"),
+    "pack_int4-group-float": Case("pack_int4", lambda: (f32(4, 64), 32.0, True), TypeError,
+                                  "group_size must be an int, got 32.0", RuntimeError,
+                                  "Expected a value of type 'int' for argument 'group_size'"),
+    "pack_int4-K-not-multiple": Case("pack_int4", lambda: (f32(4, 96), 64, True), ValueError,
+                                     "w.shape[1] (K) = 96 is not a multiple of group_size 64"),
+    "pack_int4-K-odd": Case("pack_int4", lambda: (f32(4, 33), -1, True), ValueError,
+                            "w.shape[1] (K) = 33 must be even to pack two int4 values per byte"),
+    "pack_int4-symmetric-str": Case("pack_int4", lambda: (f32(4, 64), 32, "yes"), TypeError,
+                                    "symmetric must be a bool, got 'yes'", RuntimeError,
+                                    "Expected a value of type 'bool' for argument 'symmetric'"),
+    # --- int4_mm: x [3, 64], group_size 32, packed [5, 32], scales/zeros [5, 2]
+    "int4_mm-x-float64": Case("int4_mm", lambda: (f32(3, 64).double(), *INT4.values(), 32),
+                              TypeError, f"x has dtype torch.float64; {ACCEPT_FLOAT}"),
+    "int4_mm-packed-int8": Case("int4_mm", lambda: (f32(3, 64), i8(5, 32), INT4["scales"],
+                                                    INT4["zeros"], 32), TypeError,
+                                "packed has dtype torch.int8; accepted: uint8"),
+    "int4_mm-packed-K": Case("int4_mm", lambda: (f32(3, 64), u8(5, 64), INT4["scales"],
+                                                 INT4["zeros"], 32), ValueError,
+                             "packed has shape (5, 64): dimension 1 must be 32 "
+                             "(packed is [N, K/2]: two int4 values per byte)"),
+    "int4_mm-scales-rows": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], f32(4, 2),
+                                                    INT4["zeros"], 32), ValueError,
+                                "scales has shape (4, 2): dimension 0 must be 5 "
+                                "(one row per output row N of packed)"),
+    "int4_mm-scales-groups": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], f32(5, 1),
+                                                      INT4["zeros"], 32), ValueError,
+                                  "scales has shape (5, 1): dimension 1 must be 2 "
+                                  "(K / group_size = 64 / 32 groups)"),
+    "int4_mm-scales-1d": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], f32(5),
+                                                  INT4["zeros"], 32), ValueError,
+                              "scales must be 2-D, got a 1-D tensor of shape (5,)"),
+    "int4_mm-zeros-groups": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], INT4["scales"],
+                                                     u8(5, 4), 32), ValueError,
+                                 "zeros has shape (5, 4): dimension 1 must be 2 "
+                                 "(K / group_size = 64 / 32 groups)"),
+    "int4_mm-zeros-rows": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], INT4["scales"],
+                                                   u8(6, 2), 32), ValueError,
+                               "zeros has shape (6, 2): dimension 0 must be 5"),
+    "int4_mm-zeros-float": Case("int4_mm", lambda: (f32(3, 64), INT4["packed"], INT4["scales"],
+                                                    f32(5, 2), 32), TypeError,
+                                "zeros has dtype torch.float32; accepted: uint8"),
+    "int4_mm-group-48": Case("int4_mm", lambda: (f32(3, 64), *INT4.values(), 48), ValueError,
+                             "group_size 48 is not supported; accepted: 32, 64, 128 or -1"),
+    "int4_mm-group-True": Case("int4_mm", lambda: (f32(3, 64), *INT4.values(), True), TypeError,
+                               "group_size must be an int, got True", ValueError,
+                               "group_size 1 is not supported"),
+    "int4_mm-K-not-multiple": Case("int4_mm", lambda: (f32(3, 96), u8(5, 48), f32(5, 1),
+                                                       u8(5, 1), 64), ValueError,
+                                   "x.shape[1] (K) = 96 is not a multiple of group_size 64"),
+    "int4_mm-K-odd": Case("int4_mm", lambda: (f32(3, 33), u8(5, 16), f32(5, 1), u8(5, 1), -1),
+                          ValueError, "x.shape[1] (K) = 33 must be even to pack two int4 values"),
+    "int4_mm-bias-length": Case("int4_mm", lambda: (f32(3, 64), *INT4.values(), 32, f32(4)),
+                                ValueError, "bias has shape (4,): dimension 0 must be 5"),
+    # --- sparse24_compress
+    "sparse24_compress-w-int": Case("sparse24_compress", lambda: (i8(4, 8),), TypeError,
+                                    f"w has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "sparse24_compress-K-30": Case("sparse24_compress", lambda: (torch.zeros(4, 30),), ValueError,
+                                   "w.shape[1] (K) = 30 is not a multiple of 4; "
+                                   "2:4 sparsity groups K in fours"),
+    # --- sparse24_mm: x [3, 64], values [5, 32], meta [5, 16]
+    "sparse24_mm-K-30": Case("sparse24_mm", lambda: (f32(3, 30), f32(5, 15), u8(5, 7)), ValueError,
+                             "x.shape[1] (K) = 30 is not a multiple of 4"),
+    "sparse24_mm-x-int": Case("sparse24_mm", lambda: (i8(3, 64), f32(5, 32), u8(5, 16)), TypeError,
+                              f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "sparse24_mm-values-dtype": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32).half(),
+                                                             u8(5, 16)), TypeError,
+                                     "values has dtype torch.float16 but x has torch.float32; "
+                                     "they must match"),
+    "sparse24_mm-values-K": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 64), u8(5, 16)),
+                                 ValueError, "values has shape (5, 64): dimension 1 must be 32 "
+                                 "(values is [N, K/2]: 2 kept of every 4)"),
+    "sparse24_mm-meta-int8": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), i8(5, 16)),
+                                  TypeError, "meta has dtype torch.int8; accepted: uint8"),
+    "sparse24_mm-meta-rows": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(4, 16)),
+                                  ValueError, "meta has shape (4, 16): dimension 0 must be 5 "
+                                  "(one row per output row N of values)"),
+    "sparse24_mm-meta-groups": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(5, 32)),
+                                    ValueError, "meta has shape (5, 32): dimension 1 must be 16 "
+                                    "(meta is [N, K/4]: one byte per group of 4)"),
+    "sparse24_mm-bias-length": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(5, 16),
+                                                            f32(7)), ValueError,
+                                    "bias has shape (7,): dimension 0 must be 5"),
+    # --- arguments that are not tensors
+    "quantize-x-list": Case("quantize_per_token", lambda: ([[1.0, 2.0]],), TypeError,
+                            "x must be a torch.Tensor, got list", RuntimeError,
+                            "Expected a value of type 'Tensor' for argument 'x'"),
+    # torch passes None for a Tensor argument through as None: the dispatcher's check says so
+    "int8_mm-b-None": Case("int8_mm", lambda: (i8(3, 64), None, f32(3), f32(5)), TypeError,
+                           "b must be a torch.Tensor, got NoneType"),
+    "int8_weight_mm-scale-float": Case("int8_weight_mm", lambda: (f32(3, 64), i8(5, 64), 0.5),
+                                       TypeError, "w_scale must be a torch.Tensor, got float",
+                                       RuntimeError, "for argument 'w_scale'"),
+    "sparse24_mm-bias-int": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(5, 16), 3),
+                                 TypeError, "bias must be a torch.Tensor, got int", RuntimeError,
+                                 "Expected a value of type 'Optional[Tensor]' for argument 'bias'"),
+}
+
+
+def _call_wrapper(case):
+    getattr(ops, case.op)(*case.args())
+
+
+def _call_raw(case):
+    getattr(torch.ops.pyfast, case.op)(*case.args())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_wrapper_error(name):
+    case = CASES[name]
+    with pytest.raises(case.exc, match=re.escape(case.message)):
+        _call_wrapper(case)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_raw_op_error(name):
+    case = CASES[name]
+    with pytest.raises(case.raw_exc or case.exc, match=re.escape(case.raw_message or case.message)):
+        _call_raw(case)
+
+
+def test_every_op_has_error_cases():
+    assert {c.op for c in CASES.values()} == set(ops.SCHEMAS)
+
+
+# --- 2:4 data check: names the first offending row and group ----------------------------------
+
+def _not_24():
+    w = torch.zeros(4, 16)
+    w[0, 12:16] = torch.tensor([1.0, 2.0, 0.0, 0.0])        # row 0 group 3: 2 nonzeros, fine
+    w[2, 4:8] = torch.tensor([1.0, 0.0, -2.0, 3.0])         # row 2 group 1: 3 nonzeros
+    w[3, 0:4] = torch.tensor([1.0, 2.0, 3.0, 4.0])          # row 3 group 0: 4 nonzeros
+    return w
+
+
+@pytest.mark.parametrize("path", ["wrapper", "raw"])
+def test_sparse24_compress_names_first_bad_row_and_group(path):
+    fn = ops.sparse24_compress if path == "wrapper" else torch.ops.pyfast.sparse24_compress
+    with pytest.raises(ValueError, match=re.escape(
+            "w is not 2:4 sparse: row 2, group 1 (columns 4..7) has 3 nonzeros [1.0, 0.0, -2.0, 3.0]; "
+            "each group of 4 along K may keep at most 2")):
+        fn(_not_24())
+    # once row 2 is fixed, row 3 group 0 is the first offender
+    w = _not_24()
+    w[2, 7] = 0
+    with pytest.raises(ValueError, match=re.escape("row 3, group 0 (columns 0..3) has 4 nonzeros")):
+        fn(w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_sparse24_compress_counts_nan_as_nonzero(dtype):
+    w = torch.zeros(2, 8, dtype=dtype)
+    w[1, 4:8] = torch.tensor([float("nan"), 1.0, 0.0, 2.0], dtype=dtype)
+    with pytest.raises(ValueError, match=r"row 1, group 1 \(columns 4\.\.7\) has 3 nonzeros"):
+        ops.sparse24_compress(w)
+
+
+# --- devices --------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["wrapper", "raw"])
+def test_inputs_on_different_devices(path):
+    mod = ops if path == "wrapper" else torch.ops.pyfast
+    a = torch.zeros(3, 64, dtype=torch.int8, device="cuda")
+    with pytest.raises(ValueError, match=re.escape(
+            "b is on cpu but a is on cuda:0; all inputs must be on the same device")):
+        mod.int8_mm(a, i8(5, 64), f32(3).cuda(), f32(5).cuda())
+    x = torch.randn(3, 64, device="cuda")
+    with pytest.raises(ValueError, match=re.escape("bias is on cpu but x is on cuda:0")):
+        mod.int8_weight_mm(x, i8(5, 64).cuda(), f32(5).cuda(), f32(5))
+    p, s, z = ops.pack_int4(torch.randn(5, 64), 32, True)
+    with pytest.raises(ValueError, match=re.escape("packed is on cpu but x is on cuda:0")):
+        mod.int4_mm(x, p, s.cuda(), z.cuda(), 32)
+    v, m = ops.sparse24_compress(torch.zeros(5, 64))
+    with pytest.raises(ValueError, match=re.escape("meta is on cpu but x is on cuda:0")):
+        mod.sparse24_mm(x, v.cuda(), m)

@@ -1,0 +1,492 @@
+"""Every op through torch.ops.pyfast and pyfast.ops, every usable backend forced in
+turn, against the reference; opcheck on every op; the dispatch rule branch by branch.
+
+Tolerances (stated once, used below):
+  * exact where the arithmetic is exact: quantize_per_token (int8 values and float32
+    scales), pack_int4 and sparse24_compress (element-wise formulas of formats.py),
+    int8_mm with float32 out (int32 accumulation, float32 epilogue in a fixed order);
+  * int8_mm with float16/bfloat16 out: one ulp of the output dtype (a kernel whose
+    float32 epilogue rounds differently by one float32 ulp can flip the final cast);
+  * float matmuls (int8_weight_mm, int4_mm, sparse24_mm): twice the error PyTorch's
+    own F.linear makes in the same dtype against float64, plus one ulp of the largest
+    output (FlashAttention's rule; tests/_helpers.py: linear_tolerance).
+"""
+import pytest
+import torch
+
+import pyfast
+from pyfast import dispatch, ops, reference
+from conftest import DEVICES
+from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4, dtype_id,
+                      linear_tolerance, random_24, run_forced, usable_families)
+
+DTYPES = [pytest.param(d, id=dtype_id(d)) for d in FLOAT_DTYPES]
+MS = [pytest.param(m, id=f"M{m}") for m in (0, 1, 3, 17, 128)]
+BIAS = [pytest.param(False, id="nobias"), pytest.param(True, id="bias")]
+# (K, N): odd N everywhere, K unaligned to 16 where the format allows it
+KN_DENSE = [pytest.param(64, 33, id="K64-N33"), pytest.param(96, 7, id="K96-N7"),
+            pytest.param(256, 130, id="K256-N130"), pytest.param(50, 3, id="K50-N3")]
+KN_24 = [pytest.param(64, 33, id="K64-N33"), pytest.param(96, 7, id="K96-N7"),
+         pytest.param(256, 130, id="K256-N130"), pytest.param(20, 5, id="K20-N5")]
+# (K, N, group_size): every group size, K a multiple of it
+KNG_INT4 = [pytest.param(64, 33, 32, id="K64-N33-g32"), pytest.param(192, 7, 64, id="K192-N7-g64"),
+            pytest.param(256, 130, 128, id="K256-N130-g128"),
+            pytest.param(96, 9, -1, id="K96-N9-gchannel")]
+
+
+def _bias(n, dtype, device, on):
+    return torch.randn(n, device=device).to(dtype) if on else None
+
+
+def _one_ulp_close(out, ref):
+    """|out - ref| <= one ulp of ref in its dtype (see module docstring)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.numel():
+        tol = torch.finfo(ref.dtype).eps * ref.double().abs() + torch.finfo(ref.dtype).tiny
+        assert bool(((out.double() - ref.double()).abs() <= tol).all())
+
+
+def _every_backend(op, device, args, compare):
+    """Run op(*args) with each usable backend forced, and with the default rule."""
+    families = usable_families(op, device)
+    assert "reference" in families
+    for family in families:
+        compare(run_forced(op, family, *args), family)
+    compare(getattr(torch.ops.pyfast, op)(*args), "default")
+
+
+# --- quantize_per_token -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 33, 256], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_per_token(device, m, k, dtype):
+    x = (torch.randn(m, k) * 10).to(dtype).to(device)
+    if m > 2:
+        x[1] = 0
+        x[2] = -3.5
+    ref_q, ref_s = reference.quantize_per_token(x)
+
+    def compare(got, who):
+        q, s = got
+        assert torch.equal(q, ref_q), who
+        assert torch.equal(s, ref_s), who
+
+    _every_backend("quantize_per_token", device, (x,), compare)
+    compare(ops.quantize_per_token(x), "pyfast.ops")
+
+
+# --- int8_mm -----------------------------------------------------------------------------
+
+def _int8(shape, device):
+    return torch.randint(-128, 128, shape, dtype=torch.int8).to(device)
+
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("out_dtype", [None] + DTYPES, ids=lambda d: f"out-{d}")
+@pytest.mark.parametrize("k,n", KN_DENSE)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_mm(device, m, k, n, out_dtype, bias):
+    a, b = _int8((m, k), device), _int8((n, k), device)
+    a_scale = (torch.rand(m) / 100).to(device)
+    b_scale = (torch.rand(n) / 100).to(device)
+    bias_t = _bias(n, torch.float32, device, bias)
+    args = (a, b, a_scale, b_scale, bias_t, out_dtype)
+    ref = reference.int8_mm(a, b, a_scale, b_scale, bias_t, out_dtype or torch.float32)
+    assert ref.dtype == (out_dtype or torch.float32)
+
+    def compare(out, who):
+        if ref.dtype == torch.float32:
+            assert torch.equal(out, ref), who
+        else:
+            _one_ulp_close(out, ref)
+
+    _every_backend("int8_mm", device, args, compare)
+    compare(ops.int8_mm(*args[:5], out_dtype=out_dtype or torch.float32), "pyfast.ops")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_mm_float16_scales_and_bias(device):
+    a, b = _int8((5, 64), device), _int8((9, 64), device)
+    a_scale = torch.rand(5, device=device).half()
+    b_scale = torch.rand(9, device=device).bfloat16()
+    bias_t = torch.randn(9, device=device).half()
+    ref = reference.int8_mm(a, b, a_scale, b_scale, bias_t, torch.float32)
+
+    def compare(out, who):
+        assert torch.equal(out, ref), who
+
+    _every_backend("int8_mm", device, (a, b, a_scale, b_scale, bias_t, None), compare)
+
+
+# --- int8_weight_mm ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", KN_DENSE)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_weight_mm(device, m, k, n, dtype, bias):
+    x = torch.randn(m, k).to(dtype).to(device)
+    w = _int8((n, k), device)
+    w_scale = (torch.rand(n) / 100).to(device)
+    bias_t = _bias(n, dtype, device, bias)
+    args = (x, w, w_scale, bias_t)
+    ref = reference.int8_weight_mm(*args)
+    tol = linear_tolerance(x.cpu(), (w.double() * w_scale.double()[:, None]).cpu(),
+                           None if bias_t is None else bias_t.cpu(), dtype)
+    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    _every_backend("int8_weight_mm", device, args, compare)
+    compare(ops.int8_weight_mm(*args), "pyfast.ops")
+
+
+# --- pack_int4 / int4_mm ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,group_size", KNG_INT4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_int4(device, k, n, group_size, dtype, symmetric):
+    w = torch.randn(n, k).to(dtype).to(device)
+    w[0] = 0
+    ref = reference.pack_int4(w, group_size, symmetric)
+
+    def compare(got, who):
+        for name, g, r in zip(("packed", "scales", "zeros"), got, ref):
+            assert torch.equal(g, r), f"{who}: {name}"
+
+    _every_backend("pack_int4", device, (w, group_size, symmetric), compare)
+    compare(ops.pack_int4(w, group_size, symmetric), "pyfast.ops")
+
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,group_size", KNG_INT4)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_mm(device, m, k, n, group_size, dtype, bias):
+    x = torch.randn(m, k).to(dtype).to(device)
+    w = torch.randn(n, k).to(device)
+    packed, scales, zeros = ops.pack_int4(w, group_size, symmetric=bool(n % 2))
+    bias_t = _bias(n, dtype, device, bias)
+    args = (x, packed, scales, zeros, group_size, bias_t)
+    ref = reference.int4_mm(*args)
+    w64 = dequant_int4(packed, scales, zeros, group_size).cpu()
+    tol = linear_tolerance(x.cpu(), w64, None if bias_t is None else bias_t.cpu(), dtype)
+    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    _every_backend("int4_mm", device, args, compare)
+    compare(ops.int4_mm(*args), "pyfast.ops")
+
+
+# --- sparse24 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", KN_24)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse24_compress(device, k, n, dtype):
+    w = random_24(n, k, dtype, device)
+    ref_v, ref_m = reference.sparse24_compress(w)
+
+    def compare(got, who):
+        assert torch.equal(got[0], ref_v), f"{who}: values"
+        assert torch.equal(got[1], ref_m), f"{who}: meta"
+        assert torch.equal(decompress24(*got), w), f"{who}: round trip"
+
+    _every_backend("sparse24_compress", device, (w,), compare)
+    compare(ops.sparse24_compress(w), "pyfast.ops")
+
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", KN_24)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse24_mm(device, m, k, n, dtype, bias):
+    x = torch.randn(m, k).to(dtype).to(device)
+    values, meta = ops.sparse24_compress(random_24(n, k, dtype, device))
+    bias_t = _bias(n, dtype, device, bias)
+    args = (x, values, meta, bias_t)
+    ref = reference.sparse24_mm(*args)
+    w64 = decompress24(values, meta).double().cpu()
+    tol = linear_tolerance(x.cpu(), w64, None if bias_t is None else bias_t.cpu(), dtype)
+    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    _every_backend("sparse24_mm", device, args, compare)
+    compare(ops.sparse24_mm(*args), "pyfast.ops")
+
+
+# --- non-contiguous inputs -----------------------------------------------------------------
+
+def _strided(t):
+    """The same values in a non-contiguous tensor: a slice of a wider buffer."""
+    wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    wide[:, ::2] = t
+    out = wide[:, ::2]
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def _transposed(t):
+    """The same values, column-major: a transposed copy transposed back."""
+    out = t.T.contiguous().T
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def _noncontiguous_cases(device, dtype):
+    m, k, n = 17, 64, 33
+    x = torch.randn(m, k).to(dtype).to(device)
+    a, b = _int8((m, k), device), _int8((n, k), device)
+    a_s, b_s = torch.rand(m, device=device) / 100, torch.rand(n, device=device) / 100
+    w8, w8_s = _int8((n, k), device), torch.rand(n, device=device) / 100
+    w = torch.randn(n, k).to(dtype).to(device)
+    p4 = ops.pack_int4(torch.randn(n, k, device=device), 32, False)
+    w24 = random_24(n, k, dtype, device)
+    v, mt = ops.sparse24_compress(w24)
+    bias = torch.randn(n, device=device).to(dtype)
+    return {
+        "quantize_per_token": ((x,), (0,)),
+        "int8_mm": ((a, b, a_s, b_s, bias.float(), None), (0, 1)),
+        "int8_weight_mm": ((x, w8, w8_s, bias), (0, 1)),
+        "pack_int4": ((w, 32, True), (0,)),
+        "int4_mm": ((x,) + tuple(p4) + (32, bias), (0, 1, 2, 3)),
+        "sparse24_compress": ((w24,), (0,)),
+        "sparse24_mm": ((x, v, mt, bias), (0, 1, 2)),
+    }
+
+
+def _same(got, ref, dtype):
+    if isinstance(ref, tuple):
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r)
+    elif ref.dtype == torch.float32:
+        assert torch.equal(got, ref)
+    else:  # a float32-accumulating matmul in another order: a few ulps of the output
+        tol = 4 * torch.finfo(dtype).eps * (ref.double().abs().max().item() + 1)
+        assert_within(got, ref, tol)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+@pytest.mark.parametrize("which", ["x", "all"], ids=["x-only", "all-tensors"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("op", sorted(ops.SCHEMAS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs(device, op, dtype, which, layout):
+    args, tensor_positions = _noncontiguous_cases(device, dtype)[op]
+    with pyfast.use_backend(**{op: "reference"}):
+        ref = getattr(torch.ops.pyfast, op)(*args)
+    make = _strided if layout == "sliced" else _transposed
+    positions = tensor_positions[:1] if which == "x" else tensor_positions
+    nc = tuple(make(a) if i in positions else a for i, a in enumerate(args))
+    for family in usable_families(op, device):
+        _same(run_forced(op, family, *nc), ref, dtype)
+    _same(getattr(torch.ops.pyfast, op)(*nc), ref, dtype)
+
+
+# --- opcheck: schema, fake, autograd registration, aot dispatch ----------------------------
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 64, generator=g)
+    a = torch.randint(-128, 128, (5, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (7, 64), dtype=torch.int8, generator=g)
+    s5, s7 = torch.rand(5, generator=g), torch.rand(7, generator=g)
+    w = torch.randn(7, 64, generator=g)
+    p32 = reference.pack_int4(w, 32, True)
+    pch = reference.pack_int4(w, -1, False)
+    v, m = reference.sparse24_compress(random_24(7, 64, gen=g))
+    vh, mh = reference.sparse24_compress(random_24(7, 64, torch.float16, gen=g))
+    return [
+        ("quantize_per_token", (x,)),
+        ("quantize_per_token", (x[:0].bfloat16(),)),
+        ("int8_mm", (a, b, s5, s7, None, None)),
+        ("int8_mm", (a, b, s5, s7, torch.randn(7), torch.bfloat16)),
+        ("int8_weight_mm", (x, b, s7, None)),
+        ("int8_weight_mm", (x.half(), b, s7, torch.randn(7).half())),
+        ("pack_int4", (w, 32, True)),
+        ("pack_int4", (w.bfloat16(), -1, False)),
+        ("int4_mm", (x, *p32, 32, None)),
+        ("int4_mm", (x.bfloat16(), *pch, -1, torch.randn(7).bfloat16())),
+        ("sparse24_compress", (random_24(7, 64, gen=g),)),
+        ("sparse24_compress", (random_24(3, 20, torch.float16, gen=g),)),
+        ("sparse24_mm", (x, v, m, None)),
+        ("sparse24_mm", (x.half(), vh, mh, torch.randn(7).half())),
+    ]
+
+
+@pytest.mark.parametrize("op,args", [pytest.param(op, args, id=f"{op}-{i % 2}")
+                                     for i, (op, args) in enumerate(_opcheck_cases())])
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(torch.ops.pyfast, op).default, args)
+
+
+def test_every_op_has_an_opcheck_case():
+    assert {op for op, _ in _opcheck_cases()} == set(ops.SCHEMAS) == set(dispatch.ops())
+
+
+# --- the dispatch rule ---------------------------------------------------------------------
+
+def _args(op):
+    """The first opcheck case of op: valid CPU inputs."""
+    return next(args for o, args in _opcheck_cases() if o == op)
+
+
+def test_default_on_cpu_is_first_usable_in_priority():
+    for op in dispatch.ops():
+        table = dispatch.kernels(op)
+        first = next(f for f in dispatch.PRIORITY["cpu"]
+                     if f in table and "cpu" in table[f].devices
+                     and dispatch.unavailable_reason(f, "cpu") is None)
+        chosen = dispatch.choose(op, "cpu", _args(op))
+        assert chosen.family == first, op
+        assert pyfast.backends().default(op, "cpu") == first, op
+    assert dispatch.PRIORITY["cpu"][-1] == "reference"
+
+
+def _spy_on(monkeypatch, op, family):
+    """Replace one registered kernel by a recording wrapper; returns the call list."""
+    calls = []
+    original = dispatch.kernels(op)[family]
+
+    def spy(*args):
+        calls.append(family)
+        return original.fn(*args)
+
+    monkeypatch.setitem(dispatch._REGISTRY.kernels[op], family,
+                        dispatch.Backend(family, op, spy, original.devices, original.supports,
+                                         original.source))
+    return calls
+
+
+def test_use_backend_reference_forces_the_reference(monkeypatch):
+    calls = _spy_on(monkeypatch, "quantize_per_token", "reference")
+    x = torch.randn(3, 8)
+    with pyfast.use_backend("reference"):
+        torch.ops.pyfast.quantize_per_token(x)
+        assert dispatch.choose("int8_mm", "cpu", _args("int8_mm")).family == "reference"
+    assert calls == ["reference"]
+    with pyfast.use_backend(quantize_per_token="reference"):
+        ops.quantize_per_token(x)
+    assert calls == ["reference"] * 2
+
+
+def test_default_call_runs_the_default_backend(monkeypatch):
+    default = pyfast.backends().default("quantize_per_token", "cpu")
+    calls = _spy_on(monkeypatch, "quantize_per_token", default)
+    torch.ops.pyfast.quantize_per_token(torch.randn(2, 4))
+    assert calls == [default]
+
+
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "pack_int4"])
+def test_forcing_a_family_without_kernel_raises(op):
+    missing = next(f for f in dispatch.FAMILIES if f not in dispatch.kernels(op))
+    args = _args(op)
+    with pyfast.use_backend(**{op: missing}):
+        with pytest.raises(pyfast.BackendUnavailableError,
+                           match=rf"pyfast\.{op}: backend '{missing}' was forced but cannot "
+                                 r"run this call: no kernel for this op"):
+            getattr(torch.ops.pyfast, op)(*args)
+
+
+def test_forcing_a_kernel_for_another_device_raises():
+    # the cuda kernel of quantize_per_token runs on cuda only
+    with pyfast.use_backend(quantize_per_token="cuda"):
+        with pytest.raises(pyfast.BackendUnavailableError,
+                           match=r"pyfast\.quantize_per_token: backend 'cuda' .*runs on cuda, not cpu"):
+            ops.quantize_per_token(torch.randn(2, 8))
+
+
+def test_forcing_an_unavailable_family_says_why():
+    reason = dispatch.unavailable_reason("cpp", "cpu")
+    with pyfast.use_backend(int8_mm="cpp"):
+        call = lambda: ops.int8_mm(torch.ones(2, 4, dtype=torch.int8),  # noqa: E731
+                                   torch.ones(3, 4, dtype=torch.int8), torch.ones(2), torch.ones(3))
+        if reason is None:      # extension built: the C++ kernel must run and be exact
+            assert torch.equal(call(), torch.full((2, 3), 4.0))
+        else:
+            with pytest.raises(pyfast.BackendUnavailableError) as info:
+                call()
+            assert "pyfast.int8_mm" in str(info.value) and reason in str(info.value)
+
+
+def test_global_force_skips_ops_without_that_family():
+    # use_backend("triton") is non-strict: ops with no Triton kernel follow the rule
+    assert "triton" not in dispatch.kernels("pack_int4")
+    w = torch.randn(4, 32)
+    with pyfast.use_backend("triton"):
+        got = ops.pack_int4(w, 32, True)
+        chosen = dispatch.choose("pack_int4", "cpu", (w, 32, True)).family
+    assert chosen == pyfast.backends().default("pack_int4", "cpu")
+    for g, r in zip(got, reference.pack_int4(w, 32, True)):
+        assert torch.equal(g, r)
+
+
+def test_innermost_use_backend_wins():
+    with pyfast.use_backend(quantize_per_token="cuda"):
+        with pyfast.use_backend(quantize_per_token="reference"):
+            assert dispatch.choose("quantize_per_token", "cpu", _args("quantize_per_token")).family == "reference"
+        with pytest.raises(pyfast.BackendUnavailableError):
+            dispatch.choose("quantize_per_token", "cpu", _args("quantize_per_token"))
+    assert dispatch.choose("quantize_per_token", "cpu", _args("quantize_per_token")).family == \
+        pyfast.backends().default("quantize_per_token", "cpu")
+
+
+def test_env_var_forces_like_use_backend(monkeypatch):
+    calls = _spy_on(monkeypatch, "quantize_per_token", "reference")
+    monkeypatch.setenv("PYFAST_BACKEND", "reference")
+    torch.ops.pyfast.quantize_per_token(torch.randn(2, 4))
+    assert calls == ["reference"]
+    monkeypatch.setenv("PYFAST_BACKEND", "int8_mm=reference, quantize_per_token=cuda")
+    assert dispatch.choose("int8_mm", "cpu", _args("int8_mm")).family == "reference"
+    with pytest.raises(pyfast.BackendUnavailableError, match="quantize_per_token.*'cuda'"):
+        ops.quantize_per_token(torch.randn(2, 4))
+    with pyfast.use_backend(quantize_per_token="reference"):   # use_backend beats the env
+        ops.quantize_per_token(torch.randn(2, 4))
+    assert calls == ["reference"] * 2
+
+
+@pytest.mark.parametrize("value", ["bogus", "int8_mm=gpu", "reference,int4_mm=fast"])
+def test_env_var_with_a_bad_backend_name_raises(monkeypatch, value):
+    monkeypatch.setenv("PYFAST_BACKEND", value)
+    with pytest.raises(ValueError, match=r"PYFAST_BACKEND names backend '\w+'; accepted: "
+                                         "reference, cpp, cuda, triton"):
+        ops.quantize_per_token(torch.randn(2, 4))
+
+
+def test_env_var_with_an_unknown_op_raises(monkeypatch):
+    # use_backend(bogus_op=...) is an error; a typo in the env var must not be silently ignored
+    monkeypatch.setenv("PYFAST_BACKEND", "int8mm=reference")
+    with pytest.raises(ValueError, match="int8mm"):
+        ops.quantize_per_token(torch.randn(2, 4))
+
+
+def test_use_backend_rejects_unknown_op_and_family():
+    with pytest.raises(ValueError, match=r"use_backend got unknown op 'bogus_op'; ops: int4_mm"):
+        with pyfast.use_backend(bogus_op="cpp"):
+            pass
+    with pytest.raises(ValueError, match=r"backend 'gpu' for 'int8_mm' is not one of reference"):
+        with pyfast.use_backend(int8_mm="gpu"):
+            pass
+    with pytest.raises(ValueError, match=r"backend 'fast' for '\*'"):
+        with pyfast.use_backend("fast"):
+            pass
+
+
+def test_backends_report_covers_every_op_family_device():
+    report = pyfast.backends()
+    keys = [(r.op, r.family, r.device) for r in report]
+    assert sorted(keys) == sorted((op, fam, dev) for op in dispatch.ops()
+                                  for fam in dispatch.FAMILIES for dev in dispatch.PRIORITY)
+    for op in dispatch.ops():
+        for dev in dispatch.PRIORITY:
+            defaults = [r for r in report if r.op == op and r.device == dev and r.default]
+            assert len(defaults) == 1, (op, dev)
+            assert defaults[0].available
+        ref = next(r for r in report if (r.op, r.family, r.device) == (op, "reference", "cpu"))
+        assert ref.available and ref.source == "pyfast/reference.py"
+    text = str(report)
+    for op in dispatch.ops():
+        assert op in text
+    cpp_reason = dispatch.unavailable_reason("cpp", "cpu")
+    assert cpp_reason is None or cpp_reason in text
