@@ -73,9 +73,10 @@ def _extension():
     # No -march=native: a wheel must run on other CPUs. -g0: no debug info (Python's own
     # CFLAGS add -g, which makes the .so 45x larger). -ffp-contract=off: no FMA
     # contraction, so int8_mm's float32 epilogue rounds after every operation exactly
-    # like the torch reference. No -std: torch's BuildExtension adds the standard its
+    # like the torch reference. -fno-trapping-math: we never read FP exception flags, and
+    # it lets GCC if-convert float compares so clamps vectorise (values unchanged). No -std: torch's BuildExtension adds the standard its
     # headers need (c++17 for older torch, c++20 for recent ones such as 2.13); csrc/ is C++17.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-trapping-math"]
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if not with_cuda:
         print(f"pyfast: building pyfast._C for CPU only ({why})", file=sys.stderr)

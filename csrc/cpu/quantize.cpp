@@ -10,9 +10,8 @@
 // - scale = amax / 127.0f and v = x / scale are IEEE float32 true divisions,
 //   like torch's `amax / 127.0` and `xf / scale[:, None]` (no reciprocal-multiply:
 //   this file is compiled without -ffast-math);
-// - std::nearbyint rounds in the current rounding mode, which is the default
-//   round-to-nearest-even (the mode torch.round uses); the clamp bounds are
-//   integers, so rounding then clamping equals what the reference does.
+// - rounding is round-half-to-even (as torch.round), by the 1.5 * 2**23 trick
+//   below; the clamp bounds are integers, so clamping first changes nothing.
 // NaN: a row holding a NaN gets scale NaN, so whatever consumes the scale
 // (int8_mm's epilogue) yields NaN for that row instead of a plausible number;
 // its q values are 0. As in the reference.
@@ -25,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 
 #include "../checks.h"
@@ -32,30 +32,54 @@
 namespace pyfast {
 namespace {
 
+// Round-half-to-even of |v| <= 127 without a libm call: adding and subtracting
+// 1.5 * 2**23 leaves the float with no fraction bits, so the FPU's default
+// round-to-nearest-even does the rounding (exact for |v| < 2**22). Unlike
+// std::nearbyint (a libm call without SSE4.1), this vectorises with baseline
+// SSE2/AVX. It relies on no -ffast-math, which would fold the two operations away.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2**23
+
+template <typename T>
+void quantize_row(const T* xr, int64_t K, int8_t* qr, float* scale_out) {
+  // amax on the bit patterns of |x|: for non-negative IEEE floats the integer
+  // order is the float order, and every NaN pattern is above +inf (0x7f800000).
+  // An integer max reduction vectorises; a float one would need -ffast-math.
+  uint32_t max_bits = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    uint32_t b;
+    const float f = static_cast<float>(xr[k]);
+    std::memcpy(&b, &f, sizeof b);
+    b &= 0x7fffffffu;
+    max_bits = b > max_bits ? b : max_bits;
+  }
+  float amax;
+  std::memcpy(&amax, &max_bits, sizeof amax);
+  const float s0 = amax / 127.0f;
+  const float s = std::isnan(amax) ? amax : (s0 > 0.0f ? s0 : 1.0f);
+  *scale_out = s;
+  if (!std::isfinite(s)) {
+    // A NaN row (scale NaN) or an inf row (x / inf is 0 or NaN): q is all 0 and
+    // the non-finite scale carries the problem into the matmul, as in the reference.
+    std::fill(qr, qr + K, int8_t{0});
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    // Clamping before rounding equals rounding before clamping: the bounds are
+    // integers. Ternaries (not std::min/max) plus -fno-trapping-math (setup.py)
+    // let GCC turn the clamp into vector min/max and vectorise the loop.
+    float v = static_cast<float>(xr[k]) / s;  // true division, as the reference
+    v = v < -127.0f ? -127.0f : v;
+    v = v > 127.0f ? 127.0f : v;
+    qr[k] = static_cast<int8_t>(static_cast<int32_t>((v + kRoundMagic) - kRoundMagic));
+  }
+}
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
   // Rows are independent; a chunk of about 32k elements amortises the task overhead.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const T* xr = x + m * K;
-      int8_t* qr = q + m * K;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float a = std::fabs(static_cast<float>(xr[k]));
-        // NaN-propagating max (std::max / fmaxf would drop a NaN).
-        amax = (a > amax || std::isnan(a)) ? a : amax;
-      }
-      const float s0 = amax / 127.0f;
-      const float s = std::isnan(amax) ? amax : (s0 > 0.0f ? s0 : 1.0f);
-      scale[m] = s;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = static_cast<float>(xr[k]) / s;
-        float r = std::nearbyint(v);
-        r = std::isnan(r) ? 0.0f : std::min(std::max(r, -127.0f), 127.0f);
-        qr[k] = static_cast<int8_t>(r);
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) quantize_row(x + m * K, K, q + m * K, scale + m);
   });
 }
 

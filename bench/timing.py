@@ -1,0 +1,151 @@
+"""How one benchmark row is timed: warm-up, an adaptive number of repetitions, median.
+
+CPU: each call timed with time.perf_counter_ns.
+GPU: a pair of CUDA events around each call, no synchronization between calls
+(so back-to-back kernels are measured on the device, and host overhead shows only
+where it is longer than the kernel, as it would in an eager model), one
+synchronize at the end before reading the events.
+
+Weight rotation: a call gets a copy index i and uses weight copy i % copies.
+With enough copies that together they exceed the last-level cache, a weight is
+evicted before it is used again, as in a model that runs many layers in turn;
+otherwise a small-M (weight-streaming) GEMV is timed from cache and looks
+faster than it can be in a model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+
+MIB = 1 << 20
+
+
+@dataclass
+class Budget:
+    """How long to spend on one row."""
+    min_reps: int = 3           # timed repetitions at least, however slow the call
+    max_reps: int = 100         # and at most
+    max_seconds: float = 1.0    # timed repetitions stop after about this long (>= min_reps)
+    warmup_seconds: float = 0.1  # warm-up calls after the first, up to max_warmup calls
+    max_warmup: int = 10
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+    first_output: Any           # output of the first call, on copy 0: what the row checks
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_once(call: Callable[[int], Any], i: int, device: str):
+    _sync(device)
+    t0 = time.perf_counter_ns()
+    out = call(i)
+    _sync(device)
+    return out, (time.perf_counter_ns() - t0) / 1e9
+
+
+def measure(call: Callable[[int], Any], device: str, budget: Budget) -> Timing:
+    """Time call(i) for i = 0, 1, 2, ... (the call maps i to weight copy i % copies).
+
+    1. call(0): its output is kept for the correctness check; it may include one-time
+       costs (JIT compilation, allocator growth), so its time is not used.
+    2. Unless that call alone took longer than max_seconds, one more call estimates
+       the time per call, then more warm-up calls up to warmup_seconds.
+    3. reps = clamp(max_seconds / estimate, min_reps, max_reps) timed calls; median.
+    """
+    first, t_first = _timed_once(call, 0, device)
+    i, estimate = 1, t_first
+    if t_first < budget.max_seconds:
+        _, estimate = _timed_once(call, i, device)
+        i += 1
+        extra = min(budget.max_warmup, int(budget.warmup_seconds / max(estimate, 1e-9)))
+        for _ in range(extra):
+            call(i)
+            i += 1
+    wanted = math.ceil(budget.max_seconds / max(estimate, 1e-9))
+    reps = max(budget.min_reps, min(budget.max_reps, wanted))
+    times_s = _time_reps(call, i, reps, device)
+    return Timing(statistics.median(times_s) * 1e3, min(times_s) * 1e3, reps, first)
+
+
+def _time_reps(call: Callable[[int], Any], start: int, reps: int, device: str) -> List[float]:
+    if device == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        torch.cuda.synchronize()
+        for r, (begin, end) in enumerate(events):
+            begin.record()
+            call(start + r)
+            end.record()
+        torch.cuda.synchronize()
+        return [begin.elapsed_time(end) / 1e3 for begin, end in events]
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter_ns()
+        call(start + r)
+        times.append((time.perf_counter_ns() - t0) / 1e9)
+    return times
+
+
+# --- how many weight copies to rotate through ----------------------------------------
+
+def last_level_cache_bytes(device: str) -> Optional[int]:
+    """L2 of the GPU, or the largest CPU cache in sysfs (L3 on most machines)."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                           "L2_cache_size", 0)) or None
+    best = None
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for index in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+        try:
+            with open(os.path.join(base, index, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        best = size if best is None else max(best, size)
+    return best
+
+
+def free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30  # no /proc/meminfo (not Linux): assume 8 GiB
+
+
+def rotation_target_bytes(device: str, requested_mib: Optional[float]) -> int:
+    """Total weight bytes to cycle through: the request, else 64 MiB on CPU and 256 MiB
+    on GPU, raised to 2x the last-level cache where that is larger."""
+    if requested_mib is not None:
+        return int(requested_mib * MIB)
+    floor = (256 if device == "cuda" else 64) * MIB
+    llc = last_level_cache_bytes(device) or 0
+    return max(floor, 2 * llc)
+
+
+def copies_for(one_copy_bytes: int, target_bytes: int, memory_cap_bytes: int,
+               max_copies: int = 256) -> int:
+    """Copies so that copies * one_copy_bytes >= target, within the memory cap."""
+    if target_bytes <= 0 or one_copy_bytes <= 0:
+        return 1
+    wanted = math.ceil(target_bytes / one_copy_bytes)
+    affordable = max(1, memory_cap_bytes // one_copy_bytes)
+    return max(1, min(wanted, affordable, max_copies))
