@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench import report as bench_report  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 from bench.cases import E2E, PYFAST_OPS, usable_families  # noqa: E402
 from pyfast import dispatch  # noqa: E402
@@ -61,6 +62,12 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     assert machine["torch_version"] and machine["pyfast_version"] and machine["cpu_model"]
     assert "pyfast backends" in machine["backends"]
     assert result["args"]["quick"] is True
+
+    # bench.report turns the file into the README's Markdown table, one line per row
+    k, n = rows[0]["K"], rows[0]["N"]
+    md = bench_report.table(result, k, n)
+    assert len(md) == 2 + len([r for r in rows if (r["K"], r["N"]) == (k, n)])
+    assert all(line.startswith("| ") for line in md)
 
 
 def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):

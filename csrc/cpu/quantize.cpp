@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 
@@ -39,16 +41,26 @@ namespace {
 // SSE2/AVX. It relies on no -ffast-math, which would fold the two operations away.
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2**23
 
-template <typename T>
-void quantize_row(const T* xr, int64_t K, int8_t* qr, float* scale_out) {
+// The row kernel is compiled three times (GCC function multi-versioning,
+// target_clones) and the loader picks the widest the CPU has: AVX-512, AVX2 or
+// baseline x86-64. A wheel built here therefore runs on any x86-64 CPU and uses
+// 16-lane divisions where they exist. Every clone computes the same IEEE float32
+// operations, so all three are bit-exact with the reference.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYFAST_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYFAST_ISA_CLONES
+#endif
+
+PYFAST_ISA_CLONES
+void quantize_row_f32(const float* xr, int64_t K, int8_t* qr, float* scale_out) {
   // amax on the bit patterns of |x|: for non-negative IEEE floats the integer
   // order is the float order, and every NaN pattern is above +inf (0x7f800000).
   // An integer max reduction vectorises; a float one would need -ffast-math.
   uint32_t max_bits = 0;
   for (int64_t k = 0; k < K; ++k) {
     uint32_t b;
-    const float f = static_cast<float>(xr[k]);
-    std::memcpy(&b, &f, sizeof b);
+    std::memcpy(&b, xr + k, sizeof b);
     b &= 0x7fffffffu;
     max_bits = b > max_bits ? b : max_bits;
   }
@@ -67,7 +79,7 @@ void quantize_row(const T* xr, int64_t K, int8_t* qr, float* scale_out) {
     // Clamping before rounding equals rounding before clamping: the bounds are
     // integers. Ternaries (not std::min/max) plus -fno-trapping-math (setup.py)
     // let GCC turn the clamp into vector min/max and vectorise the loop.
-    float v = static_cast<float>(xr[k]) / s;  // true division, as the reference
+    float v = xr[k] / s;  // true division, as the reference
     v = v < -127.0f ? -127.0f : v;
     v = v > 127.0f ? 127.0f : v;
     qr[k] = static_cast<int8_t>(static_cast<int32_t>((v + kRoundMagic) - kRoundMagic));
@@ -79,7 +91,17 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
   // Rows are independent; a chunk of about 32k elements amortises the task overhead.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) quantize_row(x + m * K, K, q + m * K, scale + m);
+    std::vector<float> row;  // float16/bfloat16 rows are widened first (exactly)
+    for (int64_t m = begin; m < end; ++m) {
+      const T* xr = x + m * K;
+      if constexpr (std::is_same_v<T, float>) {
+        quantize_row_f32(xr, K, q + m * K, scale + m);
+      } else {
+        row.resize(K);
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(xr[k]);
+        quantize_row_f32(row.data(), K, q + m * K, scale + m);
+      }
+    }
   });
 }
 
