@@ -67,7 +67,7 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     k, n = rows[0]["K"], rows[0]["N"]
     md = bench_report.table(result, k, n)
     assert len(md) == 2 + len([r for r in rows if (r["K"], r["N"]) == (k, n)])
-    assert all(line.startswith("| ") for line in md)
+    assert all(line.startswith("|") and line.endswith("|") for line in md)
 
 
 def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):
