@@ -38,7 +38,7 @@ std::string build_info() {
 TORCH_LIBRARY(pyfast_C, m) {
   // x float32/float16/bfloat16 [M, K] (any strides) ->
   //   (q int8 [M, K] contiguous, scale float32 [M]);
-  // scale = amax(|x[m, :]|) / 127 (1.0 for an all-zero row),
+  // scale = amax(|x[m, :]|) / 127 (1.0 where that is 0; NaN for a NaN row, q 0),
   // q = clamp(round_half_even(float32(x) / scale), -127, 127).
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
 

@@ -66,7 +66,8 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     # bench.report turns the file into the README's Markdown table, one line per row
     k, n = rows[0]["K"], rows[0]["N"]
     md = bench_report.table(result, k, n)
-    assert len(md) == 2 + len([r for r in rows if (r["K"], r["N"]) == (k, n)])
+    series = {(r["op"], r["backend"], r["dtype"], r["note"]) for r in rows if (r["K"], r["N"]) == (k, n)}
+    assert len(md) == 2 + len(series)                 # one line per op/backend, one column per M
     assert all(line.startswith("|") and line.endswith("|") for line in md)
 
 
