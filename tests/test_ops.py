@@ -135,8 +135,11 @@ def test_int8_weight_mm(device, m, k, n, dtype, bias):
     bias_t = _bias(n, dtype, device, bias)
     args = (x, w, w_scale, bias_t)
     ref = reference.int8_weight_mm(*args)
-    tol = linear_tolerance(x.cpu(), (w.double() * w_scale.double()[:, None]).cpu(),
-                           None if bias_t is None else bias_t.cpu(), dtype)
+    # A kernel may apply the scale before the dot (dequantized weight) or after it
+    # (x @ w_int8, then * w_scale): allow PyTorch's own error for either order.
+    tol = (linear_tolerance(x.cpu(), (w.double() * w_scale.double()[:, None]).cpu(),
+                            None if bias_t is None else bias_t.cpu(), dtype)
+           + linear_tolerance(x.cpu(), w.double().cpu(), None, dtype) * float(w_scale.max()))
     compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
     _every_backend("int8_weight_mm", device, args, compare)
     compare(ops.int8_weight_mm(*args), "pyfast.ops")
@@ -256,11 +259,16 @@ def _noncontiguous_cases(device, dtype):
     }
 
 
-def _same(got, ref, dtype):
+# Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
+# an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
+BIT_EXACT_OPS = ("quantize_per_token", "int8_mm", "pack_int4", "sparse24_compress")
+
+
+def _same(got, ref, dtype, op):
     if isinstance(ref, tuple):
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
-    elif ref.dtype == torch.float32:
+    elif ref.dtype == torch.float32 and op in BIT_EXACT_OPS:
         assert torch.equal(got, ref)
     else:  # a float32-accumulating matmul in another order: a few ulps of the output
         tol = 4 * torch.finfo(dtype).eps * (ref.double().abs().max().item() + 1)
@@ -280,8 +288,8 @@ def test_noncontiguous_inputs(device, op, dtype, which, layout):
     positions = tensor_positions[:1] if which == "x" else tensor_positions
     nc = tuple(make(a) if i in positions else a for i, a in enumerate(args))
     for family in usable_families(op, device):
-        _same(run_forced(op, family, *nc), ref, dtype)
-    _same(getattr(torch.ops.pyfast, op)(*nc), ref, dtype)
+        _same(run_forced(op, family, *nc), ref, dtype, op)
+    _same(getattr(torch.ops.pyfast, op)(*nc), ref, dtype, op)
 
 
 # --- opcheck: schema, fake, autograd registration, aot dispatch ----------------------------

@@ -1,0 +1,222 @@
+"""2:4 sparse weight matmul in Triton: out = x @ W.T + bias, W given compressed.
+
+W [N, K] is 2:4 sparse along K and stored as (values [N, K/2], meta uint8 [N, K/4])
+(pyfast/formats.py). The kernel reads only the compressed form -- half the weight
+values plus a byte per group of four, about 56% (fp16/bf16) or 53% (fp32) of the
+dense weight bytes -- and rebuilds each dense [BLOCK_K, BLOCK_N] tile in registers
+before a dense tensor-core `tl.dot`. At small M the matmul is bound by reading the
+weight, so reading fewer bytes is the whole win; the tensor cores do the zeros too
+(this is not the sparse-tensor-core mma.sp path, which needs another metadata
+layout and a repack op of its own).
+
+Expansion of one tile, along the contiguous K axis of each weight row so the loads
+are 16-byte vectors (cp.async on sm_80+) and the shuffles stay inside a thread's
+registers:
+    v      [BLOCK_N, BLOCK_K/2]  loaded -> split into v0, v1 [BLOCK_N, BLOCK_K/4]
+                                           (the first / second kept value of a group)
+    meta   [BLOCK_N, BLOCK_K/4]  loaded -> idx0 = bits 0-1, idx1 = bits 2-3
+    w[n, g, p] = v0 if idx0 == p, v1 if idx1 == p, else 0    (broadcast over p = 0..3)
+    w reshaped to [BLOCK_N, BLOCK_K] (k = 4g + p), then acc += x_tile @ w.T.
+Both kept slots are tested at every position, so the kernel does not rely on
+idx0 < idx1.
+
+Tensor cores: fp16/bf16 -> mma.sync (sm_80), wgmma (sm_90, when BLOCK_M >= 64 and
+num_warps is a multiple of 4); float32 runs with input_precision="ieee" (no TF32)
+so a float32 layer stays as accurate as F.linear in float32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _configs():
+    if _INTERPRET:
+        # The interpreter runs one NumPy program per tile: few, big tiles keep the
+        # CPU tests fast. One config, so nothing is benchmarked.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
+                              num_warps=4, num_stages=1)]
+    small_m = [  # decode-like M: thin M tiles, long K tiles to keep many loads in flight
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+    large_m = [  # prefill-like M: square-ish tiles; BLOCK_M >= 64 lets sm_90 use wgmma
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    ]
+    return small_m + large_m
+
+
+@triton.jit
+def _sparse24_mm_kernel(
+    # Pointers.
+    x_ptr,       # [M, K]   float32/float16/bfloat16, any strides
+    v_ptr,       # [N, K/2] same dtype as x: the 2 kept values of each group of 4 along K
+    meta_ptr,    # [N, K/4] uint8: bits 0-1 idx0, bits 2-3 idx1 (position in the group)
+    bias_ptr,    # [N] any float dtype (read only when HAS_BIAS)
+    out_ptr,     # [M, N]   x.dtype, written
+    # Sizes; K is a multiple of 4.
+    M, N, K,
+    # Strides, in elements.
+    stride_xm, stride_xk,
+    stride_vn, stride_vk,
+    stride_mn, stride_mk,
+    stride_bias,
+    stride_om, stride_on,
+    # Meta-parameters.
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,   # "ieee" for float32 (no TF32); ignored for 16-bit inputs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K % 4 == 0
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs walk GROUP_M row tiles for one column
+    # tile, so a weight tile is reused from L2 by GROUP_M programs in a row.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    QK: tl.constexpr = BLOCK_K // 4   # groups of 4 per K tile
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)        # dense k in the tile (x columns)
+    offs_h = tl.arange(0, 2 * QK)         # kept-value slot in the tile (values columns)
+    offs_g = tl.arange(0, QK)             # group in the tile (meta columns)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # 64-bit row offsets: M * stride_xm or N * stride_vn may pass 2**31.
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    v_ptrs = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn + offs_h[None, :] * stride_vk
+    m_ptrs = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn + offs_g[None, :] * stride_mk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_start = k0 * BLOCK_K
+        # K tail: K % 4 == 0, so a group is either wholly inside K or wholly outside,
+        # and masking x, values and meta separately keeps them consistent.
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & (offs_h[None, :] < (K - k_start) // 2), other=0.0)
+        meta = tl.load(m_ptrs, mask=mask_n[:, None] & (offs_g[None, :] < (K - k_start) // 4), other=0)
+
+        # Rebuild the dense [BLOCK_N, BLOCK_K] weight tile in registers: position p of
+        # group g gets v0 where idx0 == p, v1 where idx1 == p, else 0. Built with a
+        # broadcast over p and one reshape (not tl.join: sm_90's dot-operand hoisting
+        # aborts on a joined operand, "Illegal shared layout", in Triton 3.7).
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, QK, 2)))   # [BLOCK_N, QK] each
+        meta = meta.to(tl.int32)
+        idx0 = (meta & 3)[:, :, None]                          # [BLOCK_N, QK, 1]
+        idx1 = ((meta >> 2) & 3)[:, :, None]
+        pos = tl.arange(0, 4)[None, None, :]                   # [1, 1, 4]
+        w = tl.where(idx0 == pos, v0[:, :, None],
+                     tl.where(idx1 == pos, v1[:, :, None], 0.0).to(v0.dtype))
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))                  # k = 4g + p
+
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+
+        x_ptrs += BLOCK_K * stride_xk
+        v_ptrs += (BLOCK_K // 2) * stride_vk
+        m_ptrs += QK * stride_mk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_sparse24_mm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_sparse24_mm_kernel)
+
+
+def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x [M, K] float (any strides), values [N, K/2] x.dtype, meta uint8 [N, K/4],
+    bias [N] float or None -> x @ W.T + bias as [M, N] x.dtype (float32 accumulation)."""
+    m, k = x.shape
+    n = values.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    has_bias = bias is not None
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+
+    def grid(meta_params):
+        return (triton.cdiv(m, meta_params["BLOCK_M"]) * triton.cdiv(n, meta_params["BLOCK_N"]),)
+
+    _sparse24_mm_tuned[grid](
+        x, values, meta, bias if has_bias else out, out,
+        m, n, k,
+        x.stride(0), x.stride(1),
+        values.stride(0), values.stride(1),
+        meta.stride(0), meta.stride(1),
+        bias.stride(0) if has_bias else 0,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=has_bias, INPUT_PRECISION=precision,
+    )
+    return out
+
+
+# Compiled ahead of time for sm_80 and sm_90 by tests/test_triton_ptx.py: the
+# 16-bit variants must reach the tensor cores. BLOCK_M = 64 with 4 warps (one
+# warpgroup) is the smallest tile for which sm_90 emits wgmma (BLOCK_M = 16, the
+# small-M configs, gives mma.sync there). The unit strides are constexpr 1 and
+# "attrs" marks pointers and the other strides 16-divisible, as the JIT specializes
+# a launch on contiguous, aligned tensors; without those hints every load is a
+# scalar ld.global and some compiler paths (sm_90 operand hoisting) never run.
+_UNIT_STRIDES = ("stride_xk", "stride_vk", "stride_mk", "stride_bias", "stride_on")
+_DIVISIBLE_16 = ("x_ptr", "v_ptr", "meta_ptr", "bias_ptr", "out_ptr", "K",
+                 "stride_xm", "stride_vn", "stride_mn", "stride_om")
+
+
+def _ptx_spec(name: str, dtype: str, has_bias: bool) -> dict:
+    signature = {
+        "x_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "meta_ptr": "*u8",
+        "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "stride_xm": "i32", "stride_xk": "i32",
+        "stride_vn": "i32", "stride_vk": "i32",
+        "stride_mn": "i32", "stride_mk": "i32",
+        "stride_bias": "i32",
+        "stride_om": "i32", "stride_on": "i32",
+        "HAS_BIAS": "constexpr", "INPUT_PRECISION": "constexpr",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+        "GROUP_M": "constexpr",
+    }
+    signature.update({s: "constexpr" for s in _UNIT_STRIDES})
+    arg_index = _sparse24_mm_kernel.arg_names.index
+    return {
+        "name": name,
+        "kernel": _sparse24_mm_kernel,
+        "signature": signature,
+        "constexprs": {"HAS_BIAS": has_bias, "INPUT_PRECISION": "tf32",
+                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                       **{s: 1 for s in _UNIT_STRIDES}},
+        # triton.compiler.ASTSource(attrs=...): {(argument index,): [[attribute, value]]}
+        "attrs": {(arg_index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE_16},
+        "num_warps": 4,
+        "num_stages": 3,
+        "expect": {80: "mma.sync", 90: "wgmma"},
+    }
+
+
+PTX_SPECS = [
+    _ptx_spec("sparse24_mm_fp16", "fp16", has_bias=True),
+    _ptx_spec("sparse24_mm_bf16", "bf16", has_bias=False),
+]

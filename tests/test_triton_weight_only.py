@@ -1,0 +1,241 @@
+"""The Triton weight-only kernels (kernels/weight_only.py) against the reference.
+
+Where Triton runs: on CPU tensors under the Triton interpreter (conftest sets
+TRITON_INTERPRET=1 when torch sees no GPU), on CUDA tensors otherwise; DEVICE is
+whichever this machine has, so every test here runs on either. The interpreter
+computes tl.dot on bfloat16 wrongly (upstream bug), so on CPU bfloat16 activations
+are upcast by the test (the values stay bfloat16 values) and the kernel's refusal
+of bfloat16 CPU inputs is checked; the `cuda`-marked tests run bfloat16 for real.
+
+Tolerance (tests/_helpers.py linear_tolerance, FlashAttention's rule): twice the
+error PyTorch's own F.linear makes in the same dtype against float64 on the same
+effective weight, plus one ulp of the largest output.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+import pyfast
+from pyfast import reference
+from _helpers import assert_within, dequant_int4, dtype_id, linear_tolerance, run_forced
+
+from pyfast.kernels import weight_only as wo
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+MS = (0, 1, 3, 17)      # 1, 3: the split-K (workspace) path; 17: the fused-epilogue path
+NS = (7, 33, 130)
+# (K, group_size): K suited to each group; 130 = per channel with a K tail in the last tile
+KG = ((64, 32), (256, 32), (128, 64), (256, 128), (130, -1), (64, -1))
+
+
+def _int8_inputs(m, n, k, dtype, bias, device=DEVICE, scale_dtype=torch.float32):
+    x = torch.randn(m, k).to(dtype).to(device)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(device)
+    s = (torch.rand(n) * 0.02 + 1e-3).to(scale_dtype).to(device)
+    b = torch.randn(n).to(dtype).to(device) if bias else None
+    return x, w, s, b
+
+
+def _int8_weight64(w, s):
+    return w.double() * s.double()[:, None]
+
+
+def _check_int8(out, x, w, s, b):
+    tol = linear_tolerance(x, _int8_weight64(w, s), b, x.dtype)
+    assert_within(out, reference.int8_weight_mm(x, w, s, b), tol, "int8_weight_mm")
+
+
+def _int4_inputs(m, n, k, gs, symmetric, dtype, bias, device=DEVICE):
+    x = torch.randn(m, k).to(dtype).to(device)
+    w = torch.randn(n, k) + (0.0 if symmetric else 0.7)  # asymmetric: zero points != 8
+    packed, scales, zeros = (t.to(device) for t in reference.pack_int4(w, gs, symmetric))
+    b = torch.randn(n).to(dtype).to(device) if bias else None
+    return x, packed, scales, zeros, b
+
+
+def _check_int4(out, x, packed, scales, zeros, gs, b):
+    tol = linear_tolerance(x, dequant_int4(packed, scales, zeros, gs), b, x.dtype)
+    assert_within(out, reference.int4_mm(x, packed, scales, zeros, gs, b), tol, "int4_mm")
+
+
+def _cases(*axes, rotate):
+    """The product of `axes`, each case also taking the next value of every list in
+    `rotate` in turn, so that every value of those appears without a full product."""
+    cycles = [itertools.cycle(r) for r in rotate]
+    return [(*case, *(next(c) for c in cycles)) for case in itertools.product(*axes)]
+
+
+# --- int8 weights --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", NS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("m", MS, ids=lambda m: f"M{m}")
+def test_int8_weight_mm(m, n, dtype, bias):
+    x, w, s, b = _int8_inputs(m, n, 192, dtype, bias)   # K = 192: a K tail for BLOCK_K = 128
+    _check_int8(wo.int8_weight_mm(x, w, s, b), x, w, s, b)
+
+
+def test_int8_weight_mm_any_float_scale_and_bias_dtype():
+    x, w, s, _ = _int8_inputs(5, 33, 64, torch.float16, False, scale_dtype=torch.bfloat16)
+    b = torch.randn(33, dtype=torch.float32, device=DEVICE)
+    _check_int8(wo.int8_weight_mm(x, w, s, b), x, w, s, b)
+
+
+def test_int8_weight_mm_k0_gives_bias():
+    x, w, s, b = _int8_inputs(3, 7, 0, torch.float32, True)
+    assert torch.equal(wo.int8_weight_mm(x, w, s, b), b.expand(3, 7))
+
+
+# --- int4 weights ----------------------------------------------------------------------------
+
+INT4_CASES = [pytest.param(m, k, gs, dtype, n, sym, bias,
+                           id=f"M{m}-K{k}-g{gs}-{dtype_id(dtype)}-N{n}-{'sym' if sym else 'asym'}"
+                              f"-{'bias' if bias else 'nobias'}")
+              for m, (k, gs), dtype, sym, n, bias in _cases(MS, KG, DTYPES, (True, False),
+                                                             rotate=(NS, (True, False, False)))]
+
+
+@pytest.mark.parametrize("m,k,gs,dtype,n,symmetric,bias", INT4_CASES)
+def test_int4_mm(m, k, gs, dtype, n, symmetric, bias):
+    x, packed, scales, zeros, b = _int4_inputs(m, n, k, gs, symmetric, dtype, bias)
+    _check_int4(wo.int4_mm(x, packed, scales, zeros, gs, b), x, packed, scales, zeros, gs, b)
+
+
+def test_int4_mm_nan_scale_reaches_its_column_only():
+    x, packed, scales, zeros, _ = _int4_inputs(3, 7, 128, 32, False, torch.float32, False)
+    scales[2, 1] = float("nan")
+    out = wo.int4_mm(x, packed, scales, zeros, 32, None)
+    assert out[:, 2].isnan().all()
+    assert not out[:, [0, 1, 3, 4, 5, 6]].isnan().any()
+
+
+# --- strides, split-K, determinism -------------------------------------------------------------
+
+def _strided(t):
+    """The same values, every row two columns apart in memory (a column slice)."""
+    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+def _transposed(t):
+    """The same values in column-major storage."""
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("layout", [_strided, _transposed], ids=["sliced", "transposed"])
+@pytest.mark.parametrize("m", [3, 17], ids=lambda m: f"M{m}")
+def test_noncontiguous_inputs(m, layout):
+    x, w, s, b = _int8_inputs(m, 33, 128, torch.float16, True)
+    out = wo.int8_weight_mm(layout(x), layout(w), s, b)
+    assert torch.equal(out, wo.int8_weight_mm(x, w, s, b))
+    x, packed, scales, zeros, b = _int4_inputs(m, 33, 128, 32, False, torch.float16, True)
+    out = wo.int4_mm(layout(x), layout(packed), layout(scales), layout(zeros), 32, b)
+    assert torch.equal(out, wo.int4_mm(x, packed, scales, zeros, 32, b))
+
+
+def _cfg(block_m, block_n, block_k, split_k):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
+
+
+# SPLIT_K 1 at small M (fused epilogue, no workspace), 3 (uneven ranges), 8 with
+# more splits than K blocks (empty ranges write zeros), and split-K at M > 16.
+SPLITS = [pytest.param(3, _cfg(16, 32, 32, 1), id="M3-split1"),
+          pytest.param(3, _cfg(16, 64, 32, 3), id="M3-split3"),
+          pytest.param(1, _cfg(16, 32, 32, 8), id="M1-split8-empty-ranges"),
+          pytest.param(17, _cfg(16, 128, 32, 4), id="M17-split4")]
+
+
+@pytest.mark.parametrize("m,config", SPLITS)
+def test_int8_weight_mm_split_k(m, config):
+    x, w, s, b = _int8_inputs(m, 33, 192, torch.float16, True)
+    _check_int8(wo.int8_weight_mm(x, w, s, b, config=config), x, w, s, b)
+
+
+@pytest.mark.parametrize("k,gs", [(256, 32), (256, 128), (130, -1)], ids=["g32", "g128", "per-channel"])
+@pytest.mark.parametrize("m,config", SPLITS)
+def test_int4_mm_split_k(m, config, k, gs):
+    x, packed, scales, zeros, b = _int4_inputs(m, 33, k, gs, False, torch.float32, True)
+    _check_int4(wo.int4_mm(x, packed, scales, zeros, gs, b, config=config), x, packed, scales, zeros, gs, b)
+
+
+def test_int4_mm_block_k_as_large_as_the_group():
+    x, packed, scales, zeros, b = _int4_inputs(3, 33, 256, 128, True, torch.float16, False)
+    out = wo.int4_mm(x, packed, scales, zeros, 128, b, config=_cfg(16, 64, 128, 2))
+    _check_int4(out, x, packed, scales, zeros, 128, b)
+
+
+def test_int4_mm_rejects_a_k_tile_across_groups():
+    x, packed, scales, zeros, _ = _int4_inputs(3, 7, 128, 32, True, torch.float16, False)
+    with pytest.raises(ValueError, match="BLOCK_K = 64 must divide group_size 32"):
+        wo.int4_mm(x, packed, scales, zeros, 32, None, config=_cfg(16, 32, 64, 1))
+
+
+def test_split_k_is_deterministic():
+    x, w, s, b = _int8_inputs(2, 130, 256, torch.float32, True)
+    config = _cfg(16, 64, 32, 8)
+    first = wo.int8_weight_mm(x, w, s, b, config=config)
+    assert all(torch.equal(first, wo.int8_weight_mm(x, w, s, b, config=config)) for _ in range(3))
+
+
+# --- through the dispatcher --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_forced_through_torch_ops(dtype):
+    x, w, s, b = _int8_inputs(3, 33, 128, dtype, True)
+    out = run_forced("int8_weight_mm", "triton", x, w, s, b)
+    assert torch.equal(out, wo.int8_weight_mm(x, w, s, b))
+    x, packed, scales, zeros, b = _int4_inputs(17, 33, 128, 64, False, dtype, True)
+    with pyfast.use_backend(int4_mm="triton"):
+        out = torch.ops.pyfast.int4_mm(x, packed, scales, zeros, 64, b)
+    assert torch.equal(out, wo.int4_mm(x, packed, scales, zeros, 64, b))
+    _check_int4(out, x, packed, scales, zeros, 64, b)
+
+
+def test_bfloat16_on_cpu_is_refused_and_upcast_instead():
+    # Refused on CPU tensors (the interpreter), whatever this machine has.
+    x, w, s, b = _int8_inputs(3, 33, 128, torch.bfloat16, True, device="cpu")
+    assert "bfloat16" in wo.supports_int8_weight_mm(x, w, s, b)
+    with pytest.raises(pyfast.BackendUnavailableError, match="interpreter"):
+        with pyfast.use_backend(int8_weight_mm="triton"):  # (run_forced would upcast)
+            torch.ops.pyfast.int8_weight_mm(x, w, s, b)
+    xi, packed, scales, zeros, bi = _int4_inputs(3, 33, 128, 32, False, torch.bfloat16, True, device="cpu")
+    assert "bfloat16" in wo.supports_int4_mm(xi, packed, scales, zeros, 32, bi)
+    # The harness's way on DEVICE: the same bfloat16 values as float32, cast back at the end.
+    x, w, s, b = (t.to(DEVICE) for t in (x, w, s, b))
+    _check_int8(wo.int8_weight_mm(x.float(), w, s, b.float()).bfloat16(), x, w, s, b)
+    xi, packed, scales, zeros, bi = (t.to(DEVICE) for t in (xi, packed, scales, zeros, bi))
+    out = wo.int4_mm(xi.float(), packed, scales, zeros, 32, bi.float()).bfloat16()
+    _check_int4(out, xi, packed, scales, zeros, 32, bi)
+
+
+# --- on a GPU: bfloat16, the autotuned paths, layer-like shapes -----------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 128, 300], ids=lambda m: f"M{m}")
+def test_cuda_int8_weight_mm(m, dtype):
+    x, w, s, b = _int8_inputs(m, 1000, 1024, dtype, True, device="cuda")
+    _check_int8(wo.int8_weight_mm(x, w, s, b), x, w, s, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gs", [32, 64, 128, -1], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 256], ids=lambda m: f"M{m}")
+def test_cuda_int4_mm(m, dtype, gs):
+    x, packed, scales, zeros, b = _int4_inputs(m, 1030, 1024, gs, False, dtype, True, device="cuda")
+    _check_int4(wo.int4_mm(x, packed, scales, zeros, gs, b), x, packed, scales, zeros, gs, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,config", SPLITS)
+def test_cuda_bfloat16_split_k(m, config):
+    x, packed, scales, zeros, b = _int4_inputs(m, 33, 256, 32, True, torch.bfloat16, True, device="cuda")
+    _check_int4(wo.int4_mm(x, packed, scales, zeros, 32, b, config=config), x, packed, scales, zeros, 32, b)
+    x, w, s, b = _int8_inputs(m, 33, 192, torch.bfloat16, True, device="cuda")
+    _check_int8(wo.int8_weight_mm(x, w, s, b, config=config), x, w, s, b)
