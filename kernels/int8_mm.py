@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import grouped_tile, to_f32
+
 __all__ = ["int8_mm", "PTX_SPECS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -55,17 +57,6 @@ def _add_rn(x, y):
     # float32 x + y, rounded to nearest even, never contracted into an fma, subnormals kept
     return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [x, y],
                                      dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _to_f32(x):
-    # Widen to float32, exactly. bfloat16 goes through its bits (bf16 is the top half
-    # of a float32): Triton's interpreter converts subnormal bf16 wrongly.
-    if x.dtype == tl.bfloat16:
-        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit
@@ -90,17 +81,7 @@ def _int8_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: consecutive programs walk down GROUP_M tile rows of one
-    # tile column, so the b tiles they share stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,8 +102,8 @@ def _int8_mm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue, in float32 and in the reference's order, every operation rounded.
-    a_s = _to_f32(tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0))
-    b_s = _to_f32(tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0.0))
+    a_s = to_f32(tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0))
+    b_s = to_f32(tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0.0))
     a_s = tl.broadcast_to(a_s[:, None], (BLOCK_M, BLOCK_N))
     b_s = tl.broadcast_to(b_s[None, :], (BLOCK_M, BLOCK_N))
     c = acc.to(tl.float32)
@@ -133,7 +114,7 @@ def _int8_mm_kernel(
         c = _mul_rn(c, a_s)
         c = _mul_rn(c, b_s)
     if HAS_BIAS:
-        bias = _to_f32(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0))
+        bias = to_f32(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0))
         bias = tl.broadcast_to(bias[None, :], (BLOCK_M, BLOCK_N))
         if INTERPRET:
             c = c + bias

@@ -28,22 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import to_f32
+
 __all__ = ["quantize_per_token", "PTX_SPECS"]
 
 # The largest block (elements) one program holds in registers at a time.
 _MAX_TILE = 4096
 _MAX_BLOCK_K = 2048
-
-
-@triton.jit
-def _to_f32(x):
-    # Widen to float32, exactly. bfloat16 goes through its bits (bf16 is the top half
-    # of a float32): Triton's interpreter converts subnormal bf16 wrongly.
-    if x.dtype == tl.bfloat16:
-        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit
@@ -71,7 +62,7 @@ def _quantize_per_token_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
-        x = _to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
         is_nan = x != x
         amax = tl.maximum(amax, tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1))
         has_nan = tl.maximum(has_nan, tl.max(is_nan.to(tl.int32), axis=1))
@@ -87,7 +78,7 @@ def _quantize_per_token_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
-        x = _to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
         v = tl.div_rn(x, tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
         v = tl.where(v != v, 0.0, v)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import grouped_tile
+
 Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -81,17 +83,7 @@ def _sparse24_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K % 4 == 0
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: consecutive programs walk GROUP_M row tiles for one column
-    # tile, so a weight tile is reused from L2 by GROUP_M programs in a row.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     QK: tl.constexpr = BLOCK_K // 4   # groups of 4 per K tile
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -69,10 +69,8 @@ class _CompressedLinear(nn.Module):
                 f"bias={self.bias is not None}, format={self.format}")
 
 
-class Int8Linear(_CompressedLinear):
-    """W8A8: int8 weights per output channel, activations quantized per token at run time."""
-
-    format = "int8 W8A8"  # per-token dynamic activations, per-channel weights
+class _Int8WeightLinear(_CompressedLinear):
+    """Per-output-channel int8 weight [N, K] with float32 scales [N] (formats.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, bias, device)
@@ -81,7 +79,7 @@ class Int8Linear(_CompressedLinear):
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear):
         cls._check_linear(linear)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device)
@@ -93,7 +91,7 @@ class Int8Linear(_CompressedLinear):
         return layer
 
     @classmethod
-    def from_int8(cls, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> "Int8Linear":
+    def from_int8(cls, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
         """From an already-quantized weight (e.g. torch's quantize_dynamic)."""
         chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2)
         chk.scale_vector("w_scale", w_scale, w_int8.shape[0], "one scale per output row")
@@ -105,6 +103,12 @@ class Int8Linear(_CompressedLinear):
             layer.bias = bias.detach().float().clone()
         return layer
 
+
+class Int8Linear(_Int8WeightLinear):
+    """W8A8: int8 weights per output channel, activations quantized per token at run time."""
+
+    format = "int8 W8A8"  # per-token dynamic activations, per-channel weights
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = self._flat(x)
         q, s = torch.ops.pyfast.quantize_per_token(x2)
@@ -113,28 +117,10 @@ class Int8Linear(_CompressedLinear):
         return self._unflat(out, x)
 
 
-class Int8WeightOnlyLinear(_CompressedLinear):
+class Int8WeightOnlyLinear(_Int8WeightLinear):
     """W8A16 / W8A32: int8 weights per output channel, float activations."""
 
     format = "int8 weight-only"  # per-channel scales
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
-        super().__init__(in_features, out_features, bias, device)
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
-                                                        dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        cls._check_linear(linear)
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device)
-        layer.orig_dtype = linear.weight.dtype
-        q, s = torch.ops.pyfast.quantize_per_token(linear.weight.detach())
-        layer.weight_int8.copy_(q)
-        layer.weight_scale.copy_(s)
-        layer._copy_bias(linear)
-        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.ops.pyfast.int8_weight_mm(self._flat(x), self.weight_int8,

@@ -1,0 +1,30 @@
+"""Small @triton.jit helpers shared by the kernels of pyfast.kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped ordering: consecutive programs walk
+    GROUP_M row tiles of one column tile, so the weight tile they share stays in L2
+    (the Triton matmul tutorial's "L2 cache optimizations")."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def to_f32(x):
+    """Widen to float32, exactly. bfloat16 goes through its bits (bf16 is the top half
+    of a float32): Triton's interpreter converts subnormal bf16 wrongly."""
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
