@@ -39,7 +39,15 @@ def load() -> bool:
 
 def status() -> str:
     """'built: <build info>' or the reason it is not loaded."""
-    return f"built: {_BUILD_INFO}" if load() else _REASON
+    if not load():
+        return _REASON
+    return (f"built: {_BUILD_INFO}; CPU kernels use {torch.ops.pyfast_C.cpu_isa()} "
+            f"(CPU supports {torch.ops.pyfast_C.cpu_isa_detected()})")
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ CPU kernels use now ("avx512", "avx2", "scalar")."""
+    return str(torch.ops.pyfast_C.cpu_isa()) if load() else "n/a (extension not loaded)"
 
 
 def has_cuda() -> bool:
