@@ -35,6 +35,7 @@ from pyfast import _ext
 from . import cases as C
 from . import shapes as S
 from . import timing as T
+from .cpu_baselines import cpu_baseline_cases, measure_bandwidth_gbs
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,7 +69,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--rotate-max-m", type=int, default=16,
                    help="rotate weight copies for M <= this (default 16)")
     p.add_argument("--peak-gbs", type=float, default=None,
-                   help="memory bandwidth of the device in GB/s, to print %% of peak")
+                   help="memory bandwidth of the device in GB/s, to print %% of peak "
+                        "(CPU default: measured at the start of the run)")
+    p.add_argument("--no-torch-cpu-baselines", dest="torch_cpu_baselines", action="store_false",
+                   help="skip quantize_dynamic, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu "
+                        "and torchao rows on CPU")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: shape {S.QUICK_SHAPES[0][0]}x{S.QUICK_SHAPES[0][1]}, "
                         f"M {','.join(map(str, S.QUICK_MS))}, few reps")
@@ -151,7 +156,7 @@ def machine_info(device: str) -> Dict[str, Any]:
 
 # --- the table ---------------------------------------------------------------------------
 
-COLUMNS = [("op", 18, "<"), ("backend", 15, "<"), ("M", 5, ">"), ("K", 6, ">"), ("N", 6, ">"),
+COLUMNS = [("op", 27, "<"), ("backend", 15, "<"), ("M", 5, ">"), ("K", 6, ">"), ("N", 6, ">"),
            ("dtype", 14, "<"), ("ms", 10, ">"), ("TFLOP/s", 8, ">"), ("GB/s", 8, ">"),
            ("xF32", 7, ">"), ("xHALF", 7, ">"), ("rot", 4, ">"), ("check", 9, "<"),
            ("note", 0, "<")]
@@ -241,6 +246,11 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
         for m in args.m:
             cell = C.Cell(m, layer, device, act, half, rotate=m <= args.rotate_max_m)
             todo = [(c, True) for c in C.baseline_cases(cell)]
+            if args.torch_cpu_baselines:
+                cpu_cases, cpu_skipped = cpu_baseline_cases(cell)
+                todo += [(c, True) for c in cpu_cases]
+                skipped += [{"op": "baseline", "backend": f, "M": m, "K": k, "N": n, "reason": why}
+                            for f, why in cpu_skipped]
             for op in args.ops:
                 op_cases, op_skipped = C.pyfast_cases(op, cell, args.backends)
                 todo += [(c, False) for c in op_cases]
@@ -295,6 +305,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               "using the CPU and CPU timings will be noisy")
     print("* = what a plain call runs here; xF32/x" + half_name.upper() + " = speedup vs "
           "F.linear in that dtype, same shape, this run; rot = weight copies rotated\n")
+    bandwidth = {"gbs": args.peak_gbs, "source": "--peak-gbs" if args.peak_gbs else None}
+    if args.peak_gbs is None and args.device == "cpu":
+        mib = 64 if args.quick else 512
+        args.peak_gbs = measure_bandwidth_gbs(mib=mib)
+        bandwidth = {"gbs": args.peak_gbs,
+                     "source": f"measured: median torch.sum over {mib} MiB float32, "
+                               f"{torch.get_num_threads()} threads, at the start of this run"}
+        print(f"memory bandwidth (read, measured now): {args.peak_gbs:.1f} GB/s")
     print(header(half_name, bool(args.peak_gbs)), flush=True)
     rows, skipped, rotation = sweep(args, lambda line: print(line, flush=True))
     if skipped:
@@ -309,6 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "half_dtype": half_name,
         "rotation": rotation,
+        "bandwidth": bandwidth,
         "timing": ("median of per-call CUDA event times (no sync between calls)"
                    if args.device == "cuda" else "median of per-call time.perf_counter_ns"),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),

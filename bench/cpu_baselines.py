@@ -1,0 +1,138 @@
+"""PyTorch's (and torchao's) own CPU paths for the same formats, timed beside pyfast.
+
+    quantize_dynamic   torch.ao dynamic int8 Linear (W8A8, fp32 x) - deprecated upstream
+    int8pack           torch._weight_int8pack_mm (int8 weight-only, bf16 x)
+    int4pack           torch._weight_int4pack_mm_for_cpu (int4 group 128, bf16 x)
+    torchao:*          torchao.quantization.quantize_ configs, where torchao installs
+                       (optional: pip install torchao; never a pyfast dependency)
+
+Each is built from the layer's own weight copies, so the rotation at small M is the
+same as for the pyfast rows. Rows that cannot be built say why in the bench output.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+
+from .cases import TOL, Case, Cell, nbytes, spot_check
+from .shapes import INT4_GROUP_SIZE
+
+
+def _linear_from(w: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+def _per_copy(cell: Cell, key: str, build: Callable[[int], object]) -> list:
+    """Build one object per dense weight copy, cached on the layer."""
+    cache = cell.layer.__dict__.setdefault("_baseline_cache", {})
+    if key not in cache:
+        cache[key] = [build(i) for i in range(len(cell.layer.dense))]
+    return cache[key]
+
+
+def _pick(cell: Cell, objs: list, i: int):
+    return objs[i % len(objs)] if cell.rotate else objs[0]
+
+
+def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
+    if cell.device != "cpu":
+        return [], []
+    m, k, n = cell.m, cell.layer.k, cell.layer.n
+    flops, w0 = 2 * m * n * k, cell.layer.dense[0]
+    copies = len(cell.layer.dense) if cell.rotate else 1
+    out32, out16 = 4 * m * n, 2 * m * n
+    cases, skipped = [], []
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # torch.ao.quantization is deprecated
+        dyn = _per_copy(cell, "dyn", lambda i: torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(_linear_from(cell.layer.dense[i])), {nn.Linear}, dtype=torch.qint8))
+    cases.append(Case("quantize_dynamic", "torch.ao", "f32->i8->f32",
+                      lambda i: _pick(cell, dyn, i)(cell.x32), copies, flops,
+                      nbytes(cell.x32) + n * k + out32, spot_check(cell.x32, w0, 0.05),
+                      note="W8A8 dynamic, deprecated upstream"))
+
+    i8 = _per_copy(cell, "int8pack", lambda i: (cell.layer.int8[i % len(cell.layer.int8)][0],
+                                               cell.layer.int8[i % len(cell.layer.int8)][1]
+                                               .to(torch.bfloat16)))
+    xb = cell.x32.to(torch.bfloat16)
+    cases.append(Case("_weight_int8pack_mm", "torch", "bf16.w8",
+                      lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), copies, flops,
+                      nbytes(xb) + n * k + 2 * n + out16, spot_check(xb, w0, 0.05),
+                      note="int8 weight-only, bf16 x"))
+
+    def int4pack(i):
+        packed, scales, zeros = cell.layer.int4[i % len(cell.layer.int4)]
+        q = torch.stack(((packed & 0xF), (packed >> 4)), dim=2).reshape(n, k).to(torch.int32)
+        b = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        # torch dequantizes (q - 8) * scale + zero; pyfast's symmetric pack is (q - 8) * scale
+        sz = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=2).to(torch.bfloat16)
+        return b, sz.contiguous()
+    i4 = _per_copy(cell, "int4pack", int4pack)
+    cases.append(Case("_weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
+                      lambda i: torch._weight_int4pack_mm_for_cpu(
+                          xb, _pick(cell, i4, i)[0], INT4_GROUP_SIZE, _pick(cell, i4, i)[1]),
+                      copies, flops, nbytes(xb) + n * k // 2 + 4 * n * k // INT4_GROUP_SIZE + out16,
+                      spot_check(xb, w0, 0.2), note="int4 weight-only, bf16 x"))
+
+    torchao_cases, why = _torchao_cases(cell, flops, copies)
+    cases += torchao_cases
+    if why:
+        skipped.append(("torchao", why))
+    return cases, skipped
+
+
+def _torchao_cases(cell: Cell, flops: int, copies: int):
+    if importlib.util.find_spec("torchao") is None:
+        return [], "torchao is not installed (optional: pip install torchao)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import (Int8DynamicActivationInt8WeightConfig,
+                                              Int8WeightOnlyConfig, quantize_)
+    except ImportError as exc:
+        return [], f"torchao does not import here ({exc})"
+    w0, m, n, k = cell.layer.dense[0], cell.m, cell.layer.n, cell.layer.k
+    xb = cell.x32.to(torch.bfloat16)
+    out = []
+    for label, config, x, dtype in (("int8 dyn W8A8", Int8DynamicActivationInt8WeightConfig, cell.x32,
+                                     torch.float32),
+                                    ("int8 weight-only", Int8WeightOnlyConfig, xb, torch.bfloat16)):
+        def build(i, config=config, dtype=dtype):
+            model = nn.Sequential(_linear_from(cell.layer.dense[i])).to(dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_(model, config())
+            return model
+        try:
+            models = _per_copy(cell, f"torchao-{label}", build)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            return out, f"torchao {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        out.append(Case(f"torchao {label}", "torchao", "f32" if dtype == torch.float32 else "bf16",
+                        lambda i, models=models, x=x: _pick(cell, models, i)(x), copies, flops,
+                        nbytes(x) + n * k + 4 * n + m * n * x.element_size(),
+                        spot_check(x, w0, 0.05), note="torchao quantize_"))
+    return out, ""
+
+
+def measure_bandwidth_gbs(reps: int = 7, mib: int = 512) -> float:
+    """Memory read bandwidth of this machine now: median of sums over a buffer far larger
+    than any cache, with torch's current thread count (GB/s, 1e9 bytes)."""
+    import statistics
+    import time
+    buf = torch.ones(mib * 2**20 // 4)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        buf.sum()
+        times.append(time.perf_counter_ns() - t0)
+    return nbytes(buf) / statistics.median(times)
