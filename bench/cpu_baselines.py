@@ -64,7 +64,7 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
                                                cell.layer.int8[i % len(cell.layer.int8)][1]
                                                .to(torch.bfloat16)))
     xb = cell.x32.to(torch.bfloat16)
-    cases.append(Case("_weight_int8pack_mm", "torch", "bf16.w8",
+    cases.append(Case("torch._weight_int8pack_mm", "torch", "bf16.w8",
                       lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), copies, flops,
                       nbytes(xb) + n * k + 2 * n + out16, spot_check(xb, w0, 0.05),
                       note="int8 weight-only, bf16 x"))
@@ -77,7 +77,7 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
         sz = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=2).to(torch.bfloat16)
         return b, sz.contiguous()
     i4 = _per_copy(cell, "int4pack", int4pack)
-    cases.append(Case("_weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
+    cases.append(Case("torch._weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
                       lambda i: torch._weight_int4pack_mm_for_cpu(
                           xb, _pick(cell, i4, i)[0], INT4_GROUP_SIZE, _pick(cell, i4, i)[1]),
                       copies, flops, nbytes(xb) + n * k // 2 + 4 * n * k // INT4_GROUP_SIZE + out16,

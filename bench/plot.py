@@ -1,0 +1,65 @@
+"""`python -m bench.plot FILE.json [--shape KxN] [--out docs/NAME.png]`: speedup over fp32
+F.linear for every row of one layer shape, one line per op/backend, M on the x axis.
+
+Made from a committed result file only (the README's plot is this command's output).
+Needs matplotlib (pip install matplotlib, or the `bench` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .report import _label
+
+
+def plot(result: dict, k: int, n: int, out: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["K"] == k and r["N"] == n and r["median_ms"]
+            and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")]
+    series: dict = {}
+    for r in rows:
+        series.setdefault(f"{r['op']} [{_label(r)}] {r['dtype']}", []).append(
+            (r["M"], r["speedup_vs_f32_linear"]))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        pyfast_row = not name.startswith(("F.linear", "torch", "quantize_dynamic",
+                                          "torchao"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                linestyle="-" if pyfast_row else "--", linewidth=2 if pyfast_row else 1,
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("M (tokens per call)")
+    ax.set_ylabel("speedup over fp32 F.linear (same run)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n")[0])
+    p.add_argument("file", type=Path)
+    p.add_argument("--shape", default="4096x4096", help="layer as KxN")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default docs/<file stem>_<shape>.png)")
+    args = p.parse_args(argv)
+    k, n = (int(v) for v in args.shape.lower().split("x"))
+    result = json.loads(args.file.read_text())
+    out = args.out or Path("docs") / f"{args.file.stem}_{k}x{n}.png"
+    machine = result.get("machine", {})
+    title = (f"{machine.get('device_name', '?')}, {machine.get('torch_threads', '?')} threads, "
+             f"K={k} N={n} ({args.file.name})")
+    plot(result, k, n, out, title)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
