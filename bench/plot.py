@@ -13,20 +13,24 @@ from pathlib import Path
 from .report import _label
 
 
+def series(result: dict, k: int, n: int) -> dict:
+    """{"op [backend] dtype": [(M, speedup over fp32 F.linear), ...] sorted by M}."""
+    rows = [r for r in result["rows"] if r["K"] == k and r["N"] == n and r["median_ms"]
+            and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")]
+    out: dict = {}
+    for r in rows:
+        out.setdefault(f"{r['op']} [{_label(r)}] {r['dtype']}", []).append(
+            (r["M"], r["speedup_vs_f32_linear"]))
+    return {name: sorted(pts) for name, pts in out.items()}
+
+
 def plot(result: dict, k: int, n: int, out: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["K"] == k and r["N"] == n and r["median_ms"]
-            and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")]
-    series: dict = {}
-    for r in rows:
-        series.setdefault(f"{r['op']} [{_label(r)}] {r['dtype']}", []).append(
-            (r["M"], r["speedup_vs_f32_linear"]))
     fig, ax = plt.subplots(figsize=(10, 6))
-    for name, pts in sorted(series.items()):
-        pts.sort()
+    for name, pts in sorted(series(result, k, n).items()):
         pyfast_row = not name.startswith(("F.linear", "torch", "quantize_dynamic",
                                           "torchao"))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench import plot as bench_plot  # noqa: E402
 from bench import report as bench_report  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 from bench.cases import E2E, PYFAST_OPS, usable_families  # noqa: E402
@@ -69,6 +70,10 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     series = {(r["op"], r["backend"], r["dtype"], r["note"]) for r in rows if (r["K"], r["N"]) == (k, n)}
     assert len(md) == 2 + len(series)                 # one line per op/backend, one column per M
     assert all(line.startswith("|") and line.endswith("|") for line in md)
+    # bench.plot draws one line per op/backend/dtype: the same series as the table
+    lines = bench_plot.series(result, k, n)
+    assert "F.linear [torch] f32" in lines and all(s == 1.0 for _, s in lines["F.linear [torch] f32"])
+    assert all(not name.startswith("_") for name in lines)     # matplotlib hides "_" labels
 
 
 def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):
