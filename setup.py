@@ -74,14 +74,17 @@ def _extension():
     # CFLAGS add -g, which makes the .so 45x larger). -ffp-contract=off: no FMA
     # contraction, so int8_mm's float32 epilogue rounds after every operation exactly
     # like the torch reference. -fno-trapping-math: we never read FP exception flags, and
-    # it lets GCC if-convert float compares so clamps vectorise (values unchanged). No -std: torch's BuildExtension adds the standard its
+    # it lets GCC if-convert float compares so clamps vectorise (values unchanged).
+    # -fopenmp: at::parallel_for is header-only on OpenMP builds of torch and runs
+    # serially without it; the loader reuses the libgomp.so.1 torch already loaded. No -std: torch's BuildExtension adds the standard its
     # headers need (c++17 for older torch, c++20 for recent ones such as 2.13); csrc/ is C++17.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-trapping-math"]
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if not with_cuda:
         print(f"pyfast: building pyfast._C for CPU only ({why})", file=sys.stderr)
         return cpp_extension.CppExtension(
-            "pyfast._C", sources, extra_compile_args={"cxx": cxx_flags})
+            "pyfast._C", sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"])
 
     archs = os.environ.get("PYFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).strip()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch when it builds nvcc's flags
@@ -97,7 +100,7 @@ def _extension():
     print(f"pyfast: building pyfast._C for CPU+CUDA, archs {archs} ({why})", file=sys.stderr)
     sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
     return cpp_extension.CUDAExtension(
-        "pyfast._C", sources, include_dirs=[generated],
+        "pyfast._C", sources, include_dirs=[generated], extra_link_args=["-fopenmp"],
         extra_compile_args={"cxx": cxx_flags + ["-DPYFAST_WITH_CUDA"],
                             "nvcc": ["-O3", "-lineinfo", "-DPYFAST_WITH_CUDA"]})
 

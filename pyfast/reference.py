@@ -47,7 +47,7 @@ def int8_matmul_int32(a: Tensor, b: Tensor) -> Tensor:
     On CPU torch._int_mm is exact and takes any shape (10-60x faster than the
     float64 product, which matters when no pyfast kernel is built); on other
     devices it has shape limits, so use float64, exact for K < 2**37."""
-    if a.device.type == "cpu":
+    if a.device.type == "cpu" and a.shape[1] > 1:   # torch 2.13's _int_mm is wrong at K = 1
         return torch._int_mm(a, b.t())
     return (a.double() @ b.double().T).to(torch.int32)
 

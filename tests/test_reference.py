@@ -65,6 +65,15 @@ def test_quantize_is_symmetric(dtype):
     assert torch.equal(scalen, scale)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 1, 2), (3, 1, 33), (17, 2, 7), (5, 19, 130)])
+def test_int8_product_is_exact_at_small_k(m, k, n):
+    # torch 2.13's torch._int_mm returns uninitialised memory at K = 1, N > 1:
+    # the reference must not inherit that
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    assert torch.equal(reference.int8_matmul_int32(a, b), (a.long() @ b.long().T).int())
+
+
 def test_quantize_handles_k_zero_and_m_zero():
     q, s = reference.quantize_per_token(torch.empty(3, 0))
     assert q.shape == (3, 0) and torch.equal(s, torch.ones(3))

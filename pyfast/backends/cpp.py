@@ -1,9 +1,13 @@
 """C++ CPU kernels (csrc/cpu) as backends of the pyfast ops.
 
-The compiled kernels live in the torch.library namespace `pyfast_C` (see
-csrc/registration.cpp); the public `pyfast::` ops call them through this table.
+The compiled kernels live in the torch.library namespace `pyfast_C` (schemas in
+csrc/registration.cpp and in each csrc/cpu/*.cpp with TORCH_LIBRARY_FRAGMENT);
+the public `pyfast::` ops call them through this table. Each kernel picks its
+instruction set at run time (csrc/cpu/isa.h: AVX-512 VNNI, AVX2, scalar).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -22,6 +26,38 @@ def _int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
                                       chk.out_dtype(out_dtype))
 
 
+def _int8_weight_mm(x, w_int8, w_scale, bias=None):
+    return torch.ops.pyfast_C.int8_weight_mm(x, w_int8, w_scale, bias)
+
+
+def _int4_mm(x, packed, scales, zeros, group_size, bias=None):
+    return torch.ops.pyfast_C.int4_mm(x, packed, scales, zeros, group_size, bias)
+
+
+def _sparse24_mm(x, values, meta, bias=None):
+    return torch.ops.pyfast_C.sparse24_mm(x, values, meta, bias)
+
+
+KERNELS = {
+    "quantize_per_token": (_quantize_per_token, "quantize.cpp"),
+    "int8_mm": (_int8_mm, "int8_mm.cpp"),
+    "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
+    "int4_mm": (_int4_mm, "weight_only.cpp"),
+    "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),
+}
+
+
+def _built(op: str):
+    """supports(): a pyfast._C built from older sources may lack a kernel."""
+    def supports(*args) -> Optional[str]:
+        if _ext.load() and not hasattr(torch.ops.pyfast_C, op):
+            return (f"pyfast._C has no pyfast_C::{op} (built from older sources); "
+                    "rebuild with `pip install --no-build-isolation -e .`")
+        return None
+    return supports
+
+
 dispatch.set_availability("cpp", _ext.reason_cpp)
-for _op, _fn in (("quantize_per_token", _quantize_per_token), ("int8_mm", _int8_mm)):
-    dispatch.register(dispatch.Backend("cpp", _op, _fn, ("cpu",), source=SOURCE))
+for _op, (_fn, _file) in KERNELS.items():
+    dispatch.register(dispatch.Backend("cpp", _op, _fn, ("cpu",), supports=_built(_op),
+                                       source=f"{SOURCE}/{_file}"))

@@ -1,0 +1,426 @@
+// CPU kernels of the weight-only ops (float activations x quantized weights):
+//
+//   pyfast_C::int8_weight_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor
+//     x       : float32 / bfloat16 / float16 [M, K], any strides
+//     w_int8  : int8 [N, K] (any strides; made contiguous)
+//     w_scale : [N] any float dtype (used as float32)
+//     bias    : [N] any float dtype, or None
+//     out     : x.dtype [M, N] = ((x @ float(w_int8).T) * w_scale + bias), in float32
+//   pyfast_C::int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros,
+//                     int group_size, Tensor? bias) -> Tensor
+//     packed  : uint8 [N, K/2] (low nibble = even k), scales [N, G] any float dtype,
+//     zeros   : uint8 [N, G], group_size 32 / 64 / 128 or -1 (per channel, G = 1)
+//     out     : x.dtype [M, N] = x @ ((q - zero) * scale).T + bias, in float32
+// Layouts: pyfast/formats.py; oracle: pyfast/reference.py.
+//
+// Which path (a visible rule, per call):
+//   M <= small_m_limit(x.dtype): the small-M kernels (weight_only.h) for the ISA
+//     that pyfast::cpu::active_isa() names (avx512 / avx2 / scalar); x is
+//     converted to float32 (exact) and every weight byte is read once per tile
+//     of 8 (AVX-512) / 4 (AVX2) rows; threads split N. Memory-bound at M = 1.
+//   otherwise: each thread dequantizes panels of weight rows (a few MiB, so
+//     they stay in L2/L3) with the active ISA's dequant and multiplies them with
+//     at::mm (single-threaded inside the parallel region): float32 panels for
+//     float32 / float16 x, bfloat16 panels (scale folded in, as F.linear in
+//     bfloat16 rounds its weight) for bfloat16 x, which runs oneDNN's bf16 GEMM.
+//     at::mm chooses its own instructions; the ISA setting governs the dequant.
+// Accuracy: float32 accumulation everywhere; each dequantized weight is the
+// reference's float32 weight, except in bfloat16 panels (rounded to bfloat16:
+// within twice PyTorch's own bfloat16 F.linear error, tests/_helpers.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../checks.h"
+#include "weight_only_kernels.h"
+
+namespace pyfast {
+namespace cpu {
+namespace weight_only {
+
+// --- scalar kernels (any CPU) ------------------------------------------------------------
+// Each sum is kept in 16 partial sums (k mod 16, like the 16 lanes of the AVX-512
+// kernels) added pairwise at the end: a single running sum of K products would
+// have an error growing like K ulps, several times PyTorch's own.
+
+namespace {
+constexpr int kParts = 16;
+
+inline float sum_parts(float* part) {
+  for (int h = kParts / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) part[l] += part[l + h];
+  return part[0];
+}
+}  // namespace
+
+void int8_small_scalar(const float* xp, int64_t M, const Int8Weight& w, int64_t n0,
+                       int64_t n1, float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w.w + n * w.K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xp + m * w.K;
+      float part[kParts] = {};
+      for (int64_t k = 0; k < w.K; ++k) part[k % kParts] += xr[k] * static_cast<float>(wr[k]);
+      out[m * ldo + n] = sum_parts(part) * w.scale[n];
+    }
+  }
+}
+
+void int4_small_scalar(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
+                       int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int64_t L = 8;  // x layout of the scalar path: blocks of 16 k (weight_only.h)
+  const int64_t half = w.K / 2, gbytes = w.group / 2;
+  std::vector<float> row(ld, 0.0f);  // the row's dequantized weights, in x's block order
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = w.packed + n * half;
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t g = j / gbytes;
+      const float z = static_cast<float>(w.zeros[n * w.G + g]), s = w.scales[n * w.G + g];
+      const int64_t at = (j / L) * 2 * L + j % L;
+      row[at] = (static_cast<float>(p[j] & 15) - z) * s;
+      row[at + L] = (static_cast<float>(p[j] >> 4) - z) * s;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xp + m * ld;
+      float part[kParts] = {};
+      for (int64_t i = 0; i < ld; ++i) part[i % kParts] += xr[i] * row[i];  // padding is 0 * 0
+      out[m * ldo + n] = sum_parts(part);
+    }
+  }
+}
+
+PYFAST_WO_DEQUANT_DEFINE(scalar, )
+
+int64_t int4_panel_lanes(Isa isa) {
+#if PYFAST_X86
+  if (isa == Isa::kAvx512) return 16;
+#endif
+  (void)isa;
+  return 0;
+}
+
+int64_t int4_block_lanes(Isa isa) {
+#if PYFAST_X86
+  if (isa == Isa::kAvx512) return 16;
+#endif
+  (void)isa;
+  return 8;
+}
+
+// --- per-ISA dispatch of the panel dequant ---------------------------------------------
+
+#define PYFAST_WO_DISPATCH(name, W, T)                                         \
+  void name(Isa isa, const W& w, int64_t n0, int64_t n1, T* dst) {             \
+    switch (isa) {                                                             \
+      case Isa::kAvx512: return name##_avx512(w, n0, n1, dst);                 \
+      case Isa::kAvx2: return name##_avx2(w, n0, n1, dst);                     \
+      default: return name##_scalar(w, n0, n1, dst);                           \
+    }                                                                          \
+  }
+PYFAST_WO_DISPATCH(dequant_int8_f32, Int8Weight, float)
+PYFAST_WO_DISPATCH(dequant_int8_bf16, Int8Weight, uint16_t)
+PYFAST_WO_DISPATCH(dequant_int4_f32, Int4Weight, float)
+PYFAST_WO_DISPATCH(dequant_int4_bf16, Int4Weight, uint16_t)
+#undef PYFAST_WO_DISPATCH
+
+}  // namespace weight_only
+}  // namespace cpu
+
+namespace {
+
+using cpu::Isa;
+using namespace cpu::weight_only;
+
+// Largest M that takes the small-M kernels (measured on Zen 4, 2 threads: above it
+// the panel + at::mm path is as fast or faster). bfloat16 crosses earlier: the
+// small kernels compute in float32 FMAs, while oneDNN's bfloat16 GEMM (vdpbf16ps)
+// does twice the multiply-adds per instruction. The scalar kernels are slow, so
+// the scalar ISA hands over to at::mm early.
+int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
+  if (isa == Isa::kScalar) return 4;
+  return x_dtype == at::kBFloat16 ? 4 : 32;
+}
+
+// Float32 copy of x [M, K] (natural order) unless x already is contiguous float32.
+at::Tensor x_float32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+// x [M, K] -> `dtype` [M, ld] in the int4 block order of `lanes` (weight_only.h):
+// zero padded to ld, then each block of 2 * lanes columns [x0 x1 x2 ... ] becomes
+// [x0 x2 x4 ... x1 x3 ...] (one parallel torch copy; exact, a permutation).
+at::Tensor x_int4_blocks(const at::Tensor& x, int64_t lanes, at::ScalarType dtype) {
+  const int64_t M = x.size(0), K = x.size(1), B = 2 * lanes;
+  const int64_t ld = (K + B - 1) / B * B;
+  at::Tensor padded = at::zeros({M, ld}, x.options().dtype(dtype));
+  padded.narrow(1, 0, K).copy_(x);
+  return padded.view({M, ld / B, lanes, 2}).transpose(2, 3).contiguous().view({M, ld});
+}
+
+// out[m, n] = cast((acc[m, n] * scale[n]) + bias[n]) (scale / bias optional), in place
+// allowed (acc may alias out).
+template <typename In, typename Out>
+void epilogue(const In* acc, int64_t M, int64_t N, const float* scale, const float* bias,
+              Out* out) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float v = static_cast<float>(acc[m * N + n]);
+        if (scale != nullptr) v = v * scale[n];
+        if (bias != nullptr) v = v + bias[n];
+        out[m * N + n] = static_cast<Out>(v);
+      }
+  });
+}
+
+// Writes cast(acc + bias) (acc float32 [M, N]) into out (x.dtype), skipping the
+// pass when there is nothing to do.
+void finish_f32(const at::Tensor& acc, const float* bias, at::Tensor& out) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  if (bias == nullptr && out.scalar_type() == at::kFloat) return;  // acc is out
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
+                                  "pyfast_C::weight_only epilogue", [&] {
+    epilogue<float, scalar_t>(acc.const_data_ptr<float>(), M, N, nullptr, bias,
+                              out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+// Threads split N in units of 4 rows (the widest small-M tile).
+template <typename Fn>
+void split_n(int64_t N, int64_t work_per_row, Fn fn) {
+  const int64_t units = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(4 * work_per_row, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    fn(4 * u0, std::min(N, 4 * u1));
+  });
+}
+
+// Panels: each thread dequantizes `rows` weight rows at a time (4 MiB: 256 rows of
+// K = 4096 in float32, 512 in bfloat16; the panel stays in L2 + L3 while at::mm
+// reads it) and multiplies them into its column slice of out. Larger panels mean
+// fewer passes over x (each panel's at::mm reads all of x).
+constexpr int64_t kPanelBytes = int64_t{4} << 20;
+
+int64_t panel_rows(int64_t K, int64_t elem) {
+  return std::max<int64_t>(16, kPanelBytes / std::max<int64_t>(K * elem, 1) / 16 * 16);
+}
+
+// out_mm [M, N] (float32 or bfloat16) = x_mm @ dequant(rows).T, panel by panel.
+template <typename DequantF32, typename DequantBf16>
+void panel_mm(const at::Tensor& x_mm, int64_t N, int64_t K, at::Tensor& out_mm,
+              DequantF32 dq_f32, DequantBf16 dq_bf16) {
+  const bool bf16 = x_mm.scalar_type() == at::kBFloat16;
+  const int64_t rows = panel_rows(K, bf16 ? 2 : 4);
+  const int64_t panels = (N + rows - 1) / rows;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    at::Tensor panel = at::empty({rows, K}, x_mm.options());
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * rows, n1 = std::min(N, n0 + rows);
+      if (bf16) {
+        dq_bf16(n0, n1, reinterpret_cast<uint16_t*>(panel.mutable_data_ptr<at::BFloat16>()));
+      } else {
+        dq_f32(n0, n1, panel.mutable_data_ptr<float>());
+      }
+      at::Tensor dst = out_mm.narrow(1, n0, n1 - n0);
+      at::mm_out(dst, x_mm, panel.narrow(0, 0, n1 - n0).t());
+    }
+  });
+}
+
+// --- input checks ------------------------------------------------------------------------
+
+void check_x(const at::Tensor& x) {
+  check_device(x, "x", at::kCPU);
+  check_dtype(x, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_dim(x, "x", 2);
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  check_device(t, name, at::kCPU);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " has dtype ", t.scalar_type(),
+              "; accepted: a floating dtype");
+}
+
+// bias as float32 [N] contiguous (undefined when None).
+at::Tensor bias_f32(const std::optional<at::Tensor>& bias, int64_t N, const char* what) {
+  if (!bias.has_value()) return at::Tensor();
+  check_float(*bias, "bias");
+  check_dim(*bias, "bias", 1);
+  check_size(*bias, "bias", 0, N, what);
+  return bias->to(at::kFloat).contiguous();
+}
+
+const float* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
+// --- int8_weight_mm -------------------------------------------------------------------------
+
+at::Tensor int8_weight_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  check_x(x_in);
+  check_device(w_in, "w_int8", at::kCPU);
+  check_dtype(w_in, "w_int8", {at::kChar});
+  check_dim(w_in, "w_int8", 2);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
+  check_size(w_in, "w_int8", 1, K, "x.size(1) = K");
+  check_float(w_scale, "w_scale");
+  check_dim(w_scale, "w_scale", 1);
+  check_size(w_scale, "w_scale", 0, N, "w_int8.size(0) = N");
+  const at::Tensor b = bias_f32(bias, N, "w_int8.size(0) = N");
+
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();  // empty sum
+  const at::Tensor wc = w_in.contiguous();
+  const at::Tensor sc = w_scale.to(at::kFloat).contiguous();
+  const Int8Weight w{wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), N, K};
+  const Isa isa = cpu::active_isa();
+  const float* bp = ptr_or_null(b);
+
+  if (M <= small_m_limit(x_in.scalar_type(), isa)) {
+    const at::Tensor xf = x_float32(x_in);
+    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+    const float* xp = xf.const_data_ptr<float>();
+    float* ap = acc.mutable_data_ptr<float>();
+    split_n(N, M * K, [&](int64_t n0, int64_t n1) {
+      switch (isa) {
+        case Isa::kAvx512: return int8_small_avx512(xp, M, w, n0, n1, ap, N);
+        case Isa::kAvx2: return int8_small_avx2(xp, M, w, n0, n1, ap, N);
+        default: return int8_small_scalar(xp, M, w, n0, n1, ap, N);
+      }
+    });
+    finish_f32(acc, bp, out);
+    return out;
+  }
+
+  auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { dequant_int8_f32(isa, w, n0, n1, d); };
+  auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
+    dequant_int8_bf16(isa, w, n0, n1, d);
+  };
+  if (x_in.scalar_type() == at::kBFloat16) {  // scale folded into the bf16 panel
+    panel_mm(x_in.contiguous(), N, K, out, dq_f32, dq_bf16);
+    if (bp != nullptr) {
+      at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
+      epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bp, o);
+    }
+    return out;
+  }
+  const at::Tensor xf = x_float32(x_in);
+  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+  panel_mm(xf, N, K, acc, dq_f32, dq_bf16);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
+                                  "pyfast_C::int8_weight_mm", [&] {
+    epilogue<float, scalar_t>(acc.const_data_ptr<float>(), M, N, w.scale, bp,
+                              out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// --- int4_mm --------------------------------------------------------------------------------
+
+at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
+                       const at::Tensor& scales_in, const at::Tensor& zeros_in,
+                       int64_t group_size, const std::optional<at::Tensor>& bias) {
+  check_x(x_in);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
+              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
+  TORCH_CHECK(K % 2 == 0, "x.size(1) = K is ", K, "; int4_mm needs an even K");
+  const int64_t group = group_size == -1 ? K : group_size;
+  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
+              "; it must be a multiple of group_size = ", group_size);
+  check_device(packed_in, "packed", at::kCPU);
+  check_dtype(packed_in, "packed", {at::kByte});
+  check_dim(packed_in, "packed", 2);
+  const int64_t N = packed_in.size(0), G = group_size == -1 ? 1 : K / group_size;
+  check_size(packed_in, "packed", 1, K / 2, "x.size(1) / 2 = K/2");
+  check_float(scales_in, "scales");
+  check_dim(scales_in, "scales", 2);
+  check_size(scales_in, "scales", 0, N, "packed.size(0) = N");
+  check_size(scales_in, "scales", 1, G, "K / group_size = G");
+  check_device(zeros_in, "zeros", at::kCPU);
+  check_dtype(zeros_in, "zeros", {at::kByte});
+  check_dim(zeros_in, "zeros", 2);
+  check_size(zeros_in, "zeros", 0, N, "packed.size(0) = N");
+  check_size(zeros_in, "zeros", 1, G, "K / group_size = G");
+  const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
+
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();  // empty sum
+  const at::Tensor pc = packed_in.contiguous(), zc = zeros_in.contiguous();
+  const at::Tensor sc = scales_in.to(at::kFloat).contiguous();
+  const Int4Weight w{pc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(),
+                     zc.const_data_ptr<uint8_t>(), N, K, group, G};
+  const Isa isa = cpu::active_isa();
+  const float* bp = ptr_or_null(b);
+
+  if (M <= small_m_limit(x_in.scalar_type(), isa)) {
+    const at::Tensor xp = x_int4_blocks(x_in, int4_block_lanes(isa), at::kFloat);
+    const int64_t ld = xp.size(1);
+    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xp.options());
+    const float* xpp = xp.const_data_ptr<float>();
+    float* ap = acc.mutable_data_ptr<float>();
+    split_n(N, M * K, [&](int64_t n0, int64_t n1) {
+      switch (isa) {
+        case Isa::kAvx512: return int4_small_avx512(xpp, ld, M, w, n0, n1, ap, N);
+        case Isa::kAvx2: return int4_small_avx2(xpp, ld, M, w, n0, n1, ap, N);
+        default: return int4_small_scalar(xpp, ld, M, w, n0, n1, ap, N);
+      }
+    });
+    finish_f32(acc, bp, out);
+    return out;
+  }
+
+  auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { dequant_int4_f32(isa, w, n0, n1, d); };
+  auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
+    dequant_int4_bf16(isa, w, n0, n1, d);
+  };
+  // x's columns in the panel's k order (a permutation: exact in any dtype).
+  const int64_t lanes = int4_panel_lanes(isa);
+  const at::Tensor x_panel =
+      lanes == 0 ? x_in : x_int4_blocks(x_in, lanes, x_in.scalar_type());
+  const int64_t Kp = x_panel.size(1);
+  if (x_in.scalar_type() == at::kBFloat16) {
+    panel_mm(x_panel.contiguous(), N, Kp, out, dq_f32, dq_bf16);
+    if (bp != nullptr) {
+      at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
+      epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bp, o);
+    }
+    return out;
+  }
+  const at::Tensor xf = x_float32(x_panel);
+  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+  panel_mm(xf, N, Kp, acc, dq_f32, dq_bf16);
+  finish_f32(acc, bp, out);
+  return out;
+}
+
+}  // namespace
+}  // namespace pyfast
+
+TORCH_LIBRARY_FRAGMENT(pyfast_C, m) {
+  // x float32/bfloat16/float16 [M, K] (any strides), w_int8 int8 [N, K], w_scale [N]
+  // and bias [N] (or None) of any float dtype -> out x.dtype [M, N] =
+  //   (x @ w_int8.T) * w_scale + bias, accumulated in float32.
+  m.def("int8_weight_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+  // x as above, packed uint8 [N, K/2] (low nibble = even k), scales [N, G] any float
+  // dtype, zeros uint8 [N, G], group_size 32/64/128/-1, bias [N] or None ->
+  //   out x.dtype [M, N] = x @ ((q - zero) * scale).T + bias, accumulated in float32.
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, "
+        "Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
+  m.impl("int8_weight_mm", &pyfast::int8_weight_mm_cpu);
+  m.impl("int4_mm", &pyfast::int4_mm_cpu);
+}

@@ -1,0 +1,109 @@
+// Shared declarations of the weight-only CPU kernels (int8_weight_mm, int4_mm).
+//
+// Files:
+//   weight_only.cpp         schemas, input checks, the choice of path and ISA,
+//                           the large-M path (dequantized panel + at::mm), epilogue,
+//                           the scalar kernels
+//   weight_only_kernels.h   generic panel-dequant bodies, prefetch, bf16 rounding
+//   weight_only_avx512.cpp  AVX-512 small-M kernels (PYFAST_TARGET_AVX512)
+//   weight_only_avx2.cpp    AVX2 + FMA small-M kernels (PYFAST_TARGET_AVX2)
+//
+// Two paths, for every ISA:
+//   small M (decode, M <= a threshold): the "small" kernels below read each
+//     weight row once per tile of up to 8 activation rows, dequantize it in
+//     registers and FMA it into float32 accumulators (x converted to float32).
+//   large M: rows of the weight are dequantized into an L2/L3-sized panel
+//     (float32 for float32/float16 x, bfloat16 for bfloat16 x) and multiplied
+//     by at::mm (MKL / oneDNN), each thread on its own panels.
+//
+// Layouts (pyfast/formats.py):
+//   int8 weight : w int8 [N, K] row-major, scale float32 [N]
+//   int4 weight : packed uint8 [N, K/2] (low nibble = even k), scales float32
+//                 [N, G], zeros uint8 [N, G], G = K / group (group = K per channel)
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+namespace pyfast {
+namespace cpu {
+namespace weight_only {
+
+struct Int8Weight {
+  const int8_t* w;      // [N, K]
+  const float* scale;   // [N]
+  int64_t N, K;
+};
+
+struct Int4Weight {
+  const uint8_t* packed;  // [N, K/2]
+  const float* scales;    // [N, G]
+  const uint8_t* zeros;   // [N, G]
+  int64_t N, K;
+  int64_t group;          // elements per group (K when per channel)
+  int64_t G;              // groups per row
+};
+
+// Activations as the small kernels read them: float32 rows of length `ld`.
+//   int8: x[m, k] at xp[m * ld + k], ld = K (natural order).
+//   int4: each block of 2 * L consecutive k (L = lanes: 16 for AVX-512, 8 for
+//         AVX2 and the scalar kernel) is stored de-interleaved, the even k first
+//         then the odd k:  xp[b*2L + i] = x[b*2L + 2i], xp[b*2L + L + i] =
+//         x[b*2L + 2i + 1]. Then one byte load of L packed bytes, widened to L
+//         int32 lanes, gives the low nibbles (even k) matching the first L x and
+//         the high nibbles matching the next L: no shuffle of the weight is
+//         needed. The last partial block is zero padded; ld = ceil(K / 2L) * 2L.
+int64_t int4_block_lanes(Isa isa);  // L for an ISA
+
+// out[m * ldo + n] for m in [0, M), n in [n0, n1), float32:
+//   int8: (sum_k x[m, k] * float(w[n, k])) * scale[n]
+//   int4: sum_k x[m, k] * ((float(q[n, k]) - float(zero[n, g])) * scale[n, g])
+// (the dequantized weight value is computed exactly as pyfast.reference does).
+void int8_small_avx512(const float* xp, int64_t M, const Int8Weight& w, int64_t n0,
+                       int64_t n1, float* out, int64_t ldo);
+void int8_small_avx2(const float* xp, int64_t M, const Int8Weight& w, int64_t n0,
+                     int64_t n1, float* out, int64_t ldo);
+void int8_small_scalar(const float* xp, int64_t M, const Int8Weight& w, int64_t n0,
+                       int64_t n1, float* out, int64_t ldo);
+void int4_small_avx512(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
+                       int64_t n0, int64_t n1, float* out, int64_t ldo);
+void int4_small_avx2(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
+                     int64_t n0, int64_t n1, float* out, int64_t ldo);
+void int4_small_scalar(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
+                       int64_t n0, int64_t n1, float* out, int64_t ldo);
+
+// The int4 panel layout of an ISA: 0 = natural k order, rows of K; L > 0 = the
+// block order of the small kernels' x (above) with L lanes, rows of ld = K
+// rounded up to 2L, zero padded. The panel path permutes x's columns the same
+// way, so x @ panel.T is unchanged while the AVX-512 dequant needs no shuffle
+// back to natural order.
+int64_t int4_panel_lanes(Isa isa);
+
+// Dequantize weight rows [n0, n1) into dst [(n1 - n0), K] (natural k order; int4:
+// the ISA's panel layout, int4_panel_lanes).
+//   int8 float32 : float(w)                 (the scale is applied after the matmul,
+//                                            as the reference does)
+//   int8 bfloat16: bf16(float(w) * scale)    (scale folded: bf16 matmul output)
+//   int4 float32 : (q - zero) * scale        (exactly the reference's weight)
+//   int4 bfloat16: bf16((q - zero) * scale)
+// dst_bf16 holds bfloat16 bit patterns (round to nearest even).
+void dequant_int8_f32(Isa isa, const Int8Weight& w, int64_t n0, int64_t n1, float* dst);
+void dequant_int8_bf16(Isa isa, const Int8Weight& w, int64_t n0, int64_t n1, uint16_t* dst);
+void dequant_int4_f32(Isa isa, const Int4Weight& w, int64_t n0, int64_t n1, float* dst);
+void dequant_int4_bf16(Isa isa, const Int4Weight& w, int64_t n0, int64_t n1, uint16_t* dst);
+
+// The same four per ISA (called by the dispatching functions above).
+#define PYFAST_WO_DEQUANT_DECL(suffix)                                                   \
+  void dequant_int8_f32_##suffix(const Int8Weight&, int64_t, int64_t, float*);          \
+  void dequant_int8_bf16_##suffix(const Int8Weight&, int64_t, int64_t, uint16_t*);      \
+  void dequant_int4_f32_##suffix(const Int4Weight&, int64_t, int64_t, float*);          \
+  void dequant_int4_bf16_##suffix(const Int4Weight&, int64_t, int64_t, uint16_t*);
+PYFAST_WO_DEQUANT_DECL(avx512)
+PYFAST_WO_DEQUANT_DECL(avx2)
+PYFAST_WO_DEQUANT_DECL(scalar)
+#undef PYFAST_WO_DEQUANT_DECL
+
+}  // namespace weight_only
+}  // namespace cpu
+}  // namespace pyfast

@@ -1,0 +1,207 @@
+"""The C++ CPU weight-only kernels (csrc/cpu/weight_only*.cpp) against the reference.
+
+torch.ops.pyfast_C.int8_weight_mm / int4_mm are called directly, with each ISA
+path forced in turn (torch.ops.pyfast_C.set_cpu_isa; "best" restored after) and
+with 1 and 2 threads. M covers both paths of each kernel: the small-M register
+kernels (M <= 4 for bfloat16 x, <= 32 otherwise, <= 4 on the scalar ISA) and the
+dequantized-panel + at::mm path above. K values are not multiples of the vector
+widths (66, 130: per-channel int4 with a K tail) besides group-aligned ones.
+
+Tolerance (tests/_helpers.py linear_tolerance, FlashAttention's rule): twice the
+error PyTorch's own F.linear makes in x's dtype against float64, on the
+dequantized float64 weight, plus one ulp of the largest output. PyTorch's error
+is measured over x plus 16 more random rows of the same layer (_tolerance), so
+that a call with one or two outputs (M = 1, N = 1) is not held to whatever
+rounding luck PyTorch had on that single sum: any two correct float32 sums of
+130 products can differ by a few ulp.
+"""
+import itertools
+
+import pytest
+import torch
+
+import pyfast
+from pyfast import reference
+from _helpers import assert_within, dequant_int4, dtype_id, linear_tolerance
+
+pyfast._ext.load()
+OPS = torch.ops.pyfast_C
+
+ISAS = ("avx512", "avx2", "scalar")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MS = (0, 1, 3, 17, 64)
+NS = (1, 7, 33, 130)
+INT8_KS = (66, 130, 256)
+# (K, group_size): per channel with a K tail, and group-aligned K
+INT4_KG = ((66, -1), (130, -1), (96, 32), (256, 128), (128, 64))
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = OPS.set_cpu_isa(request.param)
+    yield request.param
+    OPS.set_cpu_isa("best")
+    assert previous in ISAS
+
+
+@pytest.fixture(params=(1, 2), ids=lambda t: f"threads{t}")
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _x(m, k, dtype, contiguous=True):
+    if contiguous:
+        return torch.randn(m, k).to(dtype)
+    return torch.randn(k, 2 * m).to(dtype).t()[::2]  # strides (1, 2 * m): not contiguous
+
+
+def _tolerance(x, w64, bias, dtype):
+    """linear_tolerance with PyTorch's error taken over x and 16 more random rows."""
+    more = torch.randn(16, x.shape[1]).to(x.dtype)
+    return linear_tolerance(torch.cat([x, more]), w64, bias, dtype)
+
+
+def _bias(n, with_bias, dtype):
+    return torch.randn(n).to(dtype) if with_bias else None
+
+
+# --- int8_weight_mm ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int8_weight_mm(isa, threads, dtype, with_bias):
+    for m, n, k in itertools.product(MS, NS, INT8_KS):
+        x = _x(m, k, dtype, contiguous=(m + n) % 2 == 0)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        s = torch.rand(n) * 0.02 + 1e-3
+        b = _bias(n, with_bias, dtype)
+        out = OPS.int8_weight_mm(x, w, s, b)
+        tol = _tolerance(x, w.double() * s.double()[:, None], b, dtype)
+        assert_within(out, reference.int8_weight_mm(x, w, s, b), tol,
+                      f"{isa} M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float16, torch.float64),
+                         ids=dtype_id)
+def test_int8_weight_mm_scale_dtypes(isa, scale_dtype):
+    x = torch.randn(5, 130)
+    w = torch.randint(-128, 128, (33, 130), dtype=torch.int8)
+    s = (torch.rand(33) * 0.02 + 1e-3).to(scale_dtype)
+    b = torch.randn(33, dtype=torch.float64)
+    out = OPS.int8_weight_mm(x, w, s, b)
+    tol = _tolerance(x, w.double() * s.float().double()[:, None], b, x.dtype)
+    assert_within(out, reference.int8_weight_mm(x, w, s, b), tol, "scale dtype")
+
+
+# --- int4_mm -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+@pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int4_mm(isa, threads, dtype, symmetric, with_bias):
+    for m, n, (k, gs) in itertools.product(MS, NS, INT4_KG):
+        x = _x(m, k, dtype, contiguous=(m + n) % 2 == 0)
+        w = torch.randn(n, k) + (0.0 if symmetric else 0.7)  # asymmetric: zero points != 8
+        packed, scales, zeros = reference.pack_int4(w, gs, symmetric)
+        b = _bias(n, with_bias, dtype)
+        out = OPS.int4_mm(x, packed, scales, zeros, gs, b)
+        tol = _tolerance(x, dequant_int4(packed, scales, zeros, gs), b, dtype)
+        assert_within(out, reference.int4_mm(x, packed, scales, zeros, gs, b), tol,
+                      f"{isa} M={m} N={n} K={k} group={gs}")
+
+
+def test_int4_mm_half_scales(isa):
+    x = torch.randn(3, 256)
+    packed, scales, zeros = reference.pack_int4(torch.randn(7, 256), 32, False)
+    scales = scales.to(torch.float16)
+    out = OPS.int4_mm(x, packed, scales, zeros, 32, None)
+    tol = _tolerance(x, dequant_int4(packed, scales.float(), zeros, 32), None, x.dtype)
+    assert_within(out, reference.int4_mm(x, packed, scales, zeros, 32, None), tol, "fp16 scales")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+def test_paths_agree_on_a_large_layer(dtype):
+    """Small-M and panel paths, every ISA, on K = 4096, N = 600 (group 128): the
+    panel path then uses several panels (256 float32 / 512 bfloat16 rows each)."""
+    x = torch.randn(40, 4096).to(dtype)
+    packed, scales, zeros = reference.pack_int4(torch.randn(600, 4096), 128, False)
+    w = torch.randint(-128, 128, (600, 4096), dtype=torch.int8)
+    s = torch.rand(600) * 0.02 + 1e-3
+    b = torch.randn(600)
+    expected4 = reference.int4_mm(x, packed, scales, zeros, 128, b)
+    expected8 = reference.int8_weight_mm(x, w, s, b)
+    tol4 = _tolerance(x, dequant_int4(packed, scales, zeros, 128), b, dtype)
+    tol8 = _tolerance(x, w.double() * s.double()[:, None], b, dtype)
+    try:
+        for name in ISAS:
+            OPS.set_cpu_isa(name)
+            for rows in (1, 3, 40):  # 40: the panel path for every dtype
+                assert_within(OPS.int4_mm(x[:rows], packed, scales, zeros, 128, b),
+                              expected4[:rows], tol4, f"int4 {name} M={rows}")
+                assert_within(OPS.int8_weight_mm(x[:rows], w, s, b), expected8[:rows], tol8,
+                              f"int8 {name} M={rows}")
+    finally:
+        OPS.set_cpu_isa("best")
+
+
+# --- bad inputs: a RuntimeError that names the argument -----------------------------------------
+
+def _int8_args():
+    return [torch.randn(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), None]
+
+
+def _int4_args():
+    packed, scales, zeros = reference.pack_int4(torch.randn(3, 64), 32, True)
+    return [torch.randn(2, 64), packed, scales, zeros, 32, None]
+
+
+INT8_BAD = [
+    ("x", 0, torch.zeros(2, 64, dtype=torch.int32)),
+    ("x", 0, torch.randn(2, 2, 64)),
+    ("w_int8", 1, torch.zeros(3, 64, dtype=torch.uint8)),
+    ("w_int8", 1, torch.zeros(3, 63, dtype=torch.int8)),
+    ("w_scale", 2, torch.ones(4)),
+    ("w_scale", 2, torch.ones(3, dtype=torch.int32)),
+    ("bias", 3, torch.ones(5)),
+    ("bias", 3, torch.ones(3, dtype=torch.int64)),
+]
+
+INT4_BAD = [
+    ("x", 0, torch.zeros(2, 64, dtype=torch.int8)),
+    ("packed", 1, torch.zeros(3, 31, dtype=torch.uint8)),
+    ("packed", 1, torch.zeros(3, 32, dtype=torch.int8)),
+    ("scales", 2, torch.ones(3, 3)),
+    ("scales", 2, torch.ones(4, 2)),
+    ("zeros", 3, torch.zeros(3, 2, dtype=torch.int32)),
+    ("zeros", 3, torch.zeros(3, 1, dtype=torch.uint8)),
+    ("group_size", 4, 48),
+    ("group_size", 4, 128),  # K = 64 is not a multiple of 128
+    ("bias", 5, torch.ones(2)),
+]
+
+
+@pytest.mark.parametrize("name,index,value", INT8_BAD,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(INT8_BAD)])
+def test_int8_weight_mm_bad_input(name, index, value):
+    args = _int8_args()
+    args[index] = value
+    with pytest.raises(RuntimeError, match=name):
+        OPS.int8_weight_mm(*args)
+
+
+@pytest.mark.parametrize("name,index,value", INT4_BAD,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(INT4_BAD)])
+def test_int4_mm_bad_input(name, index, value):
+    args = _int4_args()
+    args[index] = value
+    with pytest.raises(RuntimeError, match=name):
+        OPS.int4_mm(*args)
+
+
+def test_good_inputs_of_the_error_tests_pass():
+    """The error tests change one argument of a call that is otherwise valid."""
+    assert OPS.int8_weight_mm(*_int8_args()).shape == (2, 3)
+    assert OPS.int4_mm(*_int4_args()).shape == (2, 3)
