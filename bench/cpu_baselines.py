@@ -30,12 +30,18 @@ def _linear_from(w: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def _per_copy(cell: Cell, key: str, build: Callable[[int], object]) -> list:
-    """Build one object per dense weight copy, cached on the layer."""
+def _per_copy(cell: Cell, key: str, fmt: str, build: Callable[[int], object]) -> list:
+    """One object per copy of the layer's `fmt` weights, cached on the layer: the count
+    of copies is sized for that format's bytes, so at small M the baseline cycles
+    through as many bytes as the pyfast row of the same format."""
     cache = cell.layer.__dict__.setdefault("_baseline_cache", {})
     if key not in cache:
-        cache[key] = [build(i) for i in range(len(cell.layer.dense))]
+        cache[key] = [build(i) for i in range(len(getattr(cell.layer, fmt)))]
     return cache[key]
+
+
+def _dense(cell: Cell, i: int) -> torch.Tensor:
+    return cell.layer.dense[i % len(cell.layer.dense)]
 
 
 def _pick(cell: Cell, objs: list, i: int):
@@ -47,50 +53,52 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
         return [], []
     m, k, n = cell.m, cell.layer.k, cell.layer.n
     flops, w0 = 2 * m * n * k, cell.layer.dense[0]
-    copies = len(cell.layer.dense) if cell.rotate else 1
     out32, out16 = 4 * m * n, 2 * m * n
     cases, skipped = [], []
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # torch.ao.quantization is deprecated
-        dyn = _per_copy(cell, "dyn", lambda i: torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(_linear_from(cell.layer.dense[i])), {nn.Linear}, dtype=torch.qint8))
+        dyn = _per_copy(cell, "dyn", "int8", lambda i: torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(_linear_from(_dense(cell, i))), {nn.Linear}, dtype=torch.qint8))
     cases.append(Case("quantize_dynamic", "torch.ao", "f32->i8->f32",
-                      lambda i: _pick(cell, dyn, i)(cell.x32), copies, flops,
+                      lambda i: _pick(cell, dyn, i)(cell.x32), _n(cell, dyn), flops,
                       nbytes(cell.x32) + n * k + out32, spot_check(cell.x32, w0, 0.05),
                       note="W8A8 dynamic, deprecated upstream"))
 
-    i8 = _per_copy(cell, "int8pack", lambda i: (cell.layer.int8[i % len(cell.layer.int8)][0],
-                                               cell.layer.int8[i % len(cell.layer.int8)][1]
-                                               .to(torch.bfloat16)))
+    i8 = _per_copy(cell, "int8pack", "int8", lambda i: (cell.layer.int8[i][0],
+                                                       cell.layer.int8[i][1].to(torch.bfloat16)))
     xb = cell.x32.to(torch.bfloat16)
     cases.append(Case("torch._weight_int8pack_mm", "torch", "bf16.w8",
-                      lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), copies, flops,
+                      lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), _n(cell, i8), flops,
                       nbytes(xb) + n * k + 2 * n + out16, spot_check(xb, w0, 0.05),
                       note="int8 weight-only, bf16 x"))
 
     def int4pack(i):
-        packed, scales, zeros = cell.layer.int4[i % len(cell.layer.int4)]
+        packed, scales, zeros = cell.layer.int4[i]
         q = torch.stack(((packed & 0xF), (packed >> 4)), dim=2).reshape(n, k).to(torch.int32)
         b = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         # torch dequantizes (q - 8) * scale + zero; pyfast's symmetric pack is (q - 8) * scale
         sz = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=2).to(torch.bfloat16)
         return b, sz.contiguous()
-    i4 = _per_copy(cell, "int4pack", int4pack)
+    i4 = _per_copy(cell, "int4pack", "int4", int4pack)
     cases.append(Case("torch._weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
                       lambda i: torch._weight_int4pack_mm_for_cpu(
                           xb, _pick(cell, i4, i)[0], INT4_GROUP_SIZE, _pick(cell, i4, i)[1]),
-                      copies, flops, nbytes(xb) + n * k // 2 + 4 * n * k // INT4_GROUP_SIZE + out16,
+                      _n(cell, i4), flops, nbytes(xb) + n * k // 2 + 4 * n * k // INT4_GROUP_SIZE + out16,
                       spot_check(xb, w0, 0.2), note="int4 weight-only, bf16 x"))
 
-    torchao_cases, why = _torchao_cases(cell, flops, copies)
+    torchao_cases, why = _torchao_cases(cell, flops)
     cases += torchao_cases
     if why:
         skipped.append(("torchao", why))
     return cases, skipped
 
 
-def _torchao_cases(cell: Cell, flops: int, copies: int):
+def _n(cell: Cell, objs: list) -> int:
+    return len(objs) if cell.rotate else 1
+
+
+def _torchao_cases(cell: Cell, flops: int):
     if importlib.util.find_spec("torchao") is None:
         return [], "torchao is not installed (optional: pip install torchao)"
     try:
@@ -107,17 +115,17 @@ def _torchao_cases(cell: Cell, flops: int, copies: int):
                                      torch.float32),
                                     ("int8 weight-only", Int8WeightOnlyConfig, xb, torch.bfloat16)):
         def build(i, config=config, dtype=dtype):
-            model = nn.Sequential(_linear_from(cell.layer.dense[i])).to(dtype)
+            model = nn.Sequential(_linear_from(_dense(cell, i))).to(dtype)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quantize_(model, config())
             return model
         try:
-            models = _per_copy(cell, f"torchao-{label}", build)
+            models = _per_copy(cell, f"torchao-{label}", "int8", build)
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
             return out, f"torchao {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         out.append(Case(f"torchao {label}", "torchao", "f32" if dtype == torch.float32 else "bf16",
-                        lambda i, models=models, x=x: _pick(cell, models, i)(x), copies, flops,
+                        lambda i, models=models, x=x: _pick(cell, models, i)(x), _n(cell, models), flops,
                         nbytes(x) + n * k + 4 * n + m * n * x.element_size(),
                         spot_check(x, w0, 0.05), note="torchao quantize_"))
     return out, ""

@@ -14,9 +14,11 @@ from .report import _label
 
 
 def series(result: dict, k: int, n: int) -> dict:
-    """{"op [backend] dtype": [(M, speedup over fp32 F.linear), ...] sorted by M}."""
+    """{"op [backend] dtype": [(M, speedup over fp32 F.linear), ...] sorted by M};
+    reference rows are left out (they are the oracle, not a fast path)."""
     rows = [r for r in result["rows"] if r["K"] == k and r["N"] == n and r["median_ms"]
-            and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")]
+            and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")
+            and r["backend"] != "reference"]       # the oracle, not a fast path
     out: dict = {}
     for r in rows:
         out.setdefault(f"{r['op']} [{_label(r)}] {r['dtype']}", []).append(
@@ -30,6 +32,7 @@ def plot(result: dict, k: int, n: int, out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, pts in sorted(series(result, k, n).items()):
         pyfast_row = not name.startswith(("F.linear", "torch", "quantize_dynamic",
                                           "torchao"))
