@@ -35,3 +35,36 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- the C++ CPU kernels: each instruction-set path and thread count in turn ---------
+
+CPU_ISAS = ("avx512", "avx2", "scalar")
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    """Force one ISA level of the C++ CPU kernels (torch.ops.pyfast_C.set_cpu_isa) and
+    yield the level that really runs: set_cpu_isa clamps to what the CPU has, so on a
+    CPU without AVX-512 'avx512' runs the avx2 kernels. Recorded in the report as the
+    property isa_active; the previous level is restored after."""
+    import pyfast._C  # noqa: F401  (registers torch.ops.pyfast_C)
+    ops = torch.ops.pyfast_C
+    previous = ops.set_cpu_isa(request.param)
+    active = ops.cpu_isa()
+    request.node.user_properties.append(("isa_active", active))
+    try:
+        yield active
+    finally:
+        ops.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    """torch.set_num_threads(1 or 2) for the test, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(previous)

@@ -21,32 +21,12 @@ from pyfast import reference
 
 ops = torch.ops.pyfast_C
 
-ISAS = ["avx512", "avx2", "scalar"]
+ISAS = ["avx512", "avx2", "scalar"]  # see the isa fixture in conftest.py
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Force one ISA level; yields the level that really runs (set_cpu_isa clamps to
-    what the CPU has, so on a CPU without AVX-512 'avx512' runs the avx2 kernels),
-    recorded in the test report as the property isa_active."""
-    previous = ops.set_cpu_isa(request.param)
-    active = ops.cpu_isa()
-    request.node.user_properties.append(("isa_active", active))
-    try:
-        yield active
-    finally:
-        ops.set_cpu_isa(previous)
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(previous)
 
 
 def expected(a, b, a_scale, b_scale, bias, out_dtype, monkeypatch):

@@ -24,30 +24,12 @@ from _helpers import FLOAT_DTYPES, assert_within, decompress24, dtype_id, linear
 
 ops = torch.ops.pyfast_C
 
-ISAS = ["avx512", "avx2", "scalar"]
+ISAS = ["avx512", "avx2", "scalar"]  # see the isa fixture in conftest.py
 NO_BF16DOT = "PYFAST_SPARSE24_NO_BF16DOT"
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Force one ISA level (set_cpu_isa clamps to what the CPU has); restore after."""
-    previous = ops.set_cpu_isa(request.param)
-    active = ops.cpu_isa()
-    request.node.user_properties.append(("isa_active", active))
-    try:
-        yield active
-    finally:
-        ops.set_cpu_isa(previous)
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(previous)
 
 
 def compressed(n, k, dtype, gen=None):

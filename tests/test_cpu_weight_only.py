@@ -36,20 +36,8 @@ INT8_KS = (66, 130, 256)
 INT4_KG = ((66, -1), (130, -1), (96, 32), (256, 128), (128, 64))
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = OPS.set_cpu_isa(request.param)
-    yield request.param
-    OPS.set_cpu_isa("best")
-    assert previous in ISAS
 
 
-@pytest.fixture(params=(1, 2), ids=lambda t: f"threads{t}")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def _x(m, k, dtype, contiguous=True):
