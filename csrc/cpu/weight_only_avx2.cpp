@@ -163,44 +163,16 @@ struct int4_tile_fn {
   }
 };
 
-// Tile<mr, NR> for a run-time mr in 1..4.
-template <template <int, int> class Tile, int NR, typename W>
-void run_tile(int mr, const float* x, int64_t ldx, const W& w, int64_t n, float* out,
-              int64_t ldo) {
-  switch (mr) {
-    case 1: Tile<1, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 2: Tile<2, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 3: Tile<3, NR>::run(x, ldx, w, n, out, ldo); break;
-    default: Tile<4, NR>::run(x, ldx, w, n, out, ldo); break;
-  }
-}
-
-template <template <int, int> class Tile, typename W>
-void small_driver(const float* x, int64_t ldx, int64_t M, const W& w, int64_t n0, int64_t n1,
-                  float* out, int64_t ldo) {
-  int64_t n = n0;
-  auto rows = [&](auto nr_tag) {
-    constexpr int NR = decltype(nr_tag)::value;
-    for (; n + NR <= n1; n += NR)
-      for (int64_t m = 0; m < M; m += 4)
-        run_tile<Tile, NR>(static_cast<int>(std::min<int64_t>(4, M - m)), x + m * ldx, ldx, w,
-                           n, out + m * ldo, ldo);
-  };
-  if (M == 1) rows(std::integral_constant<int, 4>{});
-  rows(std::integral_constant<int, 2>{});
-  rows(std::integral_constant<int, 1>{});
-}
-
 }  // namespace
 
 void int8_small_avx2(const float* xp, int64_t M, const Int8Weight& w, int64_t n0, int64_t n1,
                      float* out, int64_t ldo) {
-  small_driver<int8_tile_fn>(xp, w.K, M, w, n0, n1, out, ldo);
+  small_driver<int8_tile_fn, 4>(xp, w.K, M, w, n0, n1, out, ldo);
 }
 
 void int4_small_avx2(const float* xp, int64_t ld, int64_t M, const Int4Weight& w, int64_t n0,
                      int64_t n1, float* out, int64_t ldo) {
-  small_driver<int4_tile_fn>(xp, ld, M, w, n0, n1, out, ldo);
+  small_driver<int4_tile_fn, 4>(xp, ld, M, w, n0, n1, out, ldo);
 }
 
 PYFAST_WO_DEQUANT_DEFINE(avx2, PYFAST_TARGET_AVX2)

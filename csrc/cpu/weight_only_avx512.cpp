@@ -152,51 +152,16 @@ PYFAST_WO_TILE_FN(int8_tile)
 PYFAST_WO_TILE_FN(int4_tile)
 #undef PYFAST_WO_TILE_FN
 
-// Tile<mr, NR> for a run-time mr in 1..8.
-template <template <int, int> class Tile, int NR, typename W>
-void run_tile(int mr, const float* x, int64_t ldx, const W& w, int64_t n, float* out,
-              int64_t ldo) {
-  switch (mr) {
-    case 1: Tile<1, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 2: Tile<2, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 3: Tile<3, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 4: Tile<4, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 5: Tile<5, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 6: Tile<6, NR>::run(x, ldx, w, n, out, ldo); break;
-    case 7: Tile<7, NR>::run(x, ldx, w, n, out, ldo); break;
-    default: Tile<8, NR>::run(x, ldx, w, n, out, ldo); break;
-  }
-}
-
-// Rows [n0, n1) in tiles of NR = 4 (M = 1) or 2 weight rows, then single rows;
-// inside a weight tile, the activation rows in tiles of up to 8 (the weight tile,
-// at most 4 rows of K bytes, stays in L1 between them).
-template <template <int, int> class Tile, typename W>
-void small_driver(const float* x, int64_t ldx, int64_t M, const W& w, int64_t n0, int64_t n1,
-                  float* out, int64_t ldo) {
-  int64_t n = n0;
-  auto rows = [&](auto nr_tag) {
-    constexpr int NR = decltype(nr_tag)::value;
-    for (; n + NR <= n1; n += NR)
-      for (int64_t m = 0; m < M; m += 8)
-        run_tile<Tile, NR>(static_cast<int>(std::min<int64_t>(8, M - m)), x + m * ldx, ldx, w,
-                           n, out + m * ldo, ldo);
-  };
-  if (M == 1) rows(std::integral_constant<int, 4>{});
-  rows(std::integral_constant<int, 2>{});
-  rows(std::integral_constant<int, 1>{});
-}
-
 }  // namespace
 
 void int8_small_avx512(const float* xp, int64_t M, const Int8Weight& w, int64_t n0,
                        int64_t n1, float* out, int64_t ldo) {
-  small_driver<int8_tile_fn>(xp, w.K, M, w, n0, n1, out, ldo);
+  small_driver<int8_tile_fn, 8>(xp, w.K, M, w, n0, n1, out, ldo);
 }
 
 void int4_small_avx512(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
                        int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  small_driver<int4_tile_fn>(xp, ld, M, w, n0, n1, out, ldo);
+  small_driver<int4_tile_fn, 8>(xp, ld, M, w, n0, n1, out, ldo);
 }
 
 PYFAST_WO_DEQUANT_INT8_DEFINE(avx512, PYFAST_TARGET_AVX512)

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "weight_only.h"
 
@@ -96,6 +97,40 @@ PYFAST_WO_INLINE void dequant_int4_f32_body(const Int4Weight& w, int64_t n0, int
 PYFAST_WO_INLINE void dequant_int4_bf16_body(const Int4Weight& w, int64_t n0, int64_t n1,
                                              uint16_t* dst) {
   dequant_int4_body(w, n0, n1, dst, [](float v) { return to_bf16(v); });
+}
+
+// The small-M drivers of the ISA files (weight_only_avx2.cpp, weight_only_avx512.cpp):
+// Tile<MR, NR>::run computes an MR x NR block of out (MR activation rows, NR weight
+// rows); MAX_MR is the most activation rows one tile keeps in registers (4 on AVX2,
+// 8 on AVX-512).
+
+// Tile<mr, NR>::run for a run-time mr in 1..MAX_MR.
+template <template <int, int> class Tile, int NR, int MAX_MR, typename W>
+void run_tile(int mr, const float* x, int64_t ldx, const W& w, int64_t n, float* out,
+              int64_t ldo) {
+  if constexpr (MAX_MR > 1) {
+    if (mr < MAX_MR) return run_tile<Tile, NR, MAX_MR - 1>(mr, x, ldx, w, n, out, ldo);
+  }
+  Tile<MAX_MR, NR>::run(x, ldx, w, n, out, ldo);
+}
+
+// Weight rows [n0, n1) in tiles of NR = 4 (M = 1) or 2, then single rows; inside a
+// weight tile, activation rows in tiles of up to MAX_MR (the weight tile, at most 4
+// rows of K, stays in L1 between them).
+template <template <int, int> class Tile, int MAX_MR, typename W>
+void small_driver(const float* x, int64_t ldx, int64_t M, const W& w, int64_t n0, int64_t n1,
+                  float* out, int64_t ldo) {
+  int64_t n = n0;
+  auto rows = [&](auto nr_tag) {
+    constexpr int NR = decltype(nr_tag)::value;
+    for (; n + NR <= n1; n += NR)
+      for (int64_t m = 0; m < M; m += MAX_MR)
+        run_tile<Tile, NR, MAX_MR>(static_cast<int>(std::min<int64_t>(MAX_MR, M - m)),
+                                   x + m * ldx, ldx, w, n, out + m * ldo, ldo);
+  };
+  if (M == 1) rows(std::integral_constant<int, 4>{});
+  rows(std::integral_constant<int, 2>{});
+  rows(std::integral_constant<int, 1>{});
 }
 
 }  // namespace weight_only
