@@ -13,6 +13,12 @@ int8 per-token activations  (quantize_per_token)
                               a NaN (its q are 0), so the NaN reaches the matmul output
     The range is symmetric: -128 is never produced (so -x quantizes to -q).
 
+int8 static activations  (quantize_static)
+    scale  : float32 [1]      calibrated once (pyfast.quant observers), positive and finite
+    x_int8 : int8    [M, K]   round-half-to-even(x / scale) clamped to [-127, 127]
+                              (values beyond 127 * scale clip: that is the calibrated range)
+    scales : float32 [M]      scale repeated per row, NaN for a row holding a NaN (q = 0)
+
 int8 weights  (int8_mm, int8_weight_mm)
     w_int8 : int8    [N, K]   same rule as above, per output channel
     w_scale: float32 [N]

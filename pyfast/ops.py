@@ -24,6 +24,8 @@ MAX_INT8_K = 2**31 // 128**2 - 1
 SCHEMAS: Dict[str, str] = {
     # x [M, K] float -> (x_int8 [M, K] int8, scale [M] float32)
     "quantize_per_token": "quantize_per_token(Tensor x) -> (Tensor, Tensor)",
+    # x [M, K] float, scale float32 [1] (calibrated) -> (x_int8 [M, K], scale [M] float32)
+    "quantize_static": "quantize_static(Tensor x, Tensor scale) -> (Tensor, Tensor)",
     # a [M, K] int8, b [N, K] int8, a_scale [M], b_scale [N], bias [N] -> [M, N] out_dtype
     "int8_mm": "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, "
                "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
@@ -46,6 +48,14 @@ SCHEMAS: Dict[str, str] = {
 
 def _check_quantize_per_token(x):
     chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+
+
+def _check_quantize_static(x, scale):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.scale_vector("scale", scale, 1, "one calibrated scale for the whole tensor")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"scale has dtype {scale.dtype}; accepted: float32")
+    chk.same_device(x=x, scale=scale)
 
 
 def _check_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
@@ -131,6 +141,7 @@ def _check_sparse24_mm(x, values, meta, bias=None):
 
 CHECKS: Dict[str, Callable] = {
     "quantize_per_token": _check_quantize_per_token,
+    "quantize_static": _check_quantize_static,
     "int8_mm": _check_int8_mm,
     "int8_weight_mm": _check_int8_weight_mm,
     "pack_int4": _check_pack_int4,
@@ -145,6 +156,11 @@ VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values
 
 def _fake_quantize_per_token(x):
     _check_quantize_per_token(x)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32))
+
+
+def _fake_quantize_static(x, scale):
+    _check_quantize_static(x, scale)
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32))
 
 
@@ -185,6 +201,7 @@ def _fake_sparse24_mm(x, values, meta, bias=None):
 
 FAKES: Dict[str, Callable] = {
     "quantize_per_token": _fake_quantize_per_token,
+    "quantize_static": _fake_quantize_static,
     "int8_mm": _fake_int8_mm,
     "int8_weight_mm": _fake_int8_weight_mm,
     "pack_int4": _fake_pack_int4,
@@ -202,6 +219,7 @@ def _reference_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
 
 REFERENCE: Dict[str, Callable] = {
     "quantize_per_token": reference.quantize_per_token,
+    "quantize_static": reference.quantize_static,
     "int8_mm": _reference_int8_mm,
     "int8_weight_mm": reference.int8_weight_mm,
     "pack_int4": reference.pack_int4,
@@ -247,6 +265,24 @@ def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric dynamic int8 per row: x [M, K] -> (int8 [M, K], float32 scale [M])."""
     _check_quantize_per_token(x)
     return torch.ops.pyfast.quantize_per_token(x)
+
+
+def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric int8 with one calibrated scale: x [M, K] -> (int8 [M, K], float32 [M]).
+
+    The [M] scales are `scale` repeated (NaN for a row holding a NaN), ready for int8_mm.
+    scale must be positive and finite; this wrapper checks it (one host sync), the op
+    itself does not, so a layer checks its scale once when it is made."""
+    _check_quantize_static(x, scale)
+    check_static_scale("scale", scale)
+    return torch.ops.pyfast.quantize_static(x, scale)
+
+
+def check_static_scale(name: str, scale: Tensor) -> None:
+    value = float(scale.detach().reshape(-1)[0])
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite float32, got {value} "
+                         "(calibrate on data that is not all zero, NaN or infinite)")
 
 
 def int8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,

@@ -41,6 +41,18 @@ def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
     return quantize_rows_int8(x)
 
 
+def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """int8 with one calibrated scale: values beyond 127 * scale are clipped (the
+    calibration chose that range). Row scales [M] are the scale, NaN for a NaN row."""
+    xf = x.float()
+    s = scale.float().reshape(())
+    q = torch.round(xf / s).nan_to_num_(0.0).clamp_(-127, 127).to(torch.int8)
+    nan_row = torch.isnan(xf).any(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0], dtype=torch.bool)
+    rows = torch.where(nan_row, torch.full_like(nan_row, float("nan"), dtype=torch.float32),
+                       s.expand(xf.shape[0]))
+    return q, rows.contiguous()
+
+
 def int8_matmul_int32(a: Tensor, b: Tensor) -> Tensor:
     """Exact int32 a[M,K] @ b[N,K].T.
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .nn import COMPRESSED_LAYERS, Sparse24Linear, _CompressedLinear
+from .nn import Sparse24Linear, _CompressedLinear
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rows = Summary()
     for name, mod in model.named_modules():
-        if isinstance(mod, COMPRESSED_LAYERS):
+        if isinstance(mod, _CompressedLinear):
             rows.append(_compressed_row(name, mod))
         elif isinstance(mod, nn.Linear):
             rows.append(_dense_row(name, mod))

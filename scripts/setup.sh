@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q "torch==${PYFAST_TORCH_VERSION:-2.13.0}" numpy setuptools wheel ninja
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,demo]"

@@ -46,6 +46,14 @@ CASES = {
                           "x must be 2-D, got a 3-D tensor of shape (2, 3, 4)"),
     "quantize-x-1d": Case("quantize_per_token", lambda: (f32(8),), ValueError,
                           "x must be 2-D, got a 1-D tensor of shape (8,)"),
+    # --- quantize_static: x [3, 8], scale float32 [1]
+    "static-x-int8": Case("quantize_static", lambda: (i8(3, 8), f32(1)), TypeError,
+                          f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "static-scale-2": Case("quantize_static", lambda: (f32(3, 8), f32(2)), ValueError,
+                           "scale has shape (2,): dimension 0 must be 1 "
+                           "(one calibrated scale for the whole tensor)"),
+    "static-scale-f16": Case("quantize_static", lambda: (f32(3, 8), f32(1).half()), TypeError,
+                             "scale has dtype torch.float16; accepted: float32"),
     # --- int8_mm: a [3, 64], b [5, 64]
     "int8_mm-a-float": Case("int8_mm", lambda: (f32(3, 64), i8(5, 64), f32(3), f32(5)), TypeError,
                             "a has dtype torch.float32; accepted: int8"),

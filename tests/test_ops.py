@@ -77,6 +77,39 @@ def test_quantize_per_token(device, m, k, dtype):
     compare(ops.quantize_per_token(x), "pyfast.ops")
 
 
+# --- quantize_static ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_static(device, m, dtype):
+    """Against an independent float64 oracle: clip to +-127 steps, round half to even."""
+    x = (torch.randn(m, 33) * 3).to(dtype).to(device)
+    if m > 2:
+        x[1, 5] = float("nan")
+        x[2] = 1e4        # far beyond the calibrated range: clips to 127
+    scale = torch.tensor([0.0173], device=device)
+    xd = x.double().nan_to_num(0.0)
+    want_q = torch.round(xd / scale.double()).clamp(-127, 127).to(torch.int8)
+    want_s = torch.full((m,), 0.0173, device=device)
+    if m > 2:
+        want_s[1] = float("nan")
+
+    def compare(got, who):
+        q, s = got
+        assert torch.equal(q, want_q), who
+        assert torch.allclose(s, want_s, equal_nan=True, rtol=0, atol=0), who
+
+    _every_backend("quantize_static", device, (x, scale), compare)
+    compare(ops.quantize_static(x, scale), "pyfast.ops")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_quantize_static_rejects_bad_scale(bad):
+    with pytest.raises(ValueError, match=f"scale must be a positive finite float32, got {bad}"):
+        ops.quantize_static(torch.randn(2, 4), torch.tensor([bad]))
+
+
 # --- int8_mm -----------------------------------------------------------------------------
 
 def _int8(shape, device):
@@ -250,6 +283,7 @@ def _noncontiguous_cases(device, dtype):
     bias = torch.randn(n, device=device).to(dtype)
     return {
         "quantize_per_token": ((x,), (0,)),
+        "quantize_static": ((x, torch.tensor([0.02], device=device)), (0,)),
         "int8_mm": ((a, b, a_s, b_s, bias.float(), None), (0, 1)),
         "int8_weight_mm": ((x, w8, w8_s, bias), (0, 1)),
         "pack_int4": ((w, 32, True), (0,)),
@@ -261,7 +295,7 @@ def _noncontiguous_cases(device, dtype):
 
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
-BIT_EXACT_OPS = ("quantize_per_token", "int8_mm", "pack_int4", "sparse24_compress")
+BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "pack_int4", "sparse24_compress")
 
 
 def _same(got, ref, dtype, op):
@@ -308,6 +342,8 @@ def _opcheck_cases():
     return [
         ("quantize_per_token", (x,)),
         ("quantize_per_token", (x[:0].bfloat16(),)),
+        ("quantize_static", (x, torch.tensor([0.01]))),
+        ("quantize_static", (x[:3].half(), torch.tensor([0.5]))),
         ("int8_mm", (a, b, s5, s7, None, None)),
         ("int8_mm", (a, b, s5, s7, torch.randn(7), torch.bfloat16)),
         ("int8_weight_mm", (x, b, s7, None)),

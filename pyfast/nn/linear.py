@@ -12,11 +12,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _checks as chk
-from . import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
-from .sparsity import magnitude_24_mask
+from .. import _checks as chk
+from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
+from ..sparsity import magnitude_24_mask
 
 Tensor = torch.Tensor
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    d = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(d, torch.dtype):
+        raise ValueError(f"unknown dtype name {name!r} in a layer config")
+    return d
 
 
 class _CompressedLinear(nn.Module):
@@ -55,6 +66,20 @@ class _CompressedLinear(nn.Module):
     def _copy_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:
             self.bias = linear.bias.detach().clone()
+
+    # --- save/load protocol (pyfast/io.py): a JSON-able config that rebuilds the
+    # layer with buffers of the right shapes and dtypes, without any float weight.
+    def pyfast_config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "orig_dtype": _dtype_name(self.orig_dtype)}
+
+    @classmethod
+    def from_config(cls, config: dict, device=None):
+        cfg = dict(config)
+        orig = _dtype_from_name(cfg.pop("orig_dtype", "float32"))
+        layer = cls(**cfg, device=device)
+        layer.orig_dtype = orig
+        return layer
 
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -143,6 +168,10 @@ class Int4Linear(_CompressedLinear):
         self.register_buffer("zeros", torch.full((out_features, groups), 8,
                                                  dtype=torch.uint8, device=device))
 
+    def pyfast_config(self) -> dict:
+        return {**super().pyfast_config(), "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
     @property
     def format(self) -> str:  # type: ignore[override]
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
@@ -183,6 +212,18 @@ class Sparse24Linear(_CompressedLinear):
         self.register_buffer("meta", torch.full((out_features, in_features // 4), 0b0100,
                                                 dtype=torch.uint8, device=device))
 
+    def pyfast_config(self) -> dict:
+        cfg = super().pyfast_config()
+        cfg["dtype"] = _dtype_name(self.values.dtype)
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict, device=None):
+        cfg = dict(config)
+        cfg["dtype"] = _dtype_from_name(cfg.get("dtype", "float32"))
+        cfg.pop("orig_dtype", None)   # a 2:4 layer's dense dtype is its values' dtype
+        return cls(**cfg, device=device)
+
     @property
     def format(self) -> str:  # type: ignore[override]
         return f"2:4 sparse {str(self.values.dtype).replace('torch.', '')}"
@@ -211,5 +252,3 @@ class Sparse24Linear(_CompressedLinear):
         out = torch.ops.pyfast.sparse24_mm(x2, self.values, self.meta, self.bias)
         return self._unflat(out, x)
 
-
-COMPRESSED_LAYERS = (Int8Linear, Int8WeightOnlyLinear, Int4Linear, Sparse24Linear)
