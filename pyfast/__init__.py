@@ -13,8 +13,9 @@ from ._report import BackendReport, BackendStatus, backends
 from .api import quantize, sparsify, swap
 from .dispatch import BackendUnavailableError, use_backend
 from .summary import summary
+from .serialization import load, save
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "quantize", "sparsify", "swap", "summary", "backends",
+__all__ = ["ops", "nn", "quantize", "sparsify", "swap", "summary", "backends", "save", "load",
            "use_backend", "BackendUnavailableError", "BackendReport", "BackendStatus"]

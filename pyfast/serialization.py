@@ -1,0 +1,293 @@
+"""pyfast.save / pyfast.load: compressed models as safetensors plus a manifest.
+
+The file is one safetensors file: every tensor of `model.state_dict()` (packed
+int4 nibbles, int8 weights, scales, 2:4 values and metadata, and whatever stayed
+dense), and in its metadata a JSON manifest with, for each module whose
+structure the plain model does not have (a pyfast layer, or a torch layer whose
+shape changed, e.g. by structured pruning), its class, its constructor config
+and the name, dtype and shape of each of its tensors.
+
+`load(model, path)` takes the model as built by its own code (its skeleton,
+best built under `torch.device("meta")` so no float weight is ever allocated),
+rebuilds each module of the manifest from its config on the meta device, checks
+that the manifest and the tensors agree, then assigns the file's tensors. Nothing
+is unpickled: the manifest is JSON and classes are looked up in a fixed registry
+(pyfast's layers, and a few torch layers rebuilt from their sizes), never
+imported by name from the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .nn.linear import _dtype_from_name
+
+FORMAT = "pyfast/1"
+_MANIFEST_KEY = "pyfast_manifest"
+Tensor = torch.Tensor
+
+
+# --- the registry: which module classes a manifest may name ---------------------------------
+
+def _torch_config(mod: nn.Module) -> dict:
+    """Constructor arguments of the torch layers a compression can reshape."""
+    dtype = str(next(iter(mod.parameters()), torch.empty(0)).dtype).replace("torch.", "")
+    if isinstance(mod, nn.Linear):
+        return {"in_features": mod.in_features, "out_features": mod.out_features,
+                "bias": mod.bias is not None, "dtype": dtype}
+    if isinstance(mod, nn.Conv2d):
+        return {"in_channels": mod.in_channels, "out_channels": mod.out_channels,
+                "kernel_size": list(mod.kernel_size), "stride": list(mod.stride),
+                "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+                "dilation": list(mod.dilation), "groups": mod.groups,
+                "bias": mod.bias is not None, "padding_mode": mod.padding_mode, "dtype": dtype}
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return {"num_features": mod.num_features, "eps": mod.eps, "momentum": mod.momentum,
+                "affine": mod.affine, "track_running_stats": mod.track_running_stats,
+                "dtype": dtype}
+    raise TypeError(f"no config rule for {type(mod).__name__}")  # unreachable: see _TORCH
+
+
+def _torch_from_config(cls) -> Callable[[dict, object], nn.Module]:
+    def build(config: dict, device=None) -> nn.Module:
+        cfg = dict(config)
+        dtype = _dtype_from_name(cfg.pop("dtype", "float32"))
+        for key in ("kernel_size", "stride", "dilation"):
+            if key in cfg:
+                cfg[key] = tuple(cfg[key])
+        if isinstance(cfg.get("padding"), list):
+            cfg["padding"] = tuple(cfg["padding"])
+        return cls(**cfg, device=device, dtype=dtype)
+    return build
+
+
+# exact types only: a subclass of nn.Linear may have its own forward and is left to the skeleton
+_TORCH = {f"torch.nn.{c.__name__}": c for c in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)}
+
+
+def _pyfast_classes() -> Dict[str, type]:
+    """Every pyfast module class that implements the save/load protocol, by qualified name."""
+    from . import nn as _layers  # noqa: F401  (defines the layer classes)
+    for sub in ("quant", "lowrank", "prune"):   # workflows that define their own modules
+        try:
+            __import__(f"{__package__}.{sub}")
+        except ModuleNotFoundError as exc:   # a workflow package that is not there is fine
+            if exc.name != f"{__package__}.{sub}":
+                raise
+    found, todo = {}, [nn.Module]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith(f"{__package__}.") and _has_protocol(cls):
+            found[_key(cls)] = cls
+    return found
+
+
+def _has_protocol(cls) -> bool:
+    return callable(getattr(cls, "pyfast_config", None)) and callable(getattr(cls, "from_config", None))
+
+
+def _key(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(mod: nn.Module) -> Optional[Tuple[str, dict]]:
+    """(class key, config) for a module the manifest records, else None."""
+    if _has_protocol(type(mod)) and type(mod).__module__.startswith(f"{__package__}."):
+        return _key(type(mod)), mod.pyfast_config()
+    for key, cls in _TORCH.items():
+        if type(mod) is cls:
+            return key, _torch_config(mod)
+    return None
+
+
+def _tensor_specs(mod: nn.Module) -> Dict[str, list]:
+    return {k: [str(v.dtype).replace("torch.", ""), list(v.shape)]
+            for k, v in mod.state_dict().items()}
+
+
+# --- save -----------------------------------------------------------------------------------------
+
+def _check_saveable(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if getattr(mod, "parametrizations", None):
+            raise ValueError(
+                f"module {name or '<root>'!r} still has parametrizations "
+                f"({', '.join(mod.parametrizations.keys())}), e.g. pruning masks: make them "
+                "permanent first (pyfast.prune.finish(model)), then save")
+
+
+def manifest(model: nn.Module) -> dict:
+    """The manifest pyfast.save writes for `model` (JSON-able)."""
+    modules, covered = {}, []
+    for name, mod in model.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue   # rebuilt with its parent
+        described = _describe(mod)
+        if described is None:
+            continue
+        cls_key, config = described
+        modules[name] = {"class": cls_key, "config": config, "tensors": _tensor_specs(mod)}
+        if not cls_key.startswith("torch.nn."):
+            covered.append(name)
+    return {"format": FORMAT, "modules": modules,
+            "skipped": dict(getattr(model, "pyfast_skipped", {}))}
+
+
+def save(model: nn.Module, path, *, metadata: Optional[Dict[str, str]] = None) -> int:
+    """Write model's tensors as safetensors with the manifest; returns the file size in bytes.
+
+    Prune masks must be made permanent first. Tied (shared) tensors are refused:
+    safetensors stores each tensor once and loading would untie them silently.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                        for k, v in metadata.items()):
+        raise TypeError(f"metadata must map str to str, got {metadata!r}")
+    _check_saveable(model)
+    state = model.state_dict()
+    seen: Dict[Tuple[int, int], str] = {}
+    for key, t in state.items():
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device: it has no data to save")
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and ident in seen:
+            raise ValueError(f"tensors {seen[ident]!r} and {key!r} share memory (tied weights); "
+                             "pyfast.save does not support tied weights")
+        seen[ident] = key
+    meta = dict(metadata or {})
+    meta[_MANIFEST_KEY] = json.dumps(manifest(model))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+def read_manifest(path) -> dict:
+    """The manifest of a pyfast file (ValueError if the file has none)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if _MANIFEST_KEY not in meta:
+        raise ValueError(f"{os.fspath(path)!r} has no pyfast manifest: it was not written by "
+                         "pyfast.save (a plain safetensors file loads with load_state_dict)")
+    man = json.loads(meta[_MANIFEST_KEY])
+    if man.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} has manifest format {man.get('format')!r}; "
+                         f"this pyfast reads {FORMAT!r}")
+    return man
+
+
+def _file_specs(path) -> Dict[str, list]:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return {k: [str(f.get_slice(k).get_dtype()).lower(), list(f.get_slice(k).get_shape())]
+                for k in f.keys()}
+
+
+_ST_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
+              "u8": "uint8", "i32": "int32", "i64": "int64", "f64": "float64", "bool": "bool",
+              "i16": "int16"}
+
+
+def _check_agreement(path, man: dict, file_specs: Dict[str, list]) -> None:
+    problems: List[str] = []
+    for name, entry in man["modules"].items():
+        prefix = f"{name}." if name else ""
+        for tname, (dtype, shape) in entry["tensors"].items():
+            key = prefix + tname
+            got = file_specs.get(key)
+            if got is None:
+                problems.append(f"module {name!r} ({entry['class']}) declares {tname} "
+                                f"{dtype} {shape} but the file has no tensor {key!r}")
+                continue
+            gdtype = _ST_DTYPES.get(got[0], got[0])
+            if gdtype != dtype or got[1] != shape:
+                problems.append(f"module {name!r} ({entry['class']}) declares {tname} {dtype} "
+                                f"{shape} but the file holds {gdtype} {got[1]}")
+    if problems:
+        raise ValueError(f"{os.fspath(path)!r}: manifest and tensors disagree: "
+                         + "; ".join(problems[:5])
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
+    cls_key = entry["class"]
+    if cls_key in _TORCH:
+        build = _torch_from_config(_TORCH[cls_key])
+    elif cls_key in registry:
+        build = registry[cls_key].from_config
+    else:
+        raise ValueError(f"module {name!r}: class {cls_key!r} is not a pyfast layer or a torch "
+                         "layer pyfast rebuilds; accepted: " + ", ".join(sorted([*_TORCH, *registry])))
+    mod = build(entry["config"], device="meta")
+    built = _tensor_specs(mod)
+    if built != entry["tensors"]:
+        raise ValueError(f"module {name!r} ({cls_key}): its config {entry['config']} gives tensors "
+                         f"{built}, but the manifest lists {entry['tensors']}: manifest and tensors "
+                         "disagree")
+    return mod
+
+
+def _same_structure(old: nn.Module, entry: dict) -> bool:
+    described = _describe(old)
+    return described is not None and described[0] == entry["class"] and \
+        described[1] == entry["config"]
+
+
+def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
+    """Rebuild model's compressed layers from a pyfast.save file and load every tensor.
+
+    model: the architecture as its code builds it; build it under
+    `with torch.device("meta"):` so that no float weight is allocated. Returns model,
+    on `device`. Raises ValueError if the manifest and tensors disagree, if the file
+    names a class outside the registry, or if a tensor of the model is not in the file.
+    """
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    man = read_manifest(path)
+    _check_agreement(path, man, _file_specs(path))
+    registry = _pyfast_classes()
+    for name, entry in man["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"the file has module {name!r} but the model has no such "
+                             f"submodule ({exc})") from exc
+        if _same_structure(old, entry):
+            continue
+        new = _build(name, entry, registry)
+        if name == "":
+            raise ValueError("the file's root module is a compressed layer; wrap it in a "
+                             "container (e.g. nn.Sequential) as pyfast.quantize requires")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    tensors = load_file(os.fspath(path), device=str(device))
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{os.fspath(path)!r} does not fit this model: missing from the file: "
+                         f"{missing[:8]}; in the file but not in the model: {unexpected[:8]}")
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                  if t.device.type == "meta"]
+    if still_meta:
+        raise ValueError(f"after loading, these tensors have no data (they are not saved in "
+                         f"the file, e.g. non-persistent buffers of a meta skeleton): {still_meta[:8]}")
+    model.pyfast_skipped = dict(man.get("skipped", {}))
+    return model.to(device)
+
+
+__all__ = ["save", "load", "manifest", "read_manifest"]
