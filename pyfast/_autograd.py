@@ -6,7 +6,7 @@ custom op as if it were not there. Instead:
   values), so they get exact gradients, computed from the reference's
   dequantized weight in float32: this lets a user fine-tune around compressed
   layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
-- quantize_per_token, int8_mm, pack_int4 and sparse24_compress round or repack,
+- quantize_per_token, int8_mm, pack_int4, pack_lowbit and sparse24_compress round or repack,
   so their true gradient is zero almost everywhere and useless: backward raises
   and says what to use instead. Forward passes with requires_grad inputs work.
 """
@@ -67,6 +67,33 @@ def _backward_int4_mm(ctx, grad):
     return gx, None, gs, None, None, gb
 
 
+# --- lowbit_mm(x, packed, scales, zeros, bits, group_size, bias) -------------------------
+
+def _setup_lowbit_mm(ctx, inputs, output):
+    x, packed, scales, zeros, bits, group_size, bias = inputs
+    ctx.save_for_backward(x, packed, scales, zeros, bias)
+    ctx.bits, ctx.group_size = bits, group_size
+
+
+def _backward_lowbit_mm(ctx, grad):
+    x, packed, scales, zeros, bias = ctx.saved_tensors
+    g = grad.float()
+    gx = gs = gb = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_lowbit(packed, scales, zeros, ctx.bits, ctx.group_size)
+        gx = _float_grad(g @ w, x)
+    if ctx.needs_input_grad[2]:
+        # linear in each scale, as int4_mm: the weight with unit scales is q - z (int2)
+        # or 2q - 1 (binary); sum its product with g.T @ x over each group
+        n, groups = scales.shape
+        unit = reference.dequantize_lowbit(packed, torch.ones_like(scales), zeros, ctx.bits,
+                                           ctx.group_size)
+        gs = _float_grad(((g.T @ x.float()) * unit).reshape(n, groups, -1).sum(2), scales)
+    if bias is not None and ctx.needs_input_grad[6]:
+        gb = _float_grad(g.sum(0), bias)
+    return gx, None, gs, None, None, None, gb
+
+
 # --- sparse24_mm(x, values, meta, bias) ------------------------------------------
 
 def _setup_sparse24_mm(ctx, inputs, output):
@@ -100,6 +127,7 @@ _NO_GRAD_ADVICE = {
     "int8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
                "('int8-weight'), which has exact input gradients, or train in float",
     "pack_int4": "packing rounds the weight; pack a trained weight under torch.no_grad()",
+    "pack_lowbit": "packing rounds the weight; pack a trained weight under torch.no_grad()",
     "sparse24_compress": "compression is a re-layout; train the dense or the Sparse24Linear "
                          "values (sparse24_mm has gradients) instead",
 }
@@ -119,6 +147,7 @@ def register() -> None:
     reg = torch.library.register_autograd
     reg("pyfast::int8_weight_mm", _backward_int8_weight_mm, setup_context=_setup_int8_weight_mm)
     reg("pyfast::int4_mm", _backward_int4_mm, setup_context=_setup_int4_mm)
+    reg("pyfast::lowbit_mm", _backward_lowbit_mm, setup_context=_setup_lowbit_mm)
     reg("pyfast::sparse24_mm", _backward_sparse24_mm, setup_context=_setup_sparse24_mm)
     for op in _NO_GRAD_ADVICE:
         reg(f"pyfast::{op}", _raising_backward(op), setup_context=_no_setup)

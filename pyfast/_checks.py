@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .formats import INT4_GROUP_SIZES
+from .formats import INT4_GROUP_SIZES, LOWBIT_BITS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,18 +70,37 @@ def out_dtype(d) -> torch.dtype:
     return d
 
 
-def group_size(gs, k: int, *, k_name: str = "K (in_features)") -> int:
+_PER_BYTE = {4: "two int4", 2: "four 2-bit", 1: "eight 1-bit"}
+
+
+def group_size(gs, k: int, *, k_name: str = "K (in_features)", bits: int = 4) -> int:
+    """Checks a group size for `bits`-bit packing of K values per row; returns the
+    group length (K itself for -1, per channel)."""
     if isinstance(gs, bool) or not isinstance(gs, int):
         raise TypeError(f"group_size must be an int, got {gs!r}")
     if gs not in INT4_GROUP_SIZES:
         raise ValueError(
             f"group_size {gs} is not supported; accepted: 32, 64, 128 or -1 (per channel)"
         )
-    if k % 2:
-        raise ValueError(f"{k_name} = {k} must be even to pack two int4 values per byte")
+    per_byte = 8 // bits
+    if gs == -1 and k <= 0:
+        raise ValueError(f"{k_name} = {k} must be positive for group_size -1 (one group per row)")
+    if k % per_byte:
+        need = "even" if per_byte == 2 else f"a multiple of {per_byte}"
+        raise ValueError(f"{k_name} = {k} must be {need} to pack {_PER_BYTE[bits]} "
+                         "values per byte")
     if gs != -1 and k % gs:
         raise ValueError(f"{k_name} = {k} is not a multiple of group_size {gs}")
     return k if gs == -1 else gs
+
+
+def lowbit_bits(b) -> int:
+    """bits of a pack_lowbit / lowbit_mm weight: 1 (binary) or 2 (int2)."""
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise TypeError(f"bits must be an int, got {b!r}")
+    if b not in LOWBIT_BITS:
+        raise ValueError(f"bits {b} is not supported; accepted: 1 (binary) or 2 (int2)")
+    return b
 
 
 def multiple_of_4(name: str, k: int) -> None:

@@ -9,6 +9,9 @@ import torch
 from . import _ext, dispatch
 
 
+_NO_KERNEL = "no kernel for this op yet"
+
+
 @dataclass(frozen=True)
 class BackendStatus:
     op: str
@@ -57,7 +60,26 @@ class BackendReport(list):
             lines.append("kernels that exist but cannot run here:")
             for (fam, dev, reason), op_names in why.items():
                 lines.append(f"  {fam} on {dev} ({', '.join(op_names)}): {reason}")
+        lines += ["notes:", *(f"  {n}" for n in self.notes())]
         return "\n".join(lines)
+
+    def reference_only(self) -> List[str]:
+        """Ops that have no compiled kernel at all (only the pure-torch reference)."""
+        ops = dict.fromkeys(r.op for r in self)
+        return [op for op in ops if all(r.reason == _NO_KERNEL for r in self
+                                        if r.op == op and r.family != "reference")]
+
+    def notes(self) -> List[str]:
+        ref_only = self.reference_only()
+        static = ("only the reference" if "quantize_static" in ref_only
+                  else "its kernels above")
+        return [
+            "reference only (pure torch, no compiled kernel): " + (", ".join(ref_only) or "none"),
+            "Conv2d layers (QuantConv2d) run as im2col (F.unfold) + the matmul op of their inner "
+            "layer (int8_mm, int8_weight_mm, int4_mm, ...), so that op's kernels apply; there "
+            "is no direct conv kernel",
+            f"static int8 (StaticInt8Linear) = quantize_static ({static}) + int8_mm",
+        ]
 
 
 def backends() -> BackendReport:
@@ -74,7 +96,7 @@ def backends() -> BackendReport:
             for family in dispatch.FAMILIES:
                 backend = table.get(family)
                 if backend is None:
-                    reason = "no kernel for this op yet"
+                    reason = _NO_KERNEL
                 elif device not in backend.devices:
                     reason = f"kernel runs on {'/'.join(backend.devices)} only"
                 else:

@@ -1,9 +1,10 @@
-"""The model API: quantize, sparsify and swap nn.Linear layers in place.
+"""The model API: quantize, sparsify and swap nn.Linear (and nn.Conv2d) layers in place.
 
 Each function walks the model, replaces every eligible layer by the pyfast
 layer for the format, and never converts a layer the kernels cannot take: it
 is left as it is, and the reason is kept in `model.pyfast_skipped` (shown by
-pyfast.summary) and reported once in a warning.
+pyfast.summary) and reported once in a warning. quantize also takes nn.Conv2d
+(groups 1, zero padding) as a QuantConv2d: im2col + the same pyfast layer.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from . import _checks as chk
-from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear
+from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
+from .nn.conv import conv_unsupported_reason
+from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
 from .sparsity import is_24, magnitude_24_mask
 
 Filter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-QUANT_METHODS = ("int8", "int8-weight", "int4")
+QUANT_METHODS = ("int8", "int8-weight", "int4", "int2", "binary")
+_LOWBIT_BITS = {"int2": 2, "binary": 1}
 
 
 def _matcher(spec: Filter, arg: str, default: bool) -> Callable[[str, nn.Module], bool]:
@@ -67,8 +71,9 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
             skipped[name or "<root>"] = result
         elif result is not None and result is not mod:
             if name == "":
-                raise ValueError("model is itself an nn.Linear; wrap it in a container "
-                                 "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+                raise ValueError(f"model is itself an nn.{type(mod).__name__}; wrap it in a "
+                                 "container (e.g. nn.Sequential(layer)) so it can be replaced "
+                                 "in place")
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, result)
             skipped.pop(name, None)
@@ -79,35 +84,84 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
     return model
 
 
-def quantize(model: nn.Module, method: str, *, group_size: int = 128, symmetric: bool = True,
-             include: Filter = None, exclude: Filter = None) -> nn.Module:
-    """Replace nn.Linear layers by quantized pyfast layers, in place; returns model.
-
-    method: "int8" (W8A8, Int8Linear), "int8-weight" (Int8WeightOnlyLinear) or
-    "int4" (Int4Linear with group_size 32/64/128/-1 and symmetric or not).
-    include/exclude: glob(s) on module names (e.g. "blocks.*.mlp.*") or a
-    callable(name, module) -> bool. Layers whose in_features the format cannot
-    take (int4: not a multiple of group_size) are skipped with the reason.
-    """
-    if method not in QUANT_METHODS:
-        raise ValueError(f"method {method!r} is not supported; accepted: {', '.join(QUANT_METHODS)}")
+def check_quant_args(method: str, group_size: int, symmetric: bool,
+                     methods=QUANT_METHODS) -> None:
+    if method not in methods:
+        raise ValueError(f"method {method!r} is not supported; accepted: {', '.join(methods)}")
+    if method in _LOWBIT_BITS:
+        chk.group_size(group_size, 8 * abs(group_size), bits=_LOWBIT_BITS[method])
     if method == "int4":
         chk.group_size(group_size, 2 * abs(group_size))  # validates the value itself
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
 
-    def convert(name: str, lin: nn.Linear):
-        if method == "int8":
-            return Int8Linear.from_linear(lin)
-        if method == "int8-weight":
-            return Int8WeightOnlyLinear.from_linear(lin)
-        k = lin.in_features
-        if k % 2 or (group_size != -1 and k % group_size):
-            return f"in_features {k} is not a multiple of group_size {group_size} (int4)"
-        return Int4Linear.from_linear(lin, group_size=group_size, symmetric=symmetric)
+
+def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
+                    symmetric: bool = True) -> Union[nn.Module, str]:
+    """The pyfast layer for an nn.Linear or nn.Conv2d (QuantConv2d around the same
+    layer), or the reason it cannot be converted. Used by quantize and by
+    pyfast.quant.convert_qat, so both give exactly the same layers."""
+    if isinstance(mod, nn.Conv2d):
+        reason = conv_unsupported_reason(mod)
+        if reason is not None:
+            return reason
+        k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+        why = (_int4_reason(k, group_size, "in_channels*kh*kw") if method == "int4" else
+               lowbit_unsupported(k, _LOWBIT_BITS[method], group_size)
+               if method in _LOWBIT_BITS else None)
+        return why or QuantConv2d.from_conv(
+            mod, lambda lin: quantized_layer(lin, method, group_size, symmetric))
+    if method == "int8":
+        return Int8Linear.from_linear(mod)
+    if method == "int8-weight":
+        return Int8WeightOnlyLinear.from_linear(mod)
+    if method in _LOWBIT_BITS:
+        bits = _LOWBIT_BITS[method]
+        return lowbit_unsupported(mod.in_features, bits, group_size) or \
+            LowBitLinear.from_linear(mod, bits=bits, group_size=group_size)
+    return _int4_reason(mod.in_features, group_size, "in_features") or \
+        Int4Linear.from_linear(mod, group_size=group_size, symmetric=symmetric)
+
+
+def _int4_reason(k: int, group_size: int, what: str) -> Optional[str]:
+    if group_size != -1 and k % group_size:
+        return f"{what} {k} is not a multiple of group_size {group_size} (int4)"
+    if k % 2:
+        return f"{what} {k} is odd: int4 packs two values per byte"
+    return None
+
+
+def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
+             symmetric: bool = True, include: Filter = None, exclude: Filter = None,
+             conv: bool = True) -> nn.Module:
+    """Replace nn.Linear (and nn.Conv2d) layers by quantized pyfast layers, in place;
+    returns model.
+
+    method: "int8" (W8A8, Int8Linear), "int8-weight" (Int8WeightOnlyLinear) or
+    "int4" (Int4Linear with group_size 32/64/128/-1 and symmetric or not), "int2"
+    (LowBitLinear, 2-bit asymmetric groups) or "binary" (LowBitLinear, 1 bit with a
+    mean-|w| scale). group_size None means 128, and per channel (-1) for binary.
+    include/exclude: glob(s) on module names (e.g. "blocks.*.mlp.*") or a
+    callable(name, module) -> bool. Layers whose in_features the format cannot
+    take (int4: not a multiple of group_size) are skipped with the reason.
+    conv: also quantize nn.Conv2d as QuantConv2d (im2col + the same layer, with
+    in_features = C_in*kh*kw); grouped convs and non-zero padding modes are skipped
+    with the reason. conv=False leaves every Conv2d alone.
+    """
+    if group_size is None:
+        group_size = -1 if method == "binary" else 128
+    check_quant_args(method, group_size, symmetric)
+    if not isinstance(conv, bool):
+        raise TypeError(f"conv must be a bool, got {conv!r}")
+
+    def convert(name: str, mod: nn.Module):
+        return quantized_layer(mod, method, group_size, symmetric)
+
+    def is_target(mod: nn.Module) -> bool:
+        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
 
     with torch.no_grad():
-        return _walk(model, include, exclude, convert)
+        return _walk(model, include, exclude, convert, is_target)
 
 
 def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,

@@ -1,104 +1,132 @@
-"""The main job: compress a small transformer-style MLP and compare it with fp32.
+"""The main demo: every pyfast compression workflow on real data, side by side.
 
-    python -m pyfast                 # built-in defaults
-    python -m pyfast --dim 1024 --blocks 2 --tokens 128
+    python -m pyfast                     # built-in defaults (about a minute on 2 cores)
+    python -m pyfast --only "int4 RTN g32;2:4 + fine-tune" --out /tmp/demo
 
-Builds the model in code (seeded, no download), makes one copy per format
-(W8A8 int8, int8 weight-only, int4 group 128, 2:4 sparse), prints pyfast.summary
-for each, then a table of size, output error against fp32 and latency. Latencies
-are medians of rounds that run every variant back to back, so the ratios come
-from the same moments of a noisy machine; they are a demo, not a benchmark
-(bench/ is the benchmark).
+On scikit-learn's bundled digits (8x8 images, no download) it trains a small CNN
+teacher, applies each recipe of pyfast/demo_recipes.py to a copy, saves each
+result with pyfast.save, reloads it into a skeleton built on the meta device
+(checking the outputs are identical), and prints a table of test accuracy,
+parameters, nonzero weights, file size and CPU latency, plus a PNG plot of
+accuracy against file size. Latencies are medians of rounds that run every model
+back to back on the same batch, so the ratios come from the same moments of a
+noisy machine.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
+import os
+import re
 import time
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
 
 import pyfast
+from pyfast import demo_recipes
+from pyfast.demo_mlp import median_ms
+from pyfast.digits import DigitsCNN, accuracy, load_digits, train
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block of a transformer: x + W2 gelu(W1 norm(x))."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+def _params(model: nn.Module):
+    """(weights+biases the layers stand for, of which nonzero), from pyfast.summary."""
+    rows = pyfast.summary(model, print_table=False)
+    total = sum(r.params for r in rows)
+    return total, round(sum(r.params * (1.0 - r.sparsity) for r in rows))
 
 
-def build_model(dim: int, blocks: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(*[Block(dim, 4 * dim) for _ in range(blocks)]).eval()
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-VARIANTS: Dict[str, Callable[[nn.Module], nn.Module]] = {
-    "fp32": lambda m: m,
-    "int8 W8A8": lambda m: pyfast.quantize(m, "int8"),
-    "int8 weight-only": lambda m: pyfast.quantize(m, "int8-weight"),
-    "int4 g128": lambda m: pyfast.quantize(m, "int4", group_size=128),
-    "2:4 sparse": lambda m: pyfast.sparsify(m, "2:4"),
-}
-
-
-def _median_ms(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in models}
+def _reload_matches(name: str, model: nn.Module, path: str, width: int, x: torch.Tensor) -> bool:
+    with torch.device("meta"):
+        skeleton = DigitsCNN(width=width)
+    loaded = pyfast.load(skeleton, path).eval()
     with torch.inference_mode():
-        for m in models.values():  # warm-up
-            m(x)
-        for _ in range(rounds):
-            for name, m in models.items():
-                t0 = time.perf_counter_ns()
-                m(x)
-                times[name].append((time.perf_counter_ns() - t0) / 1e6)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return torch.equal(loaded(x), model(x))
+
+
+def _plot(rows, path: str) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'pyfast[demo]'): no plot"
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        ax.scatter(r["kib"], 100 * r["acc"], s=30)
+        ax.annotate(r["name"], (r["kib"], 100 * r["acc"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (KiB, pyfast.save, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("digits CNN: accuracy vs size of each compressed model")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyfast", description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=512, help="model width (hidden = 4 x dim)")
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=64, help="rows of the input batch (M)")
-    p.add_argument("--rounds", type=int, default=15, help="timing rounds (median)")
+    p.add_argument("--epochs", type=int, default=12, help="teacher training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--student-epochs", type=int, default=12)
+    p.add_argument("--only", default="", help="recipe names separated by ';' (default: all)")
+    p.add_argument("--out", default="demo-output", help="folder for the saved models and the plot")
+    p.add_argument("--rounds", type=int, default=20, help="latency rounds (median)")
+    p.add_argument("--batch", type=int, default=64, help="latency batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(";") if n.strip()] or list(demo_recipes.RECIPES)
+    unknown = [n for n in names if n not in demo_recipes.RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; accepted: {list(demo_recipes.RECIPES)}")
+    settings = demo_recipes.Settings(args.finetune_epochs, args.student_epochs, seed=args.seed,
+                                     progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
 
-    base = build_model(args.dim, args.blocks)
-    x = torch.randn(args.tokens, args.dim)
-    print(f"model: {args.blocks} MLP blocks, dim {args.dim}, hidden {4 * args.dim}; "
-          f"input [{args.tokens}, {args.dim}] float32; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(pyfast.backends(), "\n")
+    data = load_digits(seed=args.seed)
+    print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images of 8x8; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.manual_seed(args.seed)
+    teacher = train(DigitsCNN(width=32), data, epochs=args.epochs, seed=args.seed,
+                    progress=settings.progress, desc="teacher")
+    models: Dict[str, nn.Module] = {"fp32 teacher": teacher}
+    for name in names:
+        print(f"-> {name}", flush=True)
+        models[name] = demo_recipes.run(name, teacher, data, settings)
 
-    models = {name: make(copy.deepcopy(base)) for name, make in VARIANTS.items()}
-    for name in ("int8 W8A8", "int4 g128", "2:4 sparse"):
-        print(f"== {name}")
-        pyfast.summary(models[name])
-        print()
-
-    with torch.inference_mode():
-        ref = base(x)
-    ms = _median_ms(models, x, args.rounds)
-    print(f"{'variant':<18}{'linear bytes':>14}{'smaller':>9}{'rel. error':>12}"
-          f"{'latency ms':>12}{'vs fp32':>9}")
-    for name, m in models.items():
-        s = pyfast.summary(m, print_table=False)
-        with torch.inference_mode():
-            err = float((m(x) - ref).norm() / ref.norm())
-        print(f"{name:<18}{s.total_after / 2**20:>12.2f}Mi{s.total_before / s.total_after:>8.2f}x"
-              f"{err:>12.2e}{ms[name]:>12.2f}{ms['fp32'] / ms[name]:>8.2f}x")
-    print("\nvs fp32 > 1 means faster. Backends used are the defaults above; "
-          "`python -m bench.run` measures each op and backend on LLM shapes.")
-    return 0
+    x_lat = data.x_test[:args.batch]
+    ms = median_ms(models, x_lat, args.rounds)
+    rows = []
+    for name, model in models.items():
+        path = os.path.join(args.out, f"{_slug(name)}.safetensors")
+        size = pyfast.save(model, path)
+        width = 16 if "half-width" in name else 32
+        total, nonzero = _params(model)
+        rows.append(dict(name=name, acc=accuracy(model, data.x_test, data.y_test), params=total,
+                         nonzero=nonzero, kib=size / 1024, ms=ms[name],
+                         reload=_reload_matches(name, model, path, width, data.x_test)))
+    base = rows[0]
+    print(f"\n{'model':<28}{'test acc':>9}{'params':>9}{'nonzero':>9}{'file KiB':>10}"
+          f"{'smaller':>9}{'ms/batch':>10}{'vs fp32':>9}  reload")
+    for r in rows:
+        print(f"{r['name']:<28}{100 * r['acc']:>8.2f}%{r['params']:>9,}{r['nonzero']:>9,}"
+              f"{r['kib']:>10.1f}{base['kib'] / r['kib']:>8.2f}x{r['ms']:>10.2f}"
+              f"{base['ms'] / r['ms']:>8.2f}x  {'ok' if r['reload'] else 'MISMATCH'}")
+    print(f"\nbatch of {args.batch} images for latency (median of {args.rounds} rounds); "
+          "params = weights and biases of the linear and conv layers; file = pyfast.save; "
+          "reload = pyfast.load into a meta skeleton gives identical outputs.")
+    print(_plot(rows, os.path.join(args.out, "accuracy_vs_size.png")))
+    print(f"done in {time.perf_counter() - t_start:.0f} s")
+    return 0 if all(r["reload"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -41,6 +41,30 @@ int4 weights, group-wise  (pack_int4, int4_mm)
                 q = clamp(round(w / scale) + zero, 0, 15)
     group_size is one of 32, 64, 128 or -1; K must be even and a multiple of group_size.
 
+int2 and binary weights, group-wise  (pack_lowbit, lowbit_mm; bits = 2 or 1)
+    packed : uint8   [N, K*bits/8] element k sits in byte k // (8/bits), at bit offset
+                              (k % (8/bits)) * bits, low bits first (as int4: low nibble = even k):
+                              2-bit: packed[n, j] = q[4j] | q[4j+1] << 2 | q[4j+2] << 4 | q[4j+3] << 6
+                              1-bit: packed[n, j] = sum_i q[8j+i] << i
+    scales : float32 [N, G]   G = K / group_size (G = 1 when group_size == -1, per channel)
+    group_size is one of 32, 64, 128 or -1; K must be a multiple of 8/bits (4 for int2,
+    8 for binary) and of group_size.
+    bits = 2 (int2), asymmetric, the int4 asymmetric rule with 3 in place of 15:
+        zeros : uint8 [N, G]  zero point 0..3
+        scale = (max - min) / 3 over the group with min <= 0 <= max forced (1.0 where that
+        is 0, NaN for a NaN group), zero = clamp(round(-min / scale), 0, 3),
+        q = clamp(round(w / scale) + zero, 0, 3),   w[n, k] = (q - zeros[n, g]) * scales[n, g]
+    bits = 1 (binary, XNOR-Net: Rastegari et al. 2016, "XNOR-Net: ImageNet Classification
+        Using Binary Convolutional Neural Networks"):
+        zeros : uint8 [N, 0]  empty: a binary weight has no zero point, so no byte is spent
+                              on one (lowbit_mm requires exactly this shape)
+        q = (w >= 0) (so -0.0 and +0.0 give 1, NaN gives 0),  w[n, k] = (2 q - 1) * scales[n, g]
+        scale = mean(|w_group|), the L2-optimal scale for sign(w) (XNOR-Net eq. 4),
+        summed in float64 and rounded once to float32 (so it does not depend on the order),
+        NOT clamped like the other scales: an all-zero group keeps scale 0 and dequantizes
+        to exactly 0 (1.0 would turn zeros into +-1); NaN for a group holding a NaN.
+    lowbit_mm: out = x @ W.T + bias, computed in float32, cast to x.dtype.
+
 2:4 semi-structured sparsity along K  (sparse24_compress, sparse24_mm)
     Each row of w [N, K] is cut into K/4 groups of 4 consecutive k; a group may hold
     at most 2 nonzeros (NaN counts as nonzero).
@@ -55,4 +79,5 @@ int4 weights, group-wise  (pack_int4, int4_mm)
 """
 
 INT4_GROUP_SIZES = (32, 64, 128, -1)
+LOWBIT_BITS = (1, 2)          # pack_lowbit / lowbit_mm: binary, int2
 FLOAT_DTYPES_NAMES = ("float32", "float16", "bfloat16")

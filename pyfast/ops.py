@@ -37,6 +37,12 @@ SCHEMAS: Dict[str, str] = {
     # x [M, K] float, packed/scales/zeros as above -> [M, N] x.dtype
     "int4_mm": "int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, "
                "int group_size, Tensor? bias=None) -> Tensor",
+    # w [N, K] float, bits 1|2 -> (packed uint8 [N, K*bits/8], scales f32 [N, G],
+    #                              zeros uint8 [N, G] (bits 2) or [N, 0] (bits 1))
+    "pack_lowbit": "pack_lowbit(Tensor w, int bits, int group_size) -> (Tensor, Tensor, Tensor)",
+    # x [M, K] float, packed/scales/zeros as above -> [M, N] x.dtype
+    "lowbit_mm": "lowbit_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int bits, "
+                 "int group_size, Tensor? bias=None) -> Tensor",
     # w [N, K] float, 2:4 along K -> (values [N, K/2] w.dtype, meta uint8 [N, K/4])
     "sparse24_compress": "sparse24_compress(Tensor w) -> (Tensor, Tensor)",
     # x [M, K] float, values [N, K/2], meta uint8 [N, K/4] -> [M, N] x.dtype
@@ -104,6 +110,34 @@ def _check_int4_mm(x, packed, scales, zeros, group_size, bias=None):
     chk.same_device(x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
 
 
+def _check_pack_lowbit(w, bits, group_size):
+    chk.tensor("w", w, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.lowbit_bits(bits)
+    chk.group_size(group_size, w.shape[1], k_name="w.shape[1] (K)", bits=bits)
+
+
+def _check_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.lowbit_bits(bits)
+    chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
+    k = x.shape[1]
+    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)", bits=bits)
+    n, groups = packed.shape[0], k // gs
+    chk.size("packed", packed, 1, k * bits // 8,
+             f"packed is [N, K*{bits}/8]: {8 // bits} {bits}-bit values per byte")
+    chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        chk.size(name, t, 0, n, "one row per output row N of packed")
+    chk.size("scales", scales, 1, groups, f"K / group_size = {k} / {group_size} groups")
+    if bits == 1:
+        chk.size("zeros", zeros, 1, 0, "binary weights have no zero point: zeros is [N, 0]")
+    else:
+        chk.size("zeros", zeros, 1, groups, f"K / group_size = {k} / {group_size} groups")
+    chk.bias(bias, n)
+    chk.same_device(x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
+
+
 def _check_sparse24_compress(w):
     chk.tensor("w", w, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.multiple_of_4("w.shape[1] (K)", w.shape[1])
@@ -146,6 +180,8 @@ CHECKS: Dict[str, Callable] = {
     "int8_weight_mm": _check_int8_weight_mm,
     "pack_int4": _check_pack_int4,
     "int4_mm": _check_int4_mm,
+    "pack_lowbit": _check_pack_lowbit,
+    "lowbit_mm": _check_lowbit_mm,
     "sparse24_compress": _check_sparse24_compress,
     "sparse24_mm": _check_sparse24_mm,
 }
@@ -188,6 +224,20 @@ def _fake_int4_mm(x, packed, scales, zeros, group_size, bias=None):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
+def _fake_pack_lowbit(w, bits, group_size):
+    _check_pack_lowbit(w, bits, group_size)
+    n, k = w.shape
+    groups = 1 if group_size == -1 else k // group_size
+    return (w.new_empty((n, k * bits // 8), dtype=torch.uint8),
+            w.new_empty((n, groups), dtype=torch.float32),
+            w.new_empty((n, groups if bits == 2 else 0), dtype=torch.uint8))
+
+
+def _fake_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias=None):
+    _check_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias)
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
 def _fake_sparse24_compress(w):
     _check_sparse24_compress(w)
     n, k = w.shape
@@ -206,6 +256,8 @@ FAKES: Dict[str, Callable] = {
     "int8_weight_mm": _fake_int8_weight_mm,
     "pack_int4": _fake_pack_int4,
     "int4_mm": _fake_int4_mm,
+    "pack_lowbit": _fake_pack_lowbit,
+    "lowbit_mm": _fake_lowbit_mm,
     "sparse24_compress": _fake_sparse24_compress,
     "sparse24_mm": _fake_sparse24_mm,
 }
@@ -224,6 +276,8 @@ REFERENCE: Dict[str, Callable] = {
     "int8_weight_mm": reference.int8_weight_mm,
     "pack_int4": reference.pack_int4,
     "int4_mm": reference.int4_mm,
+    "pack_lowbit": reference.pack_lowbit,
+    "lowbit_mm": reference.lowbit_mm,
     "sparse24_compress": reference.sparse24_compress,
     "sparse24_mm": reference.sparse24_mm,
 }
@@ -310,6 +364,20 @@ def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
     """W4A16: x [M,K] @ dequant(packed, scales, zeros).T + bias, in x.dtype."""
     _check_int4_mm(x, packed, scales, zeros, group_size, bias)
     return torch.ops.pyfast.int4_mm(x, packed, scales, zeros, group_size, bias)
+
+
+def pack_lowbit(w: Tensor, bits: int = 2, group_size: int = 128) -> Tuple[Tensor, Tensor, Tensor]:
+    """int2 (bits 2, asymmetric) or binary (bits 1, XNOR-Net) group-wise:
+    w [N,K] -> (packed u8 [N,K*bits/8], scales f32 [N,G], zeros u8 [N,G] or [N,0] for bits 1)."""
+    _check_pack_lowbit(w, bits, group_size)
+    return torch.ops.pyfast.pack_lowbit(w, bits, group_size)
+
+
+def lowbit_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int = 2,
+              group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
+    """W2A16 / W1A16: x [M,K] @ dequant(packed, scales, zeros).T + bias, in x.dtype."""
+    _check_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias)
+    return torch.ops.pyfast.lowbit_mm(x, packed, scales, zeros, bits, group_size, bias)
 
 
 def sparse24_compress(w: Tensor) -> Tuple[Tensor, Tensor]:

@@ -83,22 +83,34 @@ def int8_weight_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
 
 # --- int4 -------------------------------------------------------------------
 
+def affine_params(g: Tensor, maxq: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
+    """Group parameters of the integer formats (formats.py) from float32 g [..., gs]:
+    (scales float32 [...], zeros float32 [...], integer-valued). maxq = 15 (int4) or
+    3 (int2); symmetric (int4 only): scale amax / 7, zero 8. Shared with GPTQ, so its
+    scales are computed exactly as the pack ops compute them."""
+    if symmetric:
+        scales = safe_scale(g.abs().amax(dim=-1), float(maxq // 2))
+        return scales, torch.full_like(scales, float(maxq // 2 + 1))
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    scales = safe_scale(hi - lo, float(maxq))
+    zeros = torch.round(-lo / scales).nan_to_num_(0.0).clamp_(0, maxq)
+    return scales, zeros
+
+
+def affine_codes(w: Tensor, scales: Tensor, zeros: Tensor, maxq: int) -> Tensor:
+    """q = clamp(round(w / scale) + zero, 0, maxq) as float32 (NaN -> 0); shapes broadcast."""
+    return (torch.round(w / scales) + zeros).nan_to_num_(0.0).clamp_(0, maxq)
+
+
 def pack_int4(w: Tensor, group_size: int, symmetric: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """w [N, K] float -> (packed uint8 [N, K/2], scales float32 [N, G], zeros uint8 [N, G])."""
     n, k = w.shape
     gs = k if group_size == -1 else group_size
     g = w.float().reshape(n, k // gs, gs)
-    if symmetric:
-        scales = safe_scale(g.abs().amax(dim=2), 7.0)
-        zeros = torch.full_like(scales, 8.0)
-    else:
-        lo = g.amin(dim=2).clamp(max=0.0)
-        hi = g.amax(dim=2).clamp(min=0.0)
-        scales = safe_scale(hi - lo, 15.0)
-        zeros = torch.round(-lo / scales).nan_to_num_(0.0).clamp_(0, 15)
-    q = torch.round(g / scales[:, :, None]) + zeros[:, :, None]
-    q = q.nan_to_num_(0.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    return pack_nibbles(q), scales, zeros.to(torch.uint8)
+    scales, zeros = affine_params(g, 15, symmetric)
+    q = affine_codes(g, scales[:, :, None], zeros[:, :, None], 15)
+    return pack_nibbles(q.to(torch.uint8).reshape(n, k)), scales, zeros.to(torch.uint8)
 
 
 def pack_nibbles(q: Tensor) -> Tensor:
@@ -126,6 +138,71 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: i
 def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
             group_size: int, bias: Optional[Tensor]) -> Tensor:
     w = dequantize_int4(packed, scales, zeros, group_size)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+# --- int2 and binary (pack_lowbit, lowbit_mm) -------------------------------------------
+
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """uint8 [N, K] with values < 2**bits -> uint8 [N, K*bits/8], low bits = lowest k."""
+    n, k = q.shape
+    per = 8 // bits
+    g = q.reshape(n, k // per, per)
+    out = torch.zeros(n, k // per, dtype=torch.uint8, device=q.device)
+    for i in range(per):
+        out |= g[:, :, i] << (i * bits)
+    return out
+
+
+def unpack_bits(packed: Tensor, bits: int) -> Tensor:
+    """uint8 [N, K*bits/8] -> uint8 [N, K] with values 0 .. 2**bits - 1."""
+    per = 8 // bits
+    parts = [(packed >> (i * bits)) & (2 ** bits - 1) for i in range(per)]
+    return torch.stack(parts, dim=2).reshape(packed.shape[0], -1)
+
+
+def binary_scales(g: Tensor) -> Tensor:
+    """XNOR-Net's L2-optimal scale mean(|w|) over the last dim of g, as float32; 0 for an
+    all-zero group (which then dequantizes to 0), NaN for a group holding a NaN. Summed
+    in float64, so the result does not depend on the summation order (memory layout,
+    threads) and cannot overflow where the mean itself fits in float32."""
+    return g.double().abs().mean(dim=-1).float()
+
+
+def pack_lowbit(w: Tensor, bits: int, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] float -> (packed uint8 [N, K*bits/8], scales float32 [N, G],
+    zeros uint8 [N, G] for bits 2, [N, 0] for bits 1)."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g = w.float().contiguous().reshape(n, k // gs, gs)
+    if bits == 1:
+        q = (g >= 0).to(torch.uint8).reshape(n, k)
+        scales = binary_scales(g)
+        zeros = torch.zeros(n, 0, dtype=torch.uint8, device=w.device)
+        return pack_bits(q, 1), scales, zeros
+    scales, zeros = affine_params(g, 3, False)
+    q = affine_codes(g, scales[:, :, None], zeros[:, :, None], 3)
+    return pack_bits(q.to(torch.uint8).reshape(n, k), 2), scales, zeros.to(torch.uint8)
+
+
+def dequantize_lowbit(packed: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                      group_size: int) -> Tensor:
+    """The float32 weight [N, K] that lowbit_mm multiplies by."""
+    q = unpack_bits(packed, bits).float()
+    n, k = q.shape
+    gs = k if group_size == -1 else group_size
+    g = q.reshape(n, k // gs, gs)
+    if bits == 1:
+        w = (2 * g - 1) * scales.float()[:, :, None]
+    else:
+        w = (g - zeros.float()[:, :, None]) * scales.float()[:, :, None]
+    return w.reshape(n, k)
+
+
+def lowbit_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+              group_size: int, bias: Optional[Tensor]) -> Tensor:
+    w = dequantize_lowbit(packed, scales, zeros, bits, group_size)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype)
 

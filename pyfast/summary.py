@@ -1,11 +1,17 @@
-"""pyfast.summary(model): one row per linear layer, dense or compressed, and totals."""
+"""pyfast.summary(model): one row per linear/conv layer, dense or compressed, and totals.
+
+Rows: every nn.Linear and nn.Conv2d (dense; a layer pruned with pyfast.prune masks
+shows the sparsity of its effective, masked weight), every pyfast layer, and every
+wrapper around one (QuantConv2d): the wrapper is the row and its inner layer is not
+listed again, so nothing is counted twice.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .nn import Sparse24Linear, _CompressedLinear
 
@@ -19,6 +25,7 @@ class LayerRow:
     bytes_before: int    # the dense layer in its original dtype
     bytes_after: int     # what the layer stores now
     sparsity: float      # fraction of zero weights in the effective dense weight
+    weights: int = 0     # weight elements (no bias) that sparsity counts
 
 
 class Summary(list):
@@ -57,24 +64,39 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}MiB" if n >= 2**20 else f"{n / 2**10:.1f}KiB"
 
 
-def _dense_row(name: str, mod: nn.Linear) -> LayerRow:
-    w = mod.weight.detach()
+def _dense_row(name: str, mod: nn.Module) -> LayerRow:
+    """nn.Linear / nn.Conv2d; a masked (parametrized) weight is read as the forward sees it."""
+    with torch.no_grad():
+        w = mod.weight.detach()
     nbias = 0 if mod.bias is None else mod.bias.numel()
     nbytes = (w.numel() + nbias) * w.element_size()
     zeros = float((w == 0).sum()) / max(w.numel(), 1)
-    return LayerRow(name, type(mod).__name__, f"dense {str(w.dtype).replace('torch.', '')}",
-                    w.numel() + nbias, nbytes, nbytes, zeros)
+    masked = parametrize.is_parametrized(mod, "weight")
+    cls = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+    fmt = f"dense {str(w.dtype).replace('torch.', '')}" + (", masked" if masked else "")
+    return LayerRow(name, cls.__name__, fmt, w.numel() + nbias, nbytes, nbytes, zeros, w.numel())
 
 
-def _compressed_row(name: str, mod: _CompressedLinear) -> LayerRow:
-    n, k = mod.out_features, mod.in_features
-    params = n * k + (0 if mod.bias is None else n)
-    if isinstance(mod, Sparse24Linear):
-        sparsity = 1.0 - float((mod.values != 0).sum()) / (n * k)
+def _compressed_row(name: str, mod: nn.Module, inner: _CompressedLinear) -> LayerRow:
+    """A pyfast layer (mod is inner) or a wrapper around one (QuantConv2d: mod, its inner)."""
+    n, k = inner.out_features, inner.in_features
+    params = n * k + (0 if inner.bias is None else n)
+    if isinstance(inner, Sparse24Linear):
+        sparsity = 1.0 - float((inner.values != 0).sum()) / (n * k)
     else:
         sparsity = 0.0
-    return LayerRow(name, type(mod).__name__, mod.format, params, mod.dense_bytes(),
-                    mod.storage_bytes(), sparsity)
+    return LayerRow(name, type(mod).__name__, getattr(mod, "format", inner.format), params,
+                    mod.dense_bytes(), mod.storage_bytes(), sparsity, n * k)
+
+
+def _wrapped(mod: nn.Module):
+    """The pyfast layer a wrapper module (QuantConv2d) stands on, else None: a module that
+    is not itself a pyfast layer, reports its own bytes, and has one as a direct child."""
+    if isinstance(mod, _CompressedLinear) or not (callable(getattr(mod, "storage_bytes", None))
+                                                  and callable(getattr(mod, "dense_bytes", None))):
+        return None
+    inner = [c for c in mod.children() if isinstance(c, _CompressedLinear)]
+    return inner[0] if len(inner) == 1 else None
 
 
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
@@ -86,10 +108,17 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rows = Summary()
+    covered = []   # wrappers already listed: their inner layers are not listed again
     for name, mod in model.named_modules():
-        if isinstance(mod, _CompressedLinear):
-            rows.append(_compressed_row(name, mod))
-        elif isinstance(mod, nn.Linear):
+        if any(c == "" or name.startswith(c + ".") for c in covered):
+            continue
+        inner = _wrapped(mod)
+        if inner is not None:
+            rows.append(_compressed_row(name, mod, inner))
+            covered.append(name)
+        elif isinstance(mod, _CompressedLinear):
+            rows.append(_compressed_row(name, mod, mod))
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
             rows.append(_dense_row(name, mod))
     rows.skipped = dict(getattr(model, "pyfast_skipped", {}))
     if print_table:

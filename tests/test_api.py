@@ -160,3 +160,31 @@ def test_summary_rows_and_totals():
     assert rows["odd"].format == "dense float32" and rows["odd"].bytes_after == rows["odd"].bytes_before
     assert s.total_before == sum(x.bytes_before for x in s)
     assert "total" in str(s) and "x smaller" in str(s)
+
+
+# --- low-bit methods: int2 and binary through the same API -----------------------------------
+
+@pytest.mark.parametrize("method,group_size,bits,gs", [("int2", 32, 2, 32), ("int2", None, 2, 128),
+                                                       ("binary", None, 1, -1), ("binary", 64, 1, 64)])
+def test_quantize_lowbit_methods(method, group_size, bits, gs):
+    from pyfast.nn import LowBitLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4))
+    ref = {n: m.weight.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Linear)}
+    kw = {} if group_size is None else {"group_size": group_size}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        pyfast.quantize(model, method, **kw)
+    assert isinstance(model[0], LowBitLinear) and (model[0].bits, model[0].group_size) == (bits, gs)
+    # independent check of the layer's weight: the op's packing of the same weight
+    packed, scales, zeros = pyfast.ops.pack_lowbit(ref["0"], bits, gs)
+    assert torch.equal(model[0].packed, packed) and torch.equal(model[0].scales, scales)
+    if group_size == 32 or (method == "int2" and group_size is None):
+        assert "2" in model.pyfast_skipped        # 16 inputs: no whole group of 32 / 128
+    x = torch.randn(3, 128)
+    assert model(x).shape == (3, 4)
+
+
+def test_quantize_lowbit_rejects_bad_group_size():
+    with pytest.raises(ValueError, match="group_size 48 is not supported"):
+        pyfast.quantize(nn.Sequential(nn.Linear(64, 4)), "int2", group_size=48)

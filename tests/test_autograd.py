@@ -44,6 +44,29 @@ def test_int4_mm_grads_x_scales_bias(group_size):
     _close(got, _grads(by_hand, x, scales, b))
 
 
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (2, -1), (1, 32), (1, -1)])
+def test_lowbit_mm_grads_x_scales_bias(bits, group_size):
+    x, w, b = torch.randn(3, 64), torch.randn(7, 64), torch.randn(7)
+    packed, scales, zeros = pyfast.ops.pack_lowbit(w, bits, group_size)
+    q = pyfast.reference.unpack_bits(packed, bits).float()
+    gs = 64 if group_size == -1 else group_size
+    unit = 2 * q - 1 if bits == 1 else q - zeros.float().repeat_interleave(gs, 1)
+
+    def by_hand(x, s, b):
+        return F.linear(x, unit * s.repeat_interleave(gs, 1), b)
+
+    got = _grads(lambda x, s, b: pyfast.ops.lowbit_mm(x, packed, s, zeros, bits, group_size, b),
+                 x, scales, b)
+    _close(got, _grads(by_hand, x, scales, b))
+
+
+def test_pack_lowbit_backward_raises():
+    w = torch.randn(4, 32, requires_grad=True)
+    _, scales, _ = pyfast.ops.pack_lowbit(w, 1, 32)
+    with pytest.raises(RuntimeError, match="pyfast.pack_lowbit has no gradient: packing rounds"):
+        scales.sum().backward()
+
+
 def test_sparse24_mm_grads_x_values_bias():
     x, w, b = torch.randn(4, 32), torch.randn(6, 32), torch.randn(6)
     w = w * magnitude_24_mask(w)

@@ -35,6 +35,9 @@ class Case(NamedTuple):
 
 ACCEPT_FLOAT = "accepted: float32, float16, bfloat16"
 INT4 = dict(packed=u8(5, 32), scales=f32(5, 2), zeros=u8(5, 2))
+# lowbit_mm with x [3, 64], group_size 32: int2 (bits 2) and binary (bits 1, no zero points)
+INT2 = dict(packed=u8(5, 16), scales=f32(5, 2), zeros=u8(5, 2))
+BIN = dict(packed=u8(5, 8), scales=f32(5, 2), zeros=u8(5, 0))
 
 CASES = {
     # --- quantize_per_token
@@ -177,6 +180,72 @@ CASES = {
                           ValueError, "x.shape[1] (K) = 33 must be even to pack two int4 values"),
     "int4_mm-bias-length": Case("int4_mm", lambda: (f32(3, 64), *INT4.values(), 32, f32(4)),
                                 ValueError, "bias has shape (4,): dimension 0 must be 5"),
+    # --- pack_lowbit: w [4, 64]
+    "pack_lowbit-w-int": Case("pack_lowbit", lambda: (i8(4, 64), 2, 32), TypeError,
+                              f"w has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "pack_lowbit-w-1d": Case("pack_lowbit", lambda: (f32(64), 2, 32), ValueError,
+                             "w must be 2-D, got a 1-D tensor of shape (64,)"),
+    "pack_lowbit-bits-3": Case("pack_lowbit", lambda: (f32(4, 64), 3, 32), ValueError,
+                               "bits 3 is not supported; accepted: 1 (binary) or 2 (int2)"),
+    "pack_lowbit-bits-4": Case("pack_lowbit", lambda: (f32(4, 64), 4, 32), ValueError,
+                               "bits 4 is not supported; accepted: 1 (binary) or 2 (int2)"),
+    "pack_lowbit-bits-float": Case("pack_lowbit", lambda: (f32(4, 64), 2.0, 32), TypeError,
+                                   "bits must be an int, got 2.0", RuntimeError,
+                                   "Expected a value of type 'int' for argument 'bits'"),
+    "pack_lowbit-group-48": Case("pack_lowbit", lambda: (f32(4, 96), 1, 48), ValueError,
+                                 "group_size 48 is not supported; accepted: 32, 64, 128 or -1"),
+    "pack_lowbit-K-not-multiple": Case("pack_lowbit", lambda: (f32(4, 96), 2, 64), ValueError,
+                                       "w.shape[1] (K) = 96 is not a multiple of group_size 64"),
+    "pack_lowbit-K-30-int2": Case("pack_lowbit", lambda: (f32(4, 30), 2, -1), ValueError,
+                                  "w.shape[1] (K) = 30 must be a multiple of 4 to pack four "
+                                  "2-bit values per byte"),
+    "pack_lowbit-K-36-binary": Case("pack_lowbit", lambda: (f32(4, 36), 1, -1), ValueError,
+                                    "w.shape[1] (K) = 36 must be a multiple of 8 to pack eight "
+                                    "1-bit values per byte"),
+    "pack_lowbit-K-0": Case("pack_lowbit", lambda: (f32(4, 0), 2, -1), ValueError,
+                            "w.shape[1] (K) = 0 must be positive for group_size -1"),
+    # --- lowbit_mm: x [3, 64], group_size 32 (INT2 and BIN above)
+    "lowbit_mm-x-float64": Case("lowbit_mm", lambda: (f32(3, 64).double(), *INT2.values(), 2, 32),
+                                TypeError, f"x has dtype torch.float64; {ACCEPT_FLOAT}"),
+    "lowbit_mm-bits-4": Case("lowbit_mm", lambda: (f32(3, 64), *INT4.values(), 4, 32), ValueError,
+                             "bits 4 is not supported; accepted: 1 (binary) or 2 (int2)"),
+    "lowbit_mm-packed-int8": Case("lowbit_mm", lambda: (f32(3, 64), i8(5, 16), INT2["scales"],
+                                                        INT2["zeros"], 2, 32), TypeError,
+                                  "packed has dtype torch.int8; accepted: uint8"),
+    "lowbit_mm-packed-K-int2": Case("lowbit_mm", lambda: (f32(3, 64), u8(5, 32), INT2["scales"],
+                                                          INT2["zeros"], 2, 32), ValueError,
+                                    "packed has shape (5, 32): dimension 1 must be 16 "
+                                    "(packed is [N, K*2/8]: 4 2-bit values per byte)"),
+    "lowbit_mm-packed-K-binary": Case("lowbit_mm", lambda: (f32(3, 64), *INT2.values(), 1, 32),
+                                      ValueError, "packed has shape (5, 16): dimension 1 must be 8 "
+                                      "(packed is [N, K*1/8]: 8 1-bit values per byte)"),
+    "lowbit_mm-scales-groups": Case("lowbit_mm", lambda: (f32(3, 64), BIN["packed"], f32(5, 1),
+                                                          BIN["zeros"], 1, 32), ValueError,
+                                    "scales has shape (5, 1): dimension 1 must be 2 "
+                                    "(K / group_size = 64 / 32 groups)"),
+    "lowbit_mm-scales-rows": Case("lowbit_mm", lambda: (f32(3, 64), INT2["packed"], f32(4, 2),
+                                                        INT2["zeros"], 2, 32), ValueError,
+                                  "scales has shape (4, 2): dimension 0 must be 5 "
+                                  "(one row per output row N of packed)"),
+    "lowbit_mm-zeros-binary": Case("lowbit_mm", lambda: (f32(3, 64), BIN["packed"], BIN["scales"],
+                                                         u8(5, 2), 1, 32), ValueError,
+                                   "zeros has shape (5, 2): dimension 1 must be 0 (binary weights "
+                                   "have no zero point: zeros is [N, 0])"),
+    "lowbit_mm-zeros-int2-empty": Case("lowbit_mm", lambda: (f32(3, 64), INT2["packed"],
+                                                             INT2["scales"], u8(5, 0), 2, 32),
+                                       ValueError, "zeros has shape (5, 0): dimension 1 must be 2 "
+                                       "(K / group_size = 64 / 32 groups)"),
+    "lowbit_mm-zeros-float": Case("lowbit_mm", lambda: (f32(3, 64), INT2["packed"], INT2["scales"],
+                                                        f32(5, 2), 2, 32), TypeError,
+                                  "zeros has dtype torch.float32; accepted: uint8"),
+    "lowbit_mm-K-30": Case("lowbit_mm", lambda: (f32(3, 30), u8(5, 7), f32(5, 1), u8(5, 1), 2, -1),
+                           ValueError, "x.shape[1] (K) = 30 must be a multiple of 4 to pack four "
+                           "2-bit values per byte"),
+    "lowbit_mm-group-64-K-96": Case("lowbit_mm", lambda: (f32(3, 96), u8(5, 12), f32(5, 1),
+                                                          u8(5, 0), 1, 64), ValueError,
+                                    "x.shape[1] (K) = 96 is not a multiple of group_size 64"),
+    "lowbit_mm-bias-length": Case("lowbit_mm", lambda: (f32(3, 64), *BIN.values(), 1, 32, f32(4)),
+                                  ValueError, "bias has shape (4,): dimension 0 must be 5"),
     # --- sparse24_compress
     "sparse24_compress-w-int": Case("sparse24_compress", lambda: (i8(4, 8),), TypeError,
                                     f"w has dtype torch.int8; {ACCEPT_FLOAT}"),
@@ -296,6 +365,9 @@ def test_inputs_on_different_devices(path):
     p, s, z = ops.pack_int4(torch.randn(5, 64), 32, True)
     with pytest.raises(ValueError, match=re.escape("packed is on cpu but x is on cuda:0")):
         mod.int4_mm(x, p, s.cuda(), z.cuda(), 32)
+    p2, s2, z2 = ops.pack_lowbit(torch.randn(5, 64), 2, 32)
+    with pytest.raises(ValueError, match=re.escape("scales is on cpu but x is on cuda:0")):
+        mod.lowbit_mm(x, p2.cuda(), s2, z2.cuda(), 2, 32)
     v, m = ops.sparse24_compress(torch.zeros(5, 64))
     with pytest.raises(ValueError, match=re.escape("meta is on cpu but x is on cuda:0")):
         mod.sparse24_mm(x, v.cuda(), m)

@@ -3,11 +3,12 @@ turn, against the reference; opcheck on every op; the dispatch rule branch by br
 
 Tolerances (stated once, used below):
   * exact where the arithmetic is exact: quantize_per_token (int8 values and float32
-    scales), pack_int4 and sparse24_compress (element-wise formulas of formats.py),
+    scales), pack_int4, pack_lowbit and sparse24_compress (element-wise formulas of
+    formats.py),
     int8_mm with float32 out (int32 accumulation, float32 epilogue in a fixed order);
   * int8_mm with float16/bfloat16 out: one ulp of the output dtype (a kernel whose
     float32 epilogue rounds differently by one float32 ulp can flip the final cast);
-  * float matmuls (int8_weight_mm, int4_mm, sparse24_mm): twice the error PyTorch's
+  * float matmuls (int8_weight_mm, int4_mm, lowbit_mm, sparse24_mm): twice the error PyTorch's
     own F.linear makes in the same dtype against float64, plus one ulp of the largest
     output (FlashAttention's rule; tests/_helpers.py: linear_tolerance).
 """
@@ -278,6 +279,7 @@ def _noncontiguous_cases(device, dtype):
     w8, w8_s = _int8((n, k), device), torch.rand(n, device=device) / 100
     w = torch.randn(n, k).to(dtype).to(device)
     p4 = ops.pack_int4(torch.randn(n, k, device=device), 32, False)
+    p2 = ops.pack_lowbit(torch.randn(n, k, device=device), 2, 32)
     w24 = random_24(n, k, dtype, device)
     v, mt = ops.sparse24_compress(w24)
     bias = torch.randn(n, device=device).to(dtype)
@@ -288,6 +290,8 @@ def _noncontiguous_cases(device, dtype):
         "int8_weight_mm": ((x, w8, w8_s, bias), (0, 1)),
         "pack_int4": ((w, 32, True), (0,)),
         "int4_mm": ((x,) + tuple(p4) + (32, bias), (0, 1, 2, 3)),
+        "pack_lowbit": ((w, 1, 32), (0,)),
+        "lowbit_mm": ((x,) + tuple(p2) + (2, 32, bias), (0, 1, 2, 3)),
         "sparse24_compress": ((w24,), (0,)),
         "sparse24_mm": ((x, v, mt, bias), (0, 1, 2)),
     }
@@ -295,7 +299,8 @@ def _noncontiguous_cases(device, dtype):
 
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
-BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "pack_int4", "sparse24_compress")
+BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "pack_int4", "pack_lowbit",
+                 "sparse24_compress")
 
 
 def _same(got, ref, dtype, op):
@@ -337,6 +342,8 @@ def _opcheck_cases():
     w = torch.randn(7, 64, generator=g)
     p32 = reference.pack_int4(w, 32, True)
     pch = reference.pack_int4(w, -1, False)
+    l2 = reference.pack_lowbit(w, 2, 32)
+    l1 = reference.pack_lowbit(w, 1, -1)
     v, m = reference.sparse24_compress(random_24(7, 64, gen=g))
     vh, mh = reference.sparse24_compress(random_24(7, 64, torch.float16, gen=g))
     return [
@@ -352,6 +359,10 @@ def _opcheck_cases():
         ("pack_int4", (w.bfloat16(), -1, False)),
         ("int4_mm", (x, *p32, 32, None)),
         ("int4_mm", (x.bfloat16(), *pch, -1, torch.randn(7).bfloat16())),
+        ("pack_lowbit", (w, 2, 32)),
+        ("pack_lowbit", (w.half(), 1, -1)),
+        ("lowbit_mm", (x, *l2, 2, 32, None)),
+        ("lowbit_mm", (x.bfloat16(), *l1, 1, -1, torch.randn(7).bfloat16())),
         ("sparse24_compress", (random_24(7, 64, gen=g),)),
         ("sparse24_compress", (random_24(3, 20, torch.float16, gen=g),)),
         ("sparse24_mm", (x, v, m, None)),

@@ -27,6 +27,8 @@ COMPRESS = {
     "int4-channel": lambda m: pyfast.quantize(m, "int4", group_size=-1),
     "2:4": lambda m: pyfast.sparsify(m, "2:4"),
     "2:4-bf16": lambda m: pyfast.sparsify(m.to(torch.bfloat16), "2:4"),
+    "int4-bf16": lambda m: pyfast.quantize(m.to(torch.bfloat16), "int4", group_size=32),
+    "int8-fp16": lambda m: pyfast.quantize(m.half(), "int8"),
     "mixed": lambda m: pyfast.quantize(pyfast.sparsify(m, include="2"), "int4", include="0"),
 }
 
@@ -41,15 +43,15 @@ def test_round_trip_is_bit_exact(tmp_path, how, skeleton_on):
     torch.manual_seed(1)                       # a skeleton with other (random) float weights
     with torch.device(skeleton_on):
         skeleton = _mlp()
-    if how == "2:4-bf16":
-        skeleton = skeleton.to(torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(how[-4:], torch.float32)
+    skeleton = skeleton.to(dtype)
     loaded = pyfast.load(skeleton, path)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
     for key in want:
         assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
-    x = torch.randn(5, 256).to(next(iter(want.values())).dtype if how == "2:4-bf16" else torch.float32)
+    x = torch.randn(5, 256).to(dtype)
     assert torch.equal(loaded(x), model(x))
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
 

@@ -7,6 +7,9 @@ empty buffers of the right shapes and dtypes.
 """
 from .linear import (Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear,
                      _CompressedLinear)
+from .lowbit import LowBitLinear
+from .static import StaticInt8Linear
+from .conv import QuantConv2d
 
 
 def compressed_layer_types() -> tuple:
@@ -21,5 +24,6 @@ def compressed_layer_types() -> tuple:
     return tuple(out)
 
 
-__all__ = ["Int8Linear", "Int8WeightOnlyLinear", "Int4Linear", "Sparse24Linear",
+__all__ = ["Int8Linear", "Int8WeightOnlyLinear", "Int4Linear", "Sparse24Linear", "LowBitLinear",
+           "StaticInt8Linear", "QuantConv2d",
            "compressed_layer_types"]

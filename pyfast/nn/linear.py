@@ -79,6 +79,8 @@ class _CompressedLinear(nn.Module):
         orig = _dtype_from_name(cfg.pop("orig_dtype", "float32"))
         layer = cls(**cfg, device=device)
         layer.orig_dtype = orig
+        if layer.bias is not None:   # from_linear keeps the bias in the dense layer's dtype
+            layer.bias = torch.zeros(layer.out_features, dtype=orig, device=device)
         return layer
 
     def storage_bytes(self) -> int:

@@ -1,0 +1,62 @@
+"""StaticInt8Linear: W8A8 with a calibrated (static) activation scale.
+
+Like Int8Linear, the weight is int8 per output channel (weight_int8 [N, K] int8,
+weight_scale [N] float32, the quantize_per_token rule of pyfast/formats.py). Unlike
+it, activations are not scaled per token at run time: one float32 scale `input_scale`
+[1], chosen once by calibration (pyfast.quant observers), quantizes every input
+(quantize_static: round-half-to-even(x / scale), clamped to [-127, 127], so values
+beyond 127 * scale clip). That saves the per-row max reduction at run time, at the
+price of clipping or coarser steps where the calibration data were not representative.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks as chk
+from .. import ops
+from .linear import _Int8WeightLinear
+
+Tensor = torch.Tensor
+
+
+class StaticInt8Linear(_Int8WeightLinear):
+    """W8A8 static: int8 per-channel weights, int8 activations with one calibrated scale.
+
+    Buffers: weight_int8 int8 [N, K], weight_scale float32 [N], input_scale float32 [1],
+    bias [N] (optional, float).
+    """
+
+    format = "int8 W8A8 static"  # calibrated per-tensor activation scale
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, input_scale: Tensor = None) -> "StaticInt8Linear":
+        """linear's weight quantized per channel; input_scale: float32 [1], positive and
+        finite (an observer's scale(), pyfast.quant)."""
+        if input_scale is None:
+            raise ValueError("input_scale is required: a calibrated float32 [1] scale "
+                             "(pyfast.quant.prepare_static / calibrate / convert_static)")
+        chk.tensor("input_scale", input_scale, dtypes=(torch.float32,))
+        if input_scale.numel() != 1:
+            raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}; "
+                             "accepted: one value, float32 [1]")
+        ops.check_static_scale("input_scale", input_scale)
+        layer = super().from_linear(linear)
+        layer.input_scale.copy_(input_scale.detach().reshape(1).to(layer.input_scale.device))
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = self._flat(x)
+        q, s = torch.ops.pyfast.quantize_static(x2, self.input_scale)
+        out = torch.ops.pyfast.int8_mm(q, self.weight_int8, s, self.weight_scale,
+                                       self.bias, x.dtype)
+        return self._unflat(out, x)
+
+    def extra_repr(self) -> str:
+        if self.input_scale.device.type == "meta":
+            return super().extra_repr()
+        return f"{super().extra_repr()}, input_scale={float(self.input_scale):.4g}"

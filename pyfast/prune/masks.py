@@ -1,0 +1,160 @@
+"""Pruning masks that stay applied while the model trains, and finish() to make them permanent.
+
+torch.nn.utils.prune keeps `weight_orig` and recomputes `weight = weight_orig * mask`
+in a forward pre-hook. pyfast does the same with torch.nn.utils.parametrize: the
+layer's `weight` becomes the output of a WeightMask parametrization,
+
+    weight = parametrizations.weight.original * mask        (mask: bool buffer, weight's shape)
+
+so d loss / d original = mask * d loss / d weight is exactly 0 on pruned entries.
+The pruned entries of `original` are also set to 0 when the mask is applied, so
+plain SGD, SGD with momentum, Adam (its L2 weight decay adds wd * 0) and AdamW
+(decays 0 to 0) all leave them at 0: no optimizer can revive a pruned weight.
+Masks combine with AND, so pruning a layer again never brings a weight back.
+
+finish(model) removes the parametrizations and leaves `weight` a plain Parameter
+holding the masked values; finish(model, to_sparse24=True) also turns each masked
+layer whose weight is exactly 2:4 into a Sparse24Linear (a Conv2d into a
+QuantConv2d around one, on the flattened [C_out, C_in*kh*kw] weight).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..api import Filter, _matcher, _walk
+from ..nn import QuantConv2d, Sparse24Linear
+from ..nn.conv import conv_unsupported_reason
+from ..sparsity import is_24
+
+Tensor = torch.Tensor
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
+class WeightMask(nn.Module):
+    """Parametrization weight = original * mask; mask a bool buffer of the weight's shape."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().to(torch.bool).clone())
+
+    def forward(self, original: Tensor) -> Tensor:
+        return original * self.mask   # bool promotes to original's dtype; same shape
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def targets(model: nn.Module, include: Filter = None,
+            exclude: Filter = None) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every nn.Linear / nn.Conv2d the filters select, in model order.
+
+    include/exclude: glob(s) on module names or a callable(name, module) -> bool,
+    as in pyfast.quantize (pyfast/api.py)."""
+    check_model(model)
+    inc = _matcher(include, "include", True)
+    exc = _matcher(exclude, "exclude", False)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, PRUNABLE) and inc(n, m) and not exc(n, m)]
+
+
+def _mask_param(module: nn.Module) -> Optional[WeightMask]:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    masks = [p for p in module.parametrizations.weight if isinstance(p, WeightMask)]
+    return masks[0] if masks else None
+
+
+def get_mask(module: nn.Module) -> Optional[Tensor]:
+    """The bool mask [weight's shape] applied to module.weight, or None if not masked."""
+    p = _mask_param(module)
+    return None if p is None else p.mask
+
+
+def is_masked(module: nn.Module) -> bool:
+    return _mask_param(module) is not None
+
+
+def apply_mask(module: nn.Module, mask: Tensor, name: str = "") -> None:
+    """AND `mask` (bool, module.weight's shape) into the module's mask, creating it if needed."""
+    weight = module.weight
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask for layer {name!r} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask for layer {name!r} has shape {tuple(mask.shape)}; it must have "
+                         f"the weight's shape {tuple(weight.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask for layer {name!r} has dtype {mask.dtype}; accepted: torch.bool "
+                        "(True = keep)")
+    mask = mask.to(weight.device)
+    p = _mask_param(module)
+    if p is None:
+        parametrize.register_parametrization(module, "weight", WeightMask(mask))
+    else:
+        p.mask &= mask
+    with torch.no_grad():   # zero the stored values too: no optimizer can move them off 0
+        module.parametrizations.weight.original.mul_(_mask_param(module).mask)
+
+
+def effective_weight(module: nn.Module) -> Tensor:
+    """module.weight as the forward uses it (masked), detached."""
+    with torch.no_grad():
+        return module.weight.detach()
+
+
+def record_skipped(model: nn.Module, skipped: Dict[str, str], done: List[str]) -> None:
+    """Merge reasons into model.pyfast_skipped (shown by pyfast.summary) and warn once,
+    as pyfast.quantize does; layers handled in this call (`done`) leave the list."""
+    merged = dict(getattr(model, "pyfast_skipped", {}))
+    for name in done:
+        merged.pop(name or "<root>", None)
+    merged.update({(n or "<root>"): r for n, r in skipped.items()})
+    model.pyfast_skipped = merged
+    if skipped:
+        warnings.warn("pyfast.prune left these layers as they were: "
+                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
+
+
+def _sparse24(name: str, mod: nn.Module):
+    """The 2:4 layer for a finished (unmasked) Linear/Conv2d, or why it stays dense."""
+    w = mod.weight.detach()
+    flat = w.reshape(w.shape[0], -1)
+    if flat.shape[1] % 4:
+        return f"input size {flat.shape[1]} is not a multiple of 4: cannot be 2:4; stays dense"
+    if not is_24(flat):
+        return "weight is not 2:4 (prune it with prune.n_m(model, 2, 4) first); stays dense"
+    if isinstance(mod, nn.Conv2d):
+        return conv_unsupported_reason(mod) or QuantConv2d.from_conv(mod, Sparse24Linear.from_linear)
+    return Sparse24Linear.from_linear(mod)
+
+
+def finish(model: nn.Module, to_sparse24: bool = False) -> nn.Module:
+    """Make every pruning mask permanent, in place; returns model.
+
+    Each masked layer's weight becomes a plain Parameter holding weight * mask (the
+    parametrization and its mask are removed). to_sparse24=True then replaces each
+    masked nn.Linear whose weight is exactly 2:4 by Sparse24Linear.from_linear, and
+    each such nn.Conv2d by a QuantConv2d with a Sparse24Linear inside; masked layers
+    that are not 2:4 stay dense and are listed in model.pyfast_skipped with the reason.
+    """
+    check_model(model)
+    if not isinstance(to_sparse24, bool):
+        raise TypeError(f"to_sparse24 must be a bool, got {to_sparse24!r}")
+    finished = set()
+    for _, mod in list(model.named_modules()):
+        if is_masked(mod):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            finished.add(id(mod))
+    if to_sparse24 and finished:
+        with torch.no_grad():
+            _walk(model, None, None, _sparse24, lambda m: id(m) in finished)
+    return model

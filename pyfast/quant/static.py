@@ -1,0 +1,157 @@
+"""Calibrated static int8 (W8A8 with one activation scale per layer).
+
+    prepare_static(model, observer="mse")   # an observer on the input of each Linear / Conv2d
+    calibrate(model, batches)               # run a few representative batches
+    convert_static(model)                   # -> StaticInt8Linear / QuantConv2d(StaticInt8Linear)
+    # or all three at once: quantize_static(model, batches, observer="mse")
+
+The observers watch each target layer's input through a forward pre-hook (the model
+itself is not changed until convert), so any forward pass between prepare and
+convert calibrates: calibrate() is a convenience that runs the batches in eval mode
+without gradients and with a progress bar. Weights are quantized per output channel
+as in Int8Linear; the activation scale is the observer's (pyfast/quant/observers.py).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import _progress
+from ..api import Filter, _walk
+from ..nn import QuantConv2d, StaticInt8Linear
+from ..nn.conv import conv_unsupported_reason
+from .observers import Observer, make_observer
+
+Tensor = torch.Tensor
+_OBS, _HOOK = "_pyfast_observer", "_pyfast_observer_hook"
+
+
+def _observed(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, _OBS)]
+
+
+def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
+                   include: Filter = None, exclude: Filter = None, conv: bool = True,
+                   **observer_kwargs) -> nn.Module:
+    """Attach a fresh observer to the input of each target nn.Linear (and nn.Conv2d
+    with groups 1 and zero padding, unless conv=False); in place, returns model.
+
+    observer: "minmax", "moving_average", "percentile", "mse" or an Observer subclass;
+    observer_kwargs go to it (momentum=, percentile=, bins=). Layers that cannot be
+    converted later are skipped now, with the reason in model.pyfast_skipped.
+    """
+    make_observer(observer, **observer_kwargs)   # fail early on a bad name / argument
+    if not isinstance(conv, bool):
+        raise TypeError(f"conv must be a bool, got {conv!r}")
+
+    def attach(name: str, mod: nn.Module):
+        if isinstance(mod, nn.Conv2d):
+            reason = conv_unsupported_reason(mod)
+            if reason is not None:
+                return reason
+        if hasattr(mod, _OBS):
+            raise ValueError(f"layer {name!r} already has an observer: prepare_static was "
+                             "called twice; convert_static(model) first, or start from a fresh "
+                             "model")
+        obs = make_observer(observer, **observer_kwargs)
+        setattr(mod, _OBS, obs)
+        setattr(mod, _HOOK, mod.register_forward_pre_hook(_hook))
+        return None
+
+    def is_target(mod: nn.Module) -> bool:
+        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
+
+    return _walk(model, include, exclude, attach, is_target)
+
+
+def _hook(module: nn.Module, args: Tuple) -> None:
+    if args and isinstance(args[0], Tensor):
+        getattr(module, _OBS).observe(args[0])
+
+
+def _input_of(batch) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"each calibration batch must be a tensor x or a tuple/list (x, y, ...) "
+                    f"with a tensor first, got {type(batch).__name__}")
+
+
+def calibrate(model: nn.Module, batches: Iterable, *, progress: Optional[bool] = None) -> nn.Module:
+    """Run `batches` (tensors x, or (x, y, ...) tuples whose x is used) through a
+    prepared model in eval mode without gradients, so its observers see them.
+    The training mode is restored afterwards. Returns model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not _observed(model):
+        raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
+                         "before calibrate")
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with torch.no_grad():
+            for batch in _progress.bar(batches, desc="calibrate", total=total,
+                                       progress=progress):
+                model(_input_of(batch))
+                seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("batches is empty: calibration needs at least one batch")
+    return model
+
+
+def convert_static(model: nn.Module) -> nn.Module:
+    """Replace every observed layer by StaticInt8Linear (Conv2d: QuantConv2d around one)
+    with its observer's scale, and remove the hooks; in place, returns model.
+
+    Raises ValueError (naming the layer) if an observer has no data or no usable range;
+    then nothing is converted."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = _observed(model)
+    if not layers:
+        raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
+                         "and calibrate(model, batches) before convert_static")
+    scales = {}
+    for name, mod in layers:
+        obs: Observer = getattr(mod, _OBS)
+        try:
+            scales[name] = obs.scale()
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from exc
+    if "" in scales:
+        raise ValueError(f"model is itself an nn.{type(model).__name__}; wrap it in a container "
+                         "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+    with torch.no_grad():
+        for name, mod in layers:
+            getattr(mod, _HOOK).remove()
+            delattr(mod, _HOOK)
+            delattr(mod, _OBS)
+            scale = scales[name].to(mod.weight.device)
+            if isinstance(mod, nn.Conv2d):
+                new = QuantConv2d.from_conv(
+                    mod, lambda lin, s=scale: StaticInt8Linear.from_linear(lin, s))
+            else:
+                new = StaticInt8Linear.from_linear(mod, scale)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def quantize_static(model: nn.Module, batches: Iterable, observer: Union[str, type] = "minmax",
+                    *, include: Filter = None, exclude: Filter = None, conv: bool = True,
+                    progress: Optional[bool] = None, **observer_kwargs) -> nn.Module:
+    """prepare_static + calibrate + convert_static in one call; in place, returns model."""
+    prepare_static(model, observer, include=include, exclude=exclude, conv=conv,
+                   **observer_kwargs)
+    calibrate(model, batches, progress=progress)
+    return convert_static(model)
+
+
+__all__ = ["prepare_static", "calibrate", "convert_static", "quantize_static"]

@@ -1,0 +1,81 @@
+"""pyfast.prune reporting (pyfast.summary, prune.sparsity) and the training penalties."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyfast
+from pyfast import prune
+
+
+from test_prune_masks import convnet, mlp  # noqa: E402  (the same small models)
+
+
+def zeros(m):
+    return int((m.weight.detach() == 0).sum())
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def test_summary_and_sparsity_read_the_masked_weight_and_list_convs():
+    net = convnet()
+    prune.magnitude(net, 0.5)
+    rows = {r.name: r for r in pyfast.summary(net, print_table=False)}
+    assert set(rows) == {"0", "3"}
+    assert rows["0"].type == "Conv2d" and rows["0"].format == "dense float32, masked"
+    assert rows["0"].params == 8 * 4 * 9 + 8 and rows["0"].weights == 8 * 4 * 9
+    assert rows["0"].sparsity == pytest.approx(round(0.5 * 288) / 288)
+    assert rows["3"].type == "Linear" and rows["3"].sparsity == pytest.approx(0.5)
+    s = prune.sparsity(net)
+    n0, n3 = net[0].weight.numel(), net[3].weight.numel()
+    assert s["0"] == pytest.approx(zeros(net[0]) / n0)
+    assert s.overall == pytest.approx((zeros(net[0]) + zeros(net[3])) / (n0 + n3))
+    assert s.weights == n0 + n3 and "overall" in str(s)
+
+
+def test_summary_lists_a_wrapper_once_not_its_inner_layer():
+    net = convnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyfast.quantize(net, "int8")
+    s = pyfast.summary(net, print_table=False)
+    rows = {r.name: r for r in s}
+    assert set(rows) == {"0", "3"}                      # not "0.inner" as well
+    assert rows["0"].type == "QuantConv2d" and "conv" in rows["0"].format
+    assert rows["0"].params == 8 * 36 + 8
+    assert rows["0"].bytes_after == net[0].inner.storage_bytes()
+    assert s.total_before == sum(r.bytes_before for r in s)
+    alone = pyfast.summary(net[0], print_table=False)   # the wrapper is the model itself
+    assert [(r.name, r.type) for r in alone] == [("", "QuantConv2d")]
+
+
+# --- penalties -------------------------------------------------------------------------------
+
+def test_l1_and_slimming_penalties_and_their_gradients():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(16, 3))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, -2.0, 1.0, 0.0]))
+    p = prune.l1_penalty(net, 1e-3)
+    expected = 1e-3 * (net[0].weight.abs().sum() + net[4].weight.abs().sum())
+    torch.testing.assert_close(p, expected)
+    p.backward()
+    torch.testing.assert_close(net[4].weight.grad, 1e-3 * net[4].weight.detach().sign())
+    s = prune.slimming_penalty(net, 0.1)
+    assert float(s.detach()) == pytest.approx(0.1 * 3.5)
+    s.backward()
+    torch.testing.assert_close(net[1].weight.grad, 0.1 * torch.tensor([1.0, -1.0, 1.0, 0.0]))
+    assert float(prune.l1_penalty(net, 1.0, include="4").detach()) == pytest.approx(
+        float(net[4].weight.detach().abs().sum()))
+
+
+def test_penalty_errors():
+    with pytest.raises(ValueError, match="no affine BatchNorm layer"):
+        prune.slimming_penalty(mlp())
+    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv2d layer"):
+        prune.l1_penalty(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"weight must be a float >= 0 .*got -1"):
+        prune.l1_penalty(mlp(), -1)
+    with pytest.raises(ValueError, match="weight must be a float >= 0"):
+        prune.slimming_penalty(mlp(), "big")
