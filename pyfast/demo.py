@@ -55,11 +55,14 @@ def _plot(rows, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'pyfast[demo]'): no plot"
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        ax.scatter(r["kib"], 100 * r["acc"], s=30)
-        ax.annotate(r["name"], (r["kib"], 100 * r["acc"]), fontsize=7, xytext=(4, 3),
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(rows):   # numbered points + legend: many points coincide
+        ax.scatter(r["kib"], 100 * r["acc"], s=40, color=colors[i % 20],
+                   marker="osD^v<>"[i % 7], label=f"{i}: {r['name']}")
+        ax.annotate(str(i), (r["kib"], 100 * r["acc"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, pyfast.save, log scale)")
     ax.set_ylabel("test accuracy (%)")
