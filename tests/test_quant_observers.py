@@ -181,3 +181,9 @@ def test_bad_names_arguments_and_inputs():
         MinMaxObserver().observe([1.0])
     with pytest.raises(TypeError, match="x has dtype torch.int32; accepted: a floating-point"):
         MinMaxObserver().observe(torch.ones(3, dtype=torch.int32))
+
+
+def test_observer_base_is_abstract():
+    from pyfast.quant.observers import Observer
+    with pytest.raises(TypeError, match="abstract"):
+        Observer()

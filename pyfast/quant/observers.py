@@ -21,6 +21,7 @@ plain objects (not nn.Modules), so they never enter a model's state_dict.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Dict, Optional, Type, Union
 
@@ -30,7 +31,7 @@ Tensor = torch.Tensor
 QMAX = 127.0
 
 
-class Observer:
+class Observer(abc.ABC):
     """Base: `observe(x)` per batch, then `scale()` -> float32 tensor [1]."""
 
     name = ""
@@ -60,9 +61,9 @@ class Observer:
         if n_finite:
             self._update(nonzero, float(a.max()))
 
+    @abc.abstractmethod
     def _update(self, nonzero: Tensor, amax: float) -> None:
         """nonzero: the batch's finite nonzero |x| (1-D float32); amax: their max (or 0)."""
-        raise NotImplementedError
 
     def threshold(self) -> float:
         """The clipping threshold, > 0 and finite (ValueError otherwise)."""
@@ -81,8 +82,9 @@ class Observer:
                              "positive finite number")
         return t
 
+    @abc.abstractmethod
     def _threshold(self) -> float:
-        raise NotImplementedError
+        """The observer's rule; called only once data with a positive range was seen."""
 
     def scale(self) -> Tensor:
         """threshold / 127 as float32 [1] (the quantize_static scale)."""
