@@ -23,9 +23,14 @@ from pyfast.sparsity import magnitude_24_mask
 from .shapes import INT4_GROUP_SIZE
 
 Tensor = torch.Tensor
-PYFAST_OPS = ("int8_mm", "int8_weight_mm", "int4_mm", "sparse24_mm", "quantize_per_token")
+PYFAST_OPS = ("int8_mm", "int8_weight_mm", "int4_mm", "sparse24_mm", "quantize_per_token",
+              "int4_mm_tc", "sparse24_mm_tc")
 E2E = "w8a8_e2e"            # quantize_per_token + int8_mm, as W8A8 layers run them
 ALL_OPS = PYFAST_OPS + (E2E,)
+# Ops on the tensor-core layouts (pyfast/layouts): only the CUDA C++ kernels read them
+# fast; elsewhere the reference un-repacks per call, so they are benched by default on
+# CUDA only (name them in --ops to time them elsewhere).
+CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc")
 
 # Loose tolerances on max|out - ref| / max|ref|: they catch a wrong kernel (wrong layout,
 # wrong scale, garbage), not last-bit differences in summation order.
@@ -66,10 +71,12 @@ class Layer:
     int8_kn: list
     int4: list
     sparse24: list
+    int4_tc: list
+    sparse24_tc: list
 
     def copies(self) -> Dict[str, int]:
-        return {name: len(getattr(self, name))
-                for name in ("dense", "half", "int8", "int8_kn", "int4", "sparse24")}
+        return {name: len(getattr(self, name)) for name in
+                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "int4_tc", "sparse24_tc")}
 
 
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
@@ -82,8 +89,11 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
         int8 = torch.ops.pyfast.quantize_per_token(w)    # per output channel = per row of w
         int4 = torch.ops.pyfast.pack_int4(w, INT4_GROUP_SIZE, True)
         sparse = torch.ops.pyfast.sparse24_compress((w * magnitude_24_mask(w)).to(act_dtype))
+        int4_tc = (torch.ops.pyfast.repack_int4_tc(int4[0]), *int4[1:])
+        sparse_tc = (sparse[0], torch.ops.pyfast.repack_sparse24_tc(sparse[1]))
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
-               "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse}
+               "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse,
+               "int4_tc": int4_tc, "sparse24_tc": sparse_tc}
     return Layer(k, n, **{name: _copies(v, copies_for(_size(v))) for name, v in formats.items()})
 
 
@@ -243,6 +253,14 @@ def _pyfast_call(op: str, cell: Cell):
         return (lambda i: ops.sparse24_mm(cell.x, *cell.pick("sparse24", i), None),
                 "sparse24", 2 * m * n * k, x_bytes + _size(cell.layer.sparse24[0]) + out_bytes,
                 f"{a_s}.2:4", act)
+    if op == "int4_mm_tc":
+        return (lambda i: ops.int4_mm_tc(cell.x, *cell.pick("int4_tc", i), INT4_GROUP_SIZE, None),
+                "int4_tc", 2 * m * n * k, x_bytes + _size(cell.layer.int4_tc[0]) + out_bytes,
+                f"{a_s}.w4g{INT4_GROUP_SIZE}.tc", act)
+    if op == "sparse24_mm_tc":
+        return (lambda i: ops.sparse24_mm_tc(cell.x, *cell.pick("sparse24_tc", i), None),
+                "sparse24_tc", 2 * m * n * k,
+                x_bytes + _size(cell.layer.sparse24_tc[0]) + out_bytes, f"{a_s}.2:4.tc", act)
     if op == E2E:
         def call(i):
             q, q_scale = ops.quantize_per_token(cell.x)
@@ -301,6 +319,8 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
         "int8_weight_mm": lambda: (x, *layer.int8[0], None),
         "int4_mm": lambda: (x, *layer.int4[0], INT4_GROUP_SIZE, None),
         "sparse24_mm": lambda: (x, *layer.sparse24[0], None),
+        "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),
+        "sparse24_mm_tc": lambda: (x, *layer.sparse24_tc[0], None),
     }[op]()
 
 

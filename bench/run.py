@@ -8,7 +8,8 @@ side by side with torch's own GEMMs, on LLM layer shapes.
 
 Rows: int8_mm (on pre-quantized inputs: the GEMM alone), int8_weight_mm, int4_mm
 (group 128, symmetric), sparse24_mm, quantize_per_token, w8a8_e2e (quantize_per_token
-then int8_mm), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU) and
+then int8_mm), on CUDA also int4_mm_tc and sparse24_mm_tc (the tensor-core layouts the
+CUDA C++ kernels read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU) and
 torch._int_mm. Every row's output is checked once (bench/cases.py); timing is in
 bench/timing.py. Prints a table and writes bench/results/<device>_<date>.json.
 Exit status 1 if any row is MISMATCH or ERROR.
@@ -88,7 +89,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     quick = args.quick
     args.m = args.m or list(S.QUICK_MS if quick else S.LLM_MS)
     args.shapes = args.shapes or list(S.QUICK_SHAPES if quick else S.LLM_SHAPES)
-    args.ops = args.ops or list(C.ALL_OPS)
+    args.ops = args.ops or [o for o in C.ALL_OPS
+                            if args.device == "cuda" or o not in C.CUDA_LAYOUT_OPS]
     args.act_dtype = args.act_dtype or ("float16" if args.device == "cuda" else "float32")
     args.reps = args.reps or (10 if quick else 100)
     if args.max_seconds_per_cell is None:

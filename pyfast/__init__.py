@@ -15,7 +15,7 @@ pyfast.lowrank.
 from . import ops  # noqa: F401  (defines torch.ops.pyfast.*)
 from . import backends as _backend_families  # noqa: F401  (registers kernels)
 from ._report import BackendReport, BackendStatus, backends
-from .api import quantize, sparsify, swap
+from .api import quantize, repack, sparsify, swap
 from .dispatch import BackendUnavailableError, use_backend
 from .summary import summary
 from .serialization import load, save
@@ -24,5 +24,5 @@ from . import nn  # noqa: F401
 from . import distill, lowrank, prune, quant  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "quantize", "sparsify", "swap", "summary", "backends", "save", "load",
+__all__ = ["ops", "nn", "quantize", "sparsify", "repack", "swap", "summary", "backends", "save", "load",
            "use_backend", "quant", "prune", "distill", "lowrank", "BackendUnavailableError", "BackendReport", "BackendStatus"]

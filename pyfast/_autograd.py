@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .layouts import int4_tc, sparse24_tc
 
 
 def _float_grad(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,20 @@ def _backward_sparse24_mm(ctx, grad):
     return gx, gv, None, gb
 
 
+# --- the same matmuls on tensor-core layouts: undo the repack (exact), then as above ---
+
+def _setup_int4_mm_tc(ctx, inputs, output):
+    x, w_tc, scales, zeros, group_size, bias = inputs
+    packed = int4_tc.unrepack(w_tc, scales.shape[0], x.shape[1])
+    _setup_int4_mm(ctx, (x, packed, scales, zeros, group_size, bias), output)
+
+
+def _setup_sparse24_mm_tc(ctx, inputs, output):
+    x, values, meta_tc, bias = inputs
+    meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
+    _setup_sparse24_mm(ctx, (x, values, meta, bias), output)
+
+
 # --- ops without a useful gradient ------------------------------------------------
 
 _NO_GRAD_ADVICE = {
@@ -130,6 +145,9 @@ _NO_GRAD_ADVICE = {
     "pack_lowbit": "packing rounds the weight; pack a trained weight under torch.no_grad()",
     "sparse24_compress": "compression is a re-layout; train the dense or the Sparse24Linear "
                          "values (sparse24_mm has gradients) instead",
+    "repack_int4_tc": "repacking is a re-layout of packed integers; repack under torch.no_grad()",
+    "repack_sparse24_tc": "repacking is a re-layout of integer metadata; repack under "
+                          "torch.no_grad()",
 }
 
 
@@ -149,5 +167,8 @@ def register() -> None:
     reg("pyfast::int4_mm", _backward_int4_mm, setup_context=_setup_int4_mm)
     reg("pyfast::lowbit_mm", _backward_lowbit_mm, setup_context=_setup_lowbit_mm)
     reg("pyfast::sparse24_mm", _backward_sparse24_mm, setup_context=_setup_sparse24_mm)
+    # the saved tensors are canonical, so the backward formulas are the ones above
+    reg("pyfast::int4_mm_tc", _backward_int4_mm, setup_context=_setup_int4_mm_tc)
+    reg("pyfast::sparse24_mm_tc", _backward_sparse24_mm, setup_context=_setup_sparse24_mm_tc)
     for op in _NO_GRAD_ADVICE:
         reg(f"pyfast::{op}", _raising_backward(op), setup_context=_no_setup)

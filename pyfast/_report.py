@@ -79,6 +79,11 @@ class BackendReport(list):
             "layer (int8_mm, int8_weight_mm, int4_mm, ...), so that op's kernels apply; there "
             "is no direct conv kernel",
             f"static int8 (StaticInt8Linear) = quantize_static ({static}) + int8_mm",
+            "int4_mm_tc / sparse24_mm_tc take the weight in the CUDA C++ kernels' tensor-core "
+            "layout (repack_int4_tc / repack_sparse24_tc, once per layer): Int4Linear and "
+            "Sparse24Linear use it where that kernel runs (layout=\"auto\": float16/bfloat16 "
+            "weights on a GPU with the CUDA build), elsewhere the canonical int4_mm / "
+            "sparse24_mm; pyfast.repack(model) re-lays a model after .to(device)",
         ]
 
 

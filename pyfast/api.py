@@ -18,6 +18,7 @@ from torch.nn.utils import prune as torch_prune
 
 from . import _checks as chk
 from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
+from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason
 from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
 from .sparsity import is_24, magnitude_24_mask
@@ -97,7 +98,7 @@ def check_quant_args(method: str, group_size: int, symmetric: bool,
 
 
 def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
-                    symmetric: bool = True) -> Union[nn.Module, str]:
+                    symmetric: bool = True, layout: str = "auto") -> Union[nn.Module, str]:
     """The pyfast layer for an nn.Linear or nn.Conv2d (QuantConv2d around the same
     layer), or the reason it cannot be converted. Used by quantize and by
     pyfast.quant.convert_qat, so both give exactly the same layers."""
@@ -110,7 +111,7 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
                lowbit_unsupported(k, _LOWBIT_BITS[method], group_size)
                if method in _LOWBIT_BITS else None)
         return why or QuantConv2d.from_conv(
-            mod, lambda lin: quantized_layer(lin, method, group_size, symmetric))
+            mod, lambda lin: quantized_layer(lin, method, group_size, symmetric, layout))
     if method == "int8":
         return Int8Linear.from_linear(mod)
     if method == "int8-weight":
@@ -120,7 +121,7 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
         return lowbit_unsupported(mod.in_features, bits, group_size) or \
             LowBitLinear.from_linear(mod, bits=bits, group_size=group_size)
     return _int4_reason(mod.in_features, group_size, "in_features") or \
-        Int4Linear.from_linear(mod, group_size=group_size, symmetric=symmetric)
+        Int4Linear.from_linear(mod, group_size=group_size, symmetric=symmetric, layout=layout)
 
 
 def _int4_reason(k: int, group_size: int, what: str) -> Optional[str]:
@@ -133,7 +134,7 @@ def _int4_reason(k: int, group_size: int, what: str) -> Optional[str]:
 
 def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
              symmetric: bool = True, include: Filter = None, exclude: Filter = None,
-             conv: bool = True) -> nn.Module:
+             conv: bool = True, layout: str = "auto") -> nn.Module:
     """Replace nn.Linear (and nn.Conv2d) layers by quantized pyfast layers, in place;
     returns model.
 
@@ -151,11 +152,12 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     if group_size is None:
         group_size = -1 if method == "binary" else 128
     check_quant_args(method, group_size, symmetric)
+    _layout.check(layout)
     if not isinstance(conv, bool):
         raise TypeError(f"conv must be a bool, got {conv!r}")
 
     def convert(name: str, mod: nn.Module):
-        return quantized_layer(mod, method, group_size, symmetric)
+        return quantized_layer(mod, method, group_size, symmetric, layout)
 
     def is_target(mod: nn.Module) -> bool:
         return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
@@ -165,18 +167,35 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
 
 
 def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
-             exclude: Filter = None) -> nn.Module:
-    """Magnitude 2:4 pruning of each nn.Linear weight, then Sparse24Linear; in place."""
+             exclude: Filter = None, layout: str = "auto") -> nn.Module:
+    """Magnitude 2:4 pruning of each nn.Linear weight, then Sparse24Linear; in place.
+    layout: as in quantize (the metadata order of the sparse-tensor-core kernel)."""
     if pattern != "2:4":
         raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
+    _layout.check(layout)
 
     def convert(name: str, lin: nn.Linear):
         if lin.in_features % 4:
             return f"in_features {lin.in_features} is not a multiple of 4 (2:4)"
-        return Sparse24Linear.from_linear(lin, prune=True)
+        return Sparse24Linear.from_linear(lin, prune=True, layout=layout)
 
     with torch.no_grad():
         return _walk(model, include, exclude, convert)
+
+
+def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
+    """Re-lay every Int4Linear and Sparse24Linear of model in `layout`, in place.
+
+    For a model compressed on the CPU and then moved with .to("cuda"): "auto" picks
+    the CUDA kernels' tensor-core layout there (and the canonical one back on a CPU).
+    Exact: a permutation of the packed bytes. Returns model."""
+    _layout.check(layout)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for mod in model.modules():
+        if isinstance(mod, (Int4Linear, Sparse24Linear)):
+            mod.repack(layout)
+    return model
 
 
 def _from_dynamic_quantized(mod: nn.Module):

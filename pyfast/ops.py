@@ -16,6 +16,7 @@ import torch
 
 from . import _checks as chk
 from . import dispatch, reference
+from .layouts import int4_tc, sparse24_tc
 
 Tensor = torch.Tensor
 # 128 * 128 * K must stay below 2**31 for the int32 accumulator (csrc/cpu/int8_mm.cpp too).
@@ -47,6 +48,17 @@ SCHEMAS: Dict[str, str] = {
     "sparse24_compress": "sparse24_compress(Tensor w) -> (Tensor, Tensor)",
     # x [M, K] float, values [N, K/2], meta uint8 [N, K/4] -> [M, N] x.dtype
     "sparse24_mm": "sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    # Tensor-core layouts (pyfast/layouts), made once at layer creation for the CUDA kernels:
+    # packed uint8 [N, K/2] -> w_tc in int4 fragment order (pyfast/layouts/int4_tc.py)
+    "repack_int4_tc": "repack_int4_tc(Tensor packed) -> Tensor",
+    # int4_mm on a repacked weight: N = scales.shape[0], K = x.shape[1] -> [M, N] x.dtype
+    "int4_mm_tc": "int4_mm_tc(Tensor x, Tensor w_tc, Tensor scales, Tensor zeros, "
+                  "int group_size, Tensor? bias=None) -> Tensor",
+    # meta uint8 [N, K/4] -> meta_tc in sparse-tensor-core order (pyfast/layouts/sparse24_tc.py)
+    "repack_sparse24_tc": "repack_sparse24_tc(Tensor meta) -> Tensor",
+    # sparse24_mm with repacked metadata: values [N, K/2] as before -> [M, N] x.dtype
+    "sparse24_mm_tc": "sparse24_mm_tc(Tensor x, Tensor values, Tensor meta_tc, "
+                      "Tensor? bias=None) -> Tensor",
 }
 
 
@@ -156,7 +168,8 @@ def _check_sparse24_values(w):
         )
 
 
-def _check_sparse24_mm(x, values, meta, bias=None):
+def _check_sparse24_x_values(x, values):
+    """x [M, K] and the kept values [N, K/2] of sparse24_mm and sparse24_mm_tc."""
     chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.multiple_of_4("x.shape[1] (K)", x.shape[1])
     chk.tensor("values", values, dtypes=chk.FLOAT_DTYPES, dim=2)
@@ -166,11 +179,45 @@ def _check_sparse24_mm(x, values, meta, bias=None):
             "(convert the layer with .to(dtype))"
         )
     chk.size("values", values, 1, x.shape[1] // 2, "values is [N, K/2]: 2 kept of every 4")
+
+
+def _check_sparse24_mm(x, values, meta, bias=None):
+    _check_sparse24_x_values(x, values)
     chk.tensor("meta", meta, dtypes=(torch.uint8,), dim=2)
     chk.size("meta", meta, 0, values.shape[0], "one row per output row N of values")
     chk.size("meta", meta, 1, x.shape[1] // 4, "meta is [N, K/4]: one byte per group of 4")
     chk.bias(bias, values.shape[0])
     chk.same_device(x=x, values=values, meta=meta, bias=bias)
+
+
+def _check_repack_int4_tc(packed):
+    chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
+
+
+def _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    k = x.shape[1]
+    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
+    chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+    n = scales.shape[0]
+    chk.size("zeros", zeros, 0, n, "one row per output row N (scales.shape[0])")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        chk.size(name, t, 1, k // gs, f"K / group_size = {k} / {group_size} groups")
+    int4_tc.check_repacked(w_tc, n, k, "w_tc")
+    chk.bias(bias, n)
+    chk.same_device(x=x, w_tc=w_tc, scales=scales, zeros=zeros, bias=bias)
+
+
+def _check_repack_sparse24_tc(meta):
+    chk.tensor("meta", meta, dtypes=(torch.uint8,), dim=2)
+
+
+def _check_sparse24_mm_tc(x, values, meta_tc, bias=None):
+    _check_sparse24_x_values(x, values)
+    sparse24_tc.check_repacked(meta_tc, values.shape[0], x.shape[1], "meta_tc")
+    chk.bias(bias, values.shape[0])
+    chk.same_device(x=x, values=values, meta_tc=meta_tc, bias=bias)
 
 
 CHECKS: Dict[str, Callable] = {
@@ -184,8 +231,13 @@ CHECKS: Dict[str, Callable] = {
     "lowbit_mm": _check_lowbit_mm,
     "sparse24_compress": _check_sparse24_compress,
     "sparse24_mm": _check_sparse24_mm,
+    "repack_int4_tc": _check_repack_int4_tc,
+    "int4_mm_tc": _check_int4_mm_tc,
+    "repack_sparse24_tc": _check_repack_sparse24_tc,
+    "sparse24_mm_tc": _check_sparse24_mm_tc,
 }
-VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values}
+VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values,
+                                     "repack_sparse24_tc": sparse24_tc.check_meta_values}
 
 
 # --- fakes: output metadata only, for torch.compile ---------------------------
@@ -249,6 +301,28 @@ def _fake_sparse24_mm(x, values, meta, bias=None):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+def _fake_repack_int4_tc(packed):
+    _check_repack_int4_tc(packed)
+    shape = int4_tc.repacked_shape(packed.shape[0], 2 * packed.shape[1])
+    return packed.new_empty(shape, dtype=torch.int32)
+
+
+def _fake_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
+    _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], scales.shape[0]))
+
+
+def _fake_repack_sparse24_tc(meta):
+    _check_repack_sparse24_tc(meta)
+    shape = sparse24_tc.repacked_shape(meta.shape[0], 4 * meta.shape[1])
+    return meta.new_empty(shape, dtype=torch.int32)
+
+
+def _fake_sparse24_mm_tc(x, values, meta_tc, bias=None):
+    _check_sparse24_mm_tc(x, values, meta_tc, bias)
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
 FAKES: Dict[str, Callable] = {
     "quantize_per_token": _fake_quantize_per_token,
     "quantize_static": _fake_quantize_static,
@@ -260,6 +334,10 @@ FAKES: Dict[str, Callable] = {
     "lowbit_mm": _fake_lowbit_mm,
     "sparse24_compress": _fake_sparse24_compress,
     "sparse24_mm": _fake_sparse24_mm,
+    "repack_int4_tc": _fake_repack_int4_tc,
+    "int4_mm_tc": _fake_int4_mm_tc,
+    "repack_sparse24_tc": _fake_repack_sparse24_tc,
+    "sparse24_mm_tc": _fake_sparse24_mm_tc,
 }
 
 
@@ -280,6 +358,10 @@ REFERENCE: Dict[str, Callable] = {
     "lowbit_mm": reference.lowbit_mm,
     "sparse24_compress": reference.sparse24_compress,
     "sparse24_mm": reference.sparse24_mm,
+    "repack_int4_tc": reference.repack_int4_tc,
+    "int4_mm_tc": reference.int4_mm_tc,
+    "repack_sparse24_tc": reference.repack_sparse24_tc,
+    "sparse24_mm_tc": reference.sparse24_mm_tc,
 }
 
 
@@ -390,6 +472,34 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] 
     """x [M,K] @ W.T + bias with W the dense 2:4 matrix stored as (values, meta)."""
     _check_sparse24_mm(x, values, meta, bias)
     return torch.ops.pyfast.sparse24_mm(x, values, meta, bias)
+
+
+def repack_int4_tc(packed: Tensor) -> Tensor:
+    """int4 packed uint8 [N, K/2] -> the same weight in the CUDA kernel's tensor-core
+    fragment order (pyfast/layouts/int4_tc.py), for int4_mm_tc. Run once per layer."""
+    _check_repack_int4_tc(packed)
+    return torch.ops.pyfast.repack_int4_tc(packed)
+
+
+def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
+               group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
+    """int4_mm with the weight from repack_int4_tc; same result as int4_mm."""
+    _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
+    return torch.ops.pyfast.int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
+
+
+def repack_sparse24_tc(meta: Tensor) -> Tensor:
+    """2:4 meta uint8 [N, K/4] -> the sparse-tensor-core metadata order of the CUDA
+    kernel (pyfast/layouts/sparse24_tc.py), for sparse24_mm_tc. Run once per layer."""
+    _check_repack_sparse24_tc(meta)
+    return torch.ops.pyfast.repack_sparse24_tc(meta)
+
+
+def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """sparse24_mm with the metadata from repack_sparse24_tc; same result as sparse24_mm."""
+    _check_sparse24_mm_tc(x, values, meta_tc, bias)
+    return torch.ops.pyfast.sparse24_mm_tc(x, values, meta_tc, bias)
 
 
 from . import _autograd  # noqa: E402  (needs the ops defined above)

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .layouts import int4_tc, sparse24_tc
+
 Tensor = torch.Tensor
 
 
@@ -243,3 +245,28 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor])
     w = sparse24_decompress(values, meta).float()
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+# --- tensor-core layouts (repack once at layer creation; pyfast/layouts) ------------
+# The CUDA kernels read the weights in fragment order. The reference of each matmul
+# on a repacked weight undoes the repack (an exact permutation) and runs the canonical
+# reference above, so it is the same oracle; it is slow by design (one unrepack per
+# call) and is only the fallback where the CUDA kernel cannot run.
+
+def repack_int4_tc(packed: Tensor) -> Tensor:
+    return int4_tc.repack(packed)
+
+
+def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
+               group_size: int, bias: Optional[Tensor]) -> Tensor:
+    packed = int4_tc.unrepack(w_tc, scales.shape[0], x.shape[1])
+    return int4_mm(x, packed, scales, zeros, group_size, bias)
+
+
+def repack_sparse24_tc(meta: Tensor) -> Tensor:
+    return sparse24_tc.repack_meta(meta)
+
+
+def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor, bias: Optional[Tensor]) -> Tensor:
+    meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
+    return sparse24_mm(x, values, meta, bias)

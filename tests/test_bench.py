@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an install
 from bench import plot as bench_plot  # noqa: E402
 from bench import report as bench_report  # noqa: E402
 from bench import run as bench_run  # noqa: E402
-from bench.cases import E2E, PYFAST_OPS, usable_families  # noqa: E402
+from bench.cases import CUDA_LAYOUT_OPS, E2E, PYFAST_OPS, usable_families  # noqa: E402
 from pyfast import dispatch  # noqa: E402
 
 
@@ -37,7 +37,8 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     rows = result["rows"]
 
     assert status == 0
-    for op in PYFAST_OPS:
+    assert not {r["op"] for r in rows} & set(CUDA_LAYOUT_OPS)      # CUDA-only by default
+    for op in (o for o in PYFAST_OPS if o not in CUDA_LAYOUT_OPS):
         timed = {r["backend"] for r in rows if r["op"] == op}
         assert timed == _expected_backends(op), (op, timed)
         assert set(usable_families(op, "cpu", None)[0]) == timed
@@ -92,3 +93,17 @@ def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):
     checks = {r["backend"]: r["check"] for r in rows if r["op"] == "int8_weight_mm"}
     assert checks == {"reference": "ok", "cpp": "MISMATCH"}
     assert status == 1
+
+
+def test_tensor_core_layout_rows_run_when_named(tmp_path, capsys):
+    """int4_mm_tc / sparse24_mm_tc are benched by default only on CUDA (their kernels'
+    home); named in --ops they run anywhere, on their repacked weights, and are checked."""
+    status = bench_run.main(["--quick", "--device", "cpu", "--out", str(tmp_path),
+                             "--ops", ",".join(CUDA_LAYOUT_OPS), "--m", "3"])
+    capsys.readouterr()
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert status == 0
+    for op in CUDA_LAYOUT_OPS:
+        mine = [r for r in rows if r["op"] == op]
+        assert {r["backend"] for r in mine} == {"reference"}, op
+        assert all(r["check"] == "ok" and r["median_ms"] > 0 for r in mine), mine

@@ -39,6 +39,16 @@ INT4 = dict(packed=u8(5, 32), scales=f32(5, 2), zeros=u8(5, 2))
 INT2 = dict(packed=u8(5, 16), scales=f32(5, 2), zeros=u8(5, 2))
 BIN = dict(packed=u8(5, 8), scales=f32(5, 2), zeros=u8(5, 0))
 
+def _int4_tc():
+    """A valid repacked weight for N = 5, K = 64."""
+    return ops.repack_int4_tc(u8(5, 32))
+
+
+def _meta_tc():
+    """Valid repacked metadata for N = 5, K = 64."""
+    return ops.repack_sparse24_tc(torch.full((5, 16), 0b0100, dtype=torch.uint8))
+
+
 CASES = {
     # --- quantize_per_token
     "quantize-x-float64": Case("quantize_per_token", lambda: (f32(3, 8).double(),), TypeError,
@@ -275,6 +285,29 @@ CASES = {
     "sparse24_mm-bias-length": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(5, 16),
                                                             f32(7)), ValueError,
                                     "bias has shape (7,): dimension 0 must be 5"),
+    # --- tensor-core layouts: repack ops check the canonical input; the *_tc matmuls
+    # check their canonical arguments as the plain ops do (the repacked tensor's own
+    # checks: tests/test_layout_*_tc.py)
+    "repack_int4_tc-int8": Case("repack_int4_tc", lambda: (i8(5, 32),), TypeError,
+                                "packed has dtype torch.int8; accepted: uint8"),
+    "repack_int4_tc-1d": Case("repack_int4_tc", lambda: (u8(32),), ValueError,
+                              "packed must be 2-D"),
+    "int4_mm_tc-x-int": Case("int4_mm_tc", lambda: (i8(3, 64), _int4_tc(), f32(5, 2), u8(5, 2),
+                                                    32), TypeError,
+                             f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "int4_mm_tc-zeros-rows": Case("int4_mm_tc", lambda: (f32(3, 64), _int4_tc(), f32(5, 2),
+                                                         u8(4, 2), 32), ValueError,
+                                  "zeros has shape (4, 2): dimension 0 must be 5"),
+    "int4_mm_tc-group": Case("int4_mm_tc", lambda: (f32(3, 64), _int4_tc(), f32(5, 2), u8(5, 2),
+                                                    48), ValueError,
+                             "group_size 48 is not supported"),
+    "repack_sparse24_tc-float": Case("repack_sparse24_tc", lambda: (f32(5, 16),), TypeError,
+                                     "meta has dtype torch.float32; accepted: uint8"),
+    "sparse24_mm_tc-values-dtype": Case("sparse24_mm_tc", lambda: (f32(3, 64), f32(5, 32).half(),
+                                                                   _meta_tc()), TypeError,
+                                        "values has dtype torch.float16 but x has torch.float32"),
+    "sparse24_mm_tc-K-30": Case("sparse24_mm_tc", lambda: (f32(3, 30), f32(5, 15), _meta_tc()),
+                                ValueError, "x.shape[1] (K) = 30 is not a multiple of 4"),
     # --- arguments that are not tensors
     "quantize-x-list": Case("quantize_per_token", lambda: ([[1.0, 2.0]],), TypeError,
                             "x must be a torch.Tensor, got list", RuntimeError,

@@ -294,6 +294,11 @@ def _noncontiguous_cases(device, dtype):
         "lowbit_mm": ((x,) + tuple(p2) + (2, 32, bias), (0, 1, 2, 3)),
         "sparse24_compress": ((w24,), (0,)),
         "sparse24_mm": ((x, v, mt, bias), (0, 1, 2)),
+        "repack_int4_tc": ((p4[0],), (0,)),
+        # the repacked tensors have one fixed layout (made by the repack ops): contiguous
+        "int4_mm_tc": ((x, ops.repack_int4_tc(p4[0])) + tuple(p4[1:]) + (32, bias), (0, 2, 3)),
+        "repack_sparse24_tc": ((mt,), (0,)),
+        "sparse24_mm_tc": ((x, v, ops.repack_sparse24_tc(mt), bias), (0, 1)),
     }
 
 
@@ -367,6 +372,16 @@ def _opcheck_cases():
         ("sparse24_compress", (random_24(3, 20, torch.float16, gen=g),)),
         ("sparse24_mm", (x, v, m, None)),
         ("sparse24_mm", (x.half(), vh, mh, torch.randn(7).half())),
+        ("repack_int4_tc", (p32[0],)),
+        ("repack_int4_tc", (pch[0],)),
+        ("int4_mm_tc", (x, reference.repack_int4_tc(p32[0]), *p32[1:], 32, None)),
+        ("int4_mm_tc", (x.bfloat16(), reference.repack_int4_tc(pch[0]), *pch[1:], -1,
+                        torch.randn(7).bfloat16())),
+        ("repack_sparse24_tc", (m,)),
+        ("repack_sparse24_tc", (mh,)),
+        ("sparse24_mm_tc", (x, v, reference.repack_sparse24_tc(m), None)),
+        ("sparse24_mm_tc", (x.half(), vh, reference.repack_sparse24_tc(mh),
+                            torch.randn(7).half())),
     ]
 
 

@@ -197,32 +197,10 @@ at::Tensor int8_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at:
   check_device(b_in, "b", at::kCPU);
   check_device(a_scale, "a_scale", at::kCPU);
   check_device(b_scale, "b_scale", at::kCPU);
-  check_dtype(a_in, "a", {at::kChar});
-  check_dtype(b_in, "b", {at::kChar});
-  check_dim(a_in, "a", 2);
-  check_dim(b_in, "b", 2);
-  const int64_t M = a_in.size(0), K = a_in.size(1), N = b_in.size(0);
-  check_size(b_in, "b", 1, K, "a.size(1) = K");
-  TORCH_CHECK(K <= kMaxK, "a.size(1) = K is ", K, "; int8_mm accepts K <= ", kMaxK,
-              " (larger K could overflow the int32 accumulator)");
-  check_dtype(a_scale, "a_scale", {at::kFloat});
-  check_dim(a_scale, "a_scale", 1);
-  check_size(a_scale, "a_scale", 0, M, "a.size(0) = M");
-  check_dtype(b_scale, "b_scale", {at::kFloat});
-  check_dim(b_scale, "b_scale", 1);
-  check_size(b_scale, "b_scale", 0, N, "b.size(0) = N");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "out_dtype is ", out_dtype, "; accepted: ",
-              dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    check_device(*bias, "bias", at::kCPU);
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
-                bias->scalar_type(), "; accepted: a floating dtype or None");
-    check_dim(*bias, "bias", 1);
-    check_size(*bias, "bias", 0, N, "b.size(0) = N");
-    bias_f = bias->to(at::kFloat).contiguous();  // the reference adds bias.float()
-  }
+  if (bias.has_value()) check_device(*bias, "bias", at::kCPU);
+  const auto [M, K, N] = check_int8_mm_args(a_in, b_in, a_scale, b_scale, bias, out_dtype, kMaxK);
+  // the reference adds bias.float()
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
   at::Tensor out = at::empty({M, N}, a_in.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;

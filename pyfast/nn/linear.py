@@ -14,6 +14,8 @@ from torch import nn
 
 from .. import _checks as chk
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
+from ..layouts import int4_tc, sparse24_tc
+from . import layout as _layout
 from ..sparsity import magnitude_24_mask
 
 Tensor = torch.Tensor
@@ -159,44 +161,62 @@ class Int4Linear(_CompressedLinear):
     """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 group_size: int = 128, symmetric: bool = True, device=None):
+                 group_size: int = 128, symmetric: bool = True, device=None,
+                 layout: str = "canonical"):
         super().__init__(in_features, out_features, bias, device)
         gs = chk.group_size(group_size, in_features, k_name="in_features")
         self.group_size, self.symmetric = group_size, bool(symmetric)
+        self.layout = _layout.check(layout, allow_auto=False)
         groups = in_features // gs
-        self.register_buffer("packed", torch.zeros(out_features, in_features // 2,
-                                                   dtype=torch.uint8, device=device))
+        # packed: canonical uint8 [N, K/2] (formats.py), or its repack_int4_tc image
+        canonical = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("packed", canonical if layout == "canonical" else
+                             torch.ops.pyfast.repack_int4_tc(canonical))
         self.register_buffer("scales", torch.ones(out_features, groups, device=device))
         self.register_buffer("zeros", torch.full((out_features, groups), 8,
                                                  dtype=torch.uint8, device=device))
 
     def pyfast_config(self) -> dict:
         return {**super().pyfast_config(), "group_size": self.group_size,
-                "symmetric": self.symmetric}
+                "symmetric": self.symmetric, "layout": self.layout}
 
     @property
     def format(self) -> str:  # type: ignore[override]
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int4 weight-only {g} {'sym' if self.symmetric else 'asym'}"
+        tc = ", tensor-core layout" if self.layout == "tc" else ""
+        return f"int4 weight-only {g} {'sym' if self.symmetric else 'asym'}{tc}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128,
-                    symmetric: bool = True) -> "Int4Linear":
+                    symmetric: bool = True, layout: str = "auto") -> "Int4Linear":
+        """layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
+        w = linear.weight.detach()
+        chosen = _layout.resolve(layout, "int4_mm_tc", w.device, w.dtype)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    group_size=group_size, symmetric=symmetric, device=linear.weight.device)
-        layer.orig_dtype = linear.weight.dtype
-        packed, scales, zeros = torch.ops.pyfast.pack_int4(linear.weight.detach(),
-                                                           group_size, bool(symmetric))
+                    group_size=group_size, symmetric=symmetric, device=w.device)
+        layer.orig_dtype = w.dtype
+        packed, scales, zeros = torch.ops.pyfast.pack_int4(w, group_size, bool(symmetric))
         layer.packed.copy_(packed)
         layer.scales.copy_(scales)
         layer.zeros.copy_(zeros)
         layer._copy_bias(linear)
-        return layer
+        return layer.repack(chosen)
+
+    @torch.no_grad()
+    def repack(self, layout: str = "auto") -> "Int4Linear":
+        """Store the weight in `layout` ("canonical", "tc" or "auto" for where it is now);
+        in place, exact (a permutation of the packed bytes); returns self."""
+        chosen = _layout.resolve(layout, "int4_mm_tc", self.packed.device, self.orig_dtype)
+        if chosen != self.layout:
+            self.packed = (torch.ops.pyfast.repack_int4_tc(self.packed) if chosen == "tc" else
+                           int4_tc.unrepack(self.packed, self.out_features, self.in_features))
+            self.layout = chosen
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.ops.pyfast.int4_mm(self._flat(x), self.packed, self.scales, self.zeros,
-                                       self.group_size, self.bias)
+        op = torch.ops.pyfast.int4_mm_tc if self.layout == "tc" else torch.ops.pyfast.int4_mm
+        out = op(self._flat(x), self.packed, self.scales, self.zeros, self.group_size, self.bias)
         return self._unflat(out, x)
 
 
@@ -204,20 +224,37 @@ class Sparse24Linear(_CompressedLinear):
     """2:4 semi-structured sparse weights (fp32/fp16/bf16 values + 2-bit indices)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, layout: str = "canonical"):
         chk.multiple_of_4("in_features", in_features)
         if dtype not in chk.FLOAT_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; accepted: float32, float16, bfloat16")
         super().__init__(in_features, out_features, bias, device, bias_dtype=dtype)
+        self.layout = _layout.check(layout, allow_auto=False)
         self.register_buffer("values", torch.zeros(out_features, in_features // 2,
                                                    dtype=dtype, device=device))
-        self.register_buffer("meta", torch.full((out_features, in_features // 4), 0b0100,
-                                                dtype=torch.uint8, device=device))
+        # meta: canonical uint8 [N, K/4] (formats.py), or its repack_sparse24_tc image
+        canonical = torch.full((out_features, in_features // 4), 0b0100,
+                               dtype=torch.uint8, device=device)
+        self.register_buffer("meta", canonical if layout == "canonical" else
+                             torch.ops.pyfast.repack_sparse24_tc(canonical))
 
     def pyfast_config(self) -> dict:
         cfg = super().pyfast_config()
         cfg["dtype"] = _dtype_name(self.values.dtype)
+        cfg["layout"] = self.layout
         return cfg
+
+    @torch.no_grad()
+    def repack(self, layout: str = "auto") -> "Sparse24Linear":
+        """Store the metadata in `layout` ("canonical", "tc" or "auto" for where the
+        values are now); in place, exact; returns self."""
+        chosen = _layout.resolve(layout, "sparse24_mm_tc", self.values.device, self.values.dtype)
+        if chosen != self.layout:
+            self.meta = (torch.ops.pyfast.repack_sparse24_tc(self.meta) if chosen == "tc" else
+                         sparse24_tc.unrepack_meta(self.meta, self.out_features,
+                                                   self.in_features))
+            self.layout = chosen
+        return self
 
     @classmethod
     def from_config(cls, config: dict, device=None):
@@ -228,12 +265,15 @@ class Sparse24Linear(_CompressedLinear):
 
     @property
     def format(self) -> str:  # type: ignore[override]
-        return f"2:4 sparse {str(self.values.dtype).replace('torch.', '')}"
+        tc = ", tensor-core layout" if self.layout == "tc" else ""
+        return f"2:4 sparse {str(self.values.dtype).replace('torch.', '')}{tc}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, prune: bool = False) -> "Sparse24Linear":
+    def from_linear(cls, linear: nn.Linear, prune: bool = False,
+                    layout: str = "auto") -> "Sparse24Linear":
         """prune=True keeps the 2 largest |w| of each group of 4 first; otherwise the
-        weight must already be 2:4 (else ValueError naming the first bad group)."""
+        weight must already be 2:4 (else ValueError naming the first bad group).
+        layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
         w = linear.weight.detach()
         if prune:
@@ -244,13 +284,14 @@ class Sparse24Linear(_CompressedLinear):
         layer.values.copy_(values)
         layer.meta.copy_(meta)
         layer._copy_bias(linear)
-        return layer
+        return layer.repack(layout)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = self._flat(x)
         if x2.dtype != self.values.dtype:
             raise TypeError(f"input has dtype {x2.dtype} but this layer's values are "
                             f"{self.values.dtype}; call layer.to({x2.dtype}) or cast the input")
-        out = torch.ops.pyfast.sparse24_mm(x2, self.values, self.meta, self.bias)
+        op = torch.ops.pyfast.sparse24_mm_tc if self.layout == "tc" else torch.ops.pyfast.sparse24_mm
+        out = op(x2, self.values, self.meta, self.bias)
         return self._unflat(out, x)
 
