@@ -18,6 +18,7 @@ The rule, for an op called on a tensor of device type D:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class _Registry:
     kernels: Dict[str, Dict[str, Backend]] = field(default_factory=dict)
     # family -> callable returning None if usable here, else the reason it is not
     availability: Dict[str, Callable[[str], Optional[str]]] = field(default_factory=dict)
+    # (family, device type) -> its answer, asked once (unavailable_reason)
+    available: Dict[Tuple[str, str], Optional[str]] = field(default_factory=dict)
 
 
 _REGISTRY = _Registry()
@@ -75,6 +78,7 @@ def register(backend: Backend) -> None:
 def set_availability(family: str, check: Callable[[str], Optional[str]]) -> None:
     """check(device_type) -> None if the family can run on that device here, else why not."""
     _REGISTRY.availability[family] = check
+    _REGISTRY.available.clear()
 
 
 def ops() -> List[str]:
@@ -86,8 +90,15 @@ def kernels(op: str) -> Dict[str, Backend]:
 
 
 def unavailable_reason(family: str, device_type: str) -> Optional[str]:
-    check = _REGISTRY.availability.get(family)
-    return None if check is None else check(device_type)
+    """None if `family` can run on device_type in this process, else why not. Asked once
+    per (family, device type) and remembered: what it depends on (the extension, the GPU,
+    the Triton install and TRITON_INTERPRET, which Triton reads at import) does not
+    change while a process runs, and this is on every op call's path."""
+    key = (family, device_type)
+    if key not in _REGISTRY.available:
+        check = _REGISTRY.availability.get(family)
+        _REGISTRY.available[key] = None if check is None else check(device_type)
+    return _REGISTRY.available[key]
 
 
 def _why_not(backend: Optional[Backend], device_type: str, args) -> Optional[str]:
@@ -103,6 +114,7 @@ def _why_not(backend: Optional[Backend], device_type: str, args) -> Optional[str
 
 # --- forcing -------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)   # read on every call; parsed once per distinct value
 def _parse_env(value: str) -> Dict[str, str]:
     """PYFAST_BACKEND="reference" or "int8_mm=cpp,int4_mm=reference"."""
     forced: Dict[str, str] = {}

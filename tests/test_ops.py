@@ -560,3 +560,41 @@ def test_backends_report_covers_every_op_family_device():
         assert op in text
     cpp_reason = dispatch.unavailable_reason("cpp", "cpu")
     assert cpp_reason is None or cpp_reason in text
+
+
+# --- the dispatcher's own cost and argument filling ----------------------------------------
+
+def test_dropped_default_arguments_reach_every_backend_filled_in():
+    """torch drops trailing arguments equal to their schema default; the dispatcher fills
+    them back (bias=None, out_dtype=None -> float32) so a backend sees the full list."""
+    a, b, s5, s7 = _args("int8_mm")[:4]
+    seen = []
+    table = dispatch.kernels("int8_mm")
+    ref = table["reference"]
+    spy = dispatch.Backend("reference", "int8_mm", lambda *args: seen.append(args) or ref.fn(*args),
+                           ref.devices, source=ref.source)
+    dispatch.register(spy)
+    try:
+        with pyfast.use_backend(int8_mm="reference"):
+            out = torch.ops.pyfast.int8_mm(a, b, s5, s7)
+    finally:
+        dispatch.register(ref)
+    assert len(seen) == 1 and len(seen[0]) == 6 and seen[0][4:] == (None, None)
+    assert out.dtype == torch.float32
+
+
+def test_availability_is_asked_once_per_family_and_device():
+    calls = []
+    original = dispatch._REGISTRY.availability["reference"] if "reference" in \
+        dispatch._REGISTRY.availability else None
+    dispatch.set_availability("reference", lambda d: calls.append(d))
+    try:
+        for _ in range(3):
+            assert dispatch.unavailable_reason("reference", "cpu") is None
+        assert calls == ["cpu"]
+    finally:
+        if original is None:
+            del dispatch._REGISTRY.availability["reference"]
+            dispatch._REGISTRY.available.clear()
+        else:
+            dispatch.set_availability("reference", original)
