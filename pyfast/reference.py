@@ -15,8 +15,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .layouts import int4_tc, sparse24_tc
-
 Tensor = torch.Tensor
 
 
@@ -253,20 +251,25 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor])
 # reference above, so it is the same oracle; it is slow by design (one unrepack per
 # call) and is only the fallback where the CUDA kernel cannot run.
 
+# (pyfast.layouts imports this module for the canonical helpers, hence the local imports)
 def repack_int4_tc(packed: Tensor) -> Tensor:
+    from .layouts import int4_tc
     return int4_tc.repack(packed)
 
 
 def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
                group_size: int, bias: Optional[Tensor]) -> Tensor:
+    from .layouts import int4_tc
     packed = int4_tc.unrepack(w_tc, scales.shape[0], x.shape[1])
     return int4_mm(x, packed, scales, zeros, group_size, bias)
 
 
 def repack_sparse24_tc(meta: Tensor) -> Tensor:
+    from .layouts import sparse24_tc
     return sparse24_tc.repack_meta(meta)
 
 
 def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from .layouts import sparse24_tc
     meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
     return sparse24_mm(x, values, meta, bias)

@@ -145,3 +145,24 @@ def assert_within(out: torch.Tensor, expected: torch.Tensor, tol: float, what: s
         return
     err = (out.double() - expected.double()).abs().max().item()
     assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g}"
+
+
+# same-width integer views, to compare float outputs bit for bit
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same dtype, shape and bits; NaN matches any NaN (payloads are not specified)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, ref.dtype, out.shape, ref.shape)
+    out, ref = out.cpu(), ref.cpu()
+    if not out.is_floating_point():
+        assert torch.equal(out, ref), f"{(out != ref).sum()} of {out.numel()} elements differ"
+        return
+    nan = out.isnan()
+    assert torch.equal(nan, ref.isnan()), "NaN positions differ"
+    ints = _INT_VIEW[out.dtype]
+    o = torch.where(nan, 0, out.view(ints))
+    r = torch.where(nan, 0, ref.view(ints))
+    bad = o != r
+    assert not bool(bad.any()), (f"{int(bad.sum())} of {out.numel()} elements differ, first at "
+                                 f"{bad.nonzero()[0].tolist()}: {out[bad][0].item()!r} vs {ref[bad][0].item()!r}")

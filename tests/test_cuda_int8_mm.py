@@ -25,26 +25,7 @@ import torch
 
 import pyfast
 from pyfast import dispatch, ops, reference
-from _helpers import FLOAT_DTYPES, dtype_id
-
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Same dtype, shape and bits; NaN matches any NaN (payloads are not specified)."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, ref.dtype,
-                                                               out.shape, ref.shape)
-    out, ref = out.cpu(), ref.cpu()
-    nan = out.isnan()
-    assert torch.equal(nan, ref.isnan()), "NaN positions differ"
-    ints = _INT_VIEW[out.dtype]
-    o = torch.where(nan, 0, out.view(ints))
-    r = torch.where(nan, 0, ref.view(ints))
-    bad = o != r
-    assert not bool(bad.any()), (f"{int(bad.sum())} of {out.numel()} elements differ, first at "
-                                 f"{bad.nonzero()[0].tolist()}: {out[bad][0].item()!r} vs "
-                                 f"{ref[bad][0].item()!r}")
-
+from _helpers import FLOAT_DTYPES, assert_bits_equal, dtype_id
 
 # --- CPU: emulation of the kernel's lanes ----------------------------------------------
 # (BM, BN, WARPS_M, WARPS_N) of the three configurations in int8_mm.cu.

@@ -27,7 +27,7 @@ import pyfast
 from pyfast import reference
 from pyfast.layouts import sparse24_tc as L
 
-from _helpers import decompress24, dtype_id, random_24
+from _helpers import dtype_id, random_24
 
 MEANINGFUL = {0b0100, 0b1000, 0b1001, 0b1100, 0b1101, 0b1110}  # PTX 9.7.14.6.1, ordered
 
@@ -389,7 +389,7 @@ def test_kernel_emulation_matches_dense(cfg, m, n, k, aligned, num_sms, want_spl
     bias = torch.randn(n, generator=gen)
     out, splits = Emu(x, values, L.repack_meta(meta), bias, aligned).run(cfg, num_sms)
     assert (splits > 1) == want_split, f"make_plan gave {splits} splits"
-    exact = torch.nn.functional.linear(x.double(), decompress24(values, meta).double(),
+    exact = torch.nn.functional.linear(x.double(), reference.sparse24_decompress(values, meta).double(),
                                        bias.double())
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
 

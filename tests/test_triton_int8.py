@@ -14,32 +14,12 @@ import torch
 
 import pyfast
 from pyfast import ops, reference
-from _helpers import FLOAT_DTYPES, dtype_id
+from _helpers import FLOAT_DTYPES, assert_bits_equal, dtype_id
 
 from pyfast.kernels.int8_mm import int8_mm as triton_int8_mm
 from pyfast.kernels.quantize import quantize_per_token as triton_quantize
 
 MS, KS, NS = (0, 1, 3, 17), (5, 64, 100), (7, 33, 130)
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Same dtype, shape and bits; NaN matches any NaN (payloads are not specified)."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, ref.dtype, out.shape, ref.shape)
-    out, ref = out.cpu(), ref.cpu()
-    if not out.is_floating_point():
-        assert torch.equal(out, ref), f"{(out != ref).sum()} of {out.numel()} elements differ"
-        return
-    nan = out.isnan()
-    assert torch.equal(nan, ref.isnan()), "NaN positions differ"
-    ints = _INT_VIEW[out.dtype]
-    o = torch.where(nan, 0, out.view(ints))
-    r = torch.where(nan, 0, ref.view(ints))
-    bad = o != r
-    assert not bool(bad.any()), (f"{int(bad.sum())} of {out.numel()} elements differ, first at "
-                                 f"{bad.nonzero()[0].tolist()}: {out[bad][0].item()!r} vs {ref[bad][0].item()!r}")
-
-
 def check_quantize(x: torch.Tensor) -> None:
     rq, rs = reference.quantize_per_token(x.cpu())
     q, s = triton_quantize(x)

@@ -48,6 +48,8 @@ from typing import Tuple
 
 import torch
 
+from .. import reference  # the canonical nibble (un)packing
+
 Tensor = torch.Tensor
 
 TILE_N = 64            # output columns per tile (8 mma subtiles of n8)
@@ -69,12 +71,6 @@ def repacked_shape(n: int, k: int) -> Tuple[int, ...]:
     return (_ceil_div(n, TILE_N), _ceil_div(k, TILE_K), LANES, WORDS)
 
 
-def _nibbles(packed: Tensor) -> Tensor:
-    """uint8 [N, K/2] -> int64 [N, K] codes 0..15 (low nibble = even k)."""
-    p = packed.to(torch.int64)
-    return torch.stack((p & 0xF, p >> 4), dim=2).reshape(packed.shape[0], -1)
-
-
 def repack(packed: Tensor) -> Tensor:
     """Canonical packed uint8 [N, K/2] -> w_tc int32 [ceil(N/64), ceil(K/16), 32, 4]
     (the layout in this module's docstring), on packed's device. Pure torch, shape-only
@@ -87,7 +83,7 @@ def repack(packed: Tensor) -> Tensor:
         raise ValueError(f"packed must be 2-D [N, K/2], got shape {tuple(packed.shape)}")
     n, k = packed.shape[0], 2 * packed.shape[1]
     nt, kt, _, _ = repacked_shape(n, k)
-    q = _nibbles(packed)
+    q = reference.unpack_nibbles(packed).to(torch.int64)  # [N, K] codes 0..15
     q = torch.nn.functional.pad(q, (0, kt * TILE_K - k, 0, nt * TILE_N - n))  # zeros
     # n = 64 nt + 8 (2 j + i1) + g   and   k = 16 kt + 8 i0 + 2 t + e   (i = 2 i1 + i0)
     q = q.reshape(nt, 4, 2, 8, kt, 2, 4, 2)            # [nt, j, i1, g, kt, i0, t, e]
@@ -110,7 +106,7 @@ def unrepack(w_tc: Tensor, n: int, k: int) -> Tensor:
     q = q.reshape(nt, kt, 8, 4, 4, 2, 2, 2)            # [nt, kt, g, t, j, e, i1, i0]
     q = q.permute(0, 4, 6, 2, 1, 7, 3, 5)              # [nt, j, i1, g, kt, i0, t, e]
     q = q.reshape(nt * TILE_N, kt * TILE_K)[:n, :k]
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return reference.pack_nibbles(q.to(torch.uint8)).contiguous()
 
 
 def check_repacked(w_tc: Tensor, n: int, k: int, name: str = "w_tc") -> None:
