@@ -65,8 +65,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--max-seconds-per-cell", type=float, default=None,
                    help="stop repeating a row after about this long (default 1.0; --quick 0.05)")
     p.add_argument("--rotate-mib", type=float, default=None,
-                   help="weight bytes to rotate through at small M (default: 64 on CPU, 256 on "
-                        "GPU, or 2x the last-level cache if larger; --quick 1; 0: no rotation)")
+                   help="MiB of weights to rotate through at small M (default: 256, or 8x the "
+                        "last-level cache if larger; --quick 1; 0: no rotation)")
     p.add_argument("--rotate-max-m", type=int, default=16,
                    help="rotate weight copies for M <= this (default 16)")
     p.add_argument("--peak-gbs", type=float, default=None,

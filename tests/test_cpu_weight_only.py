@@ -110,6 +110,23 @@ def test_int4_mm_half_scales(isa):
     assert_within(out, reference.int4_mm(x, packed, scales, zeros, 32, None), tol, "fp16 scales")
 
 
+@pytest.mark.parametrize("group_size", (32, 64, 128, -1))
+def test_int4_decode_long_rows(isa, threads, group_size):
+    """M = 1 with K past one 4096-k chunk of x (the AVX-512 kernel's x blocking;
+    K = 8448: two whole chunks and a partial one), N not a multiple of its 8-row
+    group, and zero points 0..15 (an earlier kernel split the sum around z = 8 and
+    failed here)."""
+    k, n = 8448, 13
+    x = torch.randn(1, k)
+    w = torch.randn(n, k) + torch.linspace(-3.0, 3.0, n)[:, None]  # skewed rows
+    packed, scales, zeros = reference.pack_int4(w, group_size, False)
+    assert zeros.min() < 4 and zeros.max() > 12
+    tol = _tolerance(x, dequant_int4(packed, scales, zeros, group_size), None, x.dtype)
+    assert_within(OPS.int4_mm(x, packed, scales, zeros, group_size, None),
+                  reference.int4_mm(x, packed, scales, zeros, group_size, None), tol,
+                  f"{isa} group={group_size}")
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
 def test_paths_agree_on_a_large_layer(dtype):
     """Small-M and panel paths, every ISA, on K = 4096, N = 600 (group 128): the

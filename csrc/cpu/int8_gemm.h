@@ -38,8 +38,10 @@ constexpr int kMaxMr = 8;  // the largest mr_max of any ISA
 // again in place of the missing rows and stores only nr columns). `accumulate`
 // false: store the sums; true: add them to c (modulo 2**32). With the AVX-512
 // kernel the sums include + 128 * sum_k a[i, k] (see comp above).
+// `prefetch` > 0 (SIMD kernels): while reading b row j at offset k, prefetch the byte
+// b[j * ldb + k + prefetch] into L2 (decode: the same offset in the next tile's rows).
 using TileFn = void (*)(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int nr,
-                        int64_t kl, int32_t* c, int64_t ldc, bool accumulate);
+                        int64_t kl, int32_t* c, int64_t ldc, bool accumulate, int64_t prefetch);
 
 // comp[m] = 128 * sum_{k < K} a[m * lda + k] (modulo 2**32), for m in [0, M).
 using RowCompFn = void (*)(const int8_t* a, int64_t lda, int64_t M, int64_t K, int32_t* comp);

@@ -37,7 +37,7 @@ PYFAST_TARGET_AVX2 inline __m128i reduce4(__m256i x0, __m256i x1, __m256i x2, __
 template <int MR>
 PYFAST_TARGET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
                                   int nr, int64_t kl, int32_t* c, int64_t ldc,
-                                  bool accumulate) {
+                                  bool accumulate, int64_t prefetch) {
   const int8_t* bj[4] = {b, b + (nr > 1 ? 1 : nr - 1) * ldb, b + (nr > 2 ? 2 : nr - 1) * ldb,
                          b + (nr > 3 ? 3 : nr - 1) * ldb};
   __m256i acc[MR][4];
@@ -47,6 +47,8 @@ PYFAST_TARGET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const int8_t* b,
   }
   int64_t k = 0;
   for (; k + 16 <= kl; k += 16) {
+    if (prefetch > 0 && (k & 63) == 0)
+      for (int j = 0; j < 4; ++j) __builtin_prefetch(bj[j] + k + prefetch, 0, 2);
     const __m256i v0 = load_s16(bj[0] + k), v1 = load_s16(bj[1] + k);
     const __m256i v2 = load_s16(bj[2] + k), v3 = load_s16(bj[3] + k);
 #pragma GCC unroll 8

@@ -80,7 +80,7 @@ PYFAST_TARGET_AVX512 inline __m128i reduce4(__m512i x0, __m512i x1, __m512i x2, 
 template <int MR>
 PYFAST_TARGET_AVX512 void tile_avx512(const int8_t* a, int64_t lda, const int8_t* b,
                                       int64_t ldb, int nr, int64_t kl, int32_t* c,
-                                      int64_t ldc, bool accumulate) {
+                                      int64_t ldc, bool accumulate, int64_t prefetch) {
   static_assert(MR >= 1 && MR <= kMrAvx512, "MR out of range");
   // Missing b rows (nr < 4) re-read row nr - 1; their sums are not stored.
   const int8_t* b0 = b;
@@ -94,6 +94,12 @@ PYFAST_TARGET_AVX512 void tile_avx512(const int8_t* a, int64_t lda, const int8_t
   __m512i c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z, c52 = z, c53 = z;
   int64_t k = 0;
   for (; k + 64 <= kl; k += 64) {
+    if (prefetch > 0) {
+      __builtin_prefetch(b0 + k + prefetch, 0, 2);
+      __builtin_prefetch(b1 + k + prefetch, 0, 2);
+      __builtin_prefetch(b2 + k + prefetch, 0, 2);
+      __builtin_prefetch(b3 + k + prefetch, 0, 2);
+    }
     const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(b0 + k), flip);
     const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(b1 + k), flip);
     const __m512i v2 = _mm512_xor_si512(_mm512_loadu_si512(b2 + k), flip);

@@ -9,9 +9,10 @@ namespace int8_gemm {
 namespace {
 
 void tile_scalar(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int nr, int64_t kl,
-                 int32_t* c, int64_t ldc, bool accumulate) {
+                 int32_t* c, int64_t ldc, bool accumulate, int64_t prefetch) {
   (void)lda;
   (void)ldc;
+  (void)prefetch;  // the portable kernel leaves prefetching to the hardware
   for (int j = 0; j < nr; ++j) {
     const int8_t* bj = b + j * ldb;
     int32_t s = 0;

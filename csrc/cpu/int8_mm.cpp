@@ -63,7 +63,10 @@ constexpr int64_t kSerialWork = int64_t{1} << 18;
 // instead of stalling the first row tile that touches it. (The hardware
 // prefetchers see only short runs: 4 rows of at most kKc bytes per tile.) Used
 // when a block is read by several row tiles (M > mr); a single row tile (decode)
-// reads each line once, in long runs that the hardware prefetchers follow.
+// reads each line once; there the micro-kernel itself prefetches each b row kNr rows
+// ahead as it reads it (the same offset in the next tile), because the hardware
+// prefetchers stop at every 4 KiB page and a tile reads kNr pages at once (measured
+// on Zen 4, 2 threads, int8 GEMV from DRAM: 30 -> 37 GB/s).
 class BlockPrefetcher {
  public:
   void reset(const int8_t* base, int64_t ld, int64_t rows, int64_t bytes, int64_t calls) {
@@ -148,6 +151,8 @@ void gemm(const g::Kernels& kern, const int8_t* a, int64_t lda, const int8_t* b,
   const int64_t grain = work < kSerialWork ? tasks : 1;
 
   const int64_t n_tiles_per_panel = (kNc + g::kNr - 1) / g::kNr;
+  // Decode (one row tile): the micro-kernel prefetches the next tile's b rows.
+  const int64_t decode_prefetch = M <= mr ? g::kNr * ldb : 0;
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<int32_t> acc(std::min(mc, M) * kNc);
     BlockPrefetcher prefetch;
@@ -175,7 +180,7 @@ void gemm(const g::Kernels& kern, const int8_t* a, int64_t lda, const int8_t* b,
           for (int64_t j = 0; j < nl; j += g::kNr) {
             tile(ai, lda, b + (n0 + j) * ldb + k0, ldb,
                  static_cast<int>(std::min<int64_t>(g::kNr, nl - j)), kl,
-                 acc.data() + i * kNc + j, kNc, /*accumulate=*/k0 > 0);
+                 acc.data() + i * kNc + j, kNc, /*accumulate=*/k0 > 0, decode_prefetch);
             prefetch.step();
           }
         }

@@ -108,12 +108,12 @@ int64_t int4_panel_lanes(Isa isa) {
   return 0;
 }
 
-int64_t int4_block_lanes(Isa isa) {
+XBlocks int4_small_layout(Isa isa) {
 #if PYFAST_X86
-  if (isa == Isa::kAvx512) return 16;
+  if (isa == Isa::kAvx512) return {16, 8};
 #endif
   (void)isa;
-  return 8;
+  return {8, 2};
 }
 
 // --- per-ISA dispatch of the panel dequant ---------------------------------------------
@@ -153,15 +153,39 @@ int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
 // Float32 copy of x [M, K] (natural order) unless x already is contiguous float32.
 at::Tensor x_float32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
-// x [M, K] -> `dtype` [M, ld] in the int4 block order of `lanes` (weight_only.h):
-// zero padded to ld, then each block of 2 * lanes columns [x0 x1 x2 ... ] becomes
-// [x0 x2 x4 ... x1 x3 ...] (one parallel torch copy; exact, a permutation).
-at::Tensor x_int4_blocks(const at::Tensor& x, int64_t lanes, at::ScalarType dtype) {
-  const int64_t M = x.size(0), K = x.size(1), B = 2 * lanes;
+// x [M, K] -> `dtype` [M, ld] in the int4 block order `blocks` (weight_only.h): zero
+// padded to ld, then each block of L * P columns, seen as [L][P], is transposed to
+// [P][L]; for P = 2, [x0 x1 x2 ... ] becomes [x0 x2 x4 ... x1 x3 ...] (one torch
+// copy; exact, a permutation).
+at::Tensor x_int4_blocks(const at::Tensor& x, XBlocks blocks, at::ScalarType dtype) {
+  const int64_t M = x.size(0), K = x.size(1), B = blocks.lanes * blocks.per_lane;
   const int64_t ld = (K + B - 1) / B * B;
   at::Tensor padded = at::zeros({M, ld}, x.options().dtype(dtype));
   padded.narrow(1, 0, K).copy_(x);
-  return padded.view({M, ld / B, lanes, 2}).transpose(2, 3).contiguous().view({M, ld});
+  return padded.view({M, ld / B, blocks.lanes, blocks.per_lane})
+      .transpose(2, 3)
+      .contiguous()
+      .view({M, ld});
+}
+
+// The small-M int4 input in one pass over x (any float dtype, any strides), without
+// the several torch ops of x_int4_blocks (their overhead is most of a M = 1 call on a
+// small layer): xp [M, ld] float32 in the block order `blocks`, zero padded.
+void x_int4_small(const at::Tensor& x, XBlocks blocks, int64_t ld, float* xp) {
+  const int64_t M = x.size(0), K = x.size(1), L = blocks.lanes, P = blocks.per_lane;
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "x_int4_small", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* xr = src + m * s0;
+      float* d = xp + m * ld;
+      std::fill(d, d + ld, 0.0f);  // the padding past K
+      for (int64_t b = 0; b * L * P < K; ++b)  // k = b*L*P + P*i + p -> d[b*L*P + p*L + i]
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t p = 0, k = b * L * P + P * i; p < P && k < K; ++p, ++k)
+            d[b * L * P + p * L + i] = static_cast<float>(xr[k * s1]);
+    }
+  });
 }
 
 // out[m, n] = cast((acc[m, n] * scale[n]) + bias[n]) (scale / bias optional), in place
@@ -365,8 +389,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const float* bp = ptr_or_null(b);
 
   if (M <= small_m_limit(x_in.scalar_type(), isa)) {
-    const at::Tensor xp = x_int4_blocks(x_in, int4_block_lanes(isa), at::kFloat);
-    const int64_t ld = xp.size(1);
+    const XBlocks blocks = int4_small_layout(isa);
+    const int64_t B = blocks.lanes * blocks.per_lane, ld = (K + B - 1) / B * B;
+    const at::Tensor xp = at::empty({M, ld}, x_in.options().dtype(at::kFloat));
+    x_int4_small(x_in, blocks, ld, xp.mutable_data_ptr<float>());
     at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xp.options());
     const float* xpp = xp.const_data_ptr<float>();
     float* ap = acc.mutable_data_ptr<float>();
@@ -388,7 +414,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   // x's columns in the panel's k order (a permutation: exact in any dtype).
   const int64_t lanes = int4_panel_lanes(isa);
   const at::Tensor x_panel =
-      lanes == 0 ? x_in : x_int4_blocks(x_in, lanes, x_in.scalar_type());
+      lanes == 0 ? x_in : x_int4_blocks(x_in, {lanes, 2}, x_in.scalar_type());
   const int64_t Kp = x_panel.size(1);
   if (x_in.scalar_type() == at::kBFloat16) {
     panel_mm(x_panel.contiguous(), N, Kp, out, dq_f32, dq_bf16);

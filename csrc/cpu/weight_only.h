@@ -47,14 +47,19 @@ struct Int4Weight {
 
 // Activations as the small kernels read them: float32 rows of length `ld`.
 //   int8: x[m, k] at xp[m * ld + k], ld = K (natural order).
-//   int4: each block of 2 * L consecutive k (L = lanes: 16 for AVX-512, 8 for
-//         AVX2 and the scalar kernel) is stored de-interleaved, the even k first
-//         then the odd k:  xp[b*2L + i] = x[b*2L + 2i], xp[b*2L + L + i] =
-//         x[b*2L + 2i + 1]. Then one byte load of L packed bytes, widened to L
-//         int32 lanes, gives the low nibbles (even k) matching the first L x and
-//         the high nibbles matching the next L: no shuffle of the weight is
-//         needed. The last partial block is zero padded; ld = ceil(K / 2L) * 2L.
-int64_t int4_block_lanes(Isa isa);  // L for an ISA
+//   int4: blocks of L * P consecutive k, each stored as P rows of L lanes:
+//         xp[b*L*P + p*L + i] = x[b*L*P + P*i + p], i < L (lanes), p < P.
+//         AVX2 and scalar: L = 8, P = 2 (the even k, then the odd k): one load of
+//         L packed bytes widened to L int32 lanes gives the low nibbles (even k)
+//         matching the first L x and the high nibbles the next L.
+//         AVX-512: L = 16, P = 8: one 64-byte load = 16 dwords of 8 nibbles each,
+//         nibble p of dword i being k = 8i + p (weight_only_avx512.cpp).
+//         No shuffle of the weight is needed. The last partial block is zero
+//         padded; ld = ceil(K / (L * P)) * L * P.
+struct XBlocks {
+  int64_t lanes, per_lane;  // L, P
+};
+XBlocks int4_small_layout(Isa isa);
 
 // out[m * ldo + n] for m in [0, M), n in [n0, n1), float32:
 //   int8: (sum_k x[m, k] * float(w[n, k])) * scale[n]
@@ -74,7 +79,7 @@ void int4_small_scalar(const float* xp, int64_t ld, int64_t M, const Int4Weight&
                        int64_t n0, int64_t n1, float* out, int64_t ldo);
 
 // The int4 panel layout of an ISA: 0 = natural k order, rows of K; L > 0 = the
-// block order of the small kernels' x (above) with L lanes, rows of ld = K
+// block order above with L lanes and P = 2 (even k, then odd k), rows of ld = K
 // rounded up to 2L, zero padded. The panel path permutes x's columns the same
 // way, so x @ panel.T is unchanged while the AVX-512 dequant needs no shuffle
 // back to natural order.

@@ -7,22 +7,21 @@
 //
 // int8: 16 bytes -> vpmovsxbd (16 x int32) -> vcvtdq2ps -> FMA with x; the row
 //   sum is multiplied by scale[n] at the end (reference: (x @ w.T) * scale).
-// int4: 16 packed bytes = 32 weights. vpmovzxbd widens the bytes to 16 int32
-//   lanes; lane i holds q[2i] in bits 0-3 and q[2i+1] in bits 4-7. vpermps
-//   (_mm512_permutexvar_ps) uses only the low 4 bits of each index, so
-//   permutexvar(d, T) looks up T[q[2i]] without masking and
-//   permutexvar(d >> 4, T) looks up T[q[2i+1]]. T is a 16-entry table per
-//   (row, group): T[q] = (float(q) - float(zero)) * scale, i.e. the scale is
-//   folded into the dequantized weight, bit-identical to the reference's weight.
-//   The activations are stored de-interleaved per 32 k (even k, then odd k;
-//   weight_only.h) so the looked-up vectors line up with x without a shuffle.
-//   Per 32 weights: 1 widening load, 1 shift, 2 vpermps, and 2 FMA per x row.
+// int4: one 64-byte load per row per block of 128 k, each nibble turned into a
+//   float by vpternlogd + vsubps ("magic exponent", no shuffle; see int4_rows_m1),
+//   with x stored in the matching block order (int4_small_layout). M = 1 runs one
+//   row at a time (one sequential weight stream per thread).
+//   The panel dequant at the end of the file (large M) still uses a 16-entry table
+//   per (row, group) and vpermps, storing (q - zero) * scale bit-identical to the
+//   reference's weight.
 // K tails (K not a multiple of 16 / 32) use masked loads; masked-off weight lanes
 // are zeroed so padding never meets a non-finite table entry.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <type_traits>
+
+#include <c10/util/Exception.h>
 
 #include "weight_only_kernels.h"
 
@@ -72,70 +71,205 @@ PYFAST_TARGET_AVX512 void int8_tile(const float* x, int64_t ldx, const Int8Weigh
       out[m * ldo + n + r] = _mm512_reduce_add_ps(acc[m][r]) * w.scale[n + r];
 }
 
+// --- int4, small M: dequantization without shuffles ("magic exponent") ----------------
+//
+// Layout: x in blocks of 128 k, 16 lanes x 8 nibble positions (int4_small_layout):
+//   xp[b*128 + p*16 + i] = x[b*128 + 8i + p]
+// and one 64-byte load of a weight row per block: 16 dwords, dword i = packed bytes
+// 4i..4i+3 = k 8i..8i+7, its nibble p (bits 4p..4p+3) = k 8i + p (canonical packing,
+// low nibble = even k). So the vector of nibble p lines up with x block row p.
+//
+// A nibble becomes a float with one vpternlogd and one subtraction: at nibble
+// position t (bits 4t..4t+3, t <= 4), (d & (15 << 4t)) | bits(2^E) with E = 23 - 4t
+// is the float 2^E + q exactly (the nibble lands in the mantissa at weight
+// 2^(E - 23 + 4t) = 1), and (2^E + q) - (2^E + 8) = q - 8 exactly. Only positions
+// 2..4 are used, so that the nine constants stay in registers: nibbles 2..4 are read
+// in place, nibbles 0, 1 after one shift left by 8 and nibbles 5..7 after one shift
+// right by 12. Per 16 weights: vpternlogd, vsubps, one FMA per x row.
+// Why not the table lookup of the panel dequant below (vpmovzxbd + 2 vpermps per 32
+// weights): on Zen 4 a zmm shuffle issues once per cycle and this loop was
+// shuffle-bound; logic, subtraction and FMA together issue about 1.5 zmm ops per
+// cycle (measured in isolation). Measured, one core, weights in L2, M = 1: about
+// 16 -> 23 G weights/s.
+//
+// The zero point is subtracted exactly in the same vsubps: (2^E + q) - (2^E + z) =
+// q - z, with 2^E + z built once per block (splitting the sum around a fixed zero
+// point instead cancels badly when z is far from it: measured, a per-channel row
+// with z = 0..15 failed the reference tolerance).
+// Scales and zeros per lane: lane i of block b belongs to group (128b + 8i) / group.
+
+// The mask / magic / subtrahend constants of nibble positions 2..4 (indices 0, 1
+// unused): three positions only, so that all nine constants stay in registers (with
+// five, GCC 12 re-broadcasts some inside the loop).
+struct MagicConsts {
+  __m512i mask[5], magic[5];
+  __m512 base[5];  // 2^E
+};
+
+PYFAST_TARGET_AVX512 inline void make_magic(MagicConsts& c) {
+  for (int p = 2; p < 5; ++p) {
+    const float e = static_cast<float>(1 << (23 - 4 * p));
+    c.mask[p] = _mm512_set1_epi32(15 << (4 * p));
+    c.magic[p] = _mm512_castps_si512(_mm512_set1_ps(e));
+    c.base[p] = _mm512_set1_ps(e);
+  }
+}
+
+// q - z of nibble position `pos` of d; sub[pos] = 2^E + z per lane (block_subs).
+PYFAST_TARGET_AVX512 inline __m512 nibble(const MagicConsts& c, const __m512* sub, __m512i d,
+                                          int pos) {
+  // 0xEA: (A & B) | C, with A = d, B = mask, C = magic
+  const __m512i f = _mm512_ternarylogic_epi32(d, c.mask[pos], c.magic[pos], 0xEA);
+  return _mm512_sub_ps(_mm512_castsi512_ps(f), sub[pos]);
+}
+
+// The 64 packed bytes of block b of a row (masked at the row's end: zero bytes,
+// q = 0, meet zero padding of x).
+PYFAST_TARGET_AVX512 inline __m512i load_block(const uint8_t* row, int64_t b, int64_t half) {
+  const int64_t j = 64 * b;
+  if (j + 64 <= half) return _mm512_loadu_si512(row + j);
+  return _mm512_maskz_loadu_epi8((uint64_t{1} << (half - j)) - 1, row + j);
+}
+
+// Scale of each lane of block b of row n (see above). group >= 128 or one group per
+// row: one scale; group 32 / 64: 4 / 2 groups per block.
+PYFAST_TARGET_AVX512 inline __m512 block_scales(const Int4Weight& w, int64_t n, int64_t b) {
+  const float* s = w.scales + n * w.G;
+  if (w.G == 1 || w.group >= 128) return _mm512_set1_ps(s[std::min(b * 128 / w.group, w.G - 1)]);
+  const int64_t per = 128 / w.group, g0 = b * per, cnt = std::min(per, w.G - g0);
+  const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), s + g0);
+  const int shift = w.group == 64 ? 3 : 2;  // lane i -> group i * 8 / group
+  const __m512i idx = _mm512_srli_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
+  return _mm512_permutexvar_ps(idx, v);
+}
+
+// Zero point of each lane of block b of row n, as float (like block_scales), and the
+// subtrahends 2^E + z of positions 2..4 (exact: z <= 15, E >= 15).
+PYFAST_TARGET_AVX512 inline void block_subs(const MagicConsts& c, const Int4Weight& w,
+                                            int64_t n, int64_t b, __m512* sub) {
+  const uint8_t* z = w.zeros + n * w.G;
+  __m512 zf;
+  if (w.G == 1 || w.group >= 128) {
+    zf = _mm512_set1_ps(static_cast<float>(z[std::min(b * 128 / w.group, w.G - 1)]));
+  } else {
+    const int64_t per = 128 / w.group, g0 = b * per, cnt = std::min(per, w.G - g0);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+        _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1), z + g0)));
+    const int shift = w.group == 64 ? 3 : 2;
+    zf = _mm512_permutexvar_ps(
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                          shift),
+        v);
+  }
+  for (int p = 2; p < 5; ++p) sub[p] = _mm512_add_ps(c.base[p], zf);
+}
+
+// M = 1. The x vector is read 8 times per 64 weight bytes, so it must stay in L1:
+// K is cut into chunks of kChunkBlocks blocks (4096 k, 16 KiB of x) and a group of
+// kRowGroup rows is swept chunk by chunk (rows one at a time, so that the weight is
+// read in long runs; without chunks, K = 11008 read x from L2 and ran at half
+// speed). While it reads a row segment, it prefetches the segment read next (the
+// next row's, or the next chunk's first row) into L2: the hardware prefetcher stops
+// at every 4 KiB page. Per block: two accumulator chains, then one FMA by the lane
+// scales.
+constexpr int64_t kChunkBlocks = 32;
+constexpr int64_t kRowGroup = 8;
+
+PYFAST_TARGET_AVX512 void int4_rows_m1(const float* x, const Int4Weight& w,
+                                       int64_t n0, int64_t n1, float* out) {
+  MagicConsts c;
+  make_magic(c);
+  const int64_t half = w.K / 2, blocks = (half + 63) / 64;
+  for (int64_t n = n0; n < n1; n += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, n1 - n);
+    __m512 tot[kRowGroup];
+    for (int64_t r = 0; r < rows; ++r) tot[r] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+      const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* row = w.packed + (n + r) * half;
+        const uint8_t* next = r + 1 < rows ? row + half + 64 * b0
+                              : b1 < blocks ? w.packed + n * half + 64 * b1
+                                            : w.packed + (n + rows) * half;
+        __m512 t = tot[r];
+        for (int64_t b = b0; b < b1; ++b) {
+          prefetch_l2(next + 64 * (b - b0));
+          __m512 sub[5];
+          block_subs(c, w, n + r, b, sub);
+          const __m512i d = load_block(row, b, half);
+          const __m512i d0 = _mm512_slli_epi32(d, 8), d2 = _mm512_srli_epi32(d, 12);
+          const float* xb = x + 128 * b;
+          __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(xb), nibble(c, sub, d0, 2));
+          __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(xb + 16), nibble(c, sub, d0, 3));
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 32), nibble(c, sub, d, 2), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 48), nibble(c, sub, d, 3), a1);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 64), nibble(c, sub, d, 4), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 80), nibble(c, sub, d2, 2), a1);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 96), nibble(c, sub, d2, 3), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 112), nibble(c, sub, d2, 4), a1);
+          t = _mm512_fmadd_ps(block_scales(w, n + r, b), _mm512_add_ps(a0, a1), t);
+        }
+        tot[r] = t;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      out[n + r] = _mm512_reduce_add_ps(tot[r]);
+  }
+}
+
+// M > 1: a tile of MR x rows times NR weight rows. The nibble vectors of a row are
+// scaled once (lane scales folded in) and used by all MR x rows.
 template <int MR, int NR>
 PYFAST_TARGET_AVX512 void int4_tile(const float* x, int64_t ldx, const Int4Weight& w,
                                     int64_t n, float* out, int64_t ldo) {
-  const int64_t half = w.K / 2, gbytes = w.group / 2;
-  const uint8_t* p[NR];
-  for (int r = 0; r < NR; ++r) p[r] = w.packed + (n + r) * half;
+  MagicConsts c;
+  make_magic(c);
+  const int64_t half = w.K / 2, blocks = (half + 63) / 64;
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = w.packed + (n + r) * half;
   const int64_t ahead = prefetch_distance(NR * half);
-  const __m512 iota =
-      _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < w.G; ++g) {
-    __m512 T[NR];
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i d0[NR], d[NR], d2[NR];
+    __m512 s[NR], sub[NR][5];
     for (int r = 0; r < NR; ++r) {
-      const int64_t i = (n + r) * w.G + g;
-      T[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(w.zeros[i]))),
-                           _mm512_set1_ps(w.scales[i]));
+      prefetch_l2(rows[r] + 64 * b + ahead);
+      d[r] = load_block(rows[r], b, half);
+      d0[r] = _mm512_slli_epi32(d[r], 8);
+      d2[r] = _mm512_srli_epi32(d[r], 12);
+      s[r] = block_scales(w, n + r, b);
+      block_subs(c, w, n + r, b, sub[r]);
     }
-    // Groups are 16, 32 or 64 bytes (or the whole row), so a 16-byte block never
-    // straddles two groups and byte j is at x offset 2 * j.
-    const int64_t j1 = std::min(half, (g + 1) * gbytes);
-    int64_t j = g * gbytes;
-    for (; j + 16 <= j1; j += 16) {
-      if ((j & 63) == 0)
-        for (int r = 0; r < NR; ++r) prefetch_l2(p[r] + j + ahead);
-      __m512 wl[NR], wh[NR];
-      for (int r = 0; r < NR; ++r) {
-        const __m512i d =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + j)));
-        wl[r] = _mm512_permutexvar_ps(d, T[r]);
-        wh[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), T[r]);
-      }
-      const float* xb = x + 2 * j;
+    const float* xb = x + 128 * b;
+    for (int p = 0; p < 8; ++p) {
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r)
+        wv[r] = _mm512_mul_ps(
+            p < 2   ? nibble(c, sub[r], d0[r], p + 2)
+            : p < 5 ? nibble(c, sub[r], d[r], p)
+                    : nibble(c, sub[r], d2[r], p - 3),
+            s[r]);
       for (int m = 0; m < MR; ++m) {
-        const __m512 xl = _mm512_loadu_ps(xb + m * ldx);
-        const __m512 xh = _mm512_loadu_ps(xb + m * ldx + 16);
-        for (int r = 0; r < NR; ++r) {
-          acc[m][r] = _mm512_fmadd_ps(xl, wl[r], acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(xh, wh[r], acc[m][r]);
-        }
-      }
-    }
-    if (j < j1) {  // per-channel rows only: K % 32 != 0; x is zero padded to ld
-      const __mmask16 mask = static_cast<__mmask16>((1u << (j1 - j)) - 1u);
-      __m512 wl[NR], wh[NR];
-      for (int r = 0; r < NR; ++r) {
-        const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p[r] + j));
-        wl[r] = _mm512_maskz_permutexvar_ps(mask, d, T[r]);
-        wh[r] = _mm512_maskz_permutexvar_ps(mask, _mm512_srli_epi32(d, 4), T[r]);
-      }
-      const float* xb = x + 2 * j;
-      for (int m = 0; m < MR; ++m) {
-        const __m512 xl = _mm512_loadu_ps(xb + m * ldx);
-        const __m512 xh = _mm512_loadu_ps(xb + m * ldx + 16);
-        for (int r = 0; r < NR; ++r) {
-          acc[m][r] = _mm512_fmadd_ps(xl, wl[r], acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(xh, wh[r], acc[m][r]);
-        }
+        const __m512 xv = _mm512_loadu_ps(xb + m * ldx + 16 * p);
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) out[m * ldo + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int r = 0; r < NR; ++r)
+      out[m * ldo + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int NR, int MAX_MR>
+void int4_run_tile(int mr, const float* x, int64_t ldx, const Int4Weight& w,
+                   int64_t n, float* out, int64_t ldo) {
+  if constexpr (MAX_MR > 1) {
+    if (mr < MAX_MR) return int4_run_tile<NR, MAX_MR - 1>(mr, x, ldx, w, n, out, ldo);
+  }
+  int4_tile<MAX_MR, NR>(x, ldx, w, n, out, ldo);
 }
 
 // Tile<MR, NR>::run calls the tile function template for compile-time MR, NR.
@@ -149,7 +283,6 @@ PYFAST_TARGET_AVX512 void int4_tile(const float* x, int64_t ldx, const Int4Weigh
     }                                                                                     \
   };
 PYFAST_WO_TILE_FN(int8_tile)
-PYFAST_WO_TILE_FN(int4_tile)
 #undef PYFAST_WO_TILE_FN
 
 }  // namespace
@@ -159,9 +292,21 @@ void int8_small_avx512(const float* xp, int64_t M, const Int8Weight& w, int64_t 
   small_driver<int8_tile_fn, 8>(xp, w.K, M, w, n0, n1, out, ldo);
 }
 
-void int4_small_avx512(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
-                       int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  small_driver<int4_tile_fn, 8>(xp, ld, M, w, n0, n1, out, ldo);
+void int4_small_avx512(const float* xp, int64_t ld, int64_t M,
+                       const Int4Weight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if (M == 1) return int4_rows_m1(xp, w, n0, n1, out);
+  // Weight rows in pairs (then a single one), x rows in tiles of up to 8 (the two
+  // weight rows' bytes stay in L1 between the x tiles).
+  constexpr int kMaxMr = 8;
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2)
+    for (int64_t m = 0; m < M; m += kMaxMr)
+      int4_run_tile<2, kMaxMr>(static_cast<int>(std::min<int64_t>(kMaxMr, M - m)), xp + m * ld,
+                               ld, w, n, out + m * ldo, ldo);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; m += kMaxMr)
+      int4_run_tile<1, kMaxMr>(static_cast<int>(std::min<int64_t>(kMaxMr, M - m)), xp + m * ld,
+                               ld, w, n, out + m * ldo, ldo);
 }
 
 PYFAST_WO_DEQUANT_INT8_DEFINE(avx512, PYFAST_TARGET_AVX512)
@@ -226,9 +371,10 @@ void int8_small_avx512(const float* xp, int64_t M, const Int8Weight& w, int64_t 
                        int64_t n1, float* out, int64_t ldo) {
   int8_small_scalar(xp, M, w, n0, n1, out, ldo);
 }
-void int4_small_avx512(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
-                       int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  int4_small_scalar(xp, ld, M, w, n0, n1, out, ldo);
+void int4_small_avx512(const float* xp, int64_t ld, int64_t M,
+                       const Int4Weight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  (void)xp, (void)ld, (void)M, (void)w, (void)n0, (void)n1, (void)out, (void)ldo;
+  TORCH_CHECK(false, "int4_small_avx512 called on a CPU without AVX-512");
 }
 PYFAST_WO_DEQUANT_DEFINE(avx512, )
 
