@@ -136,10 +136,11 @@ def rotation_target_bytes(device: str, requested_mib: Optional[float]) -> int:
     last-level cache where that is larger.
 
     Why 8x and not 2x: a cache that is not strictly LRU keeps part of a cyclic stream
-    even when the stream is twice its size. With 64 MiB (2x the 32 MiB L3 of the Zen 4
-    test machine, whose L3 is a victim cache) quantize_dynamic's M = 1 row read its
-    weight at 58 GB/s while the machine streams 37-39 GB/s from DRAM: about a third of
-    it came from L3, which no layer of a real model gets."""
+    even when the stream is twice its size. In bench/results/amd-epyc_2026-11-23.json
+    (64 MiB rotation, 2x the 32 MiB victim L3 of that Zen 4 machine),
+    quantize_dynamic's M = 1 row on 4096x4096 read its weight at 57.8 GB/s, against
+    30.8 GB/s of measured bandwidth and 37.4 GB/s for the fastest pyfast row on the
+    same weight bytes: part of it came from L3, which no layer of a real model gets."""
     if requested_mib is not None:
         return int(requested_mib * MIB)
     llc = last_level_cache_bytes(device) or 0

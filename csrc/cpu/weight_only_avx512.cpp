@@ -89,8 +89,8 @@ PYFAST_TARGET_AVX512 void int8_tile(const float* x, int64_t ldx, const Int8Weigh
 // Why not the table lookup of the panel dequant below (vpmovzxbd + 2 vpermps per 32
 // weights): on Zen 4 a zmm shuffle issues once per cycle and this loop was
 // shuffle-bound; logic, subtraction and FMA together issue about 1.5 zmm ops per
-// cycle (measured in isolation). Measured, one core, weights in L2, M = 1: about
-// 16 -> 23 G weights/s.
+// cycle (measured in isolation). Measured ad hoc (not a bench result file), one
+// core, weights in L2, M = 1: about 16 -> 20 G weights/s with the exact zero point.
 //
 // The zero point is subtracted exactly in the same vsubps: (2^E + q) - (2^E + z) =
 // q - z, with 2^E + z built once per block (splitting the sum around a fixed zero
@@ -131,37 +131,36 @@ PYFAST_TARGET_AVX512 inline __m512i load_block(const uint8_t* row, int64_t b, in
   return _mm512_maskz_loadu_epi8((uint64_t{1} << (half - j)) - 1, row + j);
 }
 
-// Scale of each lane of block b of row n (see above). group >= 128 or one group per
-// row: one scale; group 32 / 64: 4 / 2 groups per block.
-PYFAST_TARGET_AVX512 inline __m512 block_scales(const Int4Weight& w, int64_t n, int64_t b) {
-  const float* s = w.scales + n * w.G;
-  if (w.G == 1 || w.group >= 128) return _mm512_set1_ps(s[std::min(b * 128 / w.group, w.G - 1)]);
+// Lane values of block b from one row's per-group values v[0, G) (float32 scales or
+// uint8 zeros): lane i belongs to group (128b + 8i) / group. group >= 128 or one
+// group per row: one value; group 32 / 64: 4 / 2 groups per block.
+template <typename T>
+PYFAST_TARGET_AVX512 inline __m512 per_lane(const T* v, const Int4Weight& w, int64_t b) {
+  if (w.G == 1 || w.group >= 128)
+    return _mm512_set1_ps(static_cast<float>(v[std::min(b * 128 / w.group, w.G - 1)]));
   const int64_t per = 128 / w.group, g0 = b * per, cnt = std::min(per, w.G - g0);
-  const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), s + g0);
-  const int shift = w.group == 64 ? 3 : 2;  // lane i -> group i * 8 / group
+  const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+  __m512 g;
+  if constexpr (std::is_same_v<T, float>) {
+    g = _mm512_maskz_loadu_ps(m, v + g0);
+  } else {
+    g = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, v + g0)));
+  }
+  const int shift = w.group == 64 ? 3 : 2;  // lane i -> group g0 + i * 8 / group
   const __m512i idx = _mm512_srli_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
-  return _mm512_permutexvar_ps(idx, v);
+  return _mm512_permutexvar_ps(idx, g);
 }
 
-// Zero point of each lane of block b of row n, as float (like block_scales), and the
-// subtrahends 2^E + z of positions 2..4 (exact: z <= 15, E >= 15).
+PYFAST_TARGET_AVX512 inline __m512 block_scales(const Int4Weight& w, int64_t n, int64_t b) {
+  return per_lane(w.scales + n * w.G, w, b);
+}
+
+// The subtrahends 2^E + z of positions 2..4 for block b of row n, z per lane
+// (exact: z <= 15, E >= 15).
 PYFAST_TARGET_AVX512 inline void block_subs(const MagicConsts& c, const Int4Weight& w,
                                             int64_t n, int64_t b, __m512* sub) {
-  const uint8_t* z = w.zeros + n * w.G;
-  __m512 zf;
-  if (w.G == 1 || w.group >= 128) {
-    zf = _mm512_set1_ps(static_cast<float>(z[std::min(b * 128 / w.group, w.G - 1)]));
-  } else {
-    const int64_t per = 128 / w.group, g0 = b * per, cnt = std::min(per, w.G - g0);
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-        _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1), z + g0)));
-    const int shift = w.group == 64 ? 3 : 2;
-    zf = _mm512_permutexvar_ps(
-        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                          shift),
-        v);
-  }
+  const __m512 zf = per_lane(w.zeros + n * w.G, w, b);
   for (int p = 2; p < 5; ++p) sub[p] = _mm512_add_ps(c.base[p], zf);
 }
 
