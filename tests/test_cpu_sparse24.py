@@ -25,7 +25,7 @@ from _helpers import FLOAT_DTYPES, assert_within, decompress24, dtype_id, linear
 ops = torch.ops.pyfast_C
 
 ISAS = ["avx512", "avx2", "scalar"]  # see the isa fixture in conftest.py
-NO_BF16DOT = "PYFAST_SPARSE24_NO_BF16DOT"
+NO_BF16DOT = "PYFAST_NO_BF16DOT"
 
 
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 namespace pyfast {
 namespace cpu {
@@ -43,6 +44,18 @@ Isa active_isa() {
 }
 
 void set_isa(Isa isa) { requested().store(static_cast<int>(isa)); }
+
+bool has_bf16_dot() {
+#if PYFAST_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has && std::getenv("PYFAST_NO_BF16DOT") == nullptr;
+#else
+  return false;
+#endif
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

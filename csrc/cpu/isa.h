@@ -22,6 +22,11 @@ Isa detected_isa();              // the best level this CPU supports
 Isa active_isa();                // min(detected, the level set by set_isa)
 void set_isa(Isa isa);           // clamps to detected_isa()
 const char* isa_name(Isa isa);   // "avx512", "avx2", "scalar"
+// Whether the kAvx512 kernels may use vdpbf16ps (AVX512_BF16: pairs of bfloat16
+// products added into float32; Intel SDM vol. 2, VDPBF16PS) for bfloat16 x: the
+// CPU reports AVX512_BF16 and the environment variable PYFAST_NO_BF16DOT is unset
+// (read on every call; the tests set it to reach the kernels of CPUs without it).
+bool has_bf16_dot();
 Isa isa_from_name(const std::string& name);  // TORCH_CHECKs the name
 
 }  // namespace cpu
@@ -32,6 +37,9 @@ Isa isa_from_name(const std::string& name);  // TORCH_CHECKs the name
 // Function attributes that let one function use the instructions of a level.
 #define PYFAST_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define PYFAST_TARGET_AVX512_BF16                                                    \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma," \
+                        "f16c")))
 #define PYFAST_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define PYFAST_X86 0

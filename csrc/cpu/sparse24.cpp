@@ -16,7 +16,7 @@
 //      (panel_mm). A tuned dense GEMM at full FMA rate beats the 2:4 kernels here; the
 //      panels are rebuilt from the 2:4 bytes in L2 (O(N K) against O(M N K)).
 //   2. bfloat16 x, A = avx512 and the CPU has AVX512_BF16 (and the environment variable
-//      PYFAST_SPARSE24_NO_BF16DOT, which the tests use to reach path 3/4, is unset):
+//      PYFAST_NO_BF16DOT, which the tests use to reach path 3/4, is unset):
 //      kernel_bf16dot tiles on the raw bfloat16 bits.
 //   3. A = avx512 and M >= 8: kernel_xt_avx512 (x transposed, no permutes).
 //   4. otherwise the permute tiles of level A: kernel_avx512 / kernel_avx2 / tile_scalar.
@@ -75,11 +75,6 @@
 #include "../checks.h"
 #include "isa.h"
 
-#if PYFAST_X86
-#define PYFAST_TARGET_AVX512_BF16                                                    \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma," \
-                        "f16c")))
-#endif
 #define PYFAST_S24_INLINE inline __attribute__((always_inline))
 // Full unrolling of the loops over a tile's rows, requested explicitly: GCC then turns the
 // accumulator arrays into registers (scalar replacement runs before its own unrolling;
@@ -623,23 +618,11 @@ void panel_mm(const at::Tensor& x_mm, const V* vals, const uint8_t* meta, int64_
   });
 }
 
-bool cpu_has_avx512bf16() {
-#if PYFAST_X86
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has && std::getenv("PYFAST_SPARSE24_NO_BF16DOT") == nullptr;
-#else
-  return false;
-#endif
-}
-
 // From this many rows of x on, the dense-panel path (see panel_mm): measured crossovers on
 // a 2-core AVX-512 Zen 4 (timing table in the report): bfloat16 x from 64 rows (oneDNN's
 // bfloat16 GEMM runs vdpbf16ps at full rate), float32 / float16 x from 512 rows.
 int64_t expand_min_rows(at::ScalarType x_dtype, Isa isa) {
-  if (x_dtype == at::kBFloat16 && isa == Isa::kAvx512 && cpu_has_avx512bf16()) return 64;
+  if (x_dtype == at::kBFloat16 && isa == Isa::kAvx512 && has_bf16_dot()) return 64;
   return 512;
 }
 
@@ -752,7 +735,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
   Operands op{nullptr, K, values.const_data_ptr(), K / 2, mp, G, acc.mutable_data_ptr<float>(), N};
 #if PYFAST_X86
   // 2. bfloat16 x with AVX512_BF16: the vdpbf16ps tiles on the raw bfloat16 bits.
-  if (dt == at::kBFloat16 && isa == Isa::kAvx512 && cpu_has_avx512bf16()) {
+  if (dt == at::kBFloat16 && isa == Isa::kAvx512 && has_bf16_dot()) {
     const at::Tensor x = x_in.contiguous();
     op.x = x.const_data_ptr();
     run_blocked(M == 1 ? make_path<Bf16DotK, 1, 8>(16, 2) : make_path<Bf16DotK, 4, kTileW>(16, 2),

@@ -14,6 +14,8 @@
 // Layouts: pyfast/formats.py; oracle: pyfast/reference.py.
 //
 // Which path (a visible rule, per call):
+//   int4_mm, bfloat16 x, M <= kBf16DotMaxM, active ISA avx512 and cpu::has_bf16_dot():
+//     the vdpbf16ps kernel (weight_only_bf16dot.cpp) on bfloat16 x pairs.
 //   M <= small_m_limit(x.dtype): the small-M kernels (weight_only.h) for the ISA
 //     that pyfast::cpu::active_isa() names (avx512 / avx2 / scalar); x is
 //     converted to float32 (exact) and every weight byte is read once per tile
@@ -37,6 +39,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -150,6 +153,11 @@ int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
   return x_dtype == at::kBFloat16 ? 4 : 32;
 }
 
+// Largest M of the int4 bf16-dot kernel (bfloat16 x, AVX512_BF16): it converts each
+// weight block once per tile of 4 x rows and multiplies with vdpbf16ps, so it keeps
+// ahead of the bfloat16 panels + oneDNN GEMM further than the float32 kernels do.
+constexpr int64_t kBf16DotMaxM = 16;
+
 // Float32 copy of x [M, K] (natural order) unless x already is contiguous float32.
 at::Tensor x_float32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
@@ -186,6 +194,34 @@ void x_int4_small(const at::Tensor& x, XBlocks blocks, int64_t ld, float* xp) {
             d[b * L * P + p * L + i] = static_cast<float>(xr[k * s1]);
     }
   });
+}
+
+// The bf16-dot int4 input (weight_only.h, int4_small_bf16dot) from bfloat16 x [M, K]
+// (any strides): xq [M, ld] bfloat16 pairs and xs [M, ld / 8] float32 lane sums, zero
+// padded to ld (a multiple of 128).
+void x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
+  const int64_t M = x.size(0), K = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+  auto value = [](uint16_t bits) {  // bfloat16 -> float32, exact
+    const uint32_t u = uint32_t{bits} << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = src + m * s0;
+    for (int64_t k0 = 0; k0 < ld; k0 += 8) {  // lane i = (k0 % 128) / 8 of block k0 / 128
+      const int64_t b = k0 / 128, i = (k0 % 128) / 8;
+      float sum = 0.0f;
+      for (int64_t p = 0; p < 8; ++p) {
+        const int64_t k = k0 + p;
+        const uint16_t bits = k < K ? xr[k * s1] : uint16_t{0};
+        xq[m * ld + b * 128 + 32 * (p % 4) + 2 * i + p / 4] = bits;
+        sum += value(bits);
+      }
+      xs[m * (ld / 8) + k0 / 8] = sum;
+    }
+  }
 }
 
 // out[m, n] = cast((acc[m, n] * scale[n]) + bias[n]) (scale / bias optional), in place
@@ -388,6 +424,22 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const Isa isa = cpu::active_isa();
   const float* bp = ptr_or_null(b);
 
+  if (x_in.scalar_type() == at::kBFloat16 && M <= kBf16DotMaxM && isa == Isa::kAvx512 &&
+      cpu::has_bf16_dot()) {
+    const int64_t ld = (K + 127) / 128 * 128;
+    at::Tensor xq = at::empty({M, ld}, x_in.options());
+    at::Tensor xs = at::empty({M, ld / 8}, x_in.options().dtype(at::kFloat));
+    uint16_t* xqp = reinterpret_cast<uint16_t*>(xq.mutable_data_ptr<at::BFloat16>());
+    x_int4_bf16dot(x_in, ld, xqp, xs.mutable_data_ptr<float>());
+    at::Tensor acc = at::empty({M, N}, xs.options());
+    const float* xsp = xs.const_data_ptr<float>();
+    float* ap = acc.mutable_data_ptr<float>();
+    split_n(N, M * K, [&](int64_t n0, int64_t n1) {
+      int4_small_bf16dot(xqp, xsp, ld, M, w, n0, n1, ap, N);
+    });
+    finish_f32(acc, bp, out);
+    return out;
+  }
   if (M <= small_m_limit(x_in.scalar_type(), isa)) {
     const XBlocks blocks = int4_small_layout(isa);
     const int64_t B = blocks.lanes * blocks.per_lane, ld = (K + B - 1) / B * B;

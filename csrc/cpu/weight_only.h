@@ -7,6 +7,8 @@
 //   weight_only_kernels.h   generic panel-dequant bodies, prefetch, bf16 rounding
 //   weight_only_avx512.cpp  AVX-512 small-M kernels (PYFAST_TARGET_AVX512)
 //   weight_only_avx2.cpp    AVX2 + FMA small-M kernels (PYFAST_TARGET_AVX2)
+//   weight_only_bf16dot.cpp int4, bfloat16 x, AVX512_BF16 small-M kernel (vdpbf16ps)
+//   weight_only_lanes.h     per-lane group scales / zeros of the AVX-512 int4 kernels
 //
 // Two paths, for every ISA:
 //   small M (decode, M <= a threshold): the "small" kernels below read each
@@ -77,6 +79,15 @@ void int4_small_avx2(const float* xp, int64_t ld, int64_t M, const Int4Weight& w
                      int64_t n0, int64_t n1, float* out, int64_t ldo);
 void int4_small_scalar(const float* xp, int64_t ld, int64_t M, const Int4Weight& w,
                        int64_t n0, int64_t n1, float* out, int64_t ldo);
+
+// bfloat16 x on AVX-512 + AVX512_BF16 (has_bf16_dot(); weight_only_bf16dot.cpp):
+//   xq uint16 [M, ld] bfloat16 bits, blocks of 128 k, pair j of lane i in dword
+//      j*16 + i: xq[b*128 + 32j + 2i + h] = x[b*128 + 8i + j + 4h] (h = 0, 1)
+//   xs float32 [M, ld/8]: xs[b*16 + i] = sum of x[b*128 + 8i + p], p < 8
+//   ld = K rounded up to 128, zero padded.
+// out as int4_small_* (float32, the group scale applied per lane).
+void int4_small_bf16dot(const uint16_t* xq, const float* xs, int64_t ld, int64_t M,
+                        const Int4Weight& w, int64_t n0, int64_t n1, float* out, int64_t ldo);
 
 // The int4 panel layout of an ISA: 0 = natural k order, rows of K; L > 0 = the
 // block order above with L lanes and P = 2 (even k, then odd k), rows of ld = K

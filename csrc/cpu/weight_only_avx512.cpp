@@ -24,6 +24,7 @@
 #include <c10/util/Exception.h>
 
 #include "weight_only_kernels.h"
+#include "weight_only_lanes.h"
 
 namespace pyfast {
 namespace cpu {
@@ -121,35 +122,6 @@ PYFAST_TARGET_AVX512 inline __m512 nibble(const MagicConsts& c, const __m512* su
   // 0xEA: (A & B) | C, with A = d, B = mask, C = magic
   const __m512i f = _mm512_ternarylogic_epi32(d, c.mask[pos], c.magic[pos], 0xEA);
   return _mm512_sub_ps(_mm512_castsi512_ps(f), sub[pos]);
-}
-
-// The 64 packed bytes of block b of a row (masked at the row's end: zero bytes,
-// q = 0, meet zero padding of x).
-PYFAST_TARGET_AVX512 inline __m512i load_block(const uint8_t* row, int64_t b, int64_t half) {
-  const int64_t j = 64 * b;
-  if (j + 64 <= half) return _mm512_loadu_si512(row + j);
-  return _mm512_maskz_loadu_epi8((uint64_t{1} << (half - j)) - 1, row + j);
-}
-
-// Lane values of block b from one row's per-group values v[0, G) (float32 scales or
-// uint8 zeros): lane i belongs to group (128b + 8i) / group. group >= 128 or one
-// group per row: one value; group 32 / 64: 4 / 2 groups per block.
-template <typename T>
-PYFAST_TARGET_AVX512 inline __m512 per_lane(const T* v, const Int4Weight& w, int64_t b) {
-  if (w.G == 1 || w.group >= 128)
-    return _mm512_set1_ps(static_cast<float>(v[std::min(b * 128 / w.group, w.G - 1)]));
-  const int64_t per = 128 / w.group, g0 = b * per, cnt = std::min(per, w.G - g0);
-  const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-  __m512 g;
-  if constexpr (std::is_same_v<T, float>) {
-    g = _mm512_maskz_loadu_ps(m, v + g0);
-  } else {
-    g = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, v + g0)));
-  }
-  const int shift = w.group == 64 ? 3 : 2;  // lane i -> group g0 + i * 8 / group
-  const __m512i idx = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
-  return _mm512_permutexvar_ps(idx, g);
 }
 
 PYFAST_TARGET_AVX512 inline __m512 block_scales(const Int4Weight& w, int64_t n, int64_t b) {
