@@ -19,14 +19,18 @@ def _names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def tensor(name: str, t, *, dtypes=None, dim: Optional[int] = None) -> None:
+def tensor(name: str, t, *, dtypes=None, dim: Optional[int] = None, layout: str = "") -> None:
+    """TypeError / ValueError naming `name` unless t is a tensor of one of `dtypes` with
+    `dim` dimensions; `layout` (e.g. "[N, K/2]") is quoted in the dimension error."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {t.dtype}; accepted: {_names(dtypes)}")
     if dim is not None and t.dim() != dim:
+        shape = f" {layout}" if layout else ""
         raise ValueError(
-            f"{name} must be {dim}-D, got a {t.dim()}-D tensor of shape {tuple(t.shape)}"
+            f"{name} must be {dim}-D{shape}, got a {t.dim()}-D tensor of shape "
+            f"{tuple(t.shape)}"
         )
 
 

@@ -48,7 +48,7 @@ from typing import Tuple
 
 import torch
 
-from .. import reference  # the canonical nibble (un)packing
+from .. import _checks, reference  # reference: the canonical nibble (un)packing
 
 Tensor = torch.Tensor
 
@@ -75,12 +75,7 @@ def repack(packed: Tensor) -> Tensor:
     """Canonical packed uint8 [N, K/2] -> w_tc int32 [ceil(N/64), ceil(K/16), 32, 4]
     (the layout in this module's docstring), on packed's device. Pure torch, shape-only
     control flow (it also runs on the fake tensors torch.compile traces with)."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed has dtype {packed.dtype}; accepted: uint8")
-    if packed.dim() != 2:
-        raise ValueError(f"packed must be 2-D [N, K/2], got shape {tuple(packed.shape)}")
+    _checks.tensor("packed", packed, dtypes=(torch.uint8,), dim=2, layout="[N, K/2]")
     n, k = packed.shape[0], 2 * packed.shape[1]
     nt, kt, _, _ = repacked_shape(n, k)
     q = reference.unpack_nibbles(packed).to(torch.int64)  # [N, K] codes 0..15

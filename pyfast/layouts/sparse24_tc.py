@@ -31,6 +31,8 @@ from typing import Tuple
 
 import torch
 
+from .. import _checks
+
 Tensor = torch.Tensor
 
 TILE_N = 16      # rows of W per mma.sp tile (m16 of m16n8k32)
@@ -74,12 +76,7 @@ def repack_meta(meta: Tensor) -> Tensor:
     """Canonical meta uint8 [N, K/4] -> meta_tc int32 [ceil(N/16), ceil(K/64), 32] on
     meta's device. Does not read the values' validity (check_meta_values does; the op
     repack_sparse24_tc runs it first), so it also runs on meta and fake tensors."""
-    if not isinstance(meta, torch.Tensor):
-        raise TypeError(f"meta must be a torch.Tensor, got {type(meta).__name__}")
-    if meta.dtype != torch.uint8:
-        raise TypeError(f"meta has dtype {meta.dtype}; accepted: torch.uint8 [N, K/4]")
-    if meta.dim() != 2:
-        raise ValueError(f"meta must be 2-D [N, K/4], got shape {tuple(meta.shape)}")
+    _checks.tensor("meta", meta, dtypes=(torch.uint8,), dim=2, layout="[N, K/4]")
     n, groups = meta.shape
     m = meta.to(torch.int64)
     t, kb, _ = repacked_shape(n, 4 * groups)
