@@ -59,6 +59,15 @@ inline void check_same_device(const at::Tensor& t, const char* name,
               ref_name, " is on ", ref.device(), "; all tensors must be on one device");
 }
 
+// An optional bias: a floating dtype, 1-D, n values (n described by `what`).
+inline void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const char* what) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
+              bias->scalar_type(), "; accepted: a floating dtype or None");
+  check_dim(*bias, "bias", 1);
+  check_size(*bias, "bias", 0, n, what);
+}
+
 // Shapes, dtypes and the K limit of pyfast_C::int8_mm's arguments, shared by the CPU
 // kernel and the CUDA launcher (each checks devices itself). Returns {M, K, N}.
 //   a int8 [M, K], b int8 [N, K], a_scale float32 [M], b_scale float32 [N],
@@ -84,12 +93,7 @@ inline std::array<int64_t, 3> check_int8_mm_args(
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "out_dtype is ", out_dtype, "; accepted: ",
               dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
-  if (bias.has_value()) {
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
-                bias->scalar_type(), "; accepted: a floating dtype or None");
-    check_dim(*bias, "bias", 1);
-    check_size(*bias, "bias", 0, N, "b.size(0) = N");
-  }
+  check_bias(bias, N, "b.size(0) = N");
   return {M, K, N};
 }
 

@@ -51,6 +51,11 @@ TORCH_LIBRARY(pyfast_C, m) {
   m.def("int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, "
         "ScalarType out_dtype) -> Tensor");
 
+  // W8A8 in one call: x float32/float16/bfloat16 [M, K], w_int8 int8 [N, K],
+  // w_scale float32 [N], bias [N] any float dtype or None -> out [M, N] x.dtype,
+  // equal to int8_mm(quantize_per_token(x), w_int8, ..., out_dtype = x.dtype).
+  m.def("w8a8_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+
   // No tensor arguments: registered as a plain function (a catch-all kernel).
   m.def("build_info() -> str", &build_info);
 }

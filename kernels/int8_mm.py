@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ._common import grouped_tile, to_f32
 
-__all__ = ["int8_mm", "PTX_SPECS"]
+__all__ = ["int8_mm", "w8a8_mm", "PTX_SPECS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -178,6 +178,16 @@ def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):
         HAS_BIAS=has_bias, INTERPRET=INTERPRET,
     )
     return out
+
+
+def w8a8_mm(x, w_int8, w_scale, bias):
+    """The w8a8_mm op on the GPU: the quantize_per_token kernel (kernels/quantize.py),
+    then the int8_mm kernel above with out_dtype x.dtype. Two launches: the int8 x tile
+    is made once by the first and read from L2 by every program of the second (one
+    fused kernel would quantize each row of x once per column tile of the output)."""
+    from .quantize import quantize_per_token
+    q, q_scale = quantize_per_token(x)
+    return int8_mm(q, w_int8, q_scale, w_scale, bias, x.dtype)
 
 
 def _spec(name, out_ty, has_bias, bm, bn, bk, num_warps, num_stages):

@@ -6,9 +6,9 @@ custom op as if it were not there. Instead:
   values), so they get exact gradients, computed from the reference's
   dequantized weight in float32: this lets a user fine-tune around compressed
   layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
-- quantize_per_token, int8_mm, pack_int4, pack_lowbit and sparse24_compress round or repack,
-  so their true gradient is zero almost everywhere and useless: backward raises
-  and says what to use instead. Forward passes with requires_grad inputs work.
+- quantize_per_token, int8_mm, w8a8_mm, pack_int4, pack_lowbit and sparse24_compress
+  round or repack, so their true gradient is zero almost everywhere and useless:
+  backward raises and says what to use instead. Forward passes with requires_grad inputs work.
 """
 from __future__ import annotations
 
@@ -140,6 +140,8 @@ _NO_GRAD_ADVICE = {
     "quantize_per_token": "rounding has zero gradient; train in float, or with "
                           "fake quantization (straight-through), then convert",
     "int8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
+               "('int8-weight'), which has exact input gradients, or train in float",
+    "w8a8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
                "('int8-weight'), which has exact input gradients, or train in float",
     "pack_int4": "packing rounds the weight; pack a trained weight under torch.no_grad()",
     "pack_lowbit": "packing rounds the weight; pack a trained weight under torch.no_grad()",

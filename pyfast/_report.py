@@ -76,7 +76,7 @@ class BackendReport(list):
         return [
             "reference only (pure torch, no compiled kernel): " + (", ".join(ref_only) or "none"),
             "Conv2d layers (QuantConv2d) run as im2col (F.unfold) + the matmul op of their inner "
-            "layer (int8_mm, int8_weight_mm, int4_mm, ...), so that op's kernels apply; there "
+            "layer (w8a8_mm, int8_weight_mm, int4_mm, ...), so that op's kernels apply; there "
             "is no direct conv kernel",
             f"static int8 (StaticInt8Linear) = quantize_static ({static}) + int8_mm",
             "int4_mm_tc / sparse24_mm_tc take the weight in the CUDA C++ kernels' tensor-core "

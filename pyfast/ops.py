@@ -30,6 +30,9 @@ SCHEMAS: Dict[str, str] = {
     # a [M, K] int8, b [N, K] int8, a_scale [M], b_scale [N], bias [N] -> [M, N] out_dtype
     "int8_mm": "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, "
                "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+    # W8A8 in one op: quantize_per_token(x), then int8_mm with out_dtype x.dtype.
+    # x [M, K] float, w_int8 [N, K], w_scale [N], bias [N] -> [M, N] x.dtype
+    "w8a8_mm": "w8a8_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias=None) -> Tensor",
     # x [M, K] float, w_int8 [N, K], w_scale [N], bias [N] -> [M, N] x.dtype
     "int8_weight_mm": "int8_weight_mm(Tensor x, Tensor w_int8, Tensor w_scale, "
                       "Tensor? bias=None) -> Tensor",
@@ -97,6 +100,13 @@ def _check_int8_weight_mm(x, w_int8, w_scale, bias=None):
     chk.scale_vector("w_scale", w_scale, w_int8.shape[0], "one scale per output row N")
     chk.bias(bias, w_int8.shape[0])
     chk.same_device(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+
+
+def _check_w8a8_mm(x, w_int8, w_scale, bias=None):
+    _check_int8_weight_mm(x, w_int8, w_scale, bias)
+    if x.shape[1] > MAX_INT8_K:
+        raise ValueError(f"x has K = {x.shape[1]}; w8a8_mm accepts K <= {MAX_INT8_K}, "
+                         "so that no int32 sum of int8 products can overflow")
 
 
 def _check_pack_int4(w, group_size, symmetric):
@@ -224,6 +234,7 @@ CHECKS: Dict[str, Callable] = {
     "quantize_per_token": _check_quantize_per_token,
     "quantize_static": _check_quantize_static,
     "int8_mm": _check_int8_mm,
+    "w8a8_mm": _check_w8a8_mm,
     "int8_weight_mm": _check_int8_weight_mm,
     "pack_int4": _check_pack_int4,
     "int4_mm": _check_int4_mm,
@@ -255,6 +266,11 @@ def _fake_quantize_static(x, scale):
 def _fake_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
     _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=chk.out_dtype(out_dtype))
+
+
+def _fake_w8a8_mm(x, w_int8, w_scale, bias=None):
+    _check_w8a8_mm(x, w_int8, w_scale, bias)
+    return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
 def _fake_int8_weight_mm(x, w_int8, w_scale, bias=None):
@@ -327,6 +343,7 @@ FAKES: Dict[str, Callable] = {
     "quantize_per_token": _fake_quantize_per_token,
     "quantize_static": _fake_quantize_static,
     "int8_mm": _fake_int8_mm,
+    "w8a8_mm": _fake_w8a8_mm,
     "int8_weight_mm": _fake_int8_weight_mm,
     "pack_int4": _fake_pack_int4,
     "int4_mm": _fake_int4_mm,
@@ -351,6 +368,7 @@ REFERENCE: Dict[str, Callable] = {
     "quantize_per_token": reference.quantize_per_token,
     "quantize_static": reference.quantize_static,
     "int8_mm": _reference_int8_mm,
+    "w8a8_mm": reference.w8a8_mm,
     "int8_weight_mm": reference.int8_weight_mm,
     "pack_int4": reference.pack_int4,
     "int4_mm": reference.int4_mm,
@@ -432,6 +450,16 @@ def int8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
     """W8A8: (a [M,K] int8 @ b [N,K].T int8, int32 acc) * a_scale[:,None] * b_scale + bias."""
     _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
     return torch.ops.pyfast.int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def w8a8_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
+            bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8 in one op: x [M,K] float quantized per token, then int8_mm against
+    w_int8 [N,K] with w_scale [N] and bias [N]; out [M,N] in x.dtype. The same result
+    as quantize_per_token followed by int8_mm (the reference is that composition);
+    the CPU kernel quantizes x and runs the int8 GEMM in one call."""
+    _check_w8a8_mm(x, w_int8, w_scale, bias)
+    return torch.ops.pyfast.w8a8_mm(x, w_int8, w_scale, bias)
 
 
 def int8_weight_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,

@@ -73,6 +73,13 @@ def int8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
     return out.to(out_dtype)
 
 
+def w8a8_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W8A8 in one op: x quantized per token (quantize_per_token), then int8_mm
+    with its scale, out in x.dtype. Defined as exactly that composition."""
+    q, q_scale = quantize_per_token(x)
+    return int8_mm(q, w_int8, q_scale, w_scale, bias, x.dtype)
+
+
 def int8_weight_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
                    bias: Optional[Tensor]) -> Tensor:
     out = F.linear(x.float(), w_int8.float()) * w_scale.float()

@@ -84,6 +84,5 @@ def test_sparse24_mm_grads_x_values_bias():
 def test_w8a8_forward_works_with_grad_but_backward_raises():
     layer = pyfast.nn.Int8Linear.from_linear(torch.nn.Linear(16, 4))
     y = layer(torch.randn(2, 16, requires_grad=True))
-    with pytest.raises(RuntimeError, match="pyfast.quantize_per_token has no gradient|"
-                                           "pyfast.int8_mm has no gradient"):
+    with pytest.raises(RuntimeError, match="pyfast.w8a8_mm has no gradient: W8A8 rounds"):
         y.sum().backward()

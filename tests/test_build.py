@@ -55,6 +55,8 @@ SCHEMAS = {
     "quantize_per_token": "pyfast_C::quantize_per_token(Tensor x) -> (Tensor, Tensor)",
     "int8_mm": ("pyfast_C::int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, "
                 "Tensor? bias, ScalarType out_dtype) -> Tensor"),
+    "w8a8_mm": ("pyfast_C::w8a8_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) "
+                "-> Tensor"),
     "build_info": "pyfast_C::build_info() -> str",
 }
 
@@ -231,6 +233,22 @@ BAD_CALLS = {
     "mm_k_too_large": (lambda o: o.int8_mm(_i8(1, 131072), _i8(1, 131072), torch.ones(1),
                                            torch.ones(1), None, torch.float32),
                        r"K is 131072; int8_mm accepts K <= 131071"),
+    "w8a8_int_x": (lambda o: o.w8a8_mm(_i8(2, 3), _i8(4, 3), torch.ones(4), None),
+                   r"x has dtype Char; accepted: Float, Half, BFloat16"),
+    "w8a8_float_w": (lambda o: o.w8a8_mm(torch.zeros(2, 3), torch.zeros(4, 3), torch.ones(4), None),
+                     r"w_int8 has dtype Float; accepted: Char"),
+    "w8a8_k_mismatch": (lambda o: o.w8a8_mm(torch.zeros(2, 3), _i8(4, 5), torch.ones(4), None),
+                        r"w_int8.size\(1\) is 5 .* x.size\(1\) = K = 3"),
+    "w8a8_w_scale_size": (lambda o: o.w8a8_mm(torch.zeros(2, 3), _i8(4, 3), torch.ones(3), None),
+                          r"w_scale.size\(0\) is 3 .* w_int8.size\(0\) = N = 4"),
+    "w8a8_w_scale_dtype": (lambda o: o.w8a8_mm(torch.zeros(2, 3), _i8(4, 3),
+                                               torch.ones(4, dtype=torch.float16), None),
+                           r"w_scale has dtype Half"),
+    "w8a8_bias_size": (lambda o: o.w8a8_mm(torch.zeros(2, 3), _i8(4, 3), torch.ones(4),
+                                           torch.ones(5)), r"bias.size\(0\) is 5"),
+    "w8a8_k_too_large": (lambda o: o.w8a8_mm(torch.zeros(1, 131072), _i8(1, 131072),
+                                             torch.ones(1), None),
+                         r"K is 131072; w8a8_mm accepts K <= 131071"),
 }
 
 

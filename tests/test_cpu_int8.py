@@ -124,6 +124,63 @@ def test_int8_mm_non_contiguous(isa, monkeypatch):
     check(isa, a, b, a_scale, b_scale, torch.randn(74)[::2], torch.float32, monkeypatch)
 
 
+# --- w8a8_mm: per-token quantization and the GEMM in one call --------------------------
+
+def check_w8a8(isa, x, w, w_scale, bias):
+    """Bit-exact against the op's definition (reference quantize_per_token, then
+    reference int8_mm with out_dtype x.dtype); NaN rows compared as NaN."""
+    out = ops.w8a8_mm(x, w, w_scale, bias)
+    want = reference.w8a8_mm(x, w, w_scale, bias)
+    assert out.dtype == x.dtype and out.shape == want.shape and out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"isa {isa}, x {tuple(x.shape)} {x.dtype}: {m}")
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n", [1, 7, 33], ids=lambda v: f"N{v}")
+@pytest.mark.parametrize("k", [1, 3, 100, 257], ids=lambda v: f"K{v}")
+@pytest.mark.parametrize("m", [0, 1, 3, 17], ids=lambda v: f"M{v}")
+def test_w8a8_mm_exact(isa, threads, m, k, n, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    w_scale = torch.rand(n) * 0.1 + 1e-3
+    check_w8a8(isa, x, w, w_scale, None)
+    check_w8a8(isa, x, w, w_scale, torch.randn(n).to(dtype))
+
+
+@pytest.mark.parametrize("m,k,n", [(7, 2049, 130), (20, 4500, 200), (1, 4500, 300), (64, 640, 70)],
+                         ids=lambda v: str(v))
+def test_w8a8_mm_blocked(isa, threads, m, k, n):
+    """Several K blocks and N panels, rows split over threads, as in test_int8_mm_blocked."""
+    x = torch.randn(m, k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    for dtype in OUT_DTYPES:
+        check_w8a8(isa, x.to(dtype), w, torch.rand(n) + 0.5, torch.randn(n))
+
+
+def test_w8a8_mm_special_rows(isa, threads):
+    """A zero row (scale 1, output = bias), a NaN row (NaN out), an inf row, a row of
+    subnormals and a row whose abs-max is one huge value, as the reference."""
+    k, n = 70, 9
+    x = torch.randn(6, k)
+    x[0] = 0
+    x[1, 4] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] = 1e-40
+    x[4, 11] = 3e38
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    bias = torch.randn(n)
+    check_w8a8(isa, x, w, torch.rand(n) + 0.5, bias)
+    out = ops.w8a8_mm(x, w, torch.ones(n), bias)
+    assert torch.equal(out[0], bias) and bool(out[1].isnan().all())
+
+
+def test_w8a8_mm_non_contiguous(isa):
+    x = torch.randn(9, 2 * 101)[:, ::2]                                  # stride (202, 2)
+    w = torch.randint(-128, 128, (101, 37), dtype=torch.int8).T          # [37, 101] transposed
+    check_w8a8(isa, x, w, (torch.rand(74) + 0.5)[::2], torch.randn(74)[::2])
+
+
 def test_isa_restored():
     """The fixture gave the level back: the best the CPU has is active again."""
     assert ops.cpu_isa() == ops.cpu_isa_detected()

@@ -325,3 +325,19 @@ def test_error_messages(cuda_op):
         cuda_op(torch.zeros(1, k, dtype=torch.int8, device="cuda"),
                 torch.zeros(1, k, dtype=torch.int8, device="cuda"), a_scale[:1], b_scale[:1],
                 None, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m, k, n", [(1, 15, 7), (17, 4096, 4096), (130, 1000, 257)])
+def test_w8a8_mm(cuda_op, m, k, n, dtype):
+    """The w8a8_mm op with the cuda backend forced (quantize_per_token.cu, then
+    int8_mm.cu) against its definition, bit for bit."""
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    x[0, 0] = float("nan") if m > 1 else x[0, 0]
+    _, w, _, w_scale, bias = mm_inputs(1, k, n)   # b [N, K], b_scale [N], bias [N]
+    with pyfast.use_backend(w8a8_mm="cuda"):
+        out = ops.w8a8_mm(x, w, w_scale, bias.to(dtype))
+    want = reference.w8a8_mm(x.cpu(), w.cpu(), w_scale.cpu(), bias.to(dtype).cpu())
+    assert out.dtype == dtype
+    assert_bits_equal(out, want)

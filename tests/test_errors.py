@@ -124,6 +124,21 @@ CASES = {
     "int8_weight_mm-bias-length": Case("int8_weight_mm", lambda: (f32(3, 64), i8(5, 64), f32(5),
                                                                   f32(6)), ValueError,
                                        "bias has shape (6,): dimension 0 must be 5"),
+    # --- w8a8_mm: x [3, 64], w_int8 [5, 64]
+    "w8a8_mm-x-int8": Case("w8a8_mm", lambda: (i8(3, 64), i8(5, 64), f32(5)),
+                           TypeError, f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "w8a8_mm-w-float": Case("w8a8_mm", lambda: (f32(3, 64), f32(5, 64), f32(5)),
+                            TypeError, "w_int8 has dtype torch.float32; accepted: int8"),
+    "w8a8_mm-K-mismatch": Case("w8a8_mm", lambda: (f32(3, 64), i8(5, 63), f32(5)),
+                               ValueError, "w_int8 has shape (5, 63): dimension 1 must be 64 "
+                               "(w_int8 is [N, K] and must share K with x [M, K])"),
+    "w8a8_mm-scale-length": Case("w8a8_mm", lambda: (f32(3, 64), i8(5, 64), f32(3)),
+                                 ValueError, "w_scale has shape (3,): dimension 0 must be 5 "
+                                 "(one scale per output row N)"),
+    "w8a8_mm-bias-length": Case("w8a8_mm", lambda: (f32(3, 64), i8(5, 64), f32(5), f32(6)),
+                                ValueError, "bias has shape (6,): dimension 0 must be 5"),
+    "w8a8_mm-K-too-large": Case("w8a8_mm", lambda: (f32(1, 131072), i8(1, 131072), f32(1)),
+                                ValueError, "x has K = 131072; w8a8_mm accepts K <= 131071"),
     # --- pack_int4: w [4, 64]
     "pack_int4-w-int": Case("pack_int4", lambda: (i8(4, 64), 32, True), TypeError,
                             f"w has dtype torch.int8; {ACCEPT_FLOAT}"),

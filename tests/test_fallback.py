@@ -25,7 +25,7 @@ with pyfast.use_backend("reference"):
     expected = layer(x)
 assert torch.equal(layer(x), expected)          # the plain call ran the reference
 try:
-    with pyfast.use_backend(int8_mm="cpp"):
+    with pyfast.use_backend(w8a8_mm="cpp"):     # the op Int8Linear calls
         layer(x)
 except pyfast.BackendUnavailableError as exc:
     assert "backend 'cpp' was forced" in str(exc) and REASON in str(exc), exc

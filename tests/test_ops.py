@@ -155,6 +155,43 @@ def test_int8_mm_float16_scales_and_bias(device):
     _every_backend("int8_mm", device, (a, b, a_scale, b_scale, bias_t, None), compare)
 
 
+# --- w8a8_mm ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", KN_DENSE)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_w8a8_mm(device, m, k, n, dtype, bias):
+    """The fused op against its definition: quantize_per_token, then int8_mm with
+    out_dtype x.dtype (both references). Rows with a zero, a NaN and one huge value
+    exercise the scale rules; exact in float32, one ulp in float16/bfloat16 (the
+    rule of int8_mm's half outputs)."""
+    x = (torch.randn(m, k) * 4).to(dtype).to(device)
+    if m > 2:
+        x[0] = 0
+        x[1, 3] = float("nan")
+        x[2, 5] = 3e4
+    w8, w_scale = _int8((n, k), device), (torch.rand(n) / 100).to(device)
+    bias_t = _bias(n, dtype, device, bias)
+    q, q_scale = reference.quantize_per_token(x)
+    ref = reference.int8_mm(q, w8, q_scale, w_scale, bias_t, dtype)
+    assert torch.equal(reference.w8a8_mm(x, w8, w_scale, bias_t).nan_to_num(7.0),
+                       ref.nan_to_num(7.0))
+
+    def compare(out, who):
+        assert out.dtype == dtype and out.shape == (m, n), who
+        if m > 2:   # the NaN row stays NaN, and only that row
+            assert bool(out[1].isnan().all()) and not bool(out[[0, 2]].isnan().any()), who
+        if dtype == torch.float32:
+            assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0)), who
+        else:
+            _one_ulp_close(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+    _every_backend("w8a8_mm", device, (x, w8, w_scale, bias_t), compare)
+    compare(ops.w8a8_mm(x, w8, w_scale, bias_t), "pyfast.ops")
+
+
 # --- int8_weight_mm ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", BIAS)
@@ -288,6 +325,7 @@ def _noncontiguous_cases(device, dtype):
         "quantize_static": ((x, torch.tensor([0.02], device=device)), (0,)),
         "int8_mm": ((a, b, a_s, b_s, bias.float(), None), (0, 1)),
         "int8_weight_mm": ((x, w8, w8_s, bias), (0, 1)),
+        "w8a8_mm": ((x, w8, w8_s, bias), (0, 1)),
         "pack_int4": ((w, 32, True), (0,)),
         "int4_mm": ((x,) + tuple(p4) + (32, bias), (0, 1, 2, 3)),
         "pack_lowbit": ((w, 1, 32), (0,)),
@@ -304,8 +342,8 @@ def _noncontiguous_cases(device, dtype):
 
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
-BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "pack_int4", "pack_lowbit",
-                 "sparse24_compress")
+BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "w8a8_mm", "pack_int4",
+                 "pack_lowbit", "sparse24_compress")
 
 
 def _same(got, ref, dtype, op):
@@ -358,6 +396,8 @@ def _opcheck_cases():
         ("quantize_static", (x[:3].half(), torch.tensor([0.5]))),
         ("int8_mm", (a, b, s5, s7, None, None)),
         ("int8_mm", (a, b, s5, s7, torch.randn(7), torch.bfloat16)),
+        ("w8a8_mm", (x, b, s7, None)),
+        ("w8a8_mm", (x.bfloat16(), b, s7, torch.randn(7).bfloat16())),
         ("int8_weight_mm", (x, b, s7, None)),
         ("int8_weight_mm", (x.half(), b, s7, torch.randn(7).half())),
         ("pack_int4", (w, 32, True)),

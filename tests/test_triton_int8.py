@@ -195,6 +195,35 @@ def test_quantize_then_int8_mm_matches_reference_pipeline():
     assert_bits_equal(out, reference.int8_mm(rq, w_q, rs, w_s, bias, torch.float16))
 
 
+# --- w8a8_mm: the two kernels behind one op (kernels/int8_mm.py: w8a8_mm) ---------------
+
+def check_w8a8(x, w, w_scale, bias):
+    from pyfast.kernels.int8_mm import w8a8_mm as triton_w8a8_mm
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    want = reference.w8a8_mm(x.cpu(), w.cpu(), w_scale.cpu(), cpu(bias))
+    out = triton_w8a8_mm(x, w, w_scale, bias)
+    assert out.dtype == x.dtype and out.device == x.device
+    assert_bits_equal(out, want)
+    with pyfast.use_backend(w8a8_mm="triton"):
+        assert_bits_equal(ops.w8a8_mm(x, w, w_scale, bias), want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 64, 33), (17, 100, 130)])
+def test_w8a8_mm(m, k, n, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    w_q, w_s = reference.quantize_rows_int8(torch.randn(n, k))
+    check_w8a8(x, w_q, w_s, None)
+    check_w8a8(x, w_q, w_s, torch.randn(n).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_w8a8_mm_special_rows(dtype):
+    x = special_rows(64, dtype)
+    w_q, w_s = reference.quantize_rows_int8(torch.randn(33, 64))
+    check_w8a8(x, w_q, w_s, torch.randn(33).to(dtype))
+
+
 # --- on the GPU: the compiled kernels (skipped without one) -------------------------
 
 @pytest.mark.cuda
@@ -240,3 +269,13 @@ def test_int8_mm_cuda_max_k():
     b[1] = 127
     ones = torch.ones(3, device="cuda")
     check_int8_mm(a, b, torch.ones(2, device="cuda"), ones, None, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (16, 4096, 4096), (300, 1024, 2049)])
+def test_w8a8_mm_cuda(m, k, n, dtype):
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    w_q, w_s = reference.quantize_rows_int8(torch.randn(n, k, device="cuda"))
+    check_w8a8(x, w_q, w_s, torch.randn(n, device="cuda").to(dtype))
+    check_w8a8(special_rows(k, dtype).cuda(), w_q, w_s, None)

@@ -35,6 +35,7 @@
 #include "../checks.h"
 #include "int8_gemm.h"
 #include "isa.h"
+#include "quantize.h"
 
 namespace pyfast {
 namespace {
@@ -196,18 +197,14 @@ void gemm(const g::Kernels& kern, const int8_t* a, int64_t lda, const int8_t* b,
   });
 }
 
-at::Tensor int8_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& a_scale,
+// The GEMM and epilogue on checked CPU tensors: a [M, K], b [N, K] int8 (rows
+// contiguous after .contiguous()), a_scale [M] / b_scale [N] float32, bias [N] any
+// float dtype (the reference adds bias.float()).
+at::Tensor run_int8_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& a_scale,
                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                        at::ScalarType out_dtype) {
-  check_device(a_in, "a", at::kCPU);
-  check_device(b_in, "b", at::kCPU);
-  check_device(a_scale, "a_scale", at::kCPU);
-  check_device(b_scale, "b_scale", at::kCPU);
-  if (bias.has_value()) check_device(*bias, "bias", at::kCPU);
-  const auto [M, K, N] = check_int8_mm_args(a_in, b_in, a_scale, b_scale, bias, out_dtype, kMaxK);
-  // the reference adds bias.float()
+  const int64_t M = a_in.size(0), K = a_in.size(1), N = b_in.size(0);
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-
   at::Tensor out = at::empty({M, N}, a_in.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   // Rows must be contiguous along K (a no-op for the usual row-major tensors).
@@ -225,9 +222,55 @@ at::Tensor int8_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at:
   return out;
 }
 
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                       const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                       at::ScalarType out_dtype) {
+  check_device(a, "a", at::kCPU);
+  check_device(b, "b", at::kCPU);
+  check_device(a_scale, "a_scale", at::kCPU);
+  check_device(b_scale, "b_scale", at::kCPU);
+  if (bias.has_value()) check_device(*bias, "bias", at::kCPU);
+  check_int8_mm_args(a, b, a_scale, b_scale, bias, out_dtype, kMaxK);
+  return run_int8_mm(a, b, a_scale, b_scale, bias, out_dtype);
+}
+
+// pyfast_C::w8a8_mm: x quantized per token (quantize.h, bit-exact with
+// quantize_per_token), then the GEMM above with out_dtype x.dtype, in one call:
+// no Python dispatch, checks or tensors between the two steps.
+//   x       : float32/float16/bfloat16 [M, K] (any strides)
+//   w_int8  : int8 [N, K], w_scale: float32 [N], bias: [N] any float dtype or None
+//   -> out  : x.dtype [M, N] = int8_mm(quantize_per_token(x), w_int8, ..., x.dtype)
+at::Tensor w8a8_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_int8, const at::Tensor& w_scale,
+                       const std::optional<at::Tensor>& bias) {
+  check_device(x_in, "x", at::kCPU);
+  check_device(w_int8, "w_int8", at::kCPU);
+  check_device(w_scale, "w_scale", at::kCPU);
+  if (bias.has_value()) check_device(*bias, "bias", at::kCPU);
+  check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(x_in, "x", 2);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  check_dtype(w_int8, "w_int8", {at::kChar});
+  check_dim(w_int8, "w_int8", 2);
+  check_size(w_int8, "w_int8", 1, K, "x.size(1) = K");
+  const int64_t N = w_int8.size(0);
+  TORCH_CHECK(K <= kMaxK, "x.size(1) = K is ", K, "; w8a8_mm accepts K <= ", kMaxK,
+              " (larger K could overflow the int32 accumulator)");
+  check_dtype(w_scale, "w_scale", {at::kFloat});
+  check_dim(w_scale, "w_scale", 1);
+  check_size(w_scale, "w_scale", 0, N, "w_int8.size(0) = N");
+  check_bias(bias, N, "w_int8.size(0) = N");
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor q_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  cpu::quantize_per_token_into(x, q.mutable_data_ptr<int8_t>(),
+                               q_scale.mutable_data_ptr<float>());
+  return run_int8_mm(q, w_int8, q_scale, w_scale, bias, x.scalar_type());
+}
+
 }  // namespace
 }  // namespace pyfast
 
 TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
   m.impl("int8_mm", &pyfast::int8_mm_cpu);
+  m.impl("w8a8_mm", &pyfast::w8a8_mm_cpu);
 }

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "quantize.h"
 
 namespace pyfast {
 namespace {
@@ -113,16 +114,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {q, scale};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "pyfast_C::quantize_per_token", [&] {
-    quantize_rows<scalar_t>(x.const_data_ptr<scalar_t>(), M, K,
-                            q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>());
-  });
+  cpu::quantize_per_token_into(x, q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>());
   return {q, scale};
 }
 
 }  // namespace
+
+void cpu::quantize_per_token_into(const at::Tensor& x, int8_t* q, float* scale) {
+  check_device(x, "x", at::kCPU);
+  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(x, "x", 2);
+  TORCH_CHECK(x.is_contiguous(), "quantize_per_token_into: x must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "pyfast_C::quantize_per_token", [&] {
+    quantize_rows<scalar_t>(x.const_data_ptr<scalar_t>(), M, K, q, scale);
+  });
+}
+
 }  // namespace pyfast
 
 TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {

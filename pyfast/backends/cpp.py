@@ -26,6 +26,10 @@ def _int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
                                       chk.out_dtype(out_dtype))
 
 
+def _w8a8_mm(x, w_int8, w_scale, bias=None):
+    return torch.ops.pyfast_C.w8a8_mm(x, w_int8, w_scale.float(), bias)
+
+
 def _int8_weight_mm(x, w_int8, w_scale, bias=None):
     return torch.ops.pyfast_C.int8_weight_mm(x, w_int8, w_scale, bias)
 
@@ -41,6 +45,7 @@ def _sparse24_mm(x, values, meta, bias=None):
 KERNELS = {
     "quantize_per_token": (_quantize_per_token, "quantize.cpp"),
     "int8_mm": (_int8_mm, "int8_mm.cpp"),
+    "w8a8_mm": (_w8a8_mm, "int8_mm.cpp"),
     "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
     "int4_mm": (_int4_mm, "weight_only.cpp"),
     "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),

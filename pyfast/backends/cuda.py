@@ -7,6 +7,7 @@ machine `pyfast.backends()` reports why (no GPU, no CUDA build, sm < 80).
     quantize_per_token  quantize_per_token.cu   one CTA per row, warp-shuffle abs-max
     int8_mm         int8_mm.cu       mma.sync m16n8k32 s8 tensor cores, cp.async
                                      pipeline, scale/bias epilogue fused
+    w8a8_mm         the two above    quantize_per_token, then int8_mm (two launches)
     int4_mm_tc      int4_mm.cu       W4A16 on mma.sync m16n8k16, weights repacked
                                      once into fragment order (repack_int4_tc)
     sparse24_mm_tc  sparse24_mm.cu   mma.sp m16n8k32 on sparse tensor cores,
@@ -36,6 +37,12 @@ def _int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
                                       chk.out_dtype(out_dtype))
 
 
+def _w8a8_mm(x, w_int8, w_scale, bias=None):
+    # Two launches (quantize_per_token.cu, then int8_mm.cu); the fused call is the CPU's.
+    q, q_scale = torch.ops.pyfast_C.quantize_per_token(x)
+    return _int8_mm(q, w_int8, q_scale, w_scale, bias, x.dtype)
+
+
 def _int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
     return torch.ops.pyfast_C.int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
 
@@ -56,6 +63,7 @@ def _half_activations(x, *rest) -> Optional[str]:
 KERNELS = {
     "quantize_per_token": (_quantize_per_token, "quantize_per_token.cu", None),
     "int8_mm": (_int8_mm, "int8_mm.cu", None),
+    "w8a8_mm": (_w8a8_mm, "quantize_per_token.cu + int8_mm.cu", None),
     "int4_mm_tc": (_int4_mm_tc, "int4_mm.cu", _half_activations),
     "sparse24_mm_tc": (_sparse24_mm_tc, "sparse24_mm.cu", _half_activations),
 }

@@ -23,6 +23,7 @@ from .. import dispatch
 KERNELS = {
     "quantize_per_token": ("quantize", "quantize_per_token"),
     "int8_mm": ("int8_mm", "int8_mm"),
+    "w8a8_mm": ("int8_mm", "w8a8_mm"),
     "int8_weight_mm": ("weight_only", "int8_weight_mm"),
     "int4_mm": ("weight_only", "int4_mm"),
     "sparse24_mm": ("sparse24", "sparse24_mm"),

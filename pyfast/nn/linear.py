@@ -139,10 +139,9 @@ class Int8Linear(_Int8WeightLinear):
     format = "int8 W8A8"  # per-token dynamic activations, per-channel weights
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = self._flat(x)
-        q, s = torch.ops.pyfast.quantize_per_token(x2)
-        out = torch.ops.pyfast.int8_mm(q, self.weight_int8, s, self.weight_scale,
-                                       self.bias, x.dtype)
+        # One op: per-token quantization of x and the int8 GEMM (fused on CPU).
+        out = torch.ops.pyfast.w8a8_mm(self._flat(x), self.weight_int8, self.weight_scale,
+                                       self.bias)
         return self._unflat(out, x)
 
 
