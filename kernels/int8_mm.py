@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import grouped_tile, to_f32
+from .quantize import quantize_per_token
 
 __all__ = ["int8_mm", "w8a8_mm", "PTX_SPECS"]
 
@@ -185,7 +186,6 @@ def w8a8_mm(x, w_int8, w_scale, bias):
     then the int8_mm kernel above with out_dtype x.dtype. Two launches: the int8 x tile
     is made once by the first and read from L2 by every program of the second (one
     fused kernel would quantize each row of x once per column tile of the output)."""
-    from .quantize import quantize_per_token
     q, q_scale = quantize_per_token(x)
     return int8_mm(q, w_int8, q_scale, w_scale, bias, x.dtype)
 
