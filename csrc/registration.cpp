@@ -56,6 +56,11 @@ TORCH_LIBRARY(pyfast_C, m) {
   // equal to int8_mm(quantize_per_token(x), w_int8, ..., out_dtype = x.dtype).
   m.def("w8a8_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
 
+  // w8a8_mm on the weight in VNNI panel order (pyfast/layouts/int8_vnni.py):
+  // w_vnni int8 [ceil(N/48), ceil(K/4), 48, 4] with N = w_scale.size(0), K = x.size(1);
+  // the same result as w8a8_mm on the [N, K] weight.
+  m.def("w8a8_mm_vnni(Tensor x, Tensor w_vnni, Tensor w_scale, Tensor? bias) -> Tensor");
+
   // No tensor arguments: registered as a plain function (a catch-all kernel).
   m.def("build_info() -> str", &build_info);
 }

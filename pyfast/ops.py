@@ -16,7 +16,7 @@ import torch
 
 from . import _checks as chk
 from . import dispatch, reference
-from .layouts import int4_tc, sparse24_tc
+from .layouts import int4_tc, int8_vnni, sparse24_tc
 
 Tensor = torch.Tensor
 # 128 * 128 * K must stay below 2**31 for the int32 accumulator (csrc/cpu/int8_mm.cpp too).
@@ -62,6 +62,12 @@ SCHEMAS: Dict[str, str] = {
     # sparse24_mm with repacked metadata: values [N, K/2] as before -> [M, N] x.dtype
     "sparse24_mm_tc": "sparse24_mm_tc(Tensor x, Tensor values, Tensor meta_tc, "
                       "Tensor? bias=None) -> Tensor",
+    # CPU VNNI layout (pyfast/layouts/int8_vnni.py), made once at layer creation:
+    # w_int8 [N, K] -> w_vnni int8 [ceil(N/48), ceil(K/4), 48, 4]
+    "repack_int8_vnni": "repack_int8_vnni(Tensor w_int8) -> Tensor",
+    # w8a8_mm on a repacked weight: N = w_scale.shape[0], K = x.shape[1] -> [M, N] x.dtype
+    "w8a8_mm_vnni": "w8a8_mm_vnni(Tensor x, Tensor w_vnni, Tensor w_scale, "
+                    "Tensor? bias=None) -> Tensor",
 }
 
 
@@ -230,6 +236,22 @@ def _check_sparse24_mm_tc(x, values, meta_tc, bias=None):
     chk.same_device(x=x, values=values, meta_tc=meta_tc, bias=bias)
 
 
+def _check_repack_int8_vnni(w_int8):
+    chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2, layout="[N, K]")
+
+
+def _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("w_scale", w_scale, dtypes=chk.FLOAT_DTYPES, dim=1)  # [N]: N comes from it
+    n, k = w_scale.shape[0], x.shape[1]
+    int8_vnni.check_repacked(w_vnni, n, k, "w_vnni")
+    if k > MAX_INT8_K:
+        raise ValueError(f"x has K = {k}; w8a8_mm_vnni accepts K <= {MAX_INT8_K}, "
+                         "so that no int32 sum of int8 products can overflow")
+    chk.bias(bias, n)
+    chk.same_device(x=x, w_vnni=w_vnni, w_scale=w_scale, bias=bias)
+
+
 CHECKS: Dict[str, Callable] = {
     "quantize_per_token": _check_quantize_per_token,
     "quantize_static": _check_quantize_static,
@@ -246,6 +268,8 @@ CHECKS: Dict[str, Callable] = {
     "int4_mm_tc": _check_int4_mm_tc,
     "repack_sparse24_tc": _check_repack_sparse24_tc,
     "sparse24_mm_tc": _check_sparse24_mm_tc,
+    "repack_int8_vnni": _check_repack_int8_vnni,
+    "w8a8_mm_vnni": _check_w8a8_mm_vnni,
 }
 VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values,
                                      "repack_sparse24_tc": sparse24_tc.check_meta_values}
@@ -339,6 +363,16 @@ def _fake_sparse24_mm_tc(x, values, meta_tc, bias=None):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+def _fake_repack_int8_vnni(w_int8):
+    _check_repack_int8_vnni(w_int8)
+    return w_int8.new_empty(int8_vnni.repacked_shape(*w_int8.shape))
+
+
+def _fake_w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
+    _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias)
+    return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
 FAKES: Dict[str, Callable] = {
     "quantize_per_token": _fake_quantize_per_token,
     "quantize_static": _fake_quantize_static,
@@ -355,6 +389,8 @@ FAKES: Dict[str, Callable] = {
     "int4_mm_tc": _fake_int4_mm_tc,
     "repack_sparse24_tc": _fake_repack_sparse24_tc,
     "sparse24_mm_tc": _fake_sparse24_mm_tc,
+    "repack_int8_vnni": _fake_repack_int8_vnni,
+    "w8a8_mm_vnni": _fake_w8a8_mm_vnni,
 }
 
 
@@ -380,6 +416,8 @@ REFERENCE: Dict[str, Callable] = {
     "int4_mm_tc": reference.int4_mm_tc,
     "repack_sparse24_tc": reference.repack_sparse24_tc,
     "sparse24_mm_tc": reference.sparse24_mm_tc,
+    "repack_int8_vnni": reference.repack_int8_vnni,
+    "w8a8_mm_vnni": reference.w8a8_mm_vnni,
 }
 
 
@@ -534,6 +572,20 @@ def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor,
     """sparse24_mm with the metadata from repack_sparse24_tc; same result as sparse24_mm."""
     _check_sparse24_mm_tc(x, values, meta_tc, bias)
     return torch.ops.pyfast.sparse24_mm_tc(x, values, meta_tc, bias)
+
+
+def repack_int8_vnni(w_int8: Tensor) -> Tensor:
+    """int8 weight [N, K] -> the VNNI panel order of the CPU kernel (pyfast/layouts/
+    int8_vnni.py), for w8a8_mm_vnni. Exact; run once per layer."""
+    _check_repack_int8_vnni(w_int8)
+    return torch.ops.pyfast.repack_int8_vnni(w_int8)
+
+
+def w8a8_mm_vnni(x: Tensor, w_vnni: Tensor, w_scale: Tensor,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """w8a8_mm with the weight from repack_int8_vnni; the same result as w8a8_mm."""
+    _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias)
+    return torch.ops.pyfast.w8a8_mm_vnni(x, w_vnni, w_scale, bias)
 
 
 from . import _autograd  # noqa: E402  (needs the ops defined above)

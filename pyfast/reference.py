@@ -252,11 +252,12 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor])
     return out.to(x.dtype)
 
 
-# --- tensor-core layouts (repack once at layer creation; pyfast/layouts) ------------
-# The CUDA kernels read the weights in fragment order. The reference of each matmul
+# --- kernel layouts (repack once at layer creation; pyfast/layouts) ------------------
+# The CUDA kernels read the weights in fragment order, the CPU int8 kernel in VNNI
+# panel order. The reference of each matmul
 # on a repacked weight undoes the repack (an exact permutation) and runs the canonical
 # reference above, so it is the same oracle; it is slow by design (one unrepack per
-# call) and is only the fallback where the CUDA kernel cannot run.
+# call) and is only the fallback where the layout's kernel cannot run.
 
 # (pyfast.layouts imports this module for the canonical helpers, hence the local imports)
 def repack_int4_tc(packed: Tensor) -> Tensor:
@@ -280,3 +281,13 @@ def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor, bias: Optional[Te
     from .layouts import sparse24_tc
     meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
     return sparse24_mm(x, values, meta, bias)
+
+
+def repack_int8_vnni(w_int8: Tensor) -> Tensor:
+    from .layouts import int8_vnni
+    return int8_vnni.repack(w_int8)
+
+
+def w8a8_mm_vnni(x: Tensor, w_vnni: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from .layouts import int8_vnni
+    return w8a8_mm(x, int8_vnni.unrepack(w_vnni, w_scale.shape[0], x.shape[1]), w_scale, bias)

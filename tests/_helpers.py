@@ -166,3 +166,16 @@ def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
     bad = o != r
     assert not bool(bad.any()), (f"{int(bad.sum())} of {out.numel()} elements differ, first at "
                                  f"{bad.nonzero()[0].tolist()}: {out[bad][0].item()!r} vs {ref[bad][0].item()!r}")
+
+
+def special_rows(k: int) -> torch.Tensor:
+    """x [6, k] float32 for the W8A8 kernels: a zero row (scale 1, output = bias), a NaN
+    row (NaN out), an inf row, a row of subnormals, a row whose abs-max is one huge
+    value, and an ordinary row; every kernel must treat them as the reference does."""
+    x = torch.randn(6, k)
+    x[0] = 0
+    x[1, 4] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] = 1e-40
+    x[4, 11] = 3e38
+    return x

@@ -19,6 +19,8 @@ import torch
 import pyfast._C  # noqa: F401  (registers torch.ops.pyfast_C)
 from pyfast import reference
 
+from _helpers import special_rows
+
 ops = torch.ops.pyfast_C
 
 ISAS = ["avx512", "avx2", "scalar"]  # see the isa fixture in conftest.py
@@ -160,15 +162,9 @@ def test_w8a8_mm_blocked(isa, threads, m, k, n):
 
 
 def test_w8a8_mm_special_rows(isa, threads):
-    """A zero row (scale 1, output = bias), a NaN row (NaN out), an inf row, a row of
-    subnormals and a row whose abs-max is one huge value, as the reference."""
+    """_helpers.special_rows, as the reference."""
     k, n = 70, 9
-    x = torch.randn(6, k)
-    x[0] = 0
-    x[1, 4] = float("nan")
-    x[2, 7] = float("inf")
-    x[3] = 1e-40
-    x[4, 11] = 3e38
+    x = special_rows(k)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     bias = torch.randn(n)
     check_w8a8(isa, x, w, torch.rand(n) + 0.5, bias)

@@ -25,6 +25,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace pyfast {
 namespace cpu {
@@ -63,6 +64,18 @@ struct Kernels {
   EpilogueFn<c10::Half> epilogue_f16;
   EpilogueFn<c10::BFloat16> epilogue_bf16;
 };
+
+// The kernel table's epilogue for output type OutT (float, c10::Half, c10::BFloat16).
+template <typename OutT>
+EpilogueFn<OutT> epilogue_for(const Kernels& kern) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    return kern.epilogue_f32;
+  } else if constexpr (std::is_same_v<OutT, c10::Half>) {
+    return kern.epilogue_f16;
+  } else {
+    return kern.epilogue_bf16;
+  }
+}
 
 const Kernels& kernels_scalar();
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -105,23 +105,12 @@ const g::Kernels& kernels_for(cpu::Isa isa) {
   return g::kernels_scalar();
 }
 
-template <typename OutT>
-g::EpilogueFn<OutT> epilogue_for(const g::Kernels& kern) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    return kern.epilogue_f32;
-  } else if constexpr (std::is_same_v<OutT, c10::Half>) {
-    return kern.epilogue_f16;
-  } else {
-    return kern.epilogue_bf16;
-  }
-}
-
 // out [M, N] = epilogue(a [M, K] (row stride lda) x b [N, K]^T (row stride ldb)).
 template <typename OutT>
 void gemm(const g::Kernels& kern, const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
           int64_t M, int64_t N, int64_t K, const float* a_scale, const float* b_scale,
           const float* bias, OutT* out) {
-  const g::EpilogueFn<OutT> epilogue = epilogue_for<OutT>(kern);
+  const g::EpilogueFn<OutT> epilogue = g::epilogue_for<OutT>(kern);
   const int64_t mr = kern.mr_max;
   const int64_t work = M * N * std::max<int64_t>(K, 1);
 

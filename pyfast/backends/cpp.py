@@ -30,6 +30,10 @@ def _w8a8_mm(x, w_int8, w_scale, bias=None):
     return torch.ops.pyfast_C.w8a8_mm(x, w_int8, w_scale.float(), bias)
 
 
+def _w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
+    return torch.ops.pyfast_C.w8a8_mm_vnni(x, w_vnni, w_scale.float(), bias)
+
+
 def _int8_weight_mm(x, w_int8, w_scale, bias=None):
     return torch.ops.pyfast_C.int8_weight_mm(x, w_int8, w_scale, bias)
 
@@ -46,6 +50,7 @@ KERNELS = {
     "quantize_per_token": (_quantize_per_token, "quantize.cpp"),
     "int8_mm": (_int8_mm, "int8_mm.cpp"),
     "w8a8_mm": (_w8a8_mm, "int8_mm.cpp"),
+    "w8a8_mm_vnni": (_w8a8_mm_vnni, "int8_vnni.cpp"),
     "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
     "int4_mm": (_int4_mm, "weight_only.cpp"),
     "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),

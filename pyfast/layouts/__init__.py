@@ -6,3 +6,15 @@ order for int4, sparse-tensor-core metadata order for 2:4) gets it from a module
 here: `repack` / `unrepack` are pure torch, run on any device, are exact inverses,
 and are the reference of the repack ops in pyfast.ops.
 """
+
+import torch as _torch
+
+
+def check_dims(n, k) -> None:
+    """TypeError / ValueError unless n and k (a weight's rows and columns) are ints >= 0
+    (torch.SymInt too, under torch.compile)."""
+    for name, v in (("n", n), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, _torch.SymInt)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")

@@ -32,6 +32,7 @@ from typing import Tuple
 import torch
 
 from .. import _checks
+from . import check_dims
 
 Tensor = torch.Tensor
 
@@ -43,11 +44,7 @@ PAD_NIBBLE = 0b0100   # idx0 = 0, idx1 = 1
 
 
 def _check_nk(n, k) -> None:
-    for name, v in (("n", n), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):  # SymInt: torch.compile
-            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+    check_dims(n, k)
     if k % 4 != 0:
         raise ValueError(f"k must be a multiple of 4 (2:4 groups along K), got {k}")
 
