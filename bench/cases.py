@@ -23,7 +23,7 @@ from pyfast.sparsity import magnitude_24_mask
 from .shapes import INT4_GROUP_SIZE
 
 Tensor = torch.Tensor
-PYFAST_OPS = ("int8_mm", "w8a8_mm", "int8_weight_mm", "int4_mm", "sparse24_mm",
+PYFAST_OPS = ("int8_mm", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm", "sparse24_mm",
               "quantize_per_token", "int4_mm_tc", "sparse24_mm_tc")
 # quantize_per_token then int8_mm as two op calls: W8A8 unfused, beside w8a8_mm (the one
 # op Int8Linear calls), so the fusion's gain is measured in the same run
@@ -33,6 +33,8 @@ ALL_OPS = PYFAST_OPS + (E2E,)
 # fast; elsewhere the reference un-repacks per call, so they are benched by default on
 # CUDA only (name them in --ops to time them elsewhere).
 CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc")
+# and on the CPU's VNNI layout: only the C++ CPU kernel reads it fast (benched on CPU only)
+CPU_LAYOUT_OPS = ("w8a8_mm_vnni",)
 
 # Loose tolerances on max|out - ref| / max|ref|: they catch a wrong kernel (wrong layout,
 # wrong scale, garbage), not last-bit differences in summation order.
@@ -62,6 +64,7 @@ class Layer:
     half     bf16 (CPU) / fp16 (GPU) [N, K]       F.linear half baseline
     int8     (w_int8 int8 [N, K], w_scale f32 [N])        int8_mm, int8_weight_mm
     int8_kn  int8 [K, N] row-major (w_int8.t().contiguous())   torch._int_mm
+    int8_vnni (repack_int8_vnni(w_int8), w_scale)         w8a8_mm_vnni
     int4     (packed u8 [N, K/2], scales f32 [N, K/128], zeros u8 [N, K/128])  symmetric
     sparse24 (values act_dtype [N, K/2], meta u8 [N, K/4])  of the 2:4-pruned weight
     """
@@ -75,10 +78,12 @@ class Layer:
     sparse24: list
     int4_tc: list
     sparse24_tc: list
+    int8_vnni: list
 
     def copies(self) -> Dict[str, int]:
         return {name: len(getattr(self, name)) for name in
-                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "int4_tc", "sparse24_tc")}
+                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "int4_tc", "sparse24_tc",
+                 "int8_vnni")}
 
 
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
@@ -93,9 +98,10 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
         sparse = torch.ops.pyfast.sparse24_compress((w * magnitude_24_mask(w)).to(act_dtype))
         int4_tc = (torch.ops.pyfast.repack_int4_tc(int4[0]), *int4[1:])
         sparse_tc = (sparse[0], torch.ops.pyfast.repack_sparse24_tc(sparse[1]))
+        int8_vnni = (torch.ops.pyfast.repack_int8_vnni(int8[0]), int8[1])
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
                "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse,
-               "int4_tc": int4_tc, "sparse24_tc": sparse_tc}
+               "int4_tc": int4_tc, "sparse24_tc": sparse_tc, "int8_vnni": int8_vnni}
     return Layer(k, n, **{name: _copies(v, copies_for(_size(v))) for name, v in formats.items()})
 
 
@@ -247,6 +253,10 @@ def _pyfast_call(op: str, cell: Cell):
         return (lambda i: ops.w8a8_mm(cell.x, *cell.pick("int8", i), None),
                 "int8", 2 * m * n * k, x_bytes + _size(cell.layer.int8[0]) + out_bytes,
                 f"{a_s}->i8->{a_s}", act)
+    if op == "w8a8_mm_vnni":
+        return (lambda i: ops.w8a8_mm_vnni(cell.x, *cell.pick("int8_vnni", i), None),
+                "int8_vnni", 2 * m * n * k, x_bytes + _size(cell.layer.int8_vnni[0]) + out_bytes,
+                f"{a_s}->i8->{a_s}.vnni", act)
     if op == "int8_weight_mm":
         return (lambda i: ops.int8_weight_mm(cell.x, *cell.pick("int8", i), None),
                 "int8", 2 * m * n * k, x_bytes + _size(cell.layer.int8[0]) + out_bytes,
@@ -324,6 +334,7 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
                             cell.act_dtype),
         "int8_weight_mm": lambda: (x, *layer.int8[0], None),
         "w8a8_mm": lambda: (x, *layer.int8[0], None),
+        "w8a8_mm_vnni": lambda: (x, *layer.int8_vnni[0], None),
         "int4_mm": lambda: (x, *layer.int4[0], INT4_GROUP_SIZE, None),
         "sparse24_mm": lambda: (x, *layer.sparse24[0], None),
         "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),

@@ -6,8 +6,9 @@ side by side with torch's own GEMMs, on LLM layer shapes.
     python -m bench.run --m 1,16 --shapes 4096x11008 --ops int4_mm,int8_weight_mm
     python -m bench.run --device cpu --threads 2 --backends reference,cpp
 
-Rows: int8_mm (on pre-quantized inputs: the GEMM alone), w8a8_mm (W8A8 in one op, as
-Int8Linear runs it), int8_weight_mm, int4_mm (group 128, symmetric), sparse24_mm,
+Rows: int8_mm (on pre-quantized inputs: the GEMM alone), w8a8_mm (W8A8 in one op on the
+canonical int8 weight), w8a8_mm_vnni (the same on the VNNI layout, as Int8Linear runs it
+on an AVX-512 CPU; CPU only unless named in --ops), int8_weight_mm, int4_mm (group 128, symmetric), sparse24_mm,
 quantize_per_token, w8a8_e2e (quantize_per_token then int8_mm, two op calls), on
 CUDA also int4_mm_tc and sparse24_mm_tc (the tensor-core layouts the CUDA C++ kernels
 read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
@@ -91,7 +92,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args.m = args.m or list(S.QUICK_MS if quick else S.LLM_MS)
     args.shapes = args.shapes or list(S.QUICK_SHAPES if quick else S.LLM_SHAPES)
     args.ops = args.ops or [o for o in C.ALL_OPS
-                            if args.device == "cuda" or o not in C.CUDA_LAYOUT_OPS]
+                            if o not in (C.CPU_LAYOUT_OPS if args.device == "cuda"
+                                         else C.CUDA_LAYOUT_OPS)]
     args.act_dtype = args.act_dtype or ("float16" if args.device == "cuda" else "float32")
     args.reps = args.reps or (10 if quick else 100)
     if args.max_seconds_per_cell is None:

@@ -84,6 +84,9 @@ class BackendReport(list):
             "Sparse24Linear use it where that kernel runs (layout=\"auto\": float16/bfloat16 "
             "weights on a GPU with the CUDA build), elsewhere the canonical int4_mm / "
             "sparse24_mm; pyfast.repack(model) re-lays a model after .to(device)",
+            "w8a8_mm_vnni takes the int8 weight in the C++ CPU kernel's VNNI panel order "
+            "(repack_int8_vnni, once per layer): Int8Linear uses it where that kernel runs "
+            "at the AVX-512 VNNI level (layout=\"auto\"), elsewhere the canonical w8a8_mm",
         ]
 
 

@@ -97,6 +97,10 @@ def check_quant_args(method: str, group_size: int, symmetric: bool,
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
 
 
+# The layouts each quantize method's layer can store (besides "auto").
+_METHOD_LAYOUTS = {"int8": ("canonical", "vnni"), "int4": ("canonical", "tc")}
+
+
 def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
                     symmetric: bool = True, layout: str = "auto") -> Union[nn.Module, str]:
     """The pyfast layer for an nn.Linear or nn.Conv2d (QuantConv2d around the same
@@ -113,7 +117,7 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
         return why or QuantConv2d.from_conv(
             mod, lambda lin: quantized_layer(lin, method, group_size, symmetric, layout))
     if method == "int8":
-        return Int8Linear.from_linear(mod)
+        return Int8Linear.from_linear(mod, layout=layout)
     if method == "int8-weight":
         return Int8WeightOnlyLinear.from_linear(mod)
     if method in _LOWBIT_BITS:
@@ -148,11 +152,16 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     conv: also quantize nn.Conv2d as QuantConv2d (im2col + the same layer, with
     in_features = C_in*kh*kw); grouped convs and non-zero padding modes are skipped
     with the reason. conv=False leaves every Conv2d alone.
+    layout (pyfast/nn/layout.py): "auto" stores each weight in the order of its fast
+    kernel where that kernel runs (int8: VNNI panels on an AVX-512 CPU; int4: tensor-core
+    order on a GPU with the CUDA extension, float16/bfloat16), else canonical;
+    "canonical"; or the method's own layout ("vnni" for int8, "tc" for int4).
     """
     if group_size is None:
         group_size = -1 if method == "binary" else 128
     check_quant_args(method, group_size, symmetric)
-    _layout.check(layout)
+    _layout.check(layout, accepted=_METHOD_LAYOUTS.get(method, ("canonical",)),
+                  what=f"method {method!r}")
     if not isinstance(conv, bool):
         raise TypeError(f"conv must be a bool, got {conv!r}")
 
@@ -172,7 +181,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
     layout: as in quantize (the metadata order of the sparse-tensor-core kernel)."""
     if pattern != "2:4":
         raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
-    _layout.check(layout)
+    _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
 
     def convert(name: str, lin: nn.Linear):
         if lin.in_features % 4:
@@ -184,16 +193,21 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
 
 
 def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
-    """Re-lay every Int4Linear and Sparse24Linear of model in `layout`, in place.
+    """Re-lay every Int4Linear, Sparse24Linear and Int8Linear of model in `layout`, in place.
 
-    For a model compressed on the CPU and then moved with .to("cuda"): "auto" picks
-    the CUDA kernels' tensor-core layout there (and the canonical one back on a CPU).
+    For a model moved with .to(device) after compression: "auto" gives each layer the
+    layout of its fast kernel where that kernel runs on the new device (tensor-core
+    order on a GPU, VNNI order on an AVX-512 CPU), the canonical one elsewhere.
+    "canonical" re-lays every such layer; "tc" / "vnni" only the layers that have that
+    layout (Int4Linear and Sparse24Linear / Int8Linear), leaving the others as they are.
     Exact: a permutation of the packed bytes. Returns model."""
     _layout.check(layout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for mod in model.modules():
-        if isinstance(mod, (Int4Linear, Sparse24Linear)):
+        if isinstance(mod, (Int4Linear, Sparse24Linear)) and layout != "vnni":
+            mod.repack(layout)
+        elif isinstance(mod, Int8Linear) and layout != "tc":
             mod.repack(layout)
     return model
 

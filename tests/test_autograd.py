@@ -81,8 +81,10 @@ def test_sparse24_mm_grads_x_values_bias():
     _close(got, _grads(by_hand, x, values, b))
 
 
-def test_w8a8_forward_works_with_grad_but_backward_raises():
-    layer = pyfast.nn.Int8Linear.from_linear(torch.nn.Linear(16, 4))
+@pytest.mark.parametrize("layout", ["canonical", "vnni"])
+def test_w8a8_forward_works_with_grad_but_backward_raises(layout):
+    layer = pyfast.nn.Int8Linear.from_linear(torch.nn.Linear(16, 4), layout=layout)
     y = layer(torch.randn(2, 16, requires_grad=True))
-    with pytest.raises(RuntimeError, match="pyfast.w8a8_mm has no gradient: W8A8 rounds"):
+    op = "w8a8_mm_vnni" if layout == "vnni" else "w8a8_mm"
+    with pytest.raises(RuntimeError, match=f"pyfast.{op} has no gradient: W8A8 rounds"):
         y.sum().backward()

@@ -57,6 +57,8 @@ SCHEMAS = {
                 "Tensor? bias, ScalarType out_dtype) -> Tensor"),
     "w8a8_mm": ("pyfast_C::w8a8_mm(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) "
                 "-> Tensor"),
+    "w8a8_mm_vnni": ("pyfast_C::w8a8_mm_vnni(Tensor x, Tensor w_vnni, Tensor w_scale, "
+                     "Tensor? bias) -> Tensor"),
     "build_info": "pyfast_C::build_info() -> str",
 }
 

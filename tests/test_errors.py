@@ -49,6 +49,11 @@ def _meta_tc():
     return ops.repack_sparse24_tc(torch.full((5, 16), 0b0100, dtype=torch.uint8))
 
 
+def _vnni():
+    """A valid repacked weight for N = 5, K = 64."""
+    return ops.repack_int8_vnni(i8(5, 64))
+
+
 CASES = {
     # --- quantize_per_token
     "quantize-x-float64": Case("quantize_per_token", lambda: (f32(3, 8).double(),), TypeError,
@@ -323,6 +328,28 @@ CASES = {
                                         "values has dtype torch.float16 but x has torch.float32"),
     "sparse24_mm_tc-K-30": Case("sparse24_mm_tc", lambda: (f32(3, 30), f32(5, 15), _meta_tc()),
                                 ValueError, "x.shape[1] (K) = 30 is not a multiple of 4"),
+    "repack_int8_vnni-float": Case("repack_int8_vnni", lambda: (f32(5, 64),), TypeError,
+                                   "w_int8 has dtype torch.float32; accepted: int8"),
+    "repack_int8_vnni-1d": Case("repack_int8_vnni", lambda: (i8(64),), ValueError,
+                                "w_int8 must be 2-D [N, K], got a 1-D tensor"),
+    "w8a8_mm_vnni-x-int": Case("w8a8_mm_vnni", lambda: (i8(3, 64), _vnni(), f32(5)), TypeError,
+                               f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "w8a8_mm_vnni-canonical-w": Case("w8a8_mm_vnni", lambda: (f32(3, 64), i8(5, 64), f32(5)),
+                                     ValueError, "w_vnni has shape (5, 64); for N = 5, K = 64 it "
+                                                 "must be (1, 16, 48, 4)"),
+    "w8a8_mm_vnni-K-mismatch": Case("w8a8_mm_vnni", lambda: (f32(3, 68), _vnni(), f32(5)),
+                                    ValueError, "for N = 5, K = 68 it must be (1, 17, 48, 4)"),
+    "w8a8_mm_vnni-w-dtype": Case("w8a8_mm_vnni", lambda: (f32(3, 64), u8(1, 16, 48, 4), f32(5)),
+                                 TypeError, "w_vnni has dtype torch.uint8; accepted: int8"),
+    "w8a8_mm_vnni-scale-2d": Case("w8a8_mm_vnni", lambda: (f32(3, 64), _vnni(), f32(5, 1)),
+                                  ValueError, "w_scale must be 1-D"),
+    "w8a8_mm_vnni-bias-length": Case("w8a8_mm_vnni", lambda: (f32(3, 64), _vnni(), f32(5),
+                                                              f32(6)), ValueError,
+                                     "bias has shape (6,)"),
+    "w8a8_mm_vnni-K-too-large": Case("w8a8_mm_vnni",
+                                     lambda: (f32(1, 131072), ops.repack_int8_vnni(i8(1, 131072)),
+                                              f32(1)), ValueError,
+                                     "x has K = 131072; w8a8_mm_vnni accepts K <= 131071"),
     # --- arguments that are not tensors
     "quantize-x-list": Case("quantize_per_token", lambda: ([[1.0, 2.0]],), TypeError,
                             "x must be a torch.Tensor, got list", RuntimeError,

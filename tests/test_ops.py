@@ -337,13 +337,15 @@ def _noncontiguous_cases(device, dtype):
         "int4_mm_tc": ((x, ops.repack_int4_tc(p4[0])) + tuple(p4[1:]) + (32, bias), (0, 2, 3)),
         "repack_sparse24_tc": ((mt,), (0,)),
         "sparse24_mm_tc": ((x, v, ops.repack_sparse24_tc(mt), bias), (0, 1)),
+        "repack_int8_vnni": ((w8,), (0,)),
+        "w8a8_mm_vnni": ((x, ops.repack_int8_vnni(w8), w8_s, bias), (0,)),
     }
 
 
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
-BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "w8a8_mm", "pack_int4",
-                 "pack_lowbit", "sparse24_compress")
+BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "w8a8_mm", "w8a8_mm_vnni",
+                 "pack_int4", "pack_lowbit", "sparse24_compress")
 
 
 def _same(got, ref, dtype, op):
@@ -422,6 +424,11 @@ def _opcheck_cases():
         ("sparse24_mm_tc", (x, v, reference.repack_sparse24_tc(m), None)),
         ("sparse24_mm_tc", (x.half(), vh, reference.repack_sparse24_tc(mh),
                             torch.randn(7).half())),
+        ("repack_int8_vnni", (b,)),
+        ("repack_int8_vnni", (a[:, :13],)),
+        ("w8a8_mm_vnni", (x, reference.repack_int8_vnni(b), s7, None)),
+        ("w8a8_mm_vnni", (x.bfloat16(), reference.repack_int8_vnni(b), s7,
+                          torch.randn(7).bfloat16())),
     ]
 
 

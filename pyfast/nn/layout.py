@@ -1,16 +1,21 @@
-"""Which weight layout a layer stores: canonical, or the CUDA kernels' tensor-core order.
+"""Which weight layout a layer stores: canonical, or the order its fastest kernel reads.
 
     "canonical"  the formats of pyfast/formats.py; every backend reads them
-    "tc"         int4: fragment order (pyfast/layouts/int4_tc.py, op int4_mm_tc);
-                 2:4: sparse-tensor-core metadata (pyfast/layouts/sparse24_tc.py,
-                 op sparse24_mm_tc). Made once by the repack ops; only the CUDA C++
-                 kernels read it fast, elsewhere the reference undoes the repack per call.
-    "auto"       "tc" exactly where the CUDA C++ kernel of the layer's op would run
-                 for its weight: a CUDA device with the kernel built (pyfast.backends()),
-                 and float16/bfloat16 weights (the kernels multiply in those dtypes);
-                 "canonical" everywhere else (CPU, float32 models, no CUDA build).
-A layer made on the CPU and moved to a GPU keeps its layout: call
-pyfast.repack(model) (or layer.repack("auto")) after .to("cuda").
+    "tc"         Int4Linear: fragment order (pyfast/layouts/int4_tc.py, op int4_mm_tc);
+                 Sparse24Linear: sparse-tensor-core metadata (pyfast/layouts/
+                 sparse24_tc.py, op sparse24_mm_tc). Only the CUDA C++ kernels read it fast.
+    "vnni"       Int8Linear: the int8 weight in VNNI panel order (pyfast/layouts/
+                 int8_vnni.py, op w8a8_mm_vnni). Only the C++ CPU kernel reads it fast,
+                 with AVX-512 VNNI (elsewhere that kernel runs scalar code).
+    "auto"       the layer's fast layout exactly where its kernel would run for the
+                 weight, "canonical" everywhere else:
+                 tc   -- a CUDA device with the kernel built (pyfast.backends()) and
+                         float16/bfloat16 weights (the kernels multiply in those dtypes);
+                 vnni -- a CPU weight, the C++ extension built with w8a8_mm_vnni, and
+                         the CPU kernels at the AVX-512 level.
+Each layout is made once by a repack op (exact); where its kernel cannot run, the
+reference undoes the repack on every call (correct, slow). A layer keeps its layout
+when moved: call pyfast.repack(model) (or layer.repack("auto")) after .to(device).
 """
 from __future__ import annotations
 
@@ -18,16 +23,19 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from .. import _ext, dispatch
 
-LAYOUTS = ("canonical", "tc")
+LAYOUTS = ("canonical", "tc", "vnni")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def check(layout, *, allow_auto: bool = True) -> str:
-    accepted = LAYOUTS + (("auto",) if allow_auto else ())
+def check(layout, *, allow_auto: bool = True, accepted=LAYOUTS, what: str = "") -> str:
+    """layout if it is one of `accepted` (plus "auto" if allowed), else ValueError
+    naming it and, with `what` (e.g. "Int8Linear"), the layer that refuses it."""
+    accepted = tuple(accepted) + (("auto",) if allow_auto else ())
     if not isinstance(layout, str) or layout not in accepted:
-        raise ValueError(f"layout {layout!r} is not supported; accepted: "
+        by = f" by {what}" if what else ""
+        raise ValueError(f"layout {layout!r} is not supported{by}; accepted: "
                          + ", ".join(repr(a) for a in accepted))
     return layout
 
@@ -44,9 +52,35 @@ def why_not_tc(op: str, device: torch.device, dtype: torch.dtype) -> Optional[st
     return dispatch.unavailable_reason("cuda", "cuda")
 
 
+def why_not_vnni(device) -> Optional[str]:
+    """None if the fast CPU kernel of w8a8_mm_vnni would run a weight on device, else why not."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"the weight is on {device.type}; the VNNI layout is for the CPU kernel"
+    backend = dispatch.kernels("w8a8_mm_vnni").get("cpp")
+    if backend is None:
+        return "no C++ CPU kernel is registered for w8a8_mm_vnni"
+    why = dispatch.unavailable_reason("cpp", "cpu") or (backend.supports and backend.supports())
+    if why:
+        return why
+    isa = _ext.cpu_isa()
+    if isa != "avx512":
+        return (f"the CPU kernels run at the {isa} level; the VNNI layout is fast only with "
+                "AVX-512 VNNI (its kernel is scalar code elsewhere)")
+    return None
+
+
 def resolve(layout: str, op: str, device, dtype: torch.dtype) -> str:
     """'auto' -> 'tc' or 'canonical' (see the module docstring); others unchanged."""
     check(layout)
     if layout != "auto":
         return layout
     return "tc" if why_not_tc(op, device, dtype) is None else "canonical"
+
+
+def resolve_vnni(layout: str, device) -> str:
+    """'auto' -> 'vnni' or 'canonical' (see the module docstring); others unchanged."""
+    check(layout)
+    if layout != "auto":
+        return layout
+    return "vnni" if why_not_vnni(device) is None else "canonical"

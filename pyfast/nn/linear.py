@@ -14,11 +14,13 @@ from torch import nn
 
 from .. import _checks as chk
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
-from ..layouts import int4_tc, sparse24_tc
+from ..layouts import int4_tc, int8_vnni, sparse24_tc
 from . import layout as _layout
 from ..sparsity import magnitude_24_mask
 
 Tensor = torch.Tensor
+_TC = ("canonical", "tc")        # Int4Linear, Sparse24Linear (pyfast/nn/layout.py)
+_VNNI = ("canonical", "vnni")    # Int8Linear
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -134,14 +136,62 @@ class _Int8WeightLinear(_CompressedLinear):
 
 
 class Int8Linear(_Int8WeightLinear):
-    """W8A8: int8 weights per output channel, activations quantized per token at run time."""
+    """W8A8: int8 weights per output channel, activations quantized per token at run time.
 
-    format = "int8 W8A8"  # per-token dynamic activations, per-channel weights
+    weight_int8: canonical int8 [N, K], or (layout "vnni") its repack_int8_vnni image
+    [ceil(N/48), ceil(K/4), 48, 4], the order of the fast CPU kernel (pyfast/nn/layout.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 layout: str = "canonical"):
+        super().__init__(in_features, out_features, bias, device)
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_VNNI, what="Int8Linear")
+        if self.layout == "vnni":
+            self.weight_int8 = torch.ops.pyfast.repack_int8_vnni(self.weight_int8)
+
+    @property
+    def format(self) -> str:  # type: ignore[override]
+        # per-token dynamic activations, per-channel weights
+        return "int8 W8A8" + (", VNNI layout" if self.layout == "vnni" else "")
+
+    def pyfast_config(self) -> dict:
+        return {**super().pyfast_config(), "layout": self.layout}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: str = "auto") -> "Int8Linear":
+        """layout: "canonical", "vnni" or "auto" (pyfast/nn/layout.py)."""
+        _layout.check(layout, accepted=_VNNI, what="Int8Linear")
+        return super().from_linear(linear).repack(layout)
+
+    @classmethod
+    def from_int8(cls, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                  layout: str = "auto") -> "Int8Linear":
+        """From an already-quantized weight [N, K] (e.g. torch's quantize_dynamic)."""
+        _layout.check(layout, accepted=_VNNI, what="Int8Linear")
+        return super().from_int8(w_int8, w_scale, bias).repack(layout)
+
+    @torch.no_grad()
+    def repack(self, layout: str = "auto") -> "Int8Linear":
+        """Store the weight in `layout` ("canonical", "vnni" or "auto" for where it is
+        now); in place, exact (a permutation of the bytes); returns self."""
+        _layout.check(layout, accepted=_VNNI, what="Int8Linear")
+        chosen = _layout.resolve_vnni(layout, self.weight_int8.device)
+        if chosen != self.layout:
+            self.weight_int8 = (
+                torch.ops.pyfast.repack_int8_vnni(self.weight_int8) if chosen == "vnni" else
+                int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features))
+            self.layout = chosen
+        return self
+
+    def canonical_weight(self) -> Tensor:
+        """The int8 weight [N, K] whatever the layout (a view or an un-repacked copy)."""
+        if self.layout == "vnni":
+            return int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features)
+        return self.weight_int8
 
     def forward(self, x: Tensor) -> Tensor:
         # One op: per-token quantization of x and the int8 GEMM (fused on CPU).
-        out = torch.ops.pyfast.w8a8_mm(self._flat(x), self.weight_int8, self.weight_scale,
-                                       self.bias)
+        op = torch.ops.pyfast.w8a8_mm_vnni if self.layout == "vnni" else torch.ops.pyfast.w8a8_mm
+        out = op(self._flat(x), self.weight_int8, self.weight_scale, self.bias)
         return self._unflat(out, x)
 
 
@@ -165,7 +215,7 @@ class Int4Linear(_CompressedLinear):
         super().__init__(in_features, out_features, bias, device)
         gs = chk.group_size(group_size, in_features, k_name="in_features")
         self.group_size, self.symmetric = group_size, bool(symmetric)
-        self.layout = _layout.check(layout, allow_auto=False)
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_TC, what="Int4Linear")
         groups = in_features // gs
         # packed: canonical uint8 [N, K/2] (formats.py), or its repack_int4_tc image
         canonical = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
@@ -190,6 +240,7 @@ class Int4Linear(_CompressedLinear):
                     symmetric: bool = True, layout: str = "auto") -> "Int4Linear":
         """layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
+        _layout.check(layout, accepted=_TC, what="Int4Linear")
         w = linear.weight.detach()
         chosen = _layout.resolve(layout, "int4_mm_tc", w.device, w.dtype)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
@@ -206,6 +257,7 @@ class Int4Linear(_CompressedLinear):
     def repack(self, layout: str = "auto") -> "Int4Linear":
         """Store the weight in `layout` ("canonical", "tc" or "auto" for where it is now);
         in place, exact (a permutation of the packed bytes); returns self."""
+        _layout.check(layout, accepted=_TC, what="Int4Linear")
         chosen = _layout.resolve(layout, "int4_mm_tc", self.packed.device, self.orig_dtype)
         if chosen != self.layout:
             self.packed = (torch.ops.pyfast.repack_int4_tc(self.packed) if chosen == "tc" else
@@ -228,7 +280,8 @@ class Sparse24Linear(_CompressedLinear):
         if dtype not in chk.FLOAT_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; accepted: float32, float16, bfloat16")
         super().__init__(in_features, out_features, bias, device, bias_dtype=dtype)
-        self.layout = _layout.check(layout, allow_auto=False)
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_TC,
+                                    what="Sparse24Linear")
         self.register_buffer("values", torch.zeros(out_features, in_features // 2,
                                                    dtype=dtype, device=device))
         # meta: canonical uint8 [N, K/4] (formats.py), or its repack_sparse24_tc image
@@ -247,6 +300,7 @@ class Sparse24Linear(_CompressedLinear):
     def repack(self, layout: str = "auto") -> "Sparse24Linear":
         """Store the metadata in `layout` ("canonical", "tc" or "auto" for where the
         values are now); in place, exact; returns self."""
+        _layout.check(layout, accepted=_TC, what="Sparse24Linear")
         chosen = _layout.resolve(layout, "sparse24_mm_tc", self.values.device, self.values.dtype)
         if chosen != self.layout:
             self.meta = (torch.ops.pyfast.repack_sparse24_tc(self.meta) if chosen == "tc" else
@@ -274,6 +328,7 @@ class Sparse24Linear(_CompressedLinear):
         weight must already be 2:4 (else ValueError naming the first bad group).
         layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
+        _layout.check(layout, accepted=_TC, what="Sparse24Linear")
         w = linear.weight.detach()
         if prune:
             w = w * magnitude_24_mask(w)
