@@ -98,7 +98,7 @@ def test_errors_name_the_argument():
         int4_tc.check_repacked(None, 70, 100)
     with pytest.raises(ValueError, match="K = 99 must be even"):
         int4_tc.check_repacked(w_tc, 70, 99)
-    with pytest.raises(ValueError, match="n must be a non-negative int"):
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
         int4_tc.repacked_shape(-1, 4)
 
 

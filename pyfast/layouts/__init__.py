@@ -18,3 +18,19 @@ def check_dims(n, k) -> None:
             raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def check_repacked_tensor(t, name: str, dtype, want: tuple, n: int, k: int, spec: str,
+                          repack_op: str, canonical: str) -> None:
+    """TypeError / ValueError naming `name` unless t is a `dtype` tensor of shape `want`
+    (what `repack_op` gives for an N x K weight; `spec` spells the shape, e.g.
+    "(ceil(N/48), ceil(K/4), 48, 4)"; `canonical` the input it repacks)."""
+    if not isinstance(t, _torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (from {repack_op}), got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; accepted: {str(dtype).replace('torch.', '')} "
+                        f"(the output of {repack_op}; a canonical {canonical} must be repacked "
+                        "first)")
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; for N = {n}, K = {k} it must be "
+                         f"{tuple(want)} = {spec}, the shape {repack_op} gives")

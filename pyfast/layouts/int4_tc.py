@@ -49,6 +49,7 @@ from typing import Tuple
 import torch
 
 from .. import _checks, reference  # reference: the canonical nibble (un)packing
+from . import check_dims, check_repacked_tensor
 
 Tensor = torch.Tensor
 
@@ -65,9 +66,7 @@ def _ceil_div(a: int, b: int) -> int:
 def repacked_shape(n: int, k: int) -> Tuple[int, ...]:
     """Shape of w_tc for an N x K weight: (ceil(N/64), ceil(K/16), 32, 4), int32.
     The weight is zero-padded to N_pad = 64 ceil(N/64) rows and K_pad = 16 ceil(K/16)."""
-    for name, v in (("n", n), ("k", k)):   # SymInt: symbolic sizes under torch.compile
-        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    check_dims(n, k)
     return (_ceil_div(n, TILE_N), _ceil_div(k, TILE_K), LANES, WORDS)
 
 
@@ -107,16 +106,8 @@ def unrepack(w_tc: Tensor, n: int, k: int) -> Tensor:
 def check_repacked(w_tc: Tensor, n: int, k: int, name: str = "w_tc") -> None:
     """Raise TypeError / ValueError naming `name` unless w_tc is an int32 tensor of
     repacked_shape(n, k) (what repack gives for an N x K weight)."""
-    if not isinstance(w_tc, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (from repack_int4_tc), "
-                        f"got {type(w_tc).__name__}")
-    if w_tc.dtype != torch.int32:
-        raise TypeError(f"{name} has dtype {w_tc.dtype}; accepted: int32 (the output of "
-                        "repack_int4_tc; a canonical uint8 [N, K/2] weight must be repacked first)")
     if k % 2:
         raise ValueError(f"K = {k} must be even (two int4 per byte)")
-    want = repacked_shape(n, k)
-    if tuple(w_tc.shape) != want:
-        raise ValueError(
-            f"{name} has shape {tuple(w_tc.shape)}; for N = {n}, K = {k} it must be {want} "
-            "= (ceil(N/64), ceil(K/16), 32, 4), the shape repack_int4_tc gives")
+    check_repacked_tensor(w_tc, name, torch.int32, repacked_shape(n, k), n, k,
+                          "(ceil(N/64), ceil(K/16), 32, 4)", "repack_int4_tc",
+                          "uint8 [N, K/2] weight")

@@ -23,7 +23,7 @@ from typing import Tuple
 
 import torch
 
-from . import check_dims
+from . import check_dims, check_repacked_tensor
 
 Tensor = torch.Tensor
 
@@ -58,15 +58,6 @@ def unrepack(w_vnni: Tensor, n: int, k: int) -> Tensor:
 def check_repacked(w_vnni: Tensor, n: int, k: int, name: str = "w_vnni") -> None:
     """Raise TypeError / ValueError naming `name` unless w_vnni is an int8 tensor of
     repacked_shape(n, k) (what repack gives for an N x K weight)."""
-    if not isinstance(w_vnni, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (from repack_int8_vnni), "
-                        f"got {type(w_vnni).__name__}")
-    if w_vnni.dtype != torch.int8:
-        raise TypeError(f"{name} has dtype {w_vnni.dtype}; accepted: int8 (the output of "
-                        "repack_int8_vnni)")
-    want = repacked_shape(n, k)
-    if tuple(w_vnni.shape) != want:
-        raise ValueError(
-            f"{name} has shape {tuple(w_vnni.shape)}; for N = {n}, K = {k} it must be {want} "
-            "= (ceil(N/48), ceil(K/4), 48, 4), the shape repack_int8_vnni gives (a canonical "
-            "int8 [N, K] weight must be repacked first)")
+    check_repacked_tensor(w_vnni, name, torch.int8, repacked_shape(n, k), n, k,
+                          "(ceil(N/48), ceil(K/4), 48, 4)", "repack_int8_vnni",
+                          "int8 [N, K] weight")

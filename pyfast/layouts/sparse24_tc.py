@@ -32,7 +32,7 @@ from typing import Tuple
 import torch
 
 from .. import _checks
-from . import check_dims
+from . import check_dims, check_repacked_tensor
 
 Tensor = torch.Tensor
 
@@ -107,12 +107,6 @@ def unrepack_meta(meta_tc: Tensor, n: int, k: int) -> Tensor:
 def check_repacked(meta_tc: Tensor, n: int, k: int, name: str = "meta_tc") -> None:
     """Raise TypeError / ValueError unless meta_tc is an int32 tensor of
     repacked_shape(n, k)."""
-    shape = repacked_shape(n, k)
-    if not isinstance(meta_tc, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(meta_tc).__name__}")
-    if meta_tc.dtype != torch.int32:
-        raise TypeError(f"{name} has dtype {meta_tc.dtype}; accepted: torch.int32 "
-                        "(from repack_sparse24_tc)")
-    if tuple(meta_tc.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(meta_tc.shape)}; for N = {n}, K = {k} "
-                         f"it must be (ceil(N/16), ceil(K/64), 32) = {shape}")
+    check_repacked_tensor(meta_tc, name, torch.int32, repacked_shape(n, k), n, k,
+                          "(ceil(N/16), ceil(K/64), 32)", "repack_sparse24_tc",
+                          "uint8 [N, K/4] meta")
