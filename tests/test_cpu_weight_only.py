@@ -132,16 +132,18 @@ def test_int4_decode_long_rows(isa, threads, group_size):
 def test_int4_bfloat16_small_m(isa, threads, group_size, bf16_dot, monkeypatch):
     """bfloat16 x at M <= 17: with AVX512_BF16 (isa avx512 on a CPU that has it) M <= 16
     runs the vdpbf16ps kernel (weight_only_bf16dot.cpp), in x tiles of 4 rows (M = 5,
-    16: a full and a partial tile) and K chunks (K = 8448 > one chunk at every tile
-    height); PYFAST_NO_BF16DOT sends the same calls to the float32 kernels and panels.
+    16: a full and a partial tile), over whole rows where the x tile fits its 28 KiB
+    (K = 384 at every tile height, K = 8448 at M = 1) and in K chunks elsewhere
+    (K = 8448 from M = 2, K = 12160 at every height: two full chunks and a partial
+    one); PYFAST_NO_BF16DOT sends the same calls to the float32 kernels and panels.
     Zero points span 0..15, so the kernel's offset of 128 is cancelled per lane."""
     if not bf16_dot:
         monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
     gen = torch.Generator().manual_seed(7)
-    for k, n in ((8448, 13), (384, 9)):
+    for k, n in ((8448, 13), (12160, 13), (384, 9)):
         if group_size == -1 and k == 384:
             k = 390  # per channel with a K tail inside the last 128-k block
-        w = torch.randn(n, k, generator=gen) + torch.linspace(-3.0, 3.0, n)[:, None]
+        w = torch.randn(n, k, generator=gen) + torch.linspace(-4.0, 4.0, n)[:, None]
         packed, scales, zeros = reference.pack_int4(w, group_size, False)
         assert zeros.min() < 4 and zeros.max() > 12
         wq = dequant_int4(packed, scales, zeros, group_size)
