@@ -49,6 +49,14 @@
 // On this Zen 4 the permutes issue at about one per 1-2 cycles, which caps these tiles
 // near half a dense GEMM's multiply rate: fine for M = 1 (memory-bound), the reason for
 // path 3 from M = 8 on and path 1 for large M.
+// Tried and not kept (bfloat16, M = 16): a permute-free "pair table", x laid out once per
+// call as the 6 possible kept pairs of each group of 4 for 16 rows (3 bytes per x element),
+// so that a group of a weight row is one broadcast (v0, v1) and one vdpbf16ps against a
+// 64-byte table row chosen by the meta nibble. Its loop cost about 3 cycles per group
+// (meta byte, lookup, table line from L2), and the table outgrows L2 at K = 11008 or needs
+// K blocks that cut the weight rows into short runs; measured ad hoc (not a bench file) it
+// was 1.18x dense bfloat16 on 4096 x 4096 but 0.98-1.00x on 4096 x 11008 and 11008 x 4096,
+// no better than these tiles overall.
 //
 // Threads: at::parallel_for runs in parallel only when this file is compiled with
 // -fopenmp (ATen's OpenMP backend is header code); otherwise every path runs on one
