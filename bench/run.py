@@ -83,6 +83,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                    help="directory for the JSON result (default bench/results)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    p.add_argument("--float32-matmul-precision", choices=("highest", "high", "medium"),
+                   default="highest",
+                   help="torch.set_float32_matmul_precision for the run (default highest); "
+                        "medium lets float32 rows compute in bfloat16 inside (PyTorch's "
+                        "F.linear and pyfast's int4_mm), checked to bfloat16's tolerance")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,12 +303,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     started, load_before = time.perf_counter(), os.getloadavg()
     machine = machine_info(args.device)
     half_name = "f16" if args.device == "cuda" else "bf16"
     print(f"pyfast {pyfast.__version__} bench on {args.device}: {machine['device_name']} "
           f"(torch {torch.__version__}, {machine['torch_threads']} threads); "
-          f"activations {args.act_dtype}")
+          f"activations {args.act_dtype}; float32 matmul precision "
+          f"{args.float32_matmul_precision}")
     print(machine["backends"])
     if args.device == "cpu" and load_before[0] > 0.5:
         print(f"WARNING: load average {load_before[0]:.1f} before the run: other processes are "
@@ -331,6 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "command": " ".join(["python -m bench.run", *(sys.argv[1:] if argv is None else argv)]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "half_dtype": half_name,
+        "float32_matmul_precision": args.float32_matmul_precision,
         "rotation": rotation,
         "bandwidth": bandwidth,
         "timing": ("median of per-call CUDA event times (no sync between calls)"

@@ -107,3 +107,20 @@ def test_tensor_core_layout_rows_run_when_named(tmp_path, capsys):
         mine = [r for r in rows if r["op"] == op]
         assert {r["backend"] for r in mine} == {"reference"}, op
         assert all(r["check"] == "ok" and r["median_ms"] > 0 for r in mine), mine
+
+
+def test_float32_tolerance_follows_the_matmul_precision():
+    """--float32-matmul-precision medium lets float32 rows compute in bfloat16 inside, so
+    their check uses bfloat16's tolerance; at highest, float32's."""
+    import torch
+
+    from bench import cases
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert cases.tolerance(torch.float32) == cases.TOL[torch.float32]
+        torch.set_float32_matmul_precision("medium")
+        assert cases.tolerance(torch.float32) == cases.TOL[torch.bfloat16]
+        assert cases.tolerance(torch.float16) == cases.TOL[torch.float16]
+    finally:
+        torch.set_float32_matmul_precision(before)

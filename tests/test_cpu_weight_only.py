@@ -22,7 +22,7 @@ import torch
 
 import pyfast
 from pyfast import reference
-from _helpers import assert_within, dequant_int4, dtype_id, linear_tolerance
+from _helpers import assert_bits_equal, assert_within, dequant_int4, dtype_id, linear_tolerance
 
 pyfast._ext.load()
 OPS = torch.ops.pyfast_C
@@ -154,6 +154,68 @@ def test_int4_bfloat16_small_m(isa, threads, group_size, bf16_dot, monkeypatch):
             assert_within(OPS.int4_mm(x, packed, scales, zeros, group_size, b),
                           reference.int4_mm(x, packed, scales, zeros, group_size, b), tol,
                           f"{isa} K={k} M={m} group={group_size}")
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def fp32_matmul_precision():
+    """Sets torch.backends.mkldnn.matmul.fp32_precision (PyTorch >= 2.9) for the test,
+    restored after."""
+    mk = torch.backends.mkldnn.matmul
+    if not hasattr(mk, "fp32_precision"):
+        pytest.skip("this PyTorch has no torch.backends.mkldnn.matmul.fp32_precision")
+    before = mk.fp32_precision
+
+    def set_to(value):
+        mk.fp32_precision = value
+
+    yield set_to
+    mk.fp32_precision = before
+
+
+@pytest.mark.parametrize("group_size", (32, 128, -1))
+def test_int4_float32_with_bf16_matmul_precision(isa, threads, group_size, fp32_matmul_precision):
+    """With bfloat16 allowed inside float32 matmuls (fp32_precision "bf16", which
+    torch.set_float32_matmul_precision("medium") sets), float32 x at M <= 16 runs the
+    bf16-dot kernel where it runs for bfloat16 x: x is rounded to bfloat16 once and the
+    float32 sums are the output. So the result is the float32 product of the rounded x
+    (float32's tolerance) and is farther than that from the unrounded product (the path
+    was taken). Other ISA levels and CPUs without AVX512_BF16: the float32 small-M
+    kernels, bit for bit the output under "ieee" (the scalar level hands M > 4 to panels
+    and at::mm, which follows PyTorch's own rule for the setting). References are computed with the setting at "ieee"."""
+    bf16 = isa == "avx512" and _cpu_has_avx512_bf16()
+    gen = torch.Generator().manual_seed(11)
+    for k, n in ((8448, 13), (384, 9)):
+        if group_size == -1 and k == 384:
+            k = 390
+        w = torch.randn(n, k, generator=gen) + torch.linspace(-4.0, 4.0, n)[:, None]
+        packed, scales, zeros = reference.pack_int4(w, group_size, False)
+        wq = dequant_int4(packed, scales, zeros, group_size)
+        b = torch.randn(n, generator=gen)
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, generator=gen)
+            fp32_matmul_precision("bf16")
+            out = OPS.int4_mm(x, packed, scales, zeros, group_size, b)
+            fp32_matmul_precision("ieee")
+            assert out.dtype == torch.float32
+            if not bf16:
+                if isa != "scalar" or m <= 4:  # else the panels' at::mm: PyTorch's own rule
+                    assert_bits_equal(out, OPS.int4_mm(x, packed, scales, zeros, group_size, b))
+                continue
+            xr = x.bfloat16().float()
+            tol = _tolerance(xr, wq, b, torch.float32)
+            label = f"K={k} M={m} group={group_size}"
+            assert_within(out, reference.int4_mm(xr, packed, scales, zeros, group_size, b), tol,
+                          label)
+            unrounded = reference.int4_mm(x, packed, scales, zeros, group_size, b)
+            assert (out - unrounded).abs().max().item() > tol, label + ": x was not rounded"
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)

@@ -15,7 +15,10 @@
 //
 // Which path (a visible rule, per call):
 //   int4_mm, bfloat16 x, M <= kBf16DotMaxM, active ISA avx512 and cpu::has_bf16_dot():
-//     the vdpbf16ps kernel (weight_only_bf16dot.cpp) on bfloat16 x pairs.
+//     the vdpbf16ps kernel (weight_only_bf16dot.cpp) on bfloat16 x pairs. float32 x
+//     too when PyTorch allows bfloat16 inside float32 matmuls
+//     (fp32_matmul_allows_bf16: torch.set_float32_matmul_precision("medium")): x is
+//     rounded to bfloat16 once, the output stays float32.
 //   M <= small_m_limit(x.dtype): the small-M kernels (weight_only.h) for the ISA
 //     that pyfast::cpu::active_isa() names (avx512 / avx2 / scalar); x is
 //     converted to float32 (exact) and every weight byte is read once per tile
@@ -29,7 +32,11 @@
 // Accuracy: float32 accumulation everywhere; each dequantized weight is the
 // reference's float32 weight, except in bfloat16 panels (rounded to bfloat16:
 // within twice PyTorch's own bfloat16 F.linear error, tests/_helpers.py).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>  // TORCH_VERSION_* (PyTorch >= 2.9)
+#endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -157,6 +164,20 @@ int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
 // weight block once per tile of 4 x rows and multiplies with vdpbf16ps, so it keeps
 // ahead of the bfloat16 panels + oneDNN GEMM further than the float32 kernels do.
 constexpr int64_t kBf16DotMaxM = 16;
+
+// Whether PyTorch lets float32 matmuls on the CPU compute in bfloat16 internally:
+// torch.backends.mkldnn.matmul.fp32_precision == "bf16", which
+// torch.set_float32_matmul_precision("medium") also sets (PyTorch >= 2.9, docs
+// notes/mkldnn "Bfloat16 (BF16) on MKLDNN backend"; F.linear in float32 then runs
+// oneDNN's bfloat16 GEMM). Older PyTorch: never (the float32 kernels).
+bool fp32_matmul_allows_bf16() {
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
+                                              at::Float32Op::MATMUL) == at::Float32Precision::BF16;
+#else
+  return false;
+#endif
+}
 
 // Float32 copy of x [M, K] (natural order) unless x already is contiguous float32.
 at::Tensor x_float32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
@@ -424,14 +445,18 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const Isa isa = cpu::active_isa();
   const float* bp = ptr_or_null(b);
 
-  if (x_in.scalar_type() == at::kBFloat16 && M <= kBf16DotMaxM && isa == Isa::kAvx512 &&
-      cpu::has_bf16_dot()) {
+  const at::ScalarType dt = x_in.scalar_type();
+  if ((dt == at::kBFloat16 || (dt == at::kFloat && fp32_matmul_allows_bf16())) &&
+      M <= kBf16DotMaxM && isa == Isa::kAvx512 && cpu::has_bf16_dot()) {
+    // float32 x here: rounded to bfloat16 once (the internal precision the user allowed),
+    // the float32 sums are the output (no bfloat16 rounding of out).
+    const at::Tensor xb = dt == at::kBFloat16 ? x_in : x_in.to(at::kBFloat16);
     const int64_t ld = (K + 127) / 128 * 128;
-    at::Tensor xq = at::empty({M, ld}, x_in.options());
-    at::Tensor xs = at::empty({M, ld / 8}, x_in.options().dtype(at::kFloat));
+    at::Tensor xq = at::empty({M, ld}, xb.options());
+    at::Tensor xs = at::empty({M, ld / 8}, xb.options().dtype(at::kFloat));
     uint16_t* xqp = reinterpret_cast<uint16_t*>(xq.mutable_data_ptr<at::BFloat16>());
-    x_int4_bf16dot(x_in, ld, xqp, xs.mutable_data_ptr<float>());
-    at::Tensor acc = at::empty({M, N}, xs.options());
+    x_int4_bf16dot(xb, ld, xqp, xs.mutable_data_ptr<float>());
+    at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xs.options());
     const float* xsp = xs.const_data_ptr<float>();
     float* ap = acc.mutable_data_ptr<float>();
     split_n(N, M * K, [&](int64_t n0, int64_t n1) {
