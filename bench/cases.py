@@ -23,18 +23,24 @@ from pyfast.sparsity import magnitude_24_mask
 from .shapes import INT4_GROUP_SIZE
 
 Tensor = torch.Tensor
-PYFAST_OPS = ("int8_mm", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm", "sparse24_mm",
-              "quantize_per_token", "int4_mm_tc", "sparse24_mm_tc")
+PYFAST_OPS = ("int8_mm", "int8_mm_vnni", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm",
+              "sparse24_mm", "quantize_per_token", "int4_mm_tc", "sparse24_mm_tc")
 # quantize_per_token then int8_mm as two op calls: W8A8 unfused, beside w8a8_mm (the one
 # op Int8Linear calls), so the fusion's gain is measured in the same run
 E2E = "w8a8_e2e"
-ALL_OPS = PYFAST_OPS + (E2E,)
+# static W8A8 as StaticInt8Linear runs it on the VNNI layout: quantize_static (one
+# calibrated scale: the input's abs-max / 127 here) then int8_mm_vnni, beside
+# w8a8_mm_vnni (dynamic, one op)
+STATIC_E2E = "w8a8_static_e2e"
+TWO_OP_ROWS = {E2E: ("quantize_per_token", "int8_mm"),
+               STATIC_E2E: ("quantize_static", "int8_mm_vnni")}
+ALL_OPS = PYFAST_OPS + tuple(TWO_OP_ROWS)
 # Ops on the tensor-core layouts (pyfast/layouts): only the CUDA C++ kernels read them
 # fast; elsewhere the reference un-repacks per call, so they are benched by default on
 # CUDA only (name them in --ops to time them elsewhere).
 CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc")
 # and on the CPU's VNNI layout: only the C++ CPU kernel reads it fast (benched on CPU only)
-CPU_LAYOUT_OPS = ("w8a8_mm_vnni",)
+CPU_LAYOUT_OPS = ("w8a8_mm_vnni", "int8_mm_vnni", STATIC_E2E)
 
 # Loose tolerances on max|out - ref| / max|ref|: they catch a wrong kernel (wrong layout,
 # wrong scale, garbage), not last-bit differences in summation order.
@@ -73,7 +79,7 @@ class Layer:
     half     bf16 (CPU) / fp16 (GPU) [N, K]       F.linear half baseline
     int8     (w_int8 int8 [N, K], w_scale f32 [N])        int8_mm, int8_weight_mm
     int8_kn  int8 [K, N] row-major (w_int8.t().contiguous())   torch._int_mm
-    int8_vnni (repack_int8_vnni(w_int8), w_scale)         w8a8_mm_vnni
+    int8_vnni (repack_int8_vnni(w_int8), w_scale)         w8a8_mm_vnni, int8_mm_vnni
     int4     (packed u8 [N, K/2], scales f32 [N, K/128], zeros u8 [N, K/128])  symmetric
     sparse24 (values act_dtype [N, K/2], meta u8 [N, K/4])  of the 2:4-pruned weight
     """
@@ -117,7 +123,8 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
 @dataclass
 class Cell:
     """Activations for one M on one layer: x [M, K] in act_dtype, its float32 and half
-    versions for the baselines, and its per-token int8 quantization for int8_mm."""
+    versions for the baselines, its per-token int8 quantization for int8_mm, and a static
+    scale (abs-max / 127, float32 [1]) for quantize_static."""
     m: int
     layer: Layer
     device: str
@@ -129,6 +136,7 @@ class Cell:
     xh: Tensor = field(init=False)
     a: Tensor = field(init=False)
     a_scale: Tensor = field(init=False)
+    static_scale: Tensor = field(init=False)
     _oracle: Dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self):
@@ -137,6 +145,8 @@ class Cell:
         self.x, self.x32, self.xh = x.to(self.act_dtype), x, x.to(self.half_dtype)
         with pyfast.use_backend(quantize_per_token="reference"):
             self.a, self.a_scale = torch.ops.pyfast.quantize_per_token(self.x)
+        amax = float(self.x.float().abs().max()) if self.x.numel() else 0.0
+        self.static_scale = torch.tensor([amax / 127 if amax > 0 else 1.0], device=self.device)
 
     def pick(self, fmt: str, i: int):
         copies = getattr(self.layer, fmt)
@@ -170,7 +180,7 @@ class Case:
 
 
 def forced_ops(op: str) -> Tuple[str, ...]:
-    return ("quantize_per_token", "int8_mm") if op == E2E else (op,)
+    return TWO_OP_ROWS.get(op, (op,))
 
 
 # --- checks --------------------------------------------------------------------------
@@ -258,6 +268,15 @@ def _pyfast_call(op: str, cell: Cell):
         return (call,
                 "int8", 2 * m * n * k, nbytes(cell.a) + 4 * m + w_bytes + out_bytes,
                 f"i8->{a_s}", act)
+    if op == "int8_mm_vnni":
+        w_bytes = _size(cell.layer.int8_vnni[0])
+
+        def call(i):
+            w, w_scale = cell.pick("int8_vnni", i)
+            return ops.int8_mm_vnni(cell.a, w, cell.a_scale, w_scale, None, act)
+        return (call,
+                "int8_vnni", 2 * m * n * k, nbytes(cell.a) + 4 * m + w_bytes + out_bytes,
+                f"i8->{a_s}.vnni", act)
     if op == "w8a8_mm":
         return (lambda i: ops.w8a8_mm(cell.x, *cell.pick("int8", i), None),
                 "int8", 2 * m * n * k, x_bytes + _size(cell.layer.int8[0]) + out_bytes,
@@ -294,6 +313,15 @@ def _pyfast_call(op: str, cell: Cell):
         quant_bytes = x_bytes + 2 * (m * k + 4 * m)      # x in, q and scale out and back in
         return (call, "int8", 2 * m * n * k,
                 quant_bytes + _size(cell.layer.int8[0]) + out_bytes, f"{a_s}->i8->{a_s}", act)
+    if op == STATIC_E2E:
+        def call(i):
+            q, q_scale = ops.quantize_static(cell.x, cell.static_scale)
+            w, w_scale = cell.pick("int8_vnni", i)
+            return ops.int8_mm_vnni(q, w, q_scale, w_scale, None, act)
+        quant_bytes = x_bytes + 2 * (m * k + 4 * m)
+        return (call, "int8_vnni", 2 * m * n * k,
+                quant_bytes + _size(cell.layer.int8_vnni[0]) + out_bytes,
+                f"{a_s}->i8(static)->{a_s}.vnni", act)
     raise ValueError(f"unknown op {op!r}; ops: {', '.join(ALL_OPS)}")
 
 
@@ -335,7 +363,7 @@ def _chosen(op: str, cell: Cell, force: Dict[str, str]) -> Tuple[str, ...]:
 
 def _pyfast_args(op: str, cell: Cell) -> tuple:
     """op's arguments on weight copy 0, for dispatch.choose (which kernel would run).
-    (In w8a8_e2e, int8_mm gets quantize_per_token's output: same shapes as (a, a_scale).)"""
+    (In the two-op rows the matmul gets the quantizer's output: same shapes as (a, a_scale).)"""
     layer, x = cell.layer, cell.x
     return {
         "quantize_per_token": lambda: (x,),
@@ -344,6 +372,9 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
         "int8_weight_mm": lambda: (x, *layer.int8[0], None),
         "w8a8_mm": lambda: (x, *layer.int8[0], None),
         "w8a8_mm_vnni": lambda: (x, *layer.int8_vnni[0], None),
+        "int8_mm_vnni": lambda: (cell.a, layer.int8_vnni[0][0], cell.a_scale,
+                                 layer.int8_vnni[0][1], None, cell.act_dtype),
+        "quantize_static": lambda: (x, cell.static_scale),
         "int4_mm": lambda: (x, *layer.int4[0], INT4_GROUP_SIZE, None),
         "sparse24_mm": lambda: (x, *layer.sparse24[0], None),
         "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),
@@ -355,8 +386,9 @@ def pyfast_cases(op: str, cell: Cell, requested: Optional[List[str]]
                  ) -> Tuple[List[Case], List[Tuple[str, str]]]:
     """One row per backend family that can run op here, and [(family, why not)].
 
-    For w8a8_e2e a family is forced on each of its two ops where it has a kernel; the
-    other op runs what the dispatcher picks, and the row is named "<quantize>+<mm>".
+    For the two-op rows (w8a8_e2e, w8a8_static_e2e) a family is forced on each of its
+    ops where it has a kernel; the other op runs what the dispatcher picks, and the row
+    is named "<quantize>+<mm>".
     """
     call, fmt, flops, nbytes_moved, dtype, out_dtype = _pyfast_call(op, cell)
     per_op = {o: usable_families(o, cell.device, requested) for o in forced_ops(op)}
@@ -377,8 +409,8 @@ def pyfast_cases(op: str, cell: Cell, requested: Optional[List[str]]
         label = chosen[0] if len(set(chosen)) == 1 else "+".join(chosen)
         is_reference = set(chosen) == {"reference"}
         note = "the oracle" if is_reference else ""
-        if op == E2E and len(set(chosen)) > 1:
-            note = f"quantize_per_token={chosen[0]}, int8_mm={chosen[1]}"
+        if op in TWO_OP_ROWS and len(set(chosen)) > 1:
+            note = ", ".join(f"{o}={f}" for o, f in zip(TWO_OP_ROWS[op], chosen))
         cases.append(Case(op, label, dtype, call, cell.copies(fmt), flops, nbytes_moved,
                           _oracle_check(op, cell, call, out_dtype, is_reference),
                           force, chosen == default, note))

@@ -6,10 +6,13 @@ side by side with torch's own GEMMs, on LLM layer shapes.
     python -m bench.run --m 1,16 --shapes 4096x11008 --ops int4_mm,int8_weight_mm
     python -m bench.run --device cpu --threads 2 --backends reference,cpp
 
-Rows: int8_mm (on pre-quantized inputs: the GEMM alone), w8a8_mm (W8A8 in one op on the
-canonical int8 weight), w8a8_mm_vnni (the same on the VNNI layout, as Int8Linear runs it
-on an AVX-512 CPU; CPU only unless named in --ops), int8_weight_mm, int4_mm (group 128, symmetric), sparse24_mm,
-quantize_per_token, w8a8_e2e (quantize_per_token then int8_mm, two op calls), on
+Rows: int8_mm (on pre-quantized inputs: the GEMM alone), int8_mm_vnni (the same on the
+VNNI layout), w8a8_mm (W8A8 in one op on the canonical int8 weight), w8a8_mm_vnni (the
+same on the VNNI layout, as Int8Linear runs it on an AVX-512 CPU), int8_weight_mm,
+int4_mm (group 128, symmetric), sparse24_mm, quantize_per_token, w8a8_e2e
+(quantize_per_token then int8_mm, two op calls), w8a8_static_e2e (quantize_static then
+int8_mm_vnni, as StaticInt8Linear runs on an AVX-512 CPU; the VNNI rows are CPU only
+unless named in --ops), on
 CUDA also int4_mm_tc and sparse24_mm_tc (the tensor-core layouts the CUDA C++ kernels
 read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
 and torch._int_mm. Every row's output is checked once (bench/cases.py); timing is in

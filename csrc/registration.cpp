@@ -61,6 +61,18 @@ TORCH_LIBRARY(pyfast_C, m) {
   // the same result as w8a8_mm on the [N, K] weight.
   m.def("w8a8_mm_vnni(Tensor x, Tensor w_vnni, Tensor w_scale, Tensor? bias) -> Tensor");
 
+  // int8_mm on the weight in VNNI panel order: a int8 [M, K] with a_scale float32 [M]
+  // (e.g. from quantize_static), w_vnni / w_scale / bias as w8a8_mm_vnni ->
+  // out [M, N] out_dtype, equal to int8_mm on the [N, K] weight.
+  m.def("int8_mm_vnni(Tensor a, Tensor w_vnni, Tensor a_scale, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor");
+
+  // x float32/float16/bfloat16 [M, K] (any strides), scale float32 (one value: the
+  // calibrated s) -> (q int8 [M, K] contiguous, row scales float32 [M]);
+  // q = clamp(round_half_even(nan_to_0(float32(x) / s)), -127, 127); row scale s, or
+  // NaN for a row holding a NaN.
+  m.def("quantize_static(Tensor x, Tensor scale) -> (Tensor, Tensor)");
+
   // No tensor arguments: registered as a plain function (a catch-all kernel).
   m.def("build_info() -> str", &build_info);
 }

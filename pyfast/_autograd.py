@@ -6,7 +6,7 @@ custom op as if it were not there. Instead:
   values), so they get exact gradients, computed from the reference's
   dequantized weight in float32: this lets a user fine-tune around compressed
   layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
-- quantize_per_token, int8_mm, w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress
+- quantize_per_token, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress
   and the repack ops round or repack, so their true gradient is zero almost everywhere and useless:
   backward raises and says what to use instead. Forward passes with requires_grad inputs work.
 """
@@ -144,6 +144,8 @@ _NO_GRAD_ADVICE = {
     "w8a8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
                "('int8-weight'), which has exact input gradients, or train in float",
     "w8a8_mm_vnni": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
+                    "('int8-weight'), which has exact input gradients, or train in float",
+    "int8_mm_vnni": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
                     "('int8-weight'), which has exact input gradients, or train in float",
     "pack_int4": "packing rounds the weight; pack a trained weight under torch.no_grad()",
     "pack_lowbit": "packing rounds the weight; pack a trained weight under torch.no_grad()",

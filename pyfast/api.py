@@ -20,6 +20,7 @@ from . import _checks as chk
 from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
 from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason
+from .nn.linear import _Int8LayoutLinear
 from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
 from .sparsity import is_24, magnitude_24_mask
 
@@ -193,13 +194,15 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
 
 
 def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
-    """Re-lay every Int4Linear, Sparse24Linear and Int8Linear of model in `layout`, in place.
+    """Re-lay every Int4Linear, Sparse24Linear, Int8Linear and StaticInt8Linear of model
+    in `layout`, in place.
 
     For a model moved with .to(device) after compression: "auto" gives each layer the
     layout of its fast kernel where that kernel runs on the new device (tensor-core
     order on a GPU, VNNI order on an AVX-512 CPU), the canonical one elsewhere.
     "canonical" re-lays every such layer; "tc" / "vnni" only the layers that have that
-    layout (Int4Linear and Sparse24Linear / Int8Linear), leaving the others as they are.
+    layout (Int4Linear and Sparse24Linear / Int8Linear and StaticInt8Linear), leaving
+    the others as they are.
     Exact: a permutation of the packed bytes. Returns model."""
     _layout.check(layout)
     if not isinstance(model, nn.Module):
@@ -207,7 +210,7 @@ def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, (Int4Linear, Sparse24Linear)) and layout != "vnni":
             mod.repack(layout)
-        elif isinstance(mod, Int8Linear) and layout != "tc":
+        elif isinstance(mod, _Int8LayoutLinear) and layout != "tc":
             mod.repack(layout)
     return model
 

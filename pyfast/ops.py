@@ -68,6 +68,10 @@ SCHEMAS: Dict[str, str] = {
     # w8a8_mm on a repacked weight: N = w_scale.shape[0], K = x.shape[1] -> [M, N] x.dtype
     "w8a8_mm_vnni": "w8a8_mm_vnni(Tensor x, Tensor w_vnni, Tensor w_scale, "
                     "Tensor? bias=None) -> Tensor",
+    # int8_mm on a repacked weight (static int8: quantize_static, then this):
+    # a [M, K] int8, a_scale [M], N = w_scale.shape[0] -> [M, N] out_dtype
+    "int8_mm_vnni": "int8_mm_vnni(Tensor a, Tensor w_vnni, Tensor a_scale, Tensor w_scale, "
+                    "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
 }
 
 
@@ -240,16 +244,29 @@ def _check_repack_int8_vnni(w_int8):
     chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2, layout="[N, K]")
 
 
-def _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
-    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+def _check_vnni_weight(op, x_name, k, w_vnni, w_scale, bias):
+    """w_vnni / w_scale / bias of w8a8_mm_vnni and int8_mm_vnni (N from w_scale)."""
     chk.tensor("w_scale", w_scale, dtypes=chk.FLOAT_DTYPES, dim=1)  # [N]: N comes from it
-    n, k = w_scale.shape[0], x.shape[1]
+    n = w_scale.shape[0]
     int8_vnni.check_repacked(w_vnni, n, k, "w_vnni")
     if k > MAX_INT8_K:
-        raise ValueError(f"x has K = {k}; w8a8_mm_vnni accepts K <= {MAX_INT8_K}, "
+        raise ValueError(f"{x_name} has K = {k}; {op} accepts K <= {MAX_INT8_K}, "
                          "so that no int32 sum of int8 products can overflow")
     chk.bias(bias, n)
+
+
+def _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    _check_vnni_weight("w8a8_mm_vnni", "x", x.shape[1], w_vnni, w_scale, bias)
     chk.same_device(x=x, w_vnni=w_vnni, w_scale=w_scale, bias=bias)
+
+
+def _check_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias=None, out_dtype=None):
+    chk.tensor("a", a, dtypes=(torch.int8,), dim=2)
+    _check_vnni_weight("int8_mm_vnni", "a", a.shape[1], w_vnni, w_scale, bias)
+    chk.scale_vector("a_scale", a_scale, a.shape[0], "one scale per row M of a")
+    chk.out_dtype(out_dtype)
+    chk.same_device(a=a, w_vnni=w_vnni, a_scale=a_scale, w_scale=w_scale, bias=bias)
 
 
 CHECKS: Dict[str, Callable] = {
@@ -270,6 +287,7 @@ CHECKS: Dict[str, Callable] = {
     "sparse24_mm_tc": _check_sparse24_mm_tc,
     "repack_int8_vnni": _check_repack_int8_vnni,
     "w8a8_mm_vnni": _check_w8a8_mm_vnni,
+    "int8_mm_vnni": _check_int8_mm_vnni,
 }
 VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values,
                                      "repack_sparse24_tc": sparse24_tc.check_meta_values}
@@ -373,6 +391,11 @@ def _fake_w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
     return x.new_empty((x.shape[0], w_scale.shape[0]))
 
 
+def _fake_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias=None, out_dtype=None):
+    _check_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], w_scale.shape[0]), dtype=chk.out_dtype(out_dtype))
+
+
 FAKES: Dict[str, Callable] = {
     "quantize_per_token": _fake_quantize_per_token,
     "quantize_static": _fake_quantize_static,
@@ -391,6 +414,7 @@ FAKES: Dict[str, Callable] = {
     "sparse24_mm_tc": _fake_sparse24_mm_tc,
     "repack_int8_vnni": _fake_repack_int8_vnni,
     "w8a8_mm_vnni": _fake_w8a8_mm_vnni,
+    "int8_mm_vnni": _fake_int8_mm_vnni,
 }
 
 
@@ -398,6 +422,10 @@ FAKES: Dict[str, Callable] = {
 
 def _reference_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
     return reference.int8_mm(a, b, a_scale, b_scale, bias, chk.out_dtype(out_dtype))
+
+
+def _reference_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias=None, out_dtype=None):
+    return reference.int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, chk.out_dtype(out_dtype))
 
 
 REFERENCE: Dict[str, Callable] = {
@@ -418,6 +446,7 @@ REFERENCE: Dict[str, Callable] = {
     "sparse24_mm_tc": reference.sparse24_mm_tc,
     "repack_int8_vnni": reference.repack_int8_vnni,
     "w8a8_mm_vnni": reference.w8a8_mm_vnni,
+    "int8_mm_vnni": _reference_int8_mm_vnni,
 }
 
 
@@ -586,6 +615,15 @@ def w8a8_mm_vnni(x: Tensor, w_vnni: Tensor, w_scale: Tensor,
     """w8a8_mm with the weight from repack_int8_vnni; the same result as w8a8_mm."""
     _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias)
     return torch.ops.pyfast.w8a8_mm_vnni(x, w_vnni, w_scale, bias)
+
+
+def int8_mm_vnni(a: Tensor, w_vnni: Tensor, a_scale: Tensor, w_scale: Tensor,
+                 bias: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """int8_mm with the weight from repack_int8_vnni (N = w_scale.shape[0]); the same
+    result as int8_mm on the [N, K] weight. For activations quantized beforehand, as
+    static int8 does (quantize_static, then this)."""
+    _check_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, out_dtype)
+    return torch.ops.pyfast.int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, out_dtype)
 
 
 from . import _autograd  # noqa: E402  (needs the ops defined above)

@@ -291,3 +291,10 @@ def repack_int8_vnni(w_int8: Tensor) -> Tensor:
 def w8a8_mm_vnni(x: Tensor, w_vnni: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     from .layouts import int8_vnni
     return w8a8_mm(x, int8_vnni.unrepack(w_vnni, w_scale.shape[0], x.shape[1]), w_scale, bias)
+
+
+def int8_mm_vnni(a: Tensor, w_vnni: Tensor, a_scale: Tensor, w_scale: Tensor,
+                 bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    from .layouts import int8_vnni
+    w = int8_vnni.unrepack(w_vnni, w_scale.shape[0], a.shape[1])
+    return int8_mm(a, w, a_scale, w_scale, bias, out_dtype)

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an install
 from bench import plot as bench_plot  # noqa: E402
 from bench import report as bench_report  # noqa: E402
 from bench import run as bench_run  # noqa: E402
-from bench.cases import CUDA_LAYOUT_OPS, E2E, PYFAST_OPS, usable_families  # noqa: E402
+from bench.cases import CUDA_LAYOUT_OPS, E2E, PYFAST_OPS, STATIC_E2E, usable_families  # noqa: E402
 from pyfast import dispatch  # noqa: E402
 
 
@@ -44,6 +44,8 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
         assert set(usable_families(op, "cpu", None)[0]) == timed
         assert sum(r["default"] for r in rows if r["op"] == op) == len({r["M"] for r in rows}), op
     assert "reference" in {r["backend"] for r in rows if r["op"] == E2E}
+    static = {r["backend"] for r in rows if r["op"] == STATIC_E2E}   # quantize_static + int8_mm_vnni
+    assert "reference" in static and static == {"reference"} | _expected_backends("int8_mm_vnni")
     baselines = {(r["op"], r["dtype"], r["note"]) for r in rows if r["backend"] == "torch"}
     assert {("F.linear", "f32"), ("F.linear", "bf16")} <= {b[:2] for b in baselines}
     assert len({b for b in baselines if b[0] == "torch._int_mm"}) == 2   # view and contiguous

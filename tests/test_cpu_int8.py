@@ -181,3 +181,62 @@ def test_w8a8_mm_non_contiguous(isa):
 def test_isa_restored():
     """The fixture gave the level back: the best the CPU has is active again."""
     assert ops.cpu_isa() == ops.cpu_isa_detected()
+
+
+# --- quantize_static: one calibrated scale (csrc/cpu/quantize.cpp) ----------------------
+
+def check_static(x, scale):
+    """Bit-exact against reference.quantize_static: q equal, row scales equal (NaN where
+    the reference has NaN)."""
+    q, s = ops.quantize_static(x, scale)
+    want_q, want_s = reference.quantize_static(x, scale)
+    assert q.dtype == torch.int8 and q.is_contiguous() and s.dtype == torch.float32
+    assert torch.equal(q, want_q), f"x {tuple(x.shape)} {x.dtype}, scale {float(scale)}"
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("k", [0, 1, 17, 100, 257], ids=lambda v: f"K{v}")
+@pytest.mark.parametrize("m", [0, 1, 3, 17], ids=lambda v: f"M{v}")
+def test_quantize_static_exact(threads, m, k, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    check_static(x, torch.tensor([0.0173]))
+    check_static(x, torch.tensor([0.5]))       # a coarse scale: most values in range
+
+
+def test_quantize_static_special_rows_and_ties(threads):
+    """special_rows (zero, NaN, inf, subnormal, huge): NaN -> q 0 and row scale NaN,
+    +-inf and huge values clip to +-127, subnormals round to 0. Exact ties (x / s =
+    j + 0.5) round half to even, as torch.round; -inf too."""
+    check_static(special_rows(70), torch.tensor([0.02]))
+    ties = (torch.arange(-140, 140, dtype=torch.float32) + 0.5) * 2.0   # x / 2 = j + 0.5
+    x = torch.stack([ties, -ties])
+    x[1, 3] = float("-inf")
+    check_static(x, torch.tensor([2.0]))
+    q, _ = ops.quantize_static(x, torch.tensor([2.0]))
+    assert q[0, 140].item() == 0 and q[0, 141].item() == 2 and q[1, 3].item() == -127
+
+
+def test_quantize_static_any_scale_as_the_reference():
+    """The op does not check the scale (pyfast.ops.quantize_static and the layers do);
+    with a zero, negative, inf or NaN scale the kernel still gives the reference's q."""
+    x = special_rows(40)
+    for bad in (0.0, -0.3, float("inf"), float("nan")):
+        check_static(x, torch.tensor([bad]))
+
+
+def test_quantize_static_non_contiguous():
+    x = torch.randn(9, 2 * 101)[:, ::2] * 4
+    check_static(x, torch.tensor([0.03]))
+    check_static(x.T.contiguous().T, torch.tensor([0.03]))
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda x, s: (x.to(torch.int8), s), "x has dtype Char"),
+    (lambda x, s: (x[0], s), "x must be 2-D"),
+    (lambda x, s: (x, s.double()), "scale has dtype Double"),
+    (lambda x, s: (x, torch.ones(2)), r"scale has shape \[2\]; accepted: one value"),
+])
+def test_quantize_static_cpp_errors(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.quantize_static(*args(torch.randn(3, 8), torch.tensor([0.1])))

@@ -1,5 +1,6 @@
-"""The int8 VNNI layout (pyfast/layouts/int8_vnni.py) and the CPU kernel of
-pyfast_C::w8a8_mm_vnni (csrc/cpu/int8_vnni*.cpp), every ISA path forced in turn.
+"""The int8 VNNI layout (pyfast/layouts/int8_vnni.py) and the CPU kernels of
+pyfast_C::w8a8_mm_vnni and pyfast_C::int8_mm_vnni (csrc/cpu/int8_vnni*.cpp), every
+ISA path forced in turn.
 
 1. repack / unrepack: exact round trip on odd shapes, zero padding, the documented
    position of single bytes, shape and dtype errors.
@@ -8,6 +9,9 @@ pyfast_C::w8a8_mm_vnni (csrc/cpu/int8_vnni*.cpp), every ISA path forced in turn.
    Shapes are odd on purpose: K not a multiple of 4 (the tail of a vpdpbusd lane),
    N not a multiple of the 48-column panel, M not a multiple of the 8-row tile; larger
    shapes give several panels, and few panels split the rows over threads.
+3. int8_mm_vnni (int8 activations given with their scales, as static int8 runs) must
+   equal the reference int8_mm on the canonical weight bit for bit, for every output
+   dtype, NaN row scales included.
 """
 import pytest
 import torch
@@ -148,3 +152,68 @@ def test_cpp_errors(args, match):
     v, s = int8_vnni.repack(w), torch.rand(50)
     with pytest.raises(RuntimeError, match=match):
         ops.w8a8_mm_vnni(*args(x, v, s))
+
+
+# --- 3. int8_mm_vnni -----------------------------------------------------------------
+
+def check_int8(isa, a, w, a_scale, w_scale, bias, out_dtype):
+    out = ops.int8_mm_vnni(a, int8_vnni.repack(w), a_scale, w_scale, bias, out_dtype)
+    want = reference.int8_mm(a, w, a_scale, w_scale, bias, out_dtype)
+    assert out.dtype == out_dtype and out.shape == want.shape and out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"isa {isa}, a {tuple(a.shape)}, N {w.shape[0]}, "
+                                             f"{out_dtype}: {m}")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n", [1, 47, 49], ids=lambda v: f"N{v}")
+@pytest.mark.parametrize("k", [1, 3, 100, 257], ids=lambda v: f"K{v}")
+@pytest.mark.parametrize("m", [0, 1, 3, 17], ids=lambda v: f"M{v}")
+def test_int8_mm_vnni_exact(isa, threads, m, k, n, out_dtype):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    a_scale, w_scale = torch.rand(m) * 0.1 + 1e-3, torch.rand(n) * 0.1 + 1e-3
+    check_int8(isa, a, w, a_scale, w_scale, None, out_dtype)
+    check_int8(isa, a, w, a_scale, w_scale, torch.randn(n), out_dtype)
+
+
+@pytest.mark.parametrize("m,k,n", [(50, 300, 70), (9, 1030, 300), (1, 4500, 100), (130, 64, 20)],
+                         ids=lambda v: str(v))
+def test_int8_mm_vnni_panels_and_row_split(isa, threads, m, k, n):
+    """As test_panels_and_row_split, with a = -128 included (the quantizers never make
+    it, the op accepts it) and a NaN row scale (a NaN row of static int8)."""
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    a[0, :5] = -128
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    a_scale = torch.rand(m) + 0.5
+    a_scale[-1] = float("nan")
+    for out_dtype in DTYPES:
+        check_int8(isa, a, w, a_scale, torch.rand(n) + 0.5, torch.randn(n), out_dtype)
+
+
+def test_int8_mm_vnni_non_contiguous(isa):
+    a = torch.randint(-128, 128, (9, 2 * 101), dtype=torch.int8)[:, ::2]
+    w = torch.randint(-128, 128, (37, 101), dtype=torch.int8)
+    check_int8(isa, a, w, (torch.rand(18) + 0.5)[::2], (torch.rand(74) + 0.5)[::2],
+               torch.randn(74)[::2].half(), torch.float32)
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda a, v, sa, s: (a.float(), v, sa, s, None, torch.float32), "a has dtype Float"),
+    (lambda a, v, sa, s: (a[0], v, sa, s, None, torch.float32), "a must be 2-D"),
+    (lambda a, v, sa, s: (a, v, sa[:2], s, None, torch.float32), r"a_scale.size\(0\) is 2"),
+    (lambda a, v, sa, s: (a, v, sa.half(), s, None, torch.float32), "a_scale has dtype Half"),
+    (lambda a, v, sa, s: (a, v, sa, s, None, torch.int32), "out_dtype is Int; accepted: Float"),
+    (lambda a, v, sa, s: (a, v.view(torch.uint8), sa, s, None, torch.float32),
+     "w_vnni has dtype Byte"),
+    (lambda a, v, sa, s: (a[:, :8], v, sa, s, None, torch.float32),
+     r"w_vnni.size\(1\) is 4 .* ceil\(K / 4\)"),
+    (lambda a, v, sa, s: (a, v, sa, s[:48], None, torch.float32),
+     r"w_vnni.size\(0\) is 2 .* ceil\(N / 48\)"),
+    (lambda a, v, sa, s: (a, v, sa, s, torch.zeros(3), torch.float32), r"bias.size\(0\) is 3"),
+])
+def test_int8_mm_vnni_cpp_errors(args, match):
+    a, w = torch.randint(-128, 128, (3, 13), dtype=torch.int8), torch.randint(-128, 128, (50, 13), dtype=torch.int8)
+    v, sa, s = int8_vnni.repack(w), torch.rand(3), torch.rand(50)
+    with pytest.raises(RuntimeError, match=match):
+        ops.int8_mm_vnni(*args(a, v, sa, s))

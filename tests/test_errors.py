@@ -350,6 +350,23 @@ CASES = {
                                      lambda: (f32(1, 131072), ops.repack_int8_vnni(i8(1, 131072)),
                                               f32(1)), ValueError,
                                      "x has K = 131072; w8a8_mm_vnni accepts K <= 131071"),
+    # --- int8_mm_vnni: a [3, 64] int8, w_vnni of N = 5, a_scale [3], w_scale [5]
+    "int8_mm_vnni-a-float": Case("int8_mm_vnni", lambda: (f32(3, 64), _vnni(), f32(3), f32(5)),
+                                 TypeError, "a has dtype torch.float32; accepted: int8"),
+    "int8_mm_vnni-canonical-w": Case("int8_mm_vnni", lambda: (i8(3, 64), i8(5, 64), f32(3), f32(5)),
+                                     ValueError, "w_vnni has shape (5, 64); for N = 5, K = 64 it "
+                                                 "must be (1, 16, 48, 4)"),
+    "int8_mm_vnni-a_scale-length": Case("int8_mm_vnni",
+                                        lambda: (i8(3, 64), _vnni(), f32(4), f32(5)), ValueError,
+                                        "a_scale has shape (4,): dimension 0 must be 3 "
+                                        "(one scale per row M of a)"),
+    "int8_mm_vnni-out_dtype": Case("int8_mm_vnni", lambda: (i8(3, 64), _vnni(), f32(3), f32(5),
+                                                            None, torch.int32), ValueError,
+                                   f"out_dtype torch.int32 is not supported; {ACCEPT_FLOAT}"),
+    "int8_mm_vnni-K-too-large": Case("int8_mm_vnni",
+                                     lambda: (i8(1, 131072), ops.repack_int8_vnni(i8(1, 131072)),
+                                              f32(1), f32(1)), ValueError,
+                                     "a has K = 131072; int8_mm_vnni accepts K <= 131071"),
     # --- arguments that are not tensors
     "quantize-x-list": Case("quantize_per_token", lambda: ([[1.0, 2.0]],), TypeError,
                             "x must be a torch.Tensor, got list", RuntimeError,

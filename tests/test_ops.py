@@ -155,6 +155,31 @@ def test_int8_mm_float16_scales_and_bias(device):
     _every_backend("int8_mm", device, (a, b, a_scale, b_scale, bias_t, None), compare)
 
 
+@pytest.mark.parametrize("out_dtype", [None] + DTYPES, ids=lambda d: f"out-{d}")
+@pytest.mark.parametrize("k,n", KN_DENSE)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_mm_vnni(device, m, k, n, out_dtype):
+    """int8_mm on the VNNI-repacked weight: every backend equals int8_mm on the [N, K]
+    weight (float32 out bit for bit; float16/bfloat16 out within one ulp, as int8_mm);
+    float16/bfloat16 scales and bias are taken as int8_mm takes them."""
+    a, b = _int8((m, k), device), _int8((n, k), device)
+    a_scale = (torch.rand(m) / 100).to(device).half()
+    b_scale = (torch.rand(n) / 100).to(device)
+    bias_t = torch.randn(n, device=device).bfloat16()
+    ref = reference.int8_mm(a, b, a_scale, b_scale, bias_t, out_dtype or torch.float32)
+
+    def compare(out, who):
+        if ref.dtype == torch.float32:
+            assert torch.equal(out, ref), who
+        else:
+            _one_ulp_close(out, ref)
+
+    args = (a, ops.repack_int8_vnni(b), a_scale, b_scale, bias_t, out_dtype)
+    _every_backend("int8_mm_vnni", device, args, compare)
+    compare(ops.int8_mm_vnni(*args[:5], out_dtype=out_dtype or torch.float32), "pyfast.ops")
+
+
 # --- w8a8_mm ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", BIAS)
@@ -339,13 +364,14 @@ def _noncontiguous_cases(device, dtype):
         "sparse24_mm_tc": ((x, v, ops.repack_sparse24_tc(mt), bias), (0, 1)),
         "repack_int8_vnni": ((w8,), (0,)),
         "w8a8_mm_vnni": ((x, ops.repack_int8_vnni(w8), w8_s, bias), (0,)),
+        "int8_mm_vnni": ((a, ops.repack_int8_vnni(w8), a_s, w8_s, bias.float(), None), (0,)),
     }
 
 
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
 BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "w8a8_mm", "w8a8_mm_vnni",
-                 "pack_int4", "pack_lowbit", "sparse24_compress")
+                 "int8_mm_vnni", "pack_int4", "pack_lowbit", "sparse24_compress")
 
 
 def _same(got, ref, dtype, op):
@@ -429,6 +455,9 @@ def _opcheck_cases():
         ("w8a8_mm_vnni", (x, reference.repack_int8_vnni(b), s7, None)),
         ("w8a8_mm_vnni", (x.bfloat16(), reference.repack_int8_vnni(b), s7,
                           torch.randn(7).bfloat16())),
+        ("int8_mm_vnni", (a, reference.repack_int8_vnni(b), s5, s7, None, None)),
+        ("int8_mm_vnni", (a, reference.repack_int8_vnni(b), s5, s7, torch.randn(7),
+                          torch.bfloat16)),
     ]
 
 

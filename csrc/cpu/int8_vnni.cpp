@@ -1,4 +1,6 @@
-// CPU kernel of pyfast_C::w8a8_mm_vnni: W8A8 on an int8 weight in VNNI panel order.
+// CPU kernels of pyfast_C::w8a8_mm_vnni (W8A8 on an int8 weight in VNNI panel order)
+// and pyfast_C::int8_mm_vnni (the same GEMM for int8 activations given with their
+// scales, e.g. static int8; described at its function below).
 //
 //   x       : float32 / float16 / bfloat16 [M, K] (any strides)
 //   w_vnni  : int8 [ceil(N/48), ceil(K/4), 48, 4]  (pyfast/layouts/int8_vnni.py; made
@@ -114,39 +116,39 @@ void gemm_vnni(const int8_t* q, int64_t M, int64_t K, const int8_t* w, int64_t N
   });
 }
 
-at::Tensor w8a8_mm_vnni_cpu(const at::Tensor& x_in, const at::Tensor& w_vnni,
-                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
-  check_device(x_in, "x", at::kCPU);
+// The checks shared by w8a8_mm_vnni and int8_mm_vnni: w_vnni int8
+// [ceil(N/48), ceil(K/4), 48, 4] with N = w_scale.size(0), w_scale float32 [N], bias
+// [N] or None, all on the CPU; K <= kMaxK. `op` names the op in the messages.
+void check_vnni_weight(const char* op, int64_t K, const at::Tensor& w_vnni,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
   check_device(w_vnni, "w_vnni", at::kCPU);
   check_device(w_scale, "w_scale", at::kCPU);
   if (bias.has_value()) check_device(*bias, "bias", at::kCPU);
-  check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  check_dim(x_in, "x", 2);
   check_dtype(w_scale, "w_scale", {at::kFloat});
   check_dim(w_scale, "w_scale", 1);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = w_scale.size(0);
-  TORCH_CHECK(K <= kMaxK, "x.size(1) = K is ", K, "; w8a8_mm_vnni accepts K <= ", kMaxK,
+  const int64_t N = w_scale.size(0);
+  TORCH_CHECK(K <= kMaxK, "K is ", K, "; ", op, " accepts K <= ", kMaxK,
               " (larger K could overflow the int32 accumulator)");
   check_dtype(w_vnni, "w_vnni", {at::kChar});
   check_dim(w_vnni, "w_vnni", 4);
   check_size(w_vnni, "w_vnni", 0, (N + v::kPanelN - 1) / v::kPanelN,
              "ceil(N / 48) with N = w_scale.size(0)");
-  check_size(w_vnni, "w_vnni", 1, (K + v::kGroupK - 1) / v::kGroupK,
-             "ceil(K / 4) with K = x.size(1)");
+  check_size(w_vnni, "w_vnni", 1, (K + v::kGroupK - 1) / v::kGroupK, "ceil(K / 4)");
   check_size(w_vnni, "w_vnni", 2, v::kPanelN, "the panel width");
   check_size(w_vnni, "w_vnni", 3, v::kGroupK, "the bytes per lane");
   check_bias(bias, N, "w_scale.size(0) = N");
+}
 
-  const at::Tensor x = x_in.contiguous(), w = w_vnni.contiguous();
-  const at::Tensor ws = w_scale.contiguous();
+// out [M, N] (out_dtype) = gemm_vnni of q (int8 [M, K]) with its row scales q_scale.
+at::Tensor run_vnni(const at::Tensor& q, const at::Tensor& q_scale, const at::Tensor& w_vnni,
+                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                    at::ScalarType out_dtype) {
+  const int64_t M = q.size(0), K = q.size(1), N = w_scale.size(0);
+  const at::Tensor w = w_vnni.contiguous(), ws = w_scale.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = at::empty({M, N}, q.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor q_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  cpu::quantize_per_token_into(x, q.mutable_data_ptr<int8_t>(), q_scale.mutable_data_ptr<float>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "pyfast_C::w8a8_mm_vnni", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pyfast_C::vnni_gemm", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       gemm_vnni<scalar_t>(q.const_data_ptr<int8_t>(), M, K, w.const_data_ptr<int8_t>(), N,
                           q_scale.const_data_ptr<float>(), ws.const_data_ptr<float>(),
@@ -157,7 +159,48 @@ at::Tensor w8a8_mm_vnni_cpu(const at::Tensor& x_in, const at::Tensor& w_vnni,
   return out;
 }
 
+at::Tensor w8a8_mm_vnni_cpu(const at::Tensor& x_in, const at::Tensor& w_vnni,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  check_device(x_in, "x", at::kCPU);
+  check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(x_in, "x", 2);
+  check_vnni_weight("w8a8_mm_vnni", x_in.size(1), w_vnni, w_scale, bias);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor q_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M > 0)
+    cpu::quantize_per_token_into(x, q.mutable_data_ptr<int8_t>(),
+                                 q_scale.mutable_data_ptr<float>());
+  return run_vnni(q, q_scale, w_vnni, w_scale, bias, x.scalar_type());
+}
+
+// pyfast_C::int8_mm_vnni: int8_mm on the weight in VNNI panel order, for activations
+// quantized beforehand (static int8: quantize_static, then this).
+//   a       : int8 [M, K] (any strides), a_scale: float32 [M]
+//   w_vnni, w_scale, bias: as w8a8_mm_vnni; out_dtype float32 / float16 / bfloat16
+//   -> out  : out_dtype [M, N] = int8_mm(a, W, a_scale, w_scale, bias, out_dtype), bit for bit
+at::Tensor int8_mm_vnni_cpu(const at::Tensor& a, const at::Tensor& w_vnni,
+                            const at::Tensor& a_scale, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_device(a, "a", at::kCPU);
+  check_device(a_scale, "a_scale", at::kCPU);
+  check_dtype(a, "a", {at::kChar});
+  check_dim(a, "a", 2);
+  check_dtype(a_scale, "a_scale", {at::kFloat});
+  check_dim(a_scale, "a_scale", 1);
+  check_size(a_scale, "a_scale", 0, a.size(0), "a.size(0) = M");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "out_dtype is ", out_dtype, "; accepted: ",
+              dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
+  check_vnni_weight("int8_mm_vnni", a.size(1), w_vnni, w_scale, bias);
+  return run_vnni(a.contiguous(), a_scale.contiguous(), w_vnni, w_scale, bias, out_dtype);
+}
+
 }  // namespace
 }  // namespace pyfast
 
-TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) { m.impl("w8a8_mm_vnni", &pyfast::w8a8_mm_vnni_cpu); }
+TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
+  m.impl("w8a8_mm_vnni", &pyfast::w8a8_mm_vnni_cpu);
+  m.impl("int8_mm_vnni", &pyfast::int8_mm_vnni_cpu);
+}

@@ -1,4 +1,5 @@
-// CPU kernel of pyfast_C::quantize_per_token (symmetric per-row int8).
+// CPU kernels of pyfast_C::quantize_per_token (symmetric per-row int8) and
+// pyfast_C::quantize_static (one calibrated scale; at the end of the file).
 //
 //   x     : float32 / float16 / bfloat16 [M, K], any strides (made contiguous)
 //   q     : int8    [M, K] contiguous  clamp(round_half_even(x / scale), -127, 127)
@@ -25,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -87,22 +89,53 @@ void quantize_row_f32(const float* xr, int64_t K, int8_t* qr, float* scale_out) 
   }
 }
 
-template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
+// pyfast_C::quantize_static's row: one calibrated scale s for every row, as the
+// reference (pyfast/reference.py: quantize_static) computes it:
+//   q = clamp(round_half_even(nan_to_0(float32(x) / s)), -127, 127)
+// (the reference rounds, then maps NaN to 0 and +-inf to +-FLT_MAX, then clamps; an
+// inf here is clamped directly to +-127, the same int8). Returns whether the row holds
+// a NaN (its row scale is then NaN). Any s gives the reference's q; the Python op
+// checks that s is positive and finite.
+PYFAST_ISA_CLONES
+bool quantize_row_static_f32(const float* xr, int64_t K, float s, int8_t* qr) {
+  int nan = 0;  // an int OR-reduction vectorises; a bool one may not
+  for (int64_t k = 0; k < K; ++k) {
+    const float x = xr[k];
+    nan |= x != x;
+    float v = x / s;  // true division, as the reference
+    v = v != v ? 0.0f : v;
+    v = v < -127.0f ? -127.0f : v;
+    v = v > 127.0f ? 127.0f : v;
+    qr[k] = static_cast<int8_t>(static_cast<int32_t>((v + kRoundMagic) - kRoundMagic));
+  }
+  return nan != 0;
+}
+
+// row(xr, m) for every row m of x [M, K] (row stride K), xr its float32 values
+// (float16/bfloat16 rows widened first, exactly); rows split over ATen's threads.
+template <typename T, typename RowFn>
+void for_rows_f32(const T* x, int64_t M, int64_t K, RowFn row) {
   // Rows are independent; a chunk of about 32k elements amortises the task overhead.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row;  // float16/bfloat16 rows are widened first (exactly)
+    std::vector<float> wide;
     for (int64_t m = begin; m < end; ++m) {
       const T* xr = x + m * K;
       if constexpr (std::is_same_v<T, float>) {
-        quantize_row_f32(xr, K, q + m * K, scale + m);
+        row(xr, m);
       } else {
-        row.resize(K);
-        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(xr[k]);
-        quantize_row_f32(row.data(), K, q + m * K, scale + m);
+        wide.resize(K);
+        for (int64_t k = 0; k < K; ++k) wide[k] = static_cast<float>(xr[k]);
+        row(wide.data(), m);
       }
     }
+  });
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
+  for_rows_f32(x, M, K, [&](const float* xr, int64_t m) {
+    quantize_row_f32(xr, K, q + m * K, scale + m);
   });
 }
 
@@ -116,6 +149,38 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   cpu::quantize_per_token_into(x, q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>());
   return {q, scale};
+}
+
+// pyfast_C::quantize_static:
+//   x     : float32 / float16 / bfloat16 [M, K], any strides (made contiguous)
+//   scale : float32, one value (the calibrated scale s; [1] from the layers)
+//   -> q int8 [M, K] contiguous (quantize_row_static_f32), row scales float32 [M]:
+//      s, or NaN for a row holding a NaN (as the reference: int8_mm then gives NaN).
+std::tuple<at::Tensor, at::Tensor> quantize_static_cpu(const at::Tensor& x_in,
+                                                       const at::Tensor& scale) {
+  check_device(x_in, "x", at::kCPU);
+  check_device(scale, "scale", at::kCPU);
+  check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(x_in, "x", 2);
+  check_dtype(scale, "scale", {at::kFloat});
+  TORCH_CHECK(scale.numel() == 1, "scale has shape ", scale.sizes(),
+              "; accepted: one value (float32 [1])");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const float s = scale.contiguous().const_data_ptr<float>()[0];
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor rows = at::empty({M}, x.options().dtype(at::kFloat));
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  float* rp = rows.mutable_data_ptr<float>();
+  if (M == 0) return {q, rows};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "pyfast_C::quantize_static", [&] {
+    for_rows_f32(x.const_data_ptr<scalar_t>(), M, K, [&](const float* xr, int64_t m) {
+      const bool nan = quantize_row_static_f32(xr, K, s, qp + m * K);
+      rp[m] = nan ? std::numeric_limits<float>::quiet_NaN() : s;
+    });
+  });
+  return {q, rows};
 }
 
 }  // namespace
@@ -137,4 +202,5 @@ void cpu::quantize_per_token_into(const at::Tensor& x, int8_t* q, float* scale) 
 
 TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
   m.impl("quantize_per_token", &pyfast::quantize_per_token_cpu);
+  m.impl("quantize_static", &pyfast::quantize_static_cpu);
 }

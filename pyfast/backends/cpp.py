@@ -34,6 +34,15 @@ def _w8a8_mm_vnni(x, w_vnni, w_scale, bias=None):
     return torch.ops.pyfast_C.w8a8_mm_vnni(x, w_vnni, w_scale.float(), bias)
 
 
+def _int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias=None, out_dtype=None):
+    return torch.ops.pyfast_C.int8_mm_vnni(a, w_vnni, a_scale.float(), w_scale.float(), bias,
+                                           chk.out_dtype(out_dtype))
+
+
+def _quantize_static(x, scale):
+    return torch.ops.pyfast_C.quantize_static(x, scale)
+
+
 def _int8_weight_mm(x, w_int8, w_scale, bias=None):
     return torch.ops.pyfast_C.int8_weight_mm(x, w_int8, w_scale, bias)
 
@@ -48,9 +57,11 @@ def _sparse24_mm(x, values, meta, bias=None):
 
 KERNELS = {
     "quantize_per_token": (_quantize_per_token, "quantize.cpp"),
+    "quantize_static": (_quantize_static, "quantize.cpp"),
     "int8_mm": (_int8_mm, "int8_mm.cpp"),
     "w8a8_mm": (_w8a8_mm, "int8_mm.cpp"),
     "w8a8_mm_vnni": (_w8a8_mm_vnni, "int8_vnni.cpp"),
+    "int8_mm_vnni": (_int8_mm_vnni, "int8_vnni.cpp"),
     "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
     "int4_mm": (_int4_mm, "weight_only.cpp"),
     "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),

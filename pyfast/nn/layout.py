@@ -4,15 +4,18 @@
     "tc"         Int4Linear: fragment order (pyfast/layouts/int4_tc.py, op int4_mm_tc);
                  Sparse24Linear: sparse-tensor-core metadata (pyfast/layouts/
                  sparse24_tc.py, op sparse24_mm_tc). Only the CUDA C++ kernels read it fast.
-    "vnni"       Int8Linear: the int8 weight in VNNI panel order (pyfast/layouts/
-                 int8_vnni.py, op w8a8_mm_vnni). Only the C++ CPU kernel reads it fast,
-                 with AVX-512 VNNI (elsewhere that kernel runs scalar code).
+    "vnni"       Int8Linear / StaticInt8Linear: the int8 weight in VNNI panel order
+                 (pyfast/layouts/int8_vnni.py, ops w8a8_mm_vnni / int8_mm_vnni). Only the
+                 C++ CPU kernel reads it fast, with AVX-512 VNNI (elsewhere that kernel
+                 runs scalar code).
     "auto"       the layer's fast layout exactly where its kernel would run for the
                  weight, "canonical" everywhere else:
                  tc   -- a CUDA device with the kernel built (pyfast.backends()) and
                          float16/bfloat16 weights (the kernels multiply in those dtypes);
-                 vnni -- a CPU weight, the C++ extension built with w8a8_mm_vnni, and
-                         the CPU kernels at the AVX-512 level.
+                 vnni -- a CPU weight, the C++ extension built with the layer's op
+                         (w8a8_mm_vnni / int8_mm_vnni), the CPU kernels at the
+                         AVX-512 level, and a weight that the panels pad by at most
+                         1/16 (VNNI_MAX_PADDING: small layers stay canonical).
 Each layout is made once by a repack op (exact); where its kernel cannot run, the
 reference undoes the repack on every call (correct, slow). A layer keeps its layout
 when moved: call pyfast.repack(model) (or layer.repack("auto")) after .to(device).
@@ -24,6 +27,7 @@ from typing import Optional
 import torch
 
 from .. import _ext, dispatch
+from ..layouts import int8_vnni
 
 LAYOUTS = ("canonical", "tc", "vnni")
 _HALF = (torch.float16, torch.bfloat16)
@@ -52,14 +56,31 @@ def why_not_tc(op: str, device: torch.device, dtype: torch.dtype) -> Optional[st
     return dispatch.unavailable_reason("cuda", "cuda")
 
 
-def why_not_vnni(device) -> Optional[str]:
-    """None if the fast CPU kernel of w8a8_mm_vnni would run a weight on device, else why not."""
+# VNNI panels pad N up to a multiple of 48 and K up to a multiple of 4. "auto" takes the
+# VNNI layout only where that adds at most 1/16 to the weight (N = 384, 480, 512 and up,
+# any N that is a multiple of 48): the layers it leaves canonical are small ones (N = 10,
+# 64, 256 pad by 380%, 50%, 12.5%), whose calls fixed costs dominate; ad hoc on this
+# project's Zen 4 (Int8Linear, K = 64..1024, M = 1 and 64; not a bench result file) the two
+# layouts were within noise there (0.94-1.12x), while the padding would be stored and saved.
+VNNI_MAX_PADDING = 1 / 16
+
+
+def vnni_padding(n: int, k: int) -> float:
+    """Extra bytes of the VNNI weight of an N x K layer over the canonical one (0.5 = 50%)."""
+    nt, kt, pn, gk = int8_vnni.repacked_shape(n, k)
+    return nt * kt * pn * gk / (n * k) - 1
+
+
+def why_not_vnni(device, op: str = "w8a8_mm_vnni", shape=None) -> Optional[str]:
+    """None if the fast CPU kernel of `op` (w8a8_mm_vnni: Int8Linear; int8_mm_vnni:
+    StaticInt8Linear) would run a weight on device, and (with shape = (N, K)) its VNNI
+    padding is at most VNNI_MAX_PADDING; else why not."""
     device = torch.device(device)
     if device.type != "cpu":
         return f"the weight is on {device.type}; the VNNI layout is for the CPU kernel"
-    backend = dispatch.kernels("w8a8_mm_vnni").get("cpp")
+    backend = dispatch.kernels(op).get("cpp")
     if backend is None:
-        return "no C++ CPU kernel is registered for w8a8_mm_vnni"
+        return f"no C++ CPU kernel is registered for {op}"
     why = dispatch.unavailable_reason("cpp", "cpu") or (backend.supports and backend.supports())
     if why:
         return why
@@ -67,6 +88,13 @@ def why_not_vnni(device) -> Optional[str]:
     if isa != "avx512":
         return (f"the CPU kernels run at the {isa} level; the VNNI layout is fast only with "
                 "AVX-512 VNNI (its kernel is scalar code elsewhere)")
+    if shape is not None:
+        n, k = shape
+        pad = vnni_padding(n, k)
+        if pad > VNNI_MAX_PADDING:
+            return (f"N = {n}, K = {k}: VNNI panels would pad the weight by {pad:.1%} "
+                    f"(\"auto\" takes them up to {VNNI_MAX_PADDING:.2%}); a small layer keeps "
+                    "the canonical weight (layout=\"vnni\" forces the panels)")
     return None
 
 
@@ -78,9 +106,10 @@ def resolve(layout: str, op: str, device, dtype: torch.dtype) -> str:
     return "tc" if why_not_tc(op, device, dtype) is None else "canonical"
 
 
-def resolve_vnni(layout: str, device) -> str:
-    """'auto' -> 'vnni' or 'canonical' (see the module docstring); others unchanged."""
+def resolve_vnni(layout: str, device, op: str = "w8a8_mm_vnni", shape=None) -> str:
+    """'auto' -> 'vnni' or 'canonical' for a weight of shape (N, K) (see the module
+    docstring); others unchanged."""
     check(layout)
     if layout != "auto":
         return layout
-    return "vnni" if why_not_vnni(device) is None else "canonical"
+    return "vnni" if why_not_vnni(device, op, shape) is None else "canonical"

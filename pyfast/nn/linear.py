@@ -20,7 +20,7 @@ from ..sparsity import magnitude_24_mask
 
 Tensor = torch.Tensor
 _TC = ("canonical", "tc")        # Int4Linear, Sparse24Linear (pyfast/nn/layout.py)
-_VNNI = ("canonical", "vnni")    # Int8Linear
+_VNNI = ("canonical", "vnni")    # Int8Linear, StaticInt8Linear
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -135,26 +135,59 @@ class _Int8WeightLinear(_CompressedLinear):
         return layer
 
 
-class Int8Linear(_Int8WeightLinear):
+class _Int8LayoutLinear(_Int8WeightLinear):
+    """An int8 weight stored canonical [N, K] or (layout "vnni") as its repack_int8_vnni
+    image [ceil(N/48), ceil(K/4), 48, 4], the order of the fast CPU kernel
+    (pyfast/nn/layout.py). `_vnni_op` is the op that reads the VNNI weight: "auto"
+    picks that layout where its C++ kernel runs at the AVX-512 level."""
+
+    _vnni_op = "w8a8_mm_vnni"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 layout: str = "canonical"):
+        super().__init__(in_features, out_features, bias, device)
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_VNNI,
+                                    what=type(self).__name__)
+        if self.layout == "vnni":
+            self.weight_int8 = torch.ops.pyfast.repack_int8_vnni(self.weight_int8)
+
+    def _layout_suffix(self) -> str:
+        return ", VNNI layout" if self.layout == "vnni" else ""
+
+    def pyfast_config(self) -> dict:
+        return {**super().pyfast_config(), "layout": self.layout}
+
+    @torch.no_grad()
+    def repack(self, layout: str = "auto"):
+        """Store the weight in `layout` ("canonical", "vnni" or "auto" for where it is
+        now); in place, exact (a permutation of the bytes); returns self."""
+        _layout.check(layout, accepted=_VNNI, what=type(self).__name__)
+        chosen = _layout.resolve_vnni(layout, self.weight_int8.device, self._vnni_op,
+                                      (self.out_features, self.in_features))
+        if chosen != self.layout:
+            self.weight_int8 = (
+                torch.ops.pyfast.repack_int8_vnni(self.weight_int8) if chosen == "vnni" else
+                int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features))
+            self.layout = chosen
+        return self
+
+    def canonical_weight(self) -> Tensor:
+        """The int8 weight [N, K] whatever the layout (a view or an un-repacked copy)."""
+        if self.layout == "vnni":
+            return int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features)
+        return self.weight_int8
+
+
+class Int8Linear(_Int8LayoutLinear):
     """W8A8: int8 weights per output channel, activations quantized per token at run time.
 
     weight_int8: canonical int8 [N, K], or (layout "vnni") its repack_int8_vnni image
     [ceil(N/48), ceil(K/4), 48, 4], the order of the fast CPU kernel (pyfast/nn/layout.py)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 layout: str = "canonical"):
-        super().__init__(in_features, out_features, bias, device)
-        self.layout = _layout.check(layout, allow_auto=False, accepted=_VNNI, what="Int8Linear")
-        if self.layout == "vnni":
-            self.weight_int8 = torch.ops.pyfast.repack_int8_vnni(self.weight_int8)
-
     @property
     def format(self) -> str:  # type: ignore[override]
         # per-token dynamic activations, per-channel weights
-        return "int8 W8A8" + (", VNNI layout" if self.layout == "vnni" else "")
-
-    def pyfast_config(self) -> dict:
-        return {**super().pyfast_config(), "layout": self.layout}
+        return "int8 W8A8" + self._layout_suffix()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layout: str = "auto") -> "Int8Linear":
@@ -168,25 +201,6 @@ class Int8Linear(_Int8WeightLinear):
         """From an already-quantized weight [N, K] (e.g. torch's quantize_dynamic)."""
         _layout.check(layout, accepted=_VNNI, what="Int8Linear")
         return super().from_int8(w_int8, w_scale, bias).repack(layout)
-
-    @torch.no_grad()
-    def repack(self, layout: str = "auto") -> "Int8Linear":
-        """Store the weight in `layout` ("canonical", "vnni" or "auto" for where it is
-        now); in place, exact (a permutation of the bytes); returns self."""
-        _layout.check(layout, accepted=_VNNI, what="Int8Linear")
-        chosen = _layout.resolve_vnni(layout, self.weight_int8.device)
-        if chosen != self.layout:
-            self.weight_int8 = (
-                torch.ops.pyfast.repack_int8_vnni(self.weight_int8) if chosen == "vnni" else
-                int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features))
-            self.layout = chosen
-        return self
-
-    def canonical_weight(self) -> Tensor:
-        """The int8 weight [N, K] whatever the layout (a view or an un-repacked copy)."""
-        if self.layout == "vnni":
-            return int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features)
-        return self.weight_int8
 
     def forward(self, x: Tensor) -> Tensor:
         # One op: per-token quantization of x and the int8 GEMM (fused on CPU).

@@ -21,6 +21,7 @@ from torch import nn
 from .. import _progress
 from ..api import Filter, _walk
 from ..nn import QuantConv2d, StaticInt8Linear
+from ..nn import layout as _layout
 from ..nn.conv import conv_unsupported_reason
 from .observers import Observer, make_observer
 
@@ -106,14 +107,17 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: Optional[bool] =
     return model
 
 
-def convert_static(model: nn.Module) -> nn.Module:
+def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
     """Replace every observed layer by StaticInt8Linear (Conv2d: QuantConv2d around one)
     with its observer's scale, and remove the hooks; in place, returns model.
+    layout: "canonical", "vnni" or "auto" (pyfast/nn/layout.py: "auto" stores the weight
+    in VNNI order where the C++ CPU kernel runs at the AVX-512 level).
 
     Raises ValueError (naming the layer) if an observer has no data or no usable range;
     then nothing is converted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _layout.check(layout, accepted=("canonical", "vnni"), what="convert_static")
     layers = _observed(model)
     if not layers:
         raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
@@ -136,9 +140,9 @@ def convert_static(model: nn.Module) -> nn.Module:
             scale = scales[name].to(mod.weight.device)
             if isinstance(mod, nn.Conv2d):
                 new = QuantConv2d.from_conv(
-                    mod, lambda lin, s=scale: StaticInt8Linear.from_linear(lin, s))
+                    mod, lambda lin, s=scale: StaticInt8Linear.from_linear(lin, s, layout))
             else:
-                new = StaticInt8Linear.from_linear(mod, scale)
+                new = StaticInt8Linear.from_linear(mod, scale, layout)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     return model
@@ -146,12 +150,15 @@ def convert_static(model: nn.Module) -> nn.Module:
 
 def quantize_static(model: nn.Module, batches: Iterable, observer: Union[str, type] = "minmax",
                     *, include: Filter = None, exclude: Filter = None, conv: bool = True,
-                    progress: Optional[bool] = None, **observer_kwargs) -> nn.Module:
-    """prepare_static + calibrate + convert_static in one call; in place, returns model."""
+                    progress: Optional[bool] = None, layout: str = "auto",
+                    **observer_kwargs) -> nn.Module:
+    """prepare_static + calibrate + convert_static(model, layout) in one call; in place,
+    returns model."""
+    _layout.check(layout, accepted=("canonical", "vnni"), what="quantize_static")
     prepare_static(model, observer, include=include, exclude=exclude, conv=conv,
                    **observer_kwargs)
     calibrate(model, batches, progress=progress)
-    return convert_static(model)
+    return convert_static(model, layout)
 
 
 __all__ = ["prepare_static", "calibrate", "convert_static", "quantize_static"]
