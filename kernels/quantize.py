@@ -1,4 +1,5 @@
-"""Triton kernel of quantize_per_token: symmetric per-row int8, fused in one kernel.
+"""Triton kernels of quantize_per_token (symmetric per-row int8, fused in one kernel)
+and of quantize_static (one calibrated scale; at the end of the file).
 
     x [M, K] float32/float16/bfloat16, any strides
     -> q     int8    [M, K] contiguous   round-half-to-even(x / scale) clamped to [-127, 127]
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ._common import to_f32
 
-__all__ = ["quantize_per_token", "PTX_SPECS"]
+__all__ = ["quantize_per_token", "quantize_static", "PTX_SPECS"]
 
 # The largest block (elements) one program holds in registers at a time.
 _MAX_TILE = 4096
@@ -111,6 +112,61 @@ def quantize_per_token(x: torch.Tensor):
     return q, scale
 
 
+# --- quantize_static ----------------------------------------------------------------
+
+@triton.jit
+def _quantize_static_kernel(
+    x_ptr,        # [M, K] fp32/fp16/bf16, strides (stride_xm, stride_xk)
+    s_ptr,        # float32, one value: the calibrated scale s (read on the device: no sync)
+    q_ptr,        # [M, K] int8, row stride stride_qm, unit column stride
+    rows_ptr,     # [M] float32 out: s, or NaN for a row holding a NaN
+    M, K,
+    stride_xm, stride_xk, stride_qm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # q = clamp(rne(nan_to_0(x / s)), -127, 127) as pyfast/reference.py quantize_static
+    # (the reference maps +-inf to +-FLT_MAX before clamping: the same int8). One pass.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)  # M * K may exceed 2**31
+    x_rows = x_ptr + rows64[:, None] * stride_xm
+    q_rows = q_ptr + rows64[:, None] * stride_qm
+    s = tl.load(s_ptr)
+    has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols[None, :] < K)
+        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), axis=1))
+        v = tl.div_rn(x, tl.full([BLOCK_M, BLOCK_K], 1.0, tl.float32) * s)  # IEEE x / s
+        v = tl.where(v != v, 0.0, v)
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = (v + 12582912.0) - 12582912.0  # round half to even, exact for |v| <= 2**22
+        tl.store(q_rows + cols[None, :], v.to(tl.int8), mask=mask)
+    qnan = tl.full([BLOCK_M], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)  # quiet NaN
+    out = tl.where(has_nan != 0, qnan, tl.full([BLOCK_M], 1.0, tl.float32) * s)
+    tl.store(rows_ptr + rows64, out, mask=row_ok)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor):
+    """x [M, K] float (any strides), scale float32 (one value, on x's device) ->
+    (int8 [M, K], float32 row scales [M]); see _quantize_static_kernel."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    rows = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, rows
+    s = scale.reshape(1).to(torch.float32)
+    if k == 0:
+        return q, rows.copy_(s.expand(m))
+    block_m, block_k, num_warps = _blocks(m, k)
+    _quantize_static_kernel[(triton.cdiv(m, block_m),)](
+        x, s, q, rows, m, k, x.stride(0), x.stride(1), q.stride(0),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return q, rows
+
+
 def _spec(name, x_ty, block_m, block_k):
     return {
         "name": name,
@@ -124,9 +180,23 @@ def _spec(name, x_ty, block_m, block_k):
     }
 
 
+def _static_spec(name, x_ty, block_m, block_k):
+    return {
+        "name": name,
+        "kernel": _quantize_static_kernel,
+        "signature": {"x_ptr": f"*{x_ty}", "s_ptr": "*fp32", "q_ptr": "*i8", "rows_ptr": "*fp32",
+                      "M": "i32", "K": "i32",
+                      "stride_xm": "i32", "stride_xk": "i32", "stride_qm": "i32"},
+        "constexprs": {"BLOCK_M": block_m, "BLOCK_K": block_k},
+        "expect": {80: None, 90: None},  # no tensor-core instruction: must compile
+    }
+
+
 # Compiled ahead of time for sm_80 / sm_90 by tests/test_triton_ptx.py.
 PTX_SPECS = [
     _spec("quantize_per_token_fp32_row", "fp32", 1, 2048),
     _spec("quantize_per_token_fp16_rows", "fp16", 16, 256),
     _spec("quantize_per_token_bf16_row", "bf16", 1, 2048),
+    _static_spec("quantize_static_fp32_row", "fp32", 1, 2048),
+    _static_spec("quantize_static_bf16_rows", "bf16", 16, 256),
 ]

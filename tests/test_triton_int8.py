@@ -18,6 +18,7 @@ from _helpers import FLOAT_DTYPES, assert_bits_equal, dtype_id
 
 from pyfast.kernels.int8_mm import int8_mm as triton_int8_mm
 from pyfast.kernels.quantize import quantize_per_token as triton_quantize
+from pyfast.kernels.quantize import quantize_static as triton_quantize_static
 
 MS, KS, NS = (0, 1, 3, 17), (5, 64, 100), (7, 33, 130)
 def check_quantize(x: torch.Tensor) -> None:
@@ -85,6 +86,47 @@ def test_quantize_through_dispatch(dtype):
     rq, rs = reference.quantize_per_token(x)
     assert_bits_equal(q, rq)
     assert_bits_equal(s, rs)
+
+
+# --- quantize_static ----------------------------------------------------------------
+
+def check_static(x: torch.Tensor, scale: float) -> None:
+    s = torch.tensor([scale], device=x.device)
+    rq, rs = reference.quantize_static(x.cpu(), s.cpu())
+    q, rows = triton_quantize_static(x, s)
+    assert q.device == x.device and rows.device == x.device
+    assert_bits_equal(q, rq)
+    assert torch.equal(rows.isnan(), rs.isnan())
+    assert torch.equal(rows.nan_to_num(), rs.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("k", KS + (0,))
+@pytest.mark.parametrize("m", MS)
+def test_quantize_static_random(m, k, dtype):
+    check_static((torch.randn(m, k) * 4).to(dtype), 0.0173)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_quantize_static_special_rows_and_ties(dtype):
+    """special_rows (zeros, NaN row -> row scale NaN and q 0, +-inf -> +-127, subnormals)
+    at scale 1: the .5 ties round to even; at 0.01 most values clip."""
+    x = special_rows(33, dtype)
+    check_static(x, 1.0)
+    check_static(x, 0.01)
+    q, _ = triton_quantize_static(x, torch.tensor([1.0]))
+    assert q[6, 1:4].tolist() == [0, 2, 2] and q[2, 0].item() == 127
+
+
+def test_quantize_static_long_strided_rows_and_dispatch():
+    x = torch.randn(3, 2 * 5001)[:, ::2] * 30        # K beyond one block, strided columns
+    x[2, 4999] = float("nan")
+    check_static(x, 0.05)
+    with pyfast.use_backend(quantize_static="triton"):
+        q, s = ops.quantize_static(x, torch.tensor([0.05]))
+    rq, rs = reference.quantize_static(x, torch.tensor([0.05]))
+    assert_bits_equal(q, rq)
+    assert s[2].isnan() and torch.equal(s[:2], rs[:2])
 
 
 # --- int8_mm ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .. import dispatch
 # `supports_<op>(*args) -> Optional[str]` for inputs its kernel cannot take.
 KERNELS = {
     "quantize_per_token": ("quantize", "quantize_per_token"),
+    "quantize_static": ("quantize", "quantize_static"),
     "int8_mm": ("int8_mm", "int8_mm"),
     "w8a8_mm": ("int8_mm", "w8a8_mm"),
     "int8_weight_mm": ("weight_only", "int8_weight_mm"),
