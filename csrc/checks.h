@@ -68,6 +68,22 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const c
   check_size(*bias, "bias", 0, n, what);
 }
 
+// The int8 activations of int8_mm and int8_mm_vnni: a int8 [M, K], a_scale float32 [M].
+inline void check_int8_rows(const at::Tensor& a, const at::Tensor& a_scale) {
+  check_dtype(a, "a", {at::kChar});
+  check_dim(a, "a", 2);
+  check_dtype(a_scale, "a_scale", {at::kFloat});
+  check_dim(a_scale, "a_scale", 1);
+  check_size(a_scale, "a_scale", 0, a.size(0), "a.size(0) = M");
+}
+
+// The output dtype of the int8 GEMMs: float32, float16 or bfloat16.
+inline void check_out_dtype(at::ScalarType out_dtype) {
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "out_dtype is ", out_dtype, "; accepted: ",
+              dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
+}
+
 // Shapes, dtypes and the K limit of pyfast_C::int8_mm's arguments, shared by the CPU
 // kernel and the CUDA launcher (each checks devices itself). Returns {M, K, N}.
 //   a int8 [M, K], b int8 [N, K], a_scale float32 [M], b_scale float32 [N],
@@ -76,23 +92,17 @@ inline std::array<int64_t, 3> check_int8_mm_args(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
     const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
     at::ScalarType out_dtype, int64_t max_k) {
-  check_dtype(a, "a", {at::kChar});
+  check_int8_rows(a, a_scale);
   check_dtype(b, "b", {at::kChar});
-  check_dim(a, "a", 2);
   check_dim(b, "b", 2);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   check_size(b, "b", 1, K, "a.size(1) = K");
   TORCH_CHECK(K <= max_k, "a.size(1) = K is ", K, "; int8_mm accepts K <= ", max_k,
               " (larger K could overflow the int32 accumulator)");
-  check_dtype(a_scale, "a_scale", {at::kFloat});
-  check_dim(a_scale, "a_scale", 1);
-  check_size(a_scale, "a_scale", 0, M, "a.size(0) = M");
   check_dtype(b_scale, "b_scale", {at::kFloat});
   check_dim(b_scale, "b_scale", 1);
   check_size(b_scale, "b_scale", 0, N, "b.size(0) = N");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "out_dtype is ", out_dtype, "; accepted: ",
-              dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
+  check_out_dtype(out_dtype);
   check_bias(bias, N, "b.size(0) = N");
   return {M, K, N};
 }

@@ -185,14 +185,8 @@ at::Tensor int8_mm_vnni_cpu(const at::Tensor& a, const at::Tensor& w_vnni,
                             const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   check_device(a, "a", at::kCPU);
   check_device(a_scale, "a_scale", at::kCPU);
-  check_dtype(a, "a", {at::kChar});
-  check_dim(a, "a", 2);
-  check_dtype(a_scale, "a_scale", {at::kFloat});
-  check_dim(a_scale, "a_scale", 1);
-  check_size(a_scale, "a_scale", 0, a.size(0), "a.size(0) = M");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "out_dtype is ", out_dtype, "; accepted: ",
-              dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
+  check_int8_rows(a, a_scale);
+  check_out_dtype(out_dtype);
   check_vnni_weight("int8_mm_vnni", a.size(1), w_vnni, w_scale, bias);
   return run_vnni(a.contiguous(), a_scale.contiguous(), w_vnni, w_scale, bias, out_dtype);
 }
