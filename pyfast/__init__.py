@@ -2,7 +2,7 @@
 
     import pyfast
     pyfast.quantize(model, "int8")      # or "int8-weight", "int4"
-    pyfast.sparsify(model, "2:4")
+    pyfast.sparsify(model, "2:4")       # values="int4": 2:4 + int4, ~3 bits per weight
     pyfast.swap(model)                   # layers compressed with torch's own tools
     print(pyfast.summary(model))
     print(pyfast.backends())             # what runs where, and why not

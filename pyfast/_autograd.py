@@ -6,7 +6,8 @@ custom op as if it were not there. Instead:
   values), so they get exact gradients, computed from the reference's
   dequantized weight in float32: this lets a user fine-tune around compressed
   layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
-- quantize_per_token, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress
+- quantize_per_token, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress,
+  pack_sparse24_int4
   and the repack ops round or repack, so their true gradient is zero almost everywhere and useless:
   backward raises and says what to use instead. Forward passes with requires_grad inputs work.
 """
@@ -120,6 +121,33 @@ def _backward_sparse24_mm(ctx, grad):
     return gx, gv, None, gb
 
 
+# --- sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias) -------------------
+
+def _setup_sparse24_int4_mm(ctx, inputs, output):
+    x, packed, meta, scales, zeros, group_size, bias = inputs
+    ctx.save_for_backward(x, packed, meta, scales, zeros, bias)
+    ctx.group_size = group_size
+
+
+def _backward_sparse24_int4_mm(ctx, grad):
+    x, packed, meta, scales, zeros, bias = ctx.saved_tensors
+    g = grad.float()
+    gx = gs = gb = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_sparse24_int4(packed, meta, scales, zeros, ctx.group_size)
+        gx = _float_grad(g @ w, x)
+    if ctx.needs_input_grad[3]:
+        # as int4_mm: linear in each scale; the dense weight with unit scales is q - z at
+        # the kept positions and 0 elsewhere (pruned weights have no scale to train)
+        n, groups = scales.shape
+        unit = reference.dequantize_sparse24_int4(packed, meta, torch.ones_like(scales), zeros,
+                                                  ctx.group_size)
+        gs = _float_grad(((g.T @ x.float()) * unit).reshape(n, groups, -1).sum(2), scales)
+    if bias is not None and ctx.needs_input_grad[6]:
+        gb = _float_grad(g.sum(0), bias)
+    return gx, None, None, gs, None, None, gb
+
+
 # --- the same matmuls on tensor-core layouts: undo the repack (exact), then as above ---
 
 def _setup_int4_mm_tc(ctx, inputs, output):
@@ -149,6 +177,8 @@ _NO_GRAD_ADVICE = {
                     "('int8-weight'), which has exact input gradients, or train in float",
     "pack_int4": "packing rounds the weight; pack a trained weight under torch.no_grad()",
     "pack_lowbit": "packing rounds the weight; pack a trained weight under torch.no_grad()",
+    "pack_sparse24_int4": "packing rounds the weight; pack a trained weight under "
+                          "torch.no_grad()",
     "sparse24_compress": "compression is a re-layout; train the dense or the Sparse24Linear "
                          "values (sparse24_mm has gradients) instead",
     "repack_int4_tc": "repacking is a re-layout of packed integers; repack under torch.no_grad()",
@@ -175,6 +205,8 @@ def register() -> None:
     reg("pyfast::int4_mm", _backward_int4_mm, setup_context=_setup_int4_mm)
     reg("pyfast::lowbit_mm", _backward_lowbit_mm, setup_context=_setup_lowbit_mm)
     reg("pyfast::sparse24_mm", _backward_sparse24_mm, setup_context=_setup_sparse24_mm)
+    reg("pyfast::sparse24_int4_mm", _backward_sparse24_int4_mm,
+        setup_context=_setup_sparse24_int4_mm)
     # the saved tensors are canonical, so the backward formulas are the ones above
     reg("pyfast::int4_mm_tc", _backward_int4_mm, setup_context=_setup_int4_mm_tc)
     reg("pyfast::sparse24_mm_tc", _backward_sparse24_mm, setup_context=_setup_sparse24_mm_tc)

@@ -22,6 +22,7 @@ from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason
 from .nn.linear import _Int8LayoutLinear
 from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
+from .nn.sparse_int4 import Sparse24Int4Linear, unsupported_reason as s24i4_unsupported
 from .sparsity import is_24, magnitude_24_mask
 
 Filter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -176,15 +177,36 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
         return _walk(model, include, exclude, convert, is_target)
 
 
-def sparsify(model: nn.Module, pattern: str = "2:4", *, include: Filter = None,
+SPARSE_VALUES = (None, "int4")
+
+
+def sparsify(model: nn.Module, pattern: str = "2:4", *, values: Optional[str] = None,
+             group_size: int = 128, symmetric: bool = True, include: Filter = None,
              exclude: Filter = None, layout: str = "auto") -> nn.Module:
-    """Magnitude 2:4 pruning of each nn.Linear weight, then Sparse24Linear; in place.
-    layout: as in quantize (the metadata order of the sparse-tensor-core kernel)."""
+    """Magnitude 2:4 pruning of each nn.Linear weight, in place; returns model.
+
+    values: None keeps the kept weights in the layer's float dtype (Sparse24Linear);
+    "int4" also quantizes them, group-wise int4 with group_size (32, 64, 128 or -1,
+    groups of dense columns) and symmetric as in quantize (Sparse24Int4Linear, about
+    3 bits per weight). Layers whose in_features the format cannot take are skipped
+    with the reason. layout: as in quantize (the metadata order of the
+    sparse-tensor-core kernel; values="int4" has the canonical layout only)."""
     if pattern != "2:4":
         raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
-    _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
+    if values not in SPARSE_VALUES:
+        raise ValueError(f"values {values!r} is not supported; accepted: None (float "
+                         "values) or 'int4'")
+    if values == "int4":
+        check_quant_args("int4", group_size, symmetric)
+        _layout.check(layout, accepted=("canonical",), what="sparsify(values='int4')")
+    else:
+        _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
 
     def convert(name: str, lin: nn.Linear):
+        if values == "int4":
+            return s24i4_unsupported(lin.in_features, group_size) or \
+                Sparse24Int4Linear.from_linear(lin, prune=True, group_size=group_size,
+                                               symmetric=symmetric)
         if lin.in_features % 4:
             return f"in_features {lin.in_features} is not a multiple of 4 (2:4)"
         return Sparse24Linear.from_linear(lin, prune=True, layout=layout)

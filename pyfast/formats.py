@@ -77,6 +77,25 @@ int2 and binary weights, group-wise  (pack_lowbit, lowbit_mm; bits = 2 or 1)
     filled with its lowest-index zero positions, so the layout is deterministic.
     K must be a multiple of 4. sparse24_mm: out = x @ W.T + bias in x.dtype, W the
     dense matrix rebuilt from (values, meta); x.dtype must equal values.dtype.
+
+2:4 sparsity + int4 values  (pack_sparse24_int4, sparse24_int4_mm)
+    The kept values of the 2:4 layout above, stored as group-wise int4 codes; about
+    3 bits per dense weight (2 for the codes, 1 for the indices) plus the group scales.
+    packed : uint8   [N, K/4] the K/2 kept values' codes q, two per byte as int4's
+                              packed: packed[n, j] = q[n, 2j] | (q[n, 2j+1] << 4)
+    meta   : uint8   [N, K/8] the 2:4 meta above, two groups of 4 per byte:
+                              meta[n, j] = meta24[n, 2j] | (meta24[n, 2j+1] << 4), so
+                              the 2-bit index of kept value i of a row is bits 2i, 2i+1
+                              of the row's meta read as one little-endian integer
+    scales : float32 [N, G]   G = K / group_size, groups counted over the DENSE k (a
+    zeros  : uint8   [N, G]   group of group_size columns keeps group_size / 2 values)
+    Kept value i of row n sits at k = 4 * (i // 2) + index_i in group g = k // group_size,
+    w[n, k] = (q[n, i] - zeros[n, g]) * scales[n, g]; the other k are exactly 0.
+    The scales and zeros are int4's (symmetric or asymmetric) of the dense 2:4 group:
+    the pruned zeros do not change them (min <= 0 <= max is forced anyway).
+    group_size is one of 32, 64, 128 or -1; K must be a multiple of 8 and of group_size.
+    sparse24_int4_mm: out = x @ W.T + bias, computed in float32, cast to x.dtype (any
+    float x dtype).
 """
 
 INT4_GROUP_SIZES = (32, 64, 128, -1)

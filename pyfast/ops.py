@@ -51,6 +51,13 @@ SCHEMAS: Dict[str, str] = {
     "sparse24_compress": "sparse24_compress(Tensor w) -> (Tensor, Tensor)",
     # x [M, K] float, values [N, K/2], meta uint8 [N, K/4] -> [M, N] x.dtype
     "sparse24_mm": "sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    # 2:4 + int4 (formats.py): w [N, K] float, already 2:4 along K -> (packed uint8 [N, K/4],
+    # meta uint8 [N, K/8], scales float32 [N, G], zeros uint8 [N, G])
+    "pack_sparse24_int4": "pack_sparse24_int4(Tensor w, int group_size, bool symmetric) "
+                          "-> (Tensor, Tensor, Tensor, Tensor)",
+    # x [M, K] float, packed/meta/scales/zeros as above -> [M, N] x.dtype
+    "sparse24_int4_mm": "sparse24_int4_mm(Tensor x, Tensor packed, Tensor meta, Tensor scales, "
+                        "Tensor zeros, int group_size, Tensor? bias=None) -> Tensor",
     # Tensor-core layouts (pyfast/layouts), made once at layer creation for the CUDA kernels:
     # packed uint8 [N, K/2] -> w_tc in int4 fragment order (pyfast/layouts/int4_tc.py)
     "repack_int4_tc": "repack_int4_tc(Tensor packed) -> Tensor",
@@ -126,6 +133,15 @@ def _check_pack_int4(w, group_size, symmetric):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
 
 
+def _check_group_params(scales, zeros, n, k, group_size, groups):
+    """scales float [N, G] and zeros uint8 [N, G] of int4_mm and sparse24_int4_mm."""
+    chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
+    chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        chk.size(name, t, 0, n, "one row per output row N of packed")
+        chk.size(name, t, 1, groups, f"K / group_size = {k} / {group_size} groups")
+
+
 def _check_int4_mm(x, packed, scales, zeros, group_size, bias=None):
     chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
@@ -133,11 +149,7 @@ def _check_int4_mm(x, packed, scales, zeros, group_size, bias=None):
     gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
     n, groups = packed.shape[0], k // gs
     chk.size("packed", packed, 1, k // 2, "packed is [N, K/2]: two int4 values per byte")
-    chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
-    chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        chk.size(name, t, 0, n, "one row per output row N of packed")
-        chk.size(name, t, 1, groups, f"K / group_size = {k} / {group_size} groups")
+    _check_group_params(scales, zeros, n, k, group_size, groups)
     chk.bias(bias, n)
     chk.same_device(x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
 
@@ -208,6 +220,43 @@ def _check_sparse24_mm(x, values, meta, bias=None):
     chk.size("meta", meta, 1, x.shape[1] // 4, "meta is [N, K/4]: one byte per group of 4")
     chk.bias(bias, values.shape[0])
     chk.same_device(x=x, values=values, meta=meta, bias=bias)
+
+
+def _sparse24_int4_group(group_size, k, k_name):
+    """The group length of a 2:4 + int4 weight with K = k dense columns."""
+    gs = chk.group_size(group_size, k, k_name=k_name)
+    if k % 8:
+        raise ValueError(f"{k_name} = {k} must be a multiple of 8: 2:4 + int4 stores the "
+                         "indices of two groups of 4 per byte")
+    return gs
+
+
+def _check_pack_sparse24_int4(w, group_size, symmetric):
+    chk.tensor("w", w, dtypes=chk.FLOAT_DTYPES, dim=2)
+    _sparse24_int4_group(group_size, w.shape[1], "w.shape[1] (K)")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+
+
+def _check_pack_sparse24_int4_values(w, group_size, symmetric):
+    _check_sparse24_values(w)
+
+
+def _check_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    k = x.shape[1]
+    gs = _sparse24_int4_group(group_size, k, "x.shape[1] (K)")
+    chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
+    n, groups = packed.shape[0], k // gs
+    chk.size("packed", packed, 1, k // 4, "packed is [N, K/4]: the K/2 kept int4 codes, "
+             "two per byte")
+    chk.tensor("meta", meta, dtypes=(torch.uint8,), dim=2)
+    chk.size("meta", meta, 0, n, "one row per output row N of packed")
+    chk.size("meta", meta, 1, k // 8, "meta is [N, K/8]: the indices of two groups of 4 "
+             "per byte")
+    _check_group_params(scales, zeros, n, k, group_size, groups)
+    chk.bias(bias, n)
+    chk.same_device(x=x, packed=packed, meta=meta, scales=scales, zeros=zeros, bias=bias)
 
 
 def _check_repack_int4_tc(packed):
@@ -281,6 +330,8 @@ CHECKS: Dict[str, Callable] = {
     "lowbit_mm": _check_lowbit_mm,
     "sparse24_compress": _check_sparse24_compress,
     "sparse24_mm": _check_sparse24_mm,
+    "pack_sparse24_int4": _check_pack_sparse24_int4,
+    "sparse24_int4_mm": _check_sparse24_int4_mm,
     "repack_int4_tc": _check_repack_int4_tc,
     "int4_mm_tc": _check_int4_mm_tc,
     "repack_sparse24_tc": _check_repack_sparse24_tc,
@@ -290,6 +341,7 @@ CHECKS: Dict[str, Callable] = {
     "int8_mm_vnni": _check_int8_mm_vnni,
 }
 VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values,
+                                     "pack_sparse24_int4": _check_pack_sparse24_int4_values,
                                      "repack_sparse24_tc": sparse24_tc.check_meta_values}
 
 
@@ -359,6 +411,21 @@ def _fake_sparse24_mm(x, values, meta, bias=None):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+def _fake_pack_sparse24_int4(w, group_size, symmetric):
+    _check_pack_sparse24_int4(w, group_size, symmetric)
+    n, k = w.shape
+    groups = 1 if group_size == -1 else k // group_size
+    return (w.new_empty((n, k // 4), dtype=torch.uint8),
+            w.new_empty((n, k // 8), dtype=torch.uint8),
+            w.new_empty((n, groups), dtype=torch.float32),
+            w.new_empty((n, groups), dtype=torch.uint8))
+
+
+def _fake_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
+    _check_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
 def _fake_repack_int4_tc(packed):
     _check_repack_int4_tc(packed)
     shape = int4_tc.repacked_shape(packed.shape[0], 2 * packed.shape[1])
@@ -408,6 +475,8 @@ FAKES: Dict[str, Callable] = {
     "lowbit_mm": _fake_lowbit_mm,
     "sparse24_compress": _fake_sparse24_compress,
     "sparse24_mm": _fake_sparse24_mm,
+    "pack_sparse24_int4": _fake_pack_sparse24_int4,
+    "sparse24_int4_mm": _fake_sparse24_int4_mm,
     "repack_int4_tc": _fake_repack_int4_tc,
     "int4_mm_tc": _fake_int4_mm_tc,
     "repack_sparse24_tc": _fake_repack_sparse24_tc,
@@ -440,6 +509,8 @@ REFERENCE: Dict[str, Callable] = {
     "lowbit_mm": reference.lowbit_mm,
     "sparse24_compress": reference.sparse24_compress,
     "sparse24_mm": reference.sparse24_mm,
+    "pack_sparse24_int4": reference.pack_sparse24_int4,
+    "sparse24_int4_mm": reference.sparse24_int4_mm,
     "repack_int4_tc": reference.repack_int4_tc,
     "int4_mm_tc": reference.int4_mm_tc,
     "repack_sparse24_tc": reference.repack_sparse24_tc,
@@ -573,6 +644,22 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] 
     """x [M,K] @ W.T + bias with W the dense 2:4 matrix stored as (values, meta)."""
     _check_sparse24_mm(x, values, meta, bias)
     return torch.ops.pyfast.sparse24_mm(x, values, meta, bias)
+
+
+def pack_sparse24_int4(w: Tensor, group_size: int = 128,
+                       symmetric: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """2:4 + int4: w [N,K], already 2:4 along K (else ValueError naming the first bad
+    group) -> (packed u8 [N,K/4], meta u8 [N,K/8], scales f32 [N,G], zeros u8 [N,G])."""
+    _check_pack_sparse24_int4(w, group_size, symmetric)
+    return torch.ops.pyfast.pack_sparse24_int4(w, group_size, symmetric)
+
+
+def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor,
+                     group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
+    """x [M,K] @ W.T + bias, W the dense 2:4 matrix whose kept values are int4 codes
+    (pack_sparse24_int4); in x.dtype."""
+    _check_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+    return torch.ops.pyfast.sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
 
 
 def repack_int4_tc(packed: Tensor) -> Tensor:

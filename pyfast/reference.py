@@ -252,6 +252,44 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor])
     return out.to(x.dtype)
 
 
+# --- 2:4 sparsity + int4 values -----------------------------------------------------------
+
+def pack_sparse24_int4(w: Tensor, group_size: int,
+                       symmetric: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """w [N, K] (already 2:4) -> (packed uint8 [N, K/4], meta uint8 [N, K/8],
+    scales float32 [N, G], zeros uint8 [N, G]): int4's group parameters of the dense
+    groups, applied to the kept values only."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    wf = w.float()
+    scales, zeros = affine_params(wf.reshape(n, k // gs, gs), 15, symmetric)
+    values, meta = sparse24_compress(wf)
+    # kept value i lies in dense group (4 * (i // 2)) // gs = i // (gs / 2)
+    q = affine_codes(values.reshape(n, k // gs, gs // 2), scales[:, :, None],
+                     zeros[:, :, None], 15)
+    packed = pack_nibbles(q.to(torch.uint8).reshape(n, k // 2))
+    return packed, pack_nibbles(meta), scales, zeros.to(torch.uint8)
+
+
+def dequantize_sparse24_int4(packed: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor,
+                             group_size: int) -> Tensor:
+    """The float32 dense weight [N, K] that sparse24_int4_mm multiplies by."""
+    q = unpack_nibbles(packed).float()   # [N, K/2]
+    n, half = q.shape
+    k = 2 * half
+    gs = k if group_size == -1 else group_size
+    g = q.reshape(n, k // gs, gs // 2)
+    values = (g - zeros.float()[:, :, None]) * scales.float()[:, :, None]
+    return sparse24_decompress(values.reshape(n, half), unpack_nibbles(meta))
+
+
+def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor,
+                     group_size: int, bias: Optional[Tensor]) -> Tensor:
+    w = dequantize_sparse24_int4(packed, meta, scales, zeros, group_size)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
 # --- kernel layouts (repack once at layer creation; pyfast/layouts) ------------------
 # The CUDA kernels read the weights in fragment order, the CPU int8 kernel in VNNI
 # panel order. The reference of each matmul

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .nn import Sparse24Linear, _CompressedLinear
+from .nn import Sparse24Int4Linear, Sparse24Linear, _CompressedLinear
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ def _compressed_row(name: str, mod: nn.Module, inner: _CompressedLinear) -> Laye
     params = n * k + (0 if inner.bias is None else n)
     if isinstance(inner, Sparse24Linear):
         sparsity = 1.0 - float((inner.values != 0).sum()) / (n * k)
+    elif isinstance(inner, Sparse24Int4Linear):
+        sparsity = 1.0 - float((inner.dequantized_weight() != 0).sum()) / (n * k)
     else:
         sparsity = 0.0
     return LayerRow(name, type(mod).__name__, getattr(mod, "format", inner.format), params,

@@ -76,6 +76,18 @@ def dequant_int4(packed, scales, zeros, group_size) -> torch.Tensor:
     return (q - z) * s
 
 
+def dequant_sparse24_int4(packed, meta, scales, zeros, group_size) -> torch.Tensor:
+    """float64 dense [N, K] of a 2:4 + int4 weight (formats.py), written the long way:
+    kept value i of a row is (q[i] - zero) * scale of dense group (4 * (i // 2)) // gs,
+    placed at column 4 * (i // 2) + its 2-bit index (bits 2i, 2i+1 of the row's meta)."""
+    q = unpack_int4(packed).double()                      # [N, K/2]
+    n, half = q.shape
+    gs = 2 * half if group_size == -1 else group_size
+    z = zeros.double().repeat_interleave(gs // 2, dim=1)
+    s = scales.double().repeat_interleave(gs // 2, dim=1)
+    return decompress24((q - z) * s, unpack_int4(meta))
+
+
 def decompress24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """(values [N, K/2], meta uint8 [N, K/4]) -> dense [N, K] in values.dtype, by plain indexing."""
     n, groups = meta.shape

@@ -60,6 +60,31 @@ def test_lowbit_mm_grads_x_scales_bias(bits, group_size):
     _close(got, _grads(by_hand, x, scales, b))
 
 
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_sparse24_int4_mm_grads_x_scales_bias(group_size):
+    """By hand: the kept codes' (q - z) * s scattered into the 2:4 positions."""
+    x, w, b = torch.randn(3, 64), torch.randn(7, 64), torch.randn(7)
+    mask = magnitude_24_mask(w)
+    packed, meta, scales, zeros = pyfast.ops.pack_sparse24_int4(w * mask, group_size, False)
+    q = pyfast.reference.unpack_nibbles(packed).float()    # [7, 32] kept codes, k order
+    half = 32 if group_size == -1 else group_size // 2
+
+    def by_hand(x, s, b):
+        v = (q - zeros.float().repeat_interleave(half, 1)) * s.repeat_interleave(half, 1)
+        return F.linear(x, torch.zeros(7, 64).masked_scatter(mask, v), b)
+
+    got = _grads(lambda x, s, b: pyfast.ops.sparse24_int4_mm(x, packed, meta, s, zeros,
+                                                             group_size, b), x, scales, b)
+    _close(got, _grads(by_hand, x, scales, b))
+
+
+def test_pack_sparse24_int4_backward_raises():
+    w = torch.zeros(4, 32, requires_grad=True)
+    _, _, scales, _ = pyfast.ops.pack_sparse24_int4(w, 32, True)
+    with pytest.raises(RuntimeError, match="pyfast.pack_sparse24_int4 has no gradient"):
+        scales.sum().backward()
+
+
 def test_pack_lowbit_backward_raises():
     w = torch.randn(4, 32, requires_grad=True)
     _, scales, _ = pyfast.ops.pack_lowbit(w, 1, 32)

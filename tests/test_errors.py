@@ -38,6 +38,14 @@ INT4 = dict(packed=u8(5, 32), scales=f32(5, 2), zeros=u8(5, 2))
 # lowbit_mm with x [3, 64], group_size 32: int2 (bits 2) and binary (bits 1, no zero points)
 INT2 = dict(packed=u8(5, 16), scales=f32(5, 2), zeros=u8(5, 2))
 BIN = dict(packed=u8(5, 8), scales=f32(5, 2), zeros=u8(5, 0))
+# sparse24_int4_mm with x [3, 64], group_size 32: packed [5, 16], meta [5, 8]
+S24I4 = dict(packed=u8(5, 16), meta=u8(5, 8), scales=f32(5, 2), zeros=u8(5, 2))
+
+
+def _s24i4(**over):
+    """sparse24_int4_mm's arguments after x, with some replaced."""
+    return tuple({**S24I4, **over}.values())
+
 
 def _int4_tc():
     """A valid repacked weight for N = 5, K = 64."""
@@ -305,6 +313,60 @@ CASES = {
     "sparse24_mm-bias-length": Case("sparse24_mm", lambda: (f32(3, 64), f32(5, 32), u8(5, 16),
                                                             f32(7)), ValueError,
                                     "bias has shape (7,): dimension 0 must be 5"),
+    # --- pack_sparse24_int4: w [4, 64]
+    "pack_s24i4-w-int": Case("pack_sparse24_int4", lambda: (i8(4, 64), 32, True), TypeError,
+                             f"w has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "pack_s24i4-K-12": Case("pack_sparse24_int4", lambda: (f32(4, 12), -1, True), ValueError,
+                            "w.shape[1] (K) = 12 must be a multiple of 8: 2:4 + int4 stores "
+                            "the indices of two groups of 4 per byte"),
+    "pack_s24i4-group-16": Case("pack_sparse24_int4", lambda: (f32(4, 64), 16, True),
+                                ValueError, "group_size 16 is not supported; accepted: 32, "
+                                "64, 128 or -1"),
+    "pack_s24i4-K-not-multiple": Case("pack_sparse24_int4", lambda: (f32(4, 96), 64, True),
+                                      ValueError, "w.shape[1] (K) = 96 is not a multiple of "
+                                      "group_size 64"),
+    "pack_s24i4-symmetric-str": Case("pack_sparse24_int4", lambda: (torch.zeros(4, 64), 32, "yes"),
+                                     TypeError, "symmetric must be a bool, got 'yes'", RuntimeError,
+                                     "Expected a value of type 'bool' for argument 'symmetric'"),
+    "pack_s24i4-not-24": Case("pack_sparse24_int4", lambda: (torch.ones(4, 64), 32, True),
+                              ValueError, "w is not 2:4 sparse: row 0, group 0 (columns 0..3) "
+                              "has 4 nonzeros"),
+    # --- sparse24_int4_mm: x [3, 64], group_size 32, packed [5, 16], meta [5, 8]
+    "s24i4_mm-x-int": Case("sparse24_int4_mm", lambda: (i8(3, 64), *_s24i4(), 32), TypeError,
+                           f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "s24i4_mm-K-36": Case("sparse24_int4_mm", lambda: (f32(3, 36), u8(5, 9), u8(5, 4),
+                                                       f32(5, 1), u8(5, 1), -1), ValueError,
+                          "x.shape[1] (K) = 36 must be a multiple of 8"),
+    "s24i4_mm-packed-K": Case("sparse24_int4_mm",
+                              lambda: (f32(3, 64), *_s24i4(packed=u8(5, 32)), 32), ValueError,
+                              "packed has shape (5, 32): dimension 1 must be 16 (packed is "
+                              "[N, K/4]: the K/2 kept int4 codes, two per byte)"),
+    "s24i4_mm-packed-int8": Case("sparse24_int4_mm",
+                                 lambda: (f32(3, 64), *_s24i4(packed=i8(5, 16)), 32),
+                                 TypeError, "packed has dtype torch.int8; accepted: uint8"),
+    "s24i4_mm-meta-K": Case("sparse24_int4_mm",
+                            lambda: (f32(3, 64), *_s24i4(meta=u8(5, 16)), 32), ValueError,
+                            "meta has shape (5, 16): dimension 1 must be 8 (meta is [N, K/8]: "
+                            "the indices of two groups of 4 per byte)"),
+    "s24i4_mm-meta-rows": Case("sparse24_int4_mm",
+                               lambda: (f32(3, 64), *_s24i4(meta=u8(4, 8)), 32), ValueError,
+                               "meta has shape (4, 8): dimension 0 must be 5 (one row per "
+                               "output row N of packed)"),
+    "s24i4_mm-meta-float": Case("sparse24_int4_mm",
+                                lambda: (f32(3, 64), *_s24i4(meta=f32(5, 8)), 32), TypeError,
+                                "meta has dtype torch.float32; accepted: uint8"),
+    "s24i4_mm-scales-groups": Case("sparse24_int4_mm",
+                                   lambda: (f32(3, 64), *_s24i4(scales=f32(5, 1)), 32),
+                                   ValueError, "scales has shape (5, 1): dimension 1 must be 2 "
+                                   "(K / group_size = 64 / 32 groups)"),
+    "s24i4_mm-zeros-rows": Case("sparse24_int4_mm",
+                                lambda: (f32(3, 64), *_s24i4(zeros=u8(6, 2)), 32), ValueError,
+                                "zeros has shape (6, 2): dimension 0 must be 5"),
+    "s24i4_mm-group-48": Case("sparse24_int4_mm", lambda: (f32(3, 64), *_s24i4(), 48),
+                              ValueError, "group_size 48 is not supported"),
+    "s24i4_mm-bias-length": Case("sparse24_int4_mm",
+                                 lambda: (f32(3, 64), *_s24i4(), 32, f32(4)), ValueError,
+                                 "bias has shape (4,): dimension 0 must be 5"),
     # --- tensor-core layouts: repack ops check the canonical input; the *_tc matmuls
     # check their canonical arguments as the plain ops do (the repacked tensor's own
     # checks: tests/test_layout_*_tc.py)

@@ -18,7 +18,8 @@ import torch
 import pyfast
 from pyfast import dispatch, ops, reference
 from conftest import DEVICES
-from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4, dtype_id,
+from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4,
+                      dequant_sparse24_int4, dtype_id,
                       linear_tolerance, random_24, run_forced, usable_families)
 
 DTYPES = [pytest.param(d, id=dtype_id(d)) for d in FLOAT_DTYPES]
@@ -315,6 +316,55 @@ def test_sparse24_mm(device, m, k, n, dtype, bias):
     compare(ops.sparse24_mm(*args), "pyfast.ops")
 
 
+# --- pack_sparse24_int4 / sparse24_int4_mm ---------------------------------------------------
+
+# (K, N, group_size): every group size; K = 40 is a multiple of 8 but not of 16
+KNG_24_INT4 = [pytest.param(64, 33, 32, id="K64-N33-g32"),
+               pytest.param(192, 7, 64, id="K192-N7-g64"),
+               pytest.param(256, 130, 128, id="K256-N130-g128"),
+               pytest.param(40, 5, -1, id="K40-N5-gchannel")]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,group_size", KNG_24_INT4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_sparse24_int4(device, k, n, group_size, dtype, symmetric):
+    """Exact against an independent oracle: the dense weight it stores is int4's
+    dequantized 2:4 weight (pruned zeros do not change a group's scale or zero)."""
+    w = random_24(n, k, dtype, device)
+    w[0] = 0
+    ref = reference.pack_sparse24_int4(w, group_size, symmetric)
+    want = dequant_int4(*ops.pack_int4(w, group_size, symmetric), group_size)
+
+    def compare(got, who):
+        for name, g, r in zip(("packed", "meta", "scales", "zeros"), got, ref):
+            assert torch.equal(g, r), f"{who}: {name}"
+        assert torch.equal(dequant_sparse24_int4(*got, group_size), want), who
+
+    _every_backend("pack_sparse24_int4", device, (w, group_size, symmetric), compare)
+    compare(ops.pack_sparse24_int4(w, group_size, symmetric), "pyfast.ops")
+
+
+@pytest.mark.parametrize("bias", BIAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,group_size", KNG_24_INT4)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse24_int4_mm(device, m, k, n, group_size, dtype, bias):
+    x = torch.randn(m, k).to(dtype).to(device)
+    packed = ops.pack_sparse24_int4(random_24(n, k, device=device), group_size,
+                                    symmetric=bool(n % 2))
+    bias_t = _bias(n, dtype, device, bias)
+    args = (x, *packed, group_size, bias_t)
+    ref = reference.sparse24_int4_mm(*args)
+    w64 = dequant_sparse24_int4(*packed, group_size).cpu()
+    tol = linear_tolerance(x.cpu(), w64, None if bias_t is None else bias_t.cpu(), dtype)
+    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    _every_backend("sparse24_int4_mm", device, args, compare)
+    compare(ops.sparse24_int4_mm(*args), "pyfast.ops")
+
+
 # --- non-contiguous inputs -----------------------------------------------------------------
 
 def _strided(t):
@@ -344,6 +394,7 @@ def _noncontiguous_cases(device, dtype):
     p2 = ops.pack_lowbit(torch.randn(n, k, device=device), 2, 32)
     w24 = random_24(n, k, dtype, device)
     v, mt = ops.sparse24_compress(w24)
+    s4 = ops.pack_sparse24_int4(w24, 32, False)
     bias = torch.randn(n, device=device).to(dtype)
     return {
         "quantize_per_token": ((x,), (0,)),
@@ -357,6 +408,8 @@ def _noncontiguous_cases(device, dtype):
         "lowbit_mm": ((x,) + tuple(p2) + (2, 32, bias), (0, 1, 2, 3)),
         "sparse24_compress": ((w24,), (0,)),
         "sparse24_mm": ((x, v, mt, bias), (0, 1, 2)),
+        "pack_sparse24_int4": ((w24, 64, True), (0,)),
+        "sparse24_int4_mm": ((x, *s4, 32, bias), (0, 1, 2, 3, 4)),
         "repack_int4_tc": ((p4[0],), (0,)),
         # the repacked tensors have one fixed layout (made by the repack ops): contiguous
         "int4_mm_tc": ((x, ops.repack_int4_tc(p4[0])) + tuple(p4[1:]) + (32, bias), (0, 2, 3)),
@@ -371,7 +424,8 @@ def _noncontiguous_cases(device, dtype):
 # Ops whose every backend must be bit-exact: integer arithmetic, or float32 steps in
 # an order the format fixes (int8_mm's epilogue). Float matmuls may sum in any order.
 BIT_EXACT_OPS = ("quantize_per_token", "quantize_static", "int8_mm", "w8a8_mm", "w8a8_mm_vnni",
-                 "int8_mm_vnni", "pack_int4", "pack_lowbit", "sparse24_compress")
+                 "int8_mm_vnni", "pack_int4", "pack_lowbit", "sparse24_compress",
+                 "pack_sparse24_int4")
 
 
 def _same(got, ref, dtype, op):
@@ -417,6 +471,9 @@ def _opcheck_cases():
     l1 = reference.pack_lowbit(w, 1, -1)
     v, m = reference.sparse24_compress(random_24(7, 64, gen=g))
     vh, mh = reference.sparse24_compress(random_24(7, 64, torch.float16, gen=g))
+    w24 = random_24(7, 64, gen=g)
+    s32 = reference.pack_sparse24_int4(w24, 32, True)
+    sch = reference.pack_sparse24_int4(w24, -1, False)
     return [
         ("quantize_per_token", (x,)),
         ("quantize_per_token", (x[:0].bfloat16(),)),
@@ -440,6 +497,10 @@ def _opcheck_cases():
         ("sparse24_compress", (random_24(3, 20, torch.float16, gen=g),)),
         ("sparse24_mm", (x, v, m, None)),
         ("sparse24_mm", (x.half(), vh, mh, torch.randn(7).half())),
+        ("pack_sparse24_int4", (w24, 32, True)),
+        ("pack_sparse24_int4", (w24.bfloat16(), -1, False)),
+        ("sparse24_int4_mm", (x, *s32, 32, None)),
+        ("sparse24_int4_mm", (x.half(), *sch, -1, torch.randn(7).half())),
         ("repack_int4_tc", (p32[0],)),
         ("repack_int4_tc", (pch[0],)),
         ("int4_mm_tc", (x, reference.repack_int4_tc(p32[0]), *p32[1:], 32, None)),

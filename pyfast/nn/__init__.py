@@ -9,6 +9,7 @@ from .linear import (Int4Linear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linea
                      _CompressedLinear)
 from .lowbit import LowBitLinear
 from .static import StaticInt8Linear
+from .sparse_int4 import Sparse24Int4Linear
 from .conv import QuantConv2d
 
 
@@ -25,5 +26,5 @@ def compressed_layer_types() -> tuple:
 
 
 __all__ = ["Int8Linear", "Int8WeightOnlyLinear", "Int4Linear", "Sparse24Linear", "LowBitLinear",
-           "StaticInt8Linear", "QuantConv2d",
+           "StaticInt8Linear", "Sparse24Int4Linear", "QuantConv2d",
            "compressed_layer_types"]

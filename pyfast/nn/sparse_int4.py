@@ -1,0 +1,105 @@
+"""Sparse24Int4Linear: 2:4 semi-structured sparsity with int4 kept values.
+
+The two compressions multiply: 2:4 halves the weights, int4 stores each kept one in
+4 bits, and the 2-bit indices of the kept ones cost 1 bit per dense weight, so a
+layer takes about 3 bits per weight plus one scale (and zero point) per group:
+0.19x of bfloat16, 0.75x of plain int4 (pyfast/formats.py, "2:4 sparsity + int4").
+Like Sparse-Marlin (Frantar et al.), it is meant for memory-bound inference (small
+batches), where fewer weight bytes is what makes a matmul faster.
+
+The matmul (torch.ops.pyfast.sparse24_int4_mm) dequantizes in float32, so any float
+input dtype works; out = x @ W.T + bias in x.dtype, W the dense 2:4 weight.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
+from .. import reference
+from ..ops import _sparse24_int4_group
+from ..sparsity import magnitude_24_mask
+from .linear import _CompressedLinear
+
+Tensor = torch.Tensor
+
+
+def unsupported_reason(in_features: int, group_size: int) -> Optional[str]:
+    """None if a Sparse24Int4Linear can hold in_features inputs with this group size,
+    else why not (pyfast.sparsify skips such a layer with the reason)."""
+    try:
+        _sparse24_int4_group(group_size, in_features, "in_features")
+    except ValueError as exc:
+        return f"{exc} (2:4 + int4)"
+    return None
+
+
+class Sparse24Int4Linear(_CompressedLinear):
+    """2:4 sparse weights whose kept values are group-wise int4 (symmetric or not).
+
+    Buffers (formats.py): packed uint8 [N, K/4] (the kept values' codes), meta uint8
+    [N, K/8] (their 2-bit indices), scales float32 [N, G], zeros uint8 [N, G], with
+    G = K / group_size groups of DENSE columns (group_size 32, 64, 128 or -1).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = 128, symmetric: bool = True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        gs = _sparse24_int4_group(group_size, in_features, "in_features")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        self.group_size, self.symmetric = group_size, symmetric
+        groups = in_features // gs
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 4,
+                                                   dtype=torch.uint8, device=device))
+        # 0b0100 per group: kept indices 0 and 1 (a valid, deterministic default)
+        self.register_buffer("meta", torch.full((out_features, in_features // 8), 0x44,
+                                                dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.full((out_features, groups), 8,
+                                                 dtype=torch.uint8, device=device))
+
+    def pyfast_config(self) -> dict:
+        return {**super().pyfast_config(), "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
+    @property
+    def format(self) -> str:  # type: ignore[override]
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"2:4 sparse + int4 {g} {'sym' if self.symmetric else 'asym'}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, prune: bool = False, group_size: int = 128,
+                    symmetric: bool = True) -> "Sparse24Int4Linear":
+        """prune=True keeps the 2 largest |w| of each group of 4 first; otherwise the
+        weight must already be 2:4 (else ValueError naming the first bad group). The
+        kept values are then quantized round-to-nearest, int4's rule per group."""
+        cls._check_linear(linear)
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune must be a bool, got {prune!r}")
+        w = linear.weight.detach()
+        if prune:
+            w = w * magnitude_24_mask(w)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    group_size=group_size, symmetric=symmetric, device=w.device)
+        layer.orig_dtype = w.dtype
+        packed, meta, scales, zeros = torch.ops.pyfast.pack_sparse24_int4(
+            w, group_size, symmetric)
+        for buf, t in ((layer.packed, packed), (layer.meta, meta), (layer.scales, scales),
+                       (layer.zeros, zeros)):
+            buf.copy_(t)
+        layer._copy_bias(linear)
+        return layer
+
+    def dequantized_weight(self) -> Tensor:
+        """The dense float32 weight [N, K] the layer multiplies by (zeros where pruned)."""
+        return reference.dequantize_sparse24_int4(self.packed, self.meta, self.scales,
+                                                  self.zeros, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.ops.pyfast.sparse24_int4_mm(self._flat(x), self.packed, self.meta,
+                                                self.scales, self.zeros, self.group_size,
+                                                self.bias)
+        return self._unflat(out, x)
