@@ -24,7 +24,8 @@ from .shapes import INT4_GROUP_SIZE
 
 Tensor = torch.Tensor
 PYFAST_OPS = ("int8_mm", "int8_mm_vnni", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm",
-              "sparse24_mm", "quantize_per_token", "int4_mm_tc", "sparse24_mm_tc")
+              "sparse24_mm", "sparse24_int4_mm", "quantize_per_token", "int4_mm_tc",
+              "sparse24_mm_tc")
 # quantize_per_token then int8_mm as two op calls: W8A8 unfused, beside w8a8_mm (the one
 # op Int8Linear calls), so the fusion's gain is measured in the same run
 E2E = "w8a8_e2e"
@@ -82,6 +83,8 @@ class Layer:
     int8_vnni (repack_int8_vnni(w_int8), w_scale)         w8a8_mm_vnni, int8_mm_vnni
     int4     (packed u8 [N, K/2], scales f32 [N, K/128], zeros u8 [N, K/128])  symmetric
     sparse24 (values act_dtype [N, K/2], meta u8 [N, K/4])  of the 2:4-pruned weight
+    sparse24_int4 (packed u8 [N, K/4], meta u8 [N, K/8], scales f32 [N, K/128],
+             zeros u8 [N, K/128])  the same 2:4-pruned weight, kept values int4 symmetric
     """
     k: int
     n: int
@@ -91,14 +94,15 @@ class Layer:
     int8_kn: list
     int4: list
     sparse24: list
+    sparse24_int4: list
     int4_tc: list
     sparse24_tc: list
     int8_vnni: list
 
     def copies(self) -> Dict[str, int]:
         return {name: len(getattr(self, name)) for name in
-                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "int4_tc", "sparse24_tc",
-                 "int8_vnni")}
+                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "sparse24_int4",
+                 "int4_tc", "sparse24_tc", "int8_vnni")}
 
 
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
@@ -110,12 +114,15 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
     with pyfast.use_backend("reference"):
         int8 = torch.ops.pyfast.quantize_per_token(w)    # per output channel = per row of w
         int4 = torch.ops.pyfast.pack_int4(w, INT4_GROUP_SIZE, True)
-        sparse = torch.ops.pyfast.sparse24_compress((w * magnitude_24_mask(w)).to(act_dtype))
+        pruned = w * magnitude_24_mask(w)
+        sparse = torch.ops.pyfast.sparse24_compress(pruned.to(act_dtype))
+        sparse_int4 = torch.ops.pyfast.pack_sparse24_int4(pruned, INT4_GROUP_SIZE, True)
         int4_tc = (torch.ops.pyfast.repack_int4_tc(int4[0]), *int4[1:])
         sparse_tc = (sparse[0], torch.ops.pyfast.repack_sparse24_tc(sparse[1]))
         int8_vnni = (torch.ops.pyfast.repack_int8_vnni(int8[0]), int8[1])
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
                "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse,
+               "sparse24_int4": sparse_int4,
                "int4_tc": int4_tc, "sparse24_tc": sparse_tc, "int8_vnni": int8_vnni}
     return Layer(k, n, **{name: _copies(v, copies_for(_size(v))) for name, v in formats.items()})
 
@@ -297,6 +304,12 @@ def _pyfast_call(op: str, cell: Cell):
         return (lambda i: ops.sparse24_mm(cell.x, *cell.pick("sparse24", i), None),
                 "sparse24", 2 * m * n * k, x_bytes + _size(cell.layer.sparse24[0]) + out_bytes,
                 f"{a_s}.2:4", act)
+    if op == "sparse24_int4_mm":
+        return (lambda i: ops.sparse24_int4_mm(cell.x, *cell.pick("sparse24_int4", i),
+                                               INT4_GROUP_SIZE, None),
+                "sparse24_int4", 2 * m * n * k,
+                x_bytes + _size(cell.layer.sparse24_int4[0]) + out_bytes,
+                f"{a_s}.2:4w4g{INT4_GROUP_SIZE}", act)
     if op == "int4_mm_tc":
         return (lambda i: ops.int4_mm_tc(cell.x, *cell.pick("int4_tc", i), INT4_GROUP_SIZE, None),
                 "int4_tc", 2 * m * n * k, x_bytes + _size(cell.layer.int4_tc[0]) + out_bytes,
@@ -377,6 +390,7 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
         "quantize_static": lambda: (x, cell.static_scale),
         "int4_mm": lambda: (x, *layer.int4[0], INT4_GROUP_SIZE, None),
         "sparse24_mm": lambda: (x, *layer.sparse24[0], None),
+        "sparse24_int4_mm": lambda: (x, *layer.sparse24_int4[0], INT4_GROUP_SIZE, None),
         "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),
         "sparse24_mm_tc": lambda: (x, *layer.sparse24_tc[0], None),
     }[op]()

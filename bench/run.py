@@ -9,7 +9,8 @@ side by side with torch's own GEMMs, on LLM layer shapes.
 Rows: int8_mm (on pre-quantized inputs: the GEMM alone), int8_mm_vnni (the same on the
 VNNI layout), w8a8_mm (W8A8 in one op on the canonical int8 weight), w8a8_mm_vnni (the
 same on the VNNI layout, as Int8Linear runs it on an AVX-512 CPU), int8_weight_mm,
-int4_mm (group 128, symmetric), sparse24_mm, quantize_per_token, w8a8_e2e
+int4_mm (group 128, symmetric), sparse24_mm, sparse24_int4_mm (the same 2:4 weight with int4
+kept values, group 128 symmetric), quantize_per_token, w8a8_e2e
 (quantize_per_token then int8_mm, two op calls), w8a8_static_e2e (quantize_static then
 int8_mm_vnni, as StaticInt8Linear runs on an AVX-512 CPU; the VNNI rows are CPU only
 unless named in --ops), on

@@ -55,6 +55,10 @@ def _sparse24_mm(x, values, meta, bias=None):
     return torch.ops.pyfast_C.sparse24_mm(x, values, meta, bias)
 
 
+def _sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
+    return torch.ops.pyfast_C.sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+
+
 KERNELS = {
     "quantize_per_token": (_quantize_per_token, "quantize.cpp"),
     "quantize_static": (_quantize_static, "quantize.cpp"),
@@ -65,6 +69,7 @@ KERNELS = {
     "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
     "int4_mm": (_int4_mm, "weight_only.cpp"),
     "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),
+    "sparse24_int4_mm": (_sparse24_int4_mm, "sparse24_int4.cpp"),
 }
 
 

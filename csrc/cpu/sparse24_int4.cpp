@@ -1,0 +1,481 @@
+// CPU kernel of pyfast_C::sparse24_int4_mm: x @ W.T + bias, W 2:4 sparse with int4 kept values.
+//
+//   x          : float32 / bfloat16 / float16 [M, K], any strides (converted to float32: exact)
+//   packed     : uint8 [N, K/4]  int4 codes q of the K/2 kept values, low nibble = even one
+//   meta       : uint8 [N, K/8]  the 2-bit index (in its group of 4) of kept value i at bits
+//                                2i, 2i+1 of the row read as one little-endian integer
+//   scales     : [N, G] any float dtype (used as float32); zeros: uint8 [N, G]
+//   group_size : 32 / 64 / 128 dense columns per scale, or -1 (per channel, G = 1)
+//   bias       : [N] any float dtype, or None
+//   out        : x.dtype [M, N] = x @ W.T + bias, W[n, 4 (i / 2) + idx_i] = (q_i - zero) * scale
+// Layout: pyfast/formats.py ("2:4 sparsity + int4"); oracle: pyfast/reference.py. Every
+// weight value is computed as the reference does, (float(q) - float(zero)) * scale (one
+// rounding); float32 accumulation; one rounding to x.dtype (bfloat16 panels: see below).
+//
+// Which path (a visible rule, per call; A = pyfast::cpu::active_isa()):
+//   1. M > small_m_limit (32; 4 for bfloat16 x or A = scalar, as int4_mm): each thread
+//      expands panels of weight rows to dense float32 (bfloat16 for bfloat16 x, as F.linear
+//      in bfloat16 rounds its weight) and multiplies them with at::mm (dequant_mm.h).
+//   2. otherwise the tiles of level A, reading only the weight's 3 bits per dense weight:
+//      AVX-512: a chunk of 32 dense columns of one weight row is 16 kept values, i.e. 8 code
+//        bytes and 4 meta bytes. The codes become 16 dword lanes (nibbles split with a mask
+//        and a shift, interleaved with vpunpcklbw, widened by vpmovzxbd) that index a
+//        16-float table of the group's weight values (q - zero) * scale, q = 0..15, built
+//        once per group and row: one vpermps dequantizes 16 weights. Lane i's x position
+//        in the chunk, 4 (i / 2) + idx_i, is the meta word shifted right by 2i per lane
+//        (vpsrlvd), masked to 2 bits and or-ed with a constant (one vpternlogd);
+//        vpermt2ps picks those 16 x from the chunk's two zmm of x; one FMA per x row. The codes and indices are built once per weight row
+//        and chunk and reused for every x row of the tile (MT <= 4).
+//      AVX2 + FMA: the same on chunks of 16 dense columns (8 kept values: 4 code bytes, 2
+//        meta bytes); the 8 x are two vpermps (one per 8-column half) and a blend.
+//      scalar: kept value by kept value (any CPU), 32 partial sums per dot product.
+//   A per-channel K that is not a multiple of the chunk ends in a scalar tail.
+// Blocking as sparse24.cpp: threads split N in tiles of NT rows; each takes blocks of 64
+// weight rows by a K block whose x tile (MT rows) fills about 16 KiB of L1, sweeping all M
+// tiles over it, so each weight byte comes from memory once. The weight streams are
+// prefetched into L2 a tile of rows ahead (at least 8 KiB), as the int4 kernels do.
+//
+// Threads: at::parallel_for (parallel when compiled with -fopenmp, setup.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "../checks.h"
+#include "dequant_mm.h"
+#include "isa.h"
+#include "weight_only_kernels.h"  // to_bf16, prefetch_l2
+
+#if PYFAST_X86
+#include <immintrin.h>
+#endif
+
+#define PYFAST_S24I4_INLINE inline __attribute__((always_inline))
+#define PYFAST_S24I4_UNROLL _Pragma("GCC unroll 16")
+
+namespace pyfast {
+namespace cpu {
+namespace {
+
+using weight_only::prefetch_l2;
+
+// One call's operands, as raw row-major pointers.
+struct Operands {
+  const float* x;         // [M, K] float32
+  const uint8_t* packed;  // [N, K/4]
+  const uint8_t* meta;    // [N, K/8]
+  const float* scales;    // [N, G]
+  const uint8_t* zeros;   // [N, G]
+  int64_t K, G;
+  int gshift;             // dense column k lies in group k >> gshift (63: per channel)
+  float* acc;             // [M, N] float32 sums
+  int64_t N;
+};
+
+PYFAST_S24I4_INLINE void put(float* o, float s, bool accumulate) { *o = accumulate ? *o + s : s; }
+
+// sum over dense columns [k0, k1) (multiples of 4) of x[k] * W[n, k], kept value by kept
+// value, in 32 partial sums (kept value i mod 32, as the AVX-512 tiles' 2 x 16 lanes) added
+// pairwise at the end: a single running sum of K/2 products would have an error growing
+// like K ulps, several times PyTorch's own.
+PYFAST_S24I4_INLINE float dot_scalar(const Operands& op, const float* xr, int64_t n, int64_t k0,
+                                     int64_t k1) {
+  constexpr int kParts = 32;
+  const uint8_t* pr = op.packed + n * (op.K / 4);
+  const uint8_t* mr = op.meta + n * (op.K / 8);
+  float part[kParts] = {};
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int64_t grp = k / 4;
+    const int nib = (mr[grp / 2] >> (4 * (grp & 1))) & 15;
+    const int64_t g = k >> op.gshift;
+    const float z = static_cast<float>(op.zeros[n * op.G + g]), s = op.scales[n * op.G + g];
+    const int byte = pr[grp];  // the two kept values of group grp: low and high nibble
+    float* p = part + (2 * grp) % kParts;
+    // fused multiply-adds (one rounding each, as the SIMD tiles and PyTorch's GEMMs)
+    p[0] = std::fma(xr[k + (nib & 3)], (static_cast<float>(byte & 15) - z) * s, p[0]);
+    p[1] = std::fma(xr[k + ((nib >> 2) & 3)], (static_cast<float>(byte >> 4) - z) * s, p[1]);
+  }
+  for (int h = kParts / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) part[l] += part[l + h];
+  return part[0];
+}
+
+template <int MT, int NT>
+void tile_scalar(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1,
+                 bool accumulate) {
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j)
+      put(op.acc + (m0 + i) * op.N + n0 + j,
+          dot_scalar(op, op.x + (m0 + i) * op.K, n0 + j, k0, k1), accumulate);
+}
+
+// Prefetch distance of the weight streams: the same offset a tile of NT rows ahead.
+PYFAST_S24I4_INLINE int64_t pf_distance(int64_t row_bytes, int nt) {
+  return weight_only::prefetch_distance(nt * row_bytes);
+}
+
+#if PYFAST_X86
+
+// --- AVX-512: chunks of 32 dense columns ----------------------------------------------------
+
+// One chunk of 32 dense columns at k for an MT x NT tile, into acc. lut[j] holds the 16
+// weight values (q - zero) * scale of row n0 + j's current group, q = 0..15 (lane q), so a
+// code becomes its weight with one vpermps, exactly as the reference computes it.
+template <int MT, int NT>
+PYFAST_TARGET_AVX512 PYFAST_S24I4_INLINE void chunk_avx512(const Operands& op, int64_t m0,
+                                                          int64_t n0, int64_t k,
+                                                          const __m512 (&lut)[NT],
+                                                          __m512 (&acc)[MT][NT]) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+  // lane i's x offset in the chunk is 4 (i / 2) + idx_i: bits 2-4 from here, bits 0-1 idx_i
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24,
+                                         28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t ldp = op.K / 4, ldm = op.K / 8;
+  __m512 xl[MT], xh[MT];
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+    xl[i] = _mm512_loadu_ps(op.x + (m0 + i) * op.K + k);
+    xh[i] = _mm512_loadu_ps(op.x + (m0 + i) * op.K + k + 16);
+  }
+  PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+    const int64_t n = n0 + j;
+    const uint8_t* cp = op.packed + n * ldp + k / 4;
+    const uint8_t* mp = op.meta + n * ldm + k / 8;
+    if ((k & 255) == 0) prefetch_l2(cp + pf_distance(ldp, NT));  // a new line every 256 k
+    if ((k & 511) == 0) prefetch_l2(mp + pf_distance(ldm, NT));
+    uint64_t cb;
+    std::memcpy(&cb, cp, 8);
+    const __m128i b = _mm_cvtsi64_si128(static_cast<long long>(cb));
+    const __m128i q8 = _mm_unpacklo_epi8(_mm_and_si128(b, low4),
+                                         _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q8), lut[j]);
+    uint32_t mw;
+    std::memcpy(&mw, mp, 4);
+    const __m512i shifted = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(mw)), shifts);
+    // (shifted & three) | base in one vpternlogd (truth table 0xEA: (A & B) | C)
+    const __m512i idx = _mm512_ternarylogic_epi32(shifted, three, base, 0xEA);
+    PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+      acc[i][j] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xl[i], idx, xh[i]), acc[i][j]);
+  }
+}
+
+// The columns [k0, k1) group by group: the LUTs of the NT rows are rebuilt at each group.
+// Tiles of up to 6 accumulators keep two sets, for even and odd chunks of a group: twice
+// the independent FMA chains (a 1 x 4 tile has only 4 otherwise) and sums of half the length.
+template <int MT, int NT>
+PYFAST_TARGET_AVX512 void tile_avx512(const Operands& op, int64_t m0, int64_t n0, int64_t k0,
+                                      int64_t k1, bool accumulate) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t kfull = k0 + (k1 - k0) / 32 * 32;
+  __m512 acc0[MT][NT], acc1[MT][NT];
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      acc0[i][j] = _mm512_setzero_ps();
+      acc1[i][j] = _mm512_setzero_ps();
+    }
+  for (int64_t k = k0; k < kfull;) {
+    const int64_t g = k >> op.gshift;
+    const int64_t kend = op.gshift == 63 ? kfull : std::min(kfull, (g + 1) << op.gshift);
+    __m512 lut[NT];
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      const int64_t at = (n0 + j) * op.G + g;
+      lut[j] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(op.zeros[at]))),
+                             _mm512_set1_ps(op.scales[at]));
+    }
+    if constexpr (MT * NT <= 6) {  // larger tiles: 2 sets would not fit the 32 zmm registers
+      for (; k + 64 <= kend; k += 64) {
+        chunk_avx512<MT, NT>(op, m0, n0, k, lut, acc0);
+        chunk_avx512<MT, NT>(op, m0, n0, k + 32, lut, acc1);
+      }
+    }
+    for (; k < kend; k += 32) chunk_avx512<MT, NT>(op, m0, n0, k, lut, acc0);
+  }
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+    const float* xr = op.x + (m0 + i) * op.K;
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i][j], acc1[i][j]));
+      if (kfull < k1) s += dot_scalar(op, xr, n0 + j, kfull, k1);
+      put(op.acc + (m0 + i) * op.N + n0 + j, s, accumulate);
+    }
+  }
+}
+
+// --- AVX2 + FMA: chunks of 16 dense columns -------------------------------------------------
+
+template <int MT, int NT>
+PYFAST_TARGET_AVX2 void tile_avx2(const Operands& op, int64_t m0, int64_t n0, int64_t k0,
+                                  int64_t k1, bool accumulate) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t ldp = op.K / 4, ldm = op.K / 8;
+  const int64_t pf_p = pf_distance(ldp, NT), pf_m = pf_distance(ldm, NT);
+  const int64_t kfull = k0 + (k1 - k0) / 16 * 16;
+  __m256 acc[MT][NT];
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < kfull; k += 16) {
+    __m256 xl[MT], xh[MT];
+    PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+      xl[i] = _mm256_loadu_ps(op.x + (m0 + i) * op.K + k);
+      xh[i] = _mm256_loadu_ps(op.x + (m0 + i) * op.K + k + 8);
+    }
+    const int64_t g = k >> op.gshift;
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      const int64_t n = n0 + j;
+      const uint8_t* cp = op.packed + n * ldp + k / 4;
+      const uint8_t* mp = op.meta + n * ldm + k / 8;
+      if ((k & 255) == 0) prefetch_l2(cp + pf_p);
+      if ((k & 511) == 0) prefetch_l2(mp + pf_m);
+      uint32_t cb;
+      std::memcpy(&cb, cp, 4);
+      const __m128i b = _mm_cvtsi32_si128(static_cast<int>(cb));
+      const __m128i q8 = _mm_unpacklo_epi8(_mm_and_si128(b, low4),
+                                           _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+      const __m256 z = _mm256_set1_ps(static_cast<float>(op.zeros[n * op.G + g]));
+      const __m256 w = _mm256_mul_ps(_mm256_sub_ps(q, z), _mm256_set1_ps(op.scales[n * op.G + g]));
+      uint16_t mw;
+      std::memcpy(&mw, mp, 2);
+      // lanes 0-3 (groups 0, 1) index x[k, k+8), lanes 4-7 x[k+8, k+16); vpermps reads the
+      // low 3 bits of each index, so idx - 8 needs no correction
+      const __m256i idx = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(mw), shifts), three), base);
+      PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+        const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(xl[i], idx),
+                                          _mm256_permutevar8x32_ps(xh[i], idx), 0xF0);
+        acc[i][j] = _mm256_fmadd_ps(w, xg, acc[i][j]);
+      }
+    }
+  }
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+    const float* xr = op.x + (m0 + i) * op.K;
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+      v = _mm_add_ss(v, _mm_movehdup_ps(v));
+      float s = _mm_cvtss_f32(v);
+      if (kfull < k1) s += dot_scalar(op, xr, n0 + j, kfull, k1);
+      put(op.acc + (m0 + i) * op.N + n0 + j, s, accumulate);
+    }
+  }
+}
+
+#endif  // PYFAST_X86
+
+// --- the blocked driver ---------------------------------------------------------------------
+
+using TileFn = void (*)(const Operands&, int64_t m0, int64_t n0, int64_t k0, int64_t k1,
+                        bool accumulate);
+
+// full[mt - 1]: an mt x nt tile; narrow[mt - 1]: mt x 1 (the last < nt rows of W).
+struct Tiles {
+  int mt, nt;
+  TileFn full[4];
+  TileFn narrow[4];
+};
+
+template <template <int, int> class T, int MT, int NT>
+Tiles make_tiles() {
+  static_assert(MT >= 1 && MT <= 4, "1..4 rows of x per tile");
+  Tiles t{MT, NT, {}, {}};
+  t.full[0] = &T<1, NT>::run;
+  t.narrow[0] = &T<1, 1>::run;
+  if constexpr (MT >= 2) t.full[1] = &T<2, NT>::run, t.narrow[1] = &T<2, 1>::run;
+  if constexpr (MT >= 3) t.full[2] = &T<3, NT>::run, t.narrow[2] = &T<3, 1>::run;
+  if constexpr (MT >= 4) t.full[3] = &T<4, NT>::run, t.narrow[3] = &T<4, 1>::run;
+  return t;
+}
+
+template <int MT, int NT>
+struct ScalarT {
+  static void run(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1, bool a) {
+    tile_scalar<MT, NT>(op, m0, n0, k0, k1, a);
+  }
+};
+
+#if PYFAST_X86
+template <int MT, int NT>
+struct Avx512T {
+  static void run(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1, bool a) {
+    tile_avx512<MT, NT>(op, m0, n0, k0, k1, a);
+  }
+};
+
+template <int MT, int NT>
+struct Avx2T {
+  static void run(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1, bool a) {
+    tile_avx2<MT, NT>(op, m0, n0, k0, k1, a);
+  }
+};
+#endif
+
+// M = 1: 4 weight rows per tile (4 independent FMA chains; the weight rows are the work).
+// M > 1: up to 4 x rows by 3 weight rows (AVX-512: 12 accumulators + 8 x registers;
+// AVX2 has 16 ymm: 2 x 3). Scalar: 4 x 4.
+Tiles tiles_for(Isa isa, int64_t M) {
+#if PYFAST_X86
+  if (isa == Isa::kAvx512) return M == 1 ? make_tiles<Avx512T, 1, 4>() : make_tiles<Avx512T, 4, 3>();
+  if (isa == Isa::kAvx2) return M == 1 ? make_tiles<Avx2T, 1, 4>() : make_tiles<Avx2T, 2, 3>();
+#endif
+  return make_tiles<ScalarT, 4, 4>();
+}
+
+constexpr int64_t kNBlock = 64;             // weight rows per block
+constexpr int64_t kXTileBytes = 16 * 1024;  // the x tile of one K block: half of L1d
+
+// acc[M, N] = x @ W.T, tile by tile (loop order in the header).
+void run_blocked(const Tiles& t, const Operands& op, int64_t M) {
+  const int64_t mt = std::min<int64_t>(t.mt, M), N = op.N, K = op.K;
+  // K block: multiples of 32 columns (every chunk width), so only the last block has a tail
+  const int64_t kb = std::max<int64_t>(32, kXTileBytes / (mt * 4) / 32 * 32);
+  const int64_t units = (N + t.nt - 1) / t.nt;
+  // About 64k multiply-adds per task at least, so tiny calls stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * (K / 2) * t.nt));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t n_begin = u0 * t.nt, n_end = std::min(N, u1 * t.nt);
+    for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += kNBlock) {
+      const int64_t nb1 = std::min(n_end, nb0 + kNBlock);
+      for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
+        for (int64_t m0 = 0; m0 < M; m0 += mt) {
+          const int64_t rows = std::min(mt, M - m0);
+          int64_t n = nb0;
+          for (; n + t.nt <= nb1; n += t.nt) t.full[rows - 1](op, m0, n, k0, k1, k0 > 0);
+          for (; n < nb1; ++n) t.narrow[rows - 1](op, m0, n, k0, k1, k0 > 0);
+        }
+      }
+    }
+  });
+}
+
+// --- large M: dense panels + at::mm ---------------------------------------------------------
+
+// dense[r, :] = weight row n0 + r, dequantized and expanded (zeros at the pruned columns).
+template <typename Out, typename Cvt>
+void expand_rows(const Operands& op, int64_t n0, int64_t n1, Out* dense, Cvt cvt) {
+  const int64_t K = op.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* pr = op.packed + n * (K / 4);
+    const uint8_t* mr = op.meta + n * (K / 8);
+    Out* d = dense + (n - n0) * K;
+    std::fill(d, d + K, cvt(0.0f));
+    for (int64_t grp = 0; grp < K / 4; ++grp) {
+      const int nib = (mr[grp / 2] >> (4 * (grp & 1))) & 15;
+      const int64_t g = (4 * grp) >> op.gshift;
+      const float z = static_cast<float>(op.zeros[n * op.G + g]), s = op.scales[n * op.G + g];
+      d[4 * grp + (nib & 3)] = cvt((static_cast<float>(pr[grp] & 15) - z) * s);
+      d[4 * grp + ((nib >> 2) & 3)] = cvt((static_cast<float>(pr[grp] >> 4) - z) * s);
+    }
+  }
+}
+
+int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
+  if (isa == Isa::kScalar) return 4;
+  return x_dtype == at::kBFloat16 ? 4 : 32;
+}
+
+at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
+                                const at::Tensor& meta_in, const at::Tensor& scales_in,
+                                const at::Tensor& zeros_in, int64_t group_size,
+                                const std::optional<at::Tensor>& bias) {
+  using namespace dequant_mm;
+  check_x(x_in);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
+              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
+  TORCH_CHECK(K % 8 == 0, "x.size(1) = K is ", K,
+              "; 2:4 + int4 needs K a multiple of 8 (two groups of 4 per meta byte)");
+  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
+              "; it must be a multiple of group_size ", group_size);
+  const int64_t G = group_size == -1 ? 1 : K / group_size;
+  check_device(packed_in, "packed", at::kCPU);
+  check_dtype(packed_in, "packed", {at::kByte});
+  check_dim(packed_in, "packed", 2);
+  const int64_t N = packed_in.size(0);
+  check_size(packed_in, "packed", 1, K / 4, "x.size(1) / 4 = K/4");
+  check_device(meta_in, "meta", at::kCPU);
+  check_dtype(meta_in, "meta", {at::kByte});
+  check_dim(meta_in, "meta", 2);
+  check_size(meta_in, "meta", 0, N, "packed.size(0) = N");
+  check_size(meta_in, "meta", 1, K / 8, "x.size(1) / 8 = K/8");
+  check_float(scales_in, "scales");
+  check_dim(scales_in, "scales", 2);
+  check_size(scales_in, "scales", 0, N, "packed.size(0) = N");
+  check_size(scales_in, "scales", 1, G, "K / group_size (1 per channel)");
+  check_device(zeros_in, "zeros", at::kCPU);
+  check_dtype(zeros_in, "zeros", {at::kByte});
+  check_dim(zeros_in, "zeros", 2);
+  check_size(zeros_in, "zeros", 0, N, "packed.size(0) = N");
+  check_size(zeros_in, "zeros", 1, G, "K / group_size (1 per channel)");
+  const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
+  const float* bp = ptr_or_null(b);
+
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();  // empty sum
+  const at::Tensor packed = packed_in.contiguous(), meta = meta_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous(), zeros = zeros_in.contiguous();
+  const int gshift = group_size == -1 ? 63 : (group_size == 32 ? 5 : group_size == 64 ? 6 : 7);
+  Operands op{nullptr, packed.const_data_ptr<uint8_t>(), meta.const_data_ptr<uint8_t>(),
+              scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(), K, G, gshift,
+              nullptr, N};
+  const Isa isa = active_isa();
+
+  if (M > small_m_limit(x_in.scalar_type(), isa)) {
+    auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) {
+      expand_rows(op, n0, n1, d, [](float v) { return v; });
+    };
+    auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
+      expand_rows(op, n0, n1, d, [](float v) { return weight_only::to_bf16(v); });
+    };
+    if (x_in.scalar_type() == at::kBFloat16) {
+      panel_mm(x_in.contiguous(), N, K, out, dq_f32, dq_bf16);
+      if (bp != nullptr) {
+        at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
+        epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bp, o);
+      }
+      return out;
+    }
+    const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+    panel_mm(xf, N, K, acc, dq_f32, dq_bf16);
+    finish_f32(acc, bp, out);
+    return out;
+  }
+
+  const at::Tensor xf = x_in.to(at::kFloat).contiguous();  // exact widening
+  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+  op.x = xf.const_data_ptr<float>();
+  op.acc = acc.mutable_data_ptr<float>();
+  run_blocked(tiles_for(isa, M), op, M);
+  finish_f32(acc, bp, out);
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pyfast
+
+TORCH_LIBRARY_FRAGMENT(pyfast_C, m) {
+  // x float32/bfloat16/float16 [M, K] (any strides, K % 8 == 0), packed uint8 [N, K/4],
+  // meta uint8 [N, K/8], scales [N, G] float, zeros uint8 [N, G], group_size 32/64/128/-1,
+  // bias [N] any float dtype or None -> out x.dtype [M, N] = x @ W.T + bias (2:4 + int4
+  // layout of pyfast/formats.py); float32 accumulation.
+  m.def("sparse24_int4_mm(Tensor x, Tensor packed, Tensor meta, Tensor scales, Tensor zeros, "
+        "int group_size, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
+  m.impl("sparse24_int4_mm", &pyfast::cpu::sparse24_int4_mm_cpu);
+}
