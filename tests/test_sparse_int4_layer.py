@@ -163,3 +163,21 @@ def test_save_load_round_trip(tmp_path, dtype):
     x = torch.randn(3, 64).to(dtype)
     assert torch.equal(loaded(x), model(x))
     assert loaded[0].bias.dtype == dtype
+
+
+def test_sparsify_keeps_a_trained_24_mask():
+    """prune.n_m, then finish, then sparsify(values="int4"): the mask is the trained one
+    (magnitude 2:4 of a weight that is already 2:4 keeps its nonzeros)."""
+    from pyfast import prune
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 32))
+    prune.n_m(model, 2, 4)
+    with torch.no_grad():                 # "training" moves the kept weights, not the mask
+        model[0].weight.mul_(3.0)
+    prune.finish(model)
+    w = model[0].weight.detach().clone()
+    pyfast.sparsify(model, "2:4", values="int4", group_size=32)
+    dense = model[0].dequantized_weight()
+    assert torch.equal(dense != 0, (w != 0) & (dense != 0))    # no pruned weight comes back
+    packed4, s4, z4 = pyfast.ops.pack_int4(w, 32, True)
+    assert torch.equal(dense, reference.dequantize_int4(packed4, s4, z4, 32))
