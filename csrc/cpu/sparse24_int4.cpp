@@ -15,7 +15,8 @@
 // Which path (a visible rule, per call; A = pyfast::cpu::active_isa()):
 //   1. M > small_m_limit (32; 4 for bfloat16 x or A = scalar, as int4_mm): each thread
 //      expands panels of weight rows to dense float32 (bfloat16 for bfloat16 x, as F.linear
-//      in bfloat16 rounds its weight) and multiplies them with at::mm (dequant_mm.h).
+//      in bfloat16 rounds its weight; AVX-512: two vexpandps per 32 columns) and multiplies
+//      them with at::mm (dequant_mm.h).
 //   2. otherwise the tiles of level A, reading only the weight's 3 bits per dense weight:
 //      AVX-512: a chunk of 32 dense columns of one weight row is 16 kept values, i.e. 8 code
 //        bytes and 4 meta bytes. The codes become 16 dword lanes (nibbles split with a mask
@@ -47,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "../checks.h"
 #include "dequant_mm.h"
@@ -361,22 +363,92 @@ void run_blocked(const Tiles& t, const Operands& op, int64_t M) {
 
 // --- large M: dense panels + at::mm ---------------------------------------------------------
 
-// dense[r, :] = weight row n0 + r, dequantized and expanded (zeros at the pruned columns).
+// Row n's dense weight, dequantized and expanded (zeros at the pruned columns), into
+// d[k0, K) (k0 a multiple of 4), kept value by kept value.
 template <typename Out, typename Cvt>
-void expand_rows(const Operands& op, int64_t n0, int64_t n1, Out* dense, Cvt cvt) {
+void expand_row_scalar(const Operands& op, int64_t n, int64_t k0, Out* d, Cvt cvt) {
   const int64_t K = op.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* pr = op.packed + n * (K / 4);
-    const uint8_t* mr = op.meta + n * (K / 8);
-    Out* d = dense + (n - n0) * K;
-    std::fill(d, d + K, cvt(0.0f));
-    for (int64_t grp = 0; grp < K / 4; ++grp) {
-      const int nib = (mr[grp / 2] >> (4 * (grp & 1))) & 15;
-      const int64_t g = (4 * grp) >> op.gshift;
-      const float z = static_cast<float>(op.zeros[n * op.G + g]), s = op.scales[n * op.G + g];
-      d[4 * grp + (nib & 3)] = cvt((static_cast<float>(pr[grp] & 15) - z) * s);
-      d[4 * grp + ((nib >> 2) & 3)] = cvt((static_cast<float>(pr[grp] >> 4) - z) * s);
+  const uint8_t* pr = op.packed + n * (K / 4);
+  const uint8_t* mr = op.meta + n * (K / 8);
+  std::fill(d + k0, d + K, cvt(0.0f));
+  for (int64_t grp = k0 / 4; grp < K / 4; ++grp) {
+    const int nib = (mr[grp / 2] >> (4 * (grp & 1))) & 15;
+    const int64_t g = (4 * grp) >> op.gshift;
+    const float z = static_cast<float>(op.zeros[n * op.G + g]), s = op.scales[n * op.G + g];
+    d[4 * grp + (nib & 3)] = cvt((static_cast<float>(pr[grp] & 15) - z) * s);
+    d[4 * grp + ((nib >> 2) & 3)] = cvt((static_cast<float>(pr[grp] >> 4) - z) * s);
+  }
+}
+
+#if PYFAST_X86
+// kKept.m[b]: the kept positions of the two groups of a meta byte b as an 8-bit mask
+// (bit 4h + idx for group h = 0, 1 of the byte).
+struct KeptMasks {
+  uint8_t m[256];
+  constexpr KeptMasks() : m() {
+    for (int b = 0; b < 256; ++b)
+      m[b] = static_cast<uint8_t>((1 << (b & 3)) | (1 << ((b >> 2) & 3)) |
+                                  (1 << (4 + ((b >> 4) & 3))) | (1 << (4 + ((b >> 6) & 3))));
+  }
+};
+constexpr KeptMasks kKept{};
+
+// The same as expand_row_scalar in float32, 32 columns per step: the 16 kept values
+// dequantized by the table permute (as in the tiles), then placed by two vexpandps with
+// the chunk's kept-position masks (the format keeps each group's values in increasing k
+// order, the order vexpandps fills the set bits; a meta byte that breaks the format
+// gives unspecified values, never an access outside the row).
+PYFAST_TARGET_AVX512 void expand_row_avx512(const Operands& op, int64_t n, float* d) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t K = op.K, kfull = K / 32 * 32;
+  const uint8_t* pr = op.packed + n * (K / 4);
+  const uint8_t* mr = op.meta + n * (K / 8);
+  int64_t current = -1;
+  __m512 lut = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kfull; k += 32) {
+    const int64_t g = k >> op.gshift;
+    if (g != current) {
+      const int64_t at = n * op.G + g;
+      lut = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(op.zeros[at]))),
+                          _mm512_set1_ps(op.scales[at]));
+      current = g;
     }
+    uint64_t cb;
+    std::memcpy(&cb, pr + k / 4, 8);
+    const __m128i b = _mm_cvtsi64_si128(static_cast<long long>(cb));
+    const __m128i q8 = _mm_unpacklo_epi8(_mm_and_si128(b, low4),
+                                         _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q8), lut);
+    const uint8_t* m = mr + k / 8;
+    const __mmask16 lo = static_cast<__mmask16>(kKept.m[m[0]] | (kKept.m[m[1]] << 8));
+    const __mmask16 hi = static_cast<__mmask16>(kKept.m[m[2]] | (kKept.m[m[3]] << 8));
+    _mm512_storeu_ps(d + k, _mm512_maskz_expand_ps(lo, w));
+    _mm512_storeu_ps(d + k + 16, _mm512_maskz_expand_ps(hi, _mm512_shuffle_f32x4(w, w, 0xEE)));
+  }
+  if (kfull < K) expand_row_scalar(op, n, kfull, d, [](float v) { return v; });
+}
+#endif
+
+// dense[r, :] = weight row n0 + r for r < n1 - n0, as float32 or bfloat16 bits.
+void expand_rows_f32(const Operands& op, Isa isa, int64_t n0, int64_t n1, float* dense) {
+  for (int64_t n = n0; n < n1; ++n) {
+#if PYFAST_X86
+    if (isa == Isa::kAvx512) {
+      expand_row_avx512(op, n, dense + (n - n0) * op.K);
+      continue;
+    }
+#endif
+    expand_row_scalar(op, n, 0, dense + (n - n0) * op.K, [](float v) { return v; });
+  }
+}
+
+void expand_rows_bf16(const Operands& op, Isa isa, int64_t n0, int64_t n1, uint16_t* dense) {
+  std::vector<float> row(op.K);
+  for (int64_t n = n0; n < n1; ++n) {
+    expand_rows_f32(op, isa, n, n + 1, row.data());
+    uint16_t* d = dense + (n - n0) * op.K;
+    for (int64_t k = 0; k < op.K; ++k) d[k] = weight_only::to_bf16(row[k]);
   }
 }
 
@@ -433,11 +505,9 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
   const Isa isa = active_isa();
 
   if (M > small_m_limit(x_in.scalar_type(), isa)) {
-    auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) {
-      expand_rows(op, n0, n1, d, [](float v) { return v; });
-    };
+    auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { expand_rows_f32(op, isa, n0, n1, d); };
     auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
-      expand_rows(op, n0, n1, d, [](float v) { return weight_only::to_bf16(v); });
+      expand_rows_bf16(op, isa, n0, n1, d);
     };
     if (x_in.scalar_type() == at::kBFloat16) {
       panel_mm(x_in.contiguous(), N, K, out, dq_f32, dq_bf16);
