@@ -181,3 +181,24 @@ def test_sparsify_keeps_a_trained_24_mask():
     assert torch.equal(dense != 0, (w != 0) & (dense != 0))    # no pruned weight comes back
     packed4, s4, z4 = pyfast.ops.pack_int4(w, 32, True)
     assert torch.equal(dense, reference.dequantize_int4(packed4, s4, z4, 32))
+
+
+def test_extension_without_the_kernel_falls_back_and_says_why(monkeypatch):
+    """A pyfast._C built from older sources (no pyfast_C::sparse24_int4_mm): a plain call
+    runs the reference, and forcing cpp raises with the rebuild advice."""
+    from pyfast import dispatch
+    from pyfast.backends import cpp
+    original = dispatch.kernels("sparse24_int4_mm").get("cpp")
+    if original is None or dispatch.unavailable_reason("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built here (test_fallback covers that case)")
+    stale = dispatch.Backend("cpp", "sparse24_int4_mm", original.fn, original.devices,
+                             cpp._built("sparse24_int4_mm_of_a_newer_build"), original.source)
+    monkeypatch.setitem(dispatch._REGISTRY.kernels["sparse24_int4_mm"], "cpp", stale)
+    layer = Sparse24Int4Linear.from_linear(_pruned(64, 8), group_size=32)
+    x = torch.randn(3, 64)
+    with pyfast.use_backend(sparse24_int4_mm="reference"):
+        want = layer(x)
+    assert torch.equal(layer(x), want)
+    with pytest.raises(pyfast.BackendUnavailableError, match="built from older sources"):
+        with pyfast.use_backend(sparse24_int4_mm="cpp"):
+            layer(x)

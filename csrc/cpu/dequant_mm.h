@@ -108,6 +108,45 @@ inline const float* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<float>() : nullptr;
 }
 
+
+// The large-M path of a weight-only op: out [M, N] (x.dtype) = x @ W.T + bias, W
+// dequantized panel by panel (dq_f32 / dq_bf16, as panel_mm calls them). x [M, K] is
+// in the panels' column order. bfloat16 x runs bfloat16 panels (the GEMM rounds its
+// output once, then + bias rounds again, as F.linear in bfloat16); other dtypes run
+// float32 panels on float32 x with one rounding at the end.
+template <typename DequantF32, typename DequantBf16>
+at::Tensor panel_path(const at::Tensor& x, int64_t N, const float* bias, at::Tensor& out,
+                      DequantF32 dq_f32, DequantBf16 dq_bf16) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kBFloat16) {
+    panel_mm(x.contiguous(), N, K, out, dq_f32, dq_bf16);
+    if (bias != nullptr) {
+      at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
+      epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bias, o);
+    }
+    return out;
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
+  panel_mm(xf, N, K, acc, dq_f32, dq_bf16);
+  finish_f32(acc, bias, out);
+  return out;
+}
+
+// scales [N, G] (any float dtype) and zeros uint8 [N, G] of a group-wise int4 weight.
+inline void check_group_params(const at::Tensor& scales, const at::Tensor& zeros, int64_t N,
+                               int64_t G) {
+  check_float(scales, "scales");
+  check_dim(scales, "scales", 2);
+  check_size(scales, "scales", 0, N, "packed.size(0) = N");
+  check_size(scales, "scales", 1, G, "K / group_size = G (1 per channel)");
+  check_device(zeros, "zeros", at::kCPU);
+  check_dtype(zeros, "zeros", {at::kByte});
+  check_dim(zeros, "zeros", 2);
+  check_size(zeros, "zeros", 0, N, "packed.size(0) = N");
+  check_size(zeros, "zeros", 1, G, "K / group_size = G (1 per channel)");
+}
+
 }  // namespace dequant_mm
 }  // namespace cpu
 }  // namespace pyfast

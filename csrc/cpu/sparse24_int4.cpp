@@ -481,15 +481,7 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
   check_dim(meta_in, "meta", 2);
   check_size(meta_in, "meta", 0, N, "packed.size(0) = N");
   check_size(meta_in, "meta", 1, K / 8, "x.size(1) / 8 = K/8");
-  check_float(scales_in, "scales");
-  check_dim(scales_in, "scales", 2);
-  check_size(scales_in, "scales", 0, N, "packed.size(0) = N");
-  check_size(scales_in, "scales", 1, G, "K / group_size (1 per channel)");
-  check_device(zeros_in, "zeros", at::kCPU);
-  check_dtype(zeros_in, "zeros", {at::kByte});
-  check_dim(zeros_in, "zeros", 2);
-  check_size(zeros_in, "zeros", 0, N, "packed.size(0) = N");
-  check_size(zeros_in, "zeros", 1, G, "K / group_size (1 per channel)");
+  check_group_params(scales_in, zeros_in, N, G);
   const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
   const float* bp = ptr_or_null(b);
 
@@ -509,19 +501,7 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
     auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
       expand_rows_bf16(op, isa, n0, n1, d);
     };
-    if (x_in.scalar_type() == at::kBFloat16) {
-      panel_mm(x_in.contiguous(), N, K, out, dq_f32, dq_bf16);
-      if (bp != nullptr) {
-        at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
-        epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bp, o);
-      }
-      return out;
-    }
-    const at::Tensor xf = x_in.to(at::kFloat).contiguous();
-    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
-    panel_mm(xf, N, K, acc, dq_f32, dq_bf16);
-    finish_f32(acc, bp, out);
-    return out;
+    return panel_path(x_in, N, bp, out, dq_f32, dq_bf16);
   }
 
   const at::Tensor xf = x_in.to(at::kFloat).contiguous();  // exact widening

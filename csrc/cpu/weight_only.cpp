@@ -338,15 +338,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   check_dim(packed_in, "packed", 2);
   const int64_t N = packed_in.size(0), G = group_size == -1 ? 1 : K / group_size;
   check_size(packed_in, "packed", 1, K / 2, "x.size(1) / 2 = K/2");
-  check_float(scales_in, "scales");
-  check_dim(scales_in, "scales", 2);
-  check_size(scales_in, "scales", 0, N, "packed.size(0) = N");
-  check_size(scales_in, "scales", 1, G, "K / group_size = G");
-  check_device(zeros_in, "zeros", at::kCPU);
-  check_dtype(zeros_in, "zeros", {at::kByte});
-  check_dim(zeros_in, "zeros", 2);
-  check_size(zeros_in, "zeros", 0, N, "packed.size(0) = N");
-  check_size(zeros_in, "zeros", 1, G, "K / group_size = G");
+  check_group_params(scales_in, zeros_in, N, G);
   const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
 
   at::Tensor out = at::empty({M, N}, x_in.options());
@@ -406,20 +398,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const int64_t lanes = int4_panel_lanes(isa);
   const at::Tensor x_panel =
       lanes == 0 ? x_in : x_int4_blocks(x_in, {lanes, 2}, x_in.scalar_type());
-  const int64_t Kp = x_panel.size(1);
-  if (x_in.scalar_type() == at::kBFloat16) {
-    panel_mm(x_panel.contiguous(), N, Kp, out, dq_f32, dq_bf16);
-    if (bp != nullptr) {
-      at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
-      epilogue<at::BFloat16, at::BFloat16>(o, M, N, nullptr, bp, o);
-    }
-    return out;
-  }
-  const at::Tensor xf = x_float32(x_panel);
-  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
-  panel_mm(xf, N, Kp, acc, dq_f32, dq_bf16);
-  finish_f32(acc, bp, out);
-  return out;
+  return panel_path(x_panel, N, bp, out, dq_f32, dq_bf16);
 }
 
 }  // namespace

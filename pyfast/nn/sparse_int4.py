@@ -4,8 +4,10 @@ The two compressions multiply: 2:4 halves the weights, int4 stores each kept one
 4 bits, and the 2-bit indices of the kept ones cost 1 bit per dense weight, so a
 layer takes about 3 bits per weight plus one scale (and zero point) per group:
 0.21x of bfloat16, 0.77x of plain int4 at group size 128 (pyfast/formats.py, "2:4 sparsity + int4").
-Like Sparse-Marlin (Frantar et al.), it is meant for memory-bound inference (small
-batches), where fewer weight bytes is what makes a matmul faster.
+The format is Sparse-Marlin's idea (Frantar et al.): at small batches a matmul is
+bound by the weight bytes it reads. In this version it has only a CPU kernel, which is
+compute-bound on the machine benchmarked, so there it is about int4's speed, not faster
+(README, Performance); it buys the smaller size.
 
 The matmul (torch.ops.pyfast.sparse24_int4_mm) dequantizes in float32, so any float
 input dtype works; out = x @ W.T + bias in x.dtype, W the dense 2:4 weight.
