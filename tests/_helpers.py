@@ -6,6 +6,7 @@ reference cannot hide by agreeing with itself.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import List, Optional
 
@@ -34,7 +35,7 @@ def usable_families(op: str, device: str) -> List[str]:
 # that wrongly for bfloat16 (upstream bug), so the harness, and only the harness,
 # runs their bf16 cases in float32 there and rounds the result back to bf16.
 # On a GPU the kernels run bf16 as they are.
-FLOAT_DOT_OPS = ("int8_weight_mm", "int4_mm", "sparse24_mm")
+FLOAT_DOT_OPS = ("int8_weight_mm", "int4_mm", "sparse24_mm", "sparse24_int4_mm")
 
 
 def interpreter_upcasts(op: str, family: str, args) -> bool:
@@ -191,3 +192,28 @@ def special_rows(k: int) -> torch.Tensor:
     x[3] = 1e-40
     x[4, 11] = 3e38
     return x
+
+
+# --- test-case helpers ------------------------------------------------------------------
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous tensor: a column slice of a wider buffer."""
+    wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    wide[:, ::2] = t
+    out = wide[:, ::2]
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values, column-major: a transposed copy transposed back."""
+    out = t.T.contiguous().T
+    assert (min(t.shape) == 1 or not out.is_contiguous()) and torch.equal(out, t)
+    return out
+
+
+def rotated_product(*axes, rotate) -> list:
+    """The product of `axes`, each case also taking the next value of every list in
+    `rotate` in turn, so that every value of those appears without a full product."""
+    cycles = [itertools.cycle(r) for r in rotate]
+    return [(*case, *(next(c) for c in cycles)) for case in itertools.product(*axes)]

@@ -20,7 +20,8 @@ from pyfast import dispatch, ops, reference
 from conftest import DEVICES
 from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4,
                       dequant_sparse24_int4, dtype_id,
-                      linear_tolerance, random_24, run_forced, usable_families)
+                      linear_tolerance, random_24, run_forced, strided, transposed,
+                      usable_families)
 
 DTYPES = [pytest.param(d, id=dtype_id(d)) for d in FLOAT_DTYPES]
 MS = [pytest.param(m, id=f"M{m}") for m in (0, 1, 3, 17, 128)]
@@ -367,22 +368,6 @@ def test_sparse24_int4_mm(device, m, k, n, group_size, dtype, bias):
 
 # --- non-contiguous inputs -----------------------------------------------------------------
 
-def _strided(t):
-    """The same values in a non-contiguous tensor: a slice of a wider buffer."""
-    wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
-    wide[:, ::2] = t
-    out = wide[:, ::2]
-    assert not out.is_contiguous() and torch.equal(out, t)
-    return out
-
-
-def _transposed(t):
-    """The same values, column-major: a transposed copy transposed back."""
-    out = t.T.contiguous().T
-    assert not out.is_contiguous() and torch.equal(out, t)
-    return out
-
-
 def _noncontiguous_cases(device, dtype):
     m, k, n = 17, 64, 33
     x = torch.randn(m, k).to(dtype).to(device)
@@ -448,7 +433,7 @@ def test_noncontiguous_inputs(device, op, dtype, which, layout):
     args, tensor_positions = _noncontiguous_cases(device, dtype)[op]
     with pyfast.use_backend(**{op: "reference"}):
         ref = getattr(torch.ops.pyfast, op)(*args)
-    make = _strided if layout == "sliced" else _transposed
+    make = strided if layout == "sliced" else transposed
     positions = tensor_positions[:1] if which == "x" else tensor_positions
     nc = tuple(make(a) if i in positions else a for i, a in enumerate(args))
     for family in usable_families(op, device):

@@ -11,7 +11,6 @@ Tolerance (tests/_helpers.py linear_tolerance, FlashAttention's rule): twice the
 error PyTorch's own F.linear makes in the same dtype against float64 on the same
 effective weight, plus one ulp of the largest output.
 """
-import itertools
 import os
 
 import pytest
@@ -19,7 +18,8 @@ import torch
 
 import pyfast
 from pyfast import reference
-from _helpers import assert_within, dequant_int4, dtype_id, linear_tolerance, run_forced
+from _helpers import (assert_within, dequant_int4, dtype_id, linear_tolerance, rotated_product,
+                      run_forced, strided, transposed)
 
 from pyfast.kernels import weight_only as wo
 
@@ -61,13 +61,6 @@ def _check_int4(out, x, packed, scales, zeros, gs, b):
     assert_within(out, reference.int4_mm(x, packed, scales, zeros, gs, b), tol, "int4_mm")
 
 
-def _cases(*axes, rotate):
-    """The product of `axes`, each case also taking the next value of every list in
-    `rotate` in turn, so that every value of those appears without a full product."""
-    cycles = [itertools.cycle(r) for r in rotate]
-    return [(*case, *(next(c) for c in cycles)) for case in itertools.product(*axes)]
-
-
 # --- int8 weights --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -95,7 +88,7 @@ def test_int8_weight_mm_k0_gives_bias():
 INT4_CASES = [pytest.param(m, k, gs, dtype, n, sym, bias,
                            id=f"M{m}-K{k}-g{gs}-{dtype_id(dtype)}-N{n}-{'sym' if sym else 'asym'}"
                               f"-{'bias' if bias else 'nobias'}")
-              for m, (k, gs), dtype, sym, n, bias in _cases(MS, KG, DTYPES, (True, False),
+              for m, (k, gs), dtype, sym, n, bias in rotated_product(MS, KG, DTYPES, (True, False),
                                                              rotate=(NS, (True, False, False)))]
 
 
@@ -115,19 +108,7 @@ def test_int4_mm_nan_scale_reaches_its_column_only():
 
 # --- strides, split-K, determinism -------------------------------------------------------------
 
-def _strided(t):
-    """The same values, every row two columns apart in memory (a column slice)."""
-    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
-    wide[:, ::2] = t
-    return wide[:, ::2]
-
-
-def _transposed(t):
-    """The same values in column-major storage."""
-    return t.t().contiguous().t()
-
-
-@pytest.mark.parametrize("layout", [_strided, _transposed], ids=["sliced", "transposed"])
+@pytest.mark.parametrize("layout", [strided, transposed], ids=["sliced", "transposed"])
 @pytest.mark.parametrize("m", [3, 17], ids=lambda m: f"M{m}")
 def test_noncontiguous_inputs(m, layout):
     x, w, s, b = _int8_inputs(m, 33, 128, torch.float16, True)

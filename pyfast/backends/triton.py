@@ -28,6 +28,7 @@ KERNELS = {
     "int8_weight_mm": ("weight_only", "int8_weight_mm"),
     "int4_mm": ("weight_only", "int4_mm"),
     "sparse24_mm": ("sparse24", "sparse24_mm"),
+    "sparse24_int4_mm": ("sparse24_int4", "sparse24_int4_mm"),
 }
 
 

@@ -5,9 +5,11 @@ The two compressions multiply: 2:4 halves the weights, int4 stores each kept one
 layer takes about 3 bits per weight plus one scale (and zero point) per group:
 0.21x of bfloat16, 0.77x of plain int4 at group size 128 (pyfast/formats.py, "2:4 sparsity + int4").
 The format is Sparse-Marlin's idea (Frantar et al.): at small batches a matmul is
-bound by the weight bytes it reads. In this version it has only a CPU kernel, which is
-compute-bound on the machine benchmarked, so there it is about int4's speed, not faster
-(README, Performance); it buys the smaller size.
+bound by the weight bytes it reads. Its kernels: C++ on CPU, which is compute-bound on
+the machine benchmarked, so there it is about int4's speed, not faster (README,
+Performance), and it buys the smaller size; Triton on NVIDIA GPUs (kernels/
+sparse24_int4.py: the dense tile rebuilt in registers for tl.dot), not yet run on a GPU.
+There is no sparse-tensor-core (mma.sp) kernel for it yet.
 
 The matmul (torch.ops.pyfast.sparse24_int4_mm) dequantizes in float32, so any float
 input dtype works; out = x @ W.T + bias in x.dtype, W the dense 2:4 weight.

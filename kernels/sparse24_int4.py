@@ -1,0 +1,214 @@
+"""2:4 sparse + int4 weight matmul in Triton: out = x @ W.T + bias, W given as codes.
+
+    sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+W [N, K] is 2:4 sparse along K and its kept values are group-wise int4 codes
+(pyfast/formats.py, "2:4 sparsity + int4"):
+    packed [N, K/4] uint8  byte j = the codes of group j's two kept values
+                           (low nibble the first, high nibble the second)
+    meta   [N, K/8] uint8  group j's 2:4 nibble at bits 4 (j % 2) of byte j // 2;
+                           in the nibble, bits 0-1 / 2-3 = position of kept value 0 / 1
+    scales, zeros [N, G]   group g = dense k // group_size
+    W[n, 4j + idx_i] = (q_i - zeros[n, g]) * scales[n, g]; the two other k of group j are 0.
+The kernel reads about 3 bits per dense weight plus the scales (0.77x int4_mm's bytes
+at group 128, 0.19x fp16's): at small M, where the matmul is bound by reading the
+weight, that is the whole point.
+
+Each dense [BLOCK_N, BLOCK_K] tile is rebuilt in registers, as kernels/sparse24.py
+does, with int4_mm's integer trick (kernels/weight_only.py): the tile holds q - zero,
+an integer in [-15, 15] that is exact in float16/bfloat16, where a kept value sits,
+and 0 elsewhere; the scale multiplies the float32 dot AFTER it (BLOCK_K divides the
+group, so a K tile lies in one group), or once in the epilogue for one group per row.
+So no weight is rounded to 16 bits and every rounding is a float32 one until the
+final cast -- the reference's weight, (q - zero) * scale in float32, times x.
+    codes [BLOCK_N, BLOCK_K/4]  byte per group  -> c0 = (b & 15) - z, c1 = (b >> 4) - z
+    meta  [BLOCK_N, BLOCK_K/4]  byte j // 2 per group, shifted by 4 (j % 2)
+                                -> idx0 = bits 0-1, idx1 = bits 2-3
+    w[n, j, p] = c0 if idx0 == p, c1 if idx1 == p, else 0   (broadcast over p = 0..3)
+Both slots are tested at every position, so no meta byte can make the kernel read
+outside its tile; a byte that breaks the format (idx0 >= idx1) gives unspecified sums.
+
+Tensor cores, split-K at M <= SMALL_M (deterministic, no atomics), the workspace and
+its reduction kernel, the configs and the launcher are int4_mm's (weight_only.py):
+this kernel differs from it only in how a weight tile is loaded and expanded.
+Under the Triton interpreter bfloat16 tl.dot is wrong (upstream bug): bfloat16 CPU
+inputs are refused there, and the tests upcast them.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
+                          _interpreted_bf16, _launch, _spec, _store_partial, _tile_ids,
+                          _k_block_range)
+
+Tensor = torch.Tensor
+
+__all__ = ["sparse24_int4_mm", "supports_sparse24_int4_mm", "PTX_SPECS"]
+
+
+@triton.jit
+def _sparse24_int4_mm_kernel(
+    # Pointers.
+    x_ptr,       # [M, K] float32/float16/bfloat16, any strides
+    p_ptr,       # [N, K/4] uint8: byte j = q0 | q1 << 4, the kept codes of group j
+    meta_ptr,    # [N, K/8] uint8: byte j = nibble(group 2j) | nibble(group 2j+1) << 4
+    scale_ptr,   # [N, G] any float dtype
+    zero_ptr,    # [N, G] uint8, 0..15
+    bias_ptr,    # [N] any float dtype (read only when HAS_BIAS)
+    out_ptr,     # [M, N] x.dtype, written when not USE_WORKSPACE
+    ws_ptr,      # [MAX_SPLIT_K, M, N] float32 partial sums, written when USE_WORKSPACE
+    split_ptr,   # [1] int32, gets SPLIT_K when USE_WORKSPACE
+    # Sizes; K is a multiple of 8; GROUP_SIZE is the group length in dense k (K itself
+    # for per channel).
+    M, N, K, GROUP_SIZE,
+    # Strides, in elements; stride_ws = M * N, between the workspace's split slices.
+    stride_ws,
+    stride_xm, stride_xk,
+    stride_pn, stride_pk,
+    stride_mn, stride_mk,
+    stride_sn, stride_sg,
+    stride_zn, stride_zg,
+    stride_bias,
+    stride_om, stride_on,
+    # Meta-parameters.
+    HAS_BIAS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,         # G == 1: scale applied once, in the epilogue
+    USE_WORKSPACE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,           # power of 2, >= 16; divides GROUP_SIZE unless ONE_GROUP
+    SPLIT_K: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N)
+    QK: tl.constexpr = BLOCK_K // 4   # groups of 4 per K tile
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, QK)
+    # A tile starts at an even group (BLOCK_K >= 16, a power of 2): group j's meta nibble is byte
+    # j // 2 of the tile, shifted by 4 for odd j. Both groups of a byte load the same
+    # byte (same cache line, one DRAM read).
+    meta_shift = ((offs_j % 2) * 4)[None, :]
+    pos = tl.arange(0, 4)[None, None, :]                                # [1, 1, 4]
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BLOCK_M, 1]
+    p_rows = p_ptr + offs_n.to(tl.int64)[:, None] * stride_pn          # [BLOCK_N, 1]
+    m_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn       # [BLOCK_N, 1]
+    mask_m = offs_m[:, None] < M
+    mask_n1 = offs_n < N
+    mask_n = mask_n1[:, None]
+
+    if ONE_GROUP:  # the zero point of the row, loaded once
+        zero = tl.load(zero_ptr + offs_n * stride_zn, mask=mask_n1, other=0).to(tl.int32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
+    for kb in range(first, last):
+        k0 = kb * BLOCK_K
+        k = k0 + offs_k
+        j = k0 // 4 + offs_j                                             # global group
+        # K tail: K % 8 == 0, so a group (and a meta byte) is wholly inside K or
+        # wholly outside; masked groups read code 0 and meta 0, and meet x = 0.
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
+        in_k = mask_n & (j[None, :] < K // 4)
+        codes = tl.load(p_rows + j[None, :] * stride_pk, mask=in_k, other=0).to(tl.int32)
+        meta = tl.load(m_rows + (j // 2)[None, :] * stride_mk, mask=in_k, other=0).to(tl.int32)
+        meta = meta >> meta_shift                                        # [BLOCK_N, QK]
+        if ONE_GROUP:
+            z = zero[:, None]
+        else:
+            g = k0 // GROUP_SIZE  # the whole tile lies in group g
+            z = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg,
+                        mask=mask_n1, other=0).to(tl.int32)[:, None]
+            scale_g = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg,
+                              mask=mask_n1, other=0.0).to(tl.float32)
+        c0 = ((codes & 15) - z)[:, :, None]                              # [BLOCK_N, QK, 1]
+        c1 = ((codes >> 4) - z)[:, :, None]
+        idx0 = (meta & 3)[:, :, None]
+        idx1 = ((meta >> 2) & 3)[:, :, None]
+        # Broadcast over p and one reshape (not tl.join: see kernels/sparse24.py).
+        w = tl.where(idx0 == pos, c0, tl.where(idx1 == pos, c1, 0))
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype)               # k = 4j + p
+        if ONE_GROUP:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        else:
+            part = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION)
+            acc += part * scale_g[None, :]
+
+    if USE_WORKSPACE:
+        _store_partial(acc, offs_m, offs_n, M, N, ws_ptr, stride_ws, split_ptr, SPLIT_K)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, scale_ptr, stride_sn, bias_ptr, stride_bias,
+                        out_ptr, stride_om, stride_on, ONE_GROUP, HAS_BIAS)
+
+
+# int4_mm's configs: every BLOCK_K there (32, 64, 128) holds whole meta bytes (8 k each).
+_TUNED = {small: triton.autotune(_configs(small, int4=True), key=_KEY + ["GROUP_SIZE"],
+                                 prune_configs_by={"early_config_prune": _fits_groups}
+                                 )(_sparse24_int4_mm_kernel)
+          for small in (True, False)}
+
+
+def supports_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None) -> Optional[str]:
+    return _interpreted_bf16(x)
+
+
+def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor,
+                     group_size: int, bias: Optional[Tensor] = None, *,
+                     config: Optional[Dict] = None) -> Tensor:
+    """x [M, K] float (any strides), packed uint8 [N, K/4], meta uint8 [N, K/8],
+    scales [N, G], zeros uint8 [N, G], group_size 32/64/128/-1, bias [N] or None
+    -> [M, N] x.dtype. `config` (tests, tuning) bypasses the autotuner, as in int4_mm."""
+    m, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    gs = k if group_size == -1 else group_size
+    if config is not None:
+        _check_config(config, gs, k)
+        if config["BLOCK_K"] < 16:  # powers of two from 16 on: whole meta bytes too
+            raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be at least 16 "
+                             "(tl.dot's smallest K on the GPU)")
+    one_group = k <= gs
+
+    def kernel_args(bias_arg, ws, split, stride_ws):
+        return (x, packed, meta, scales, zeros, bias_arg, out, ws, split, m, n, k, gs, stride_ws,
+                x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
+                meta.stride(0), meta.stride(1),
+                scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+                0 if bias is None else bias.stride(0), out.stride(0), out.stride(1))
+
+    return _launch(_TUNED, config, kernel_args, {"ONE_GROUP": one_group}, out, x,
+                   scales[:, 0] if one_group else None, bias)
+
+
+# --- ahead-of-time compile specs (tests/test_triton_ptx.py; see weight_only.py) -------------
+
+def _ptx_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1):
+    pointers = {"x_ptr": f"*{ty}", "p_ptr": "*u8", "meta_ptr": "*u8", "scale_ptr": "*fp32",
+                "zero_ptr": "*u8", "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}", "ws_ptr": "*fp32",
+                "split_ptr": "*i32"}
+    unit = ["stride_xk", "stride_pk", "stride_mk", "stride_sg", "stride_zg", "stride_bias",
+            "stride_on"]
+    ints = ["M", "N", "K", "GROUP_SIZE", "stride_ws", "stride_xm", "stride_pn", "stride_mn",
+            "stride_om"]
+    (unit if one_group else ints).extend(["stride_sn", "stride_zn"])
+    div16 = [*pointers, "N", "K", "GROUP_SIZE", "stride_xm", "stride_pn", "stride_mn", "stride_om"]
+    if not one_group:
+        div16 += ["stride_sn", "stride_zn"]
+    return _spec(name, _sparse24_int4_mm_kernel, pointers, ints, unit, div16, {
+        "HAS_BIAS": True, "ONE_GROUP": one_group, "USE_WORKSPACE": split_k > 1,
+        "INPUT_PRECISION": "tf32",
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
+
+
+PTX_SPECS = [
+    _ptx_spec("sparse24_int4_mm_fp16_grouped", "fp16", False, 64, 128, 64),
+    _ptx_spec("sparse24_int4_mm_bf16_grouped", "bf16", False, 128, 128, 32),
+    _ptx_spec("sparse24_int4_mm_fp16_per_channel", "fp16", True, 64, 128, 64),
+    _ptx_spec("sparse24_int4_mm_bf16_grouped_splitk", "bf16", False, 16, 64, 128, split_k=8),
+]
