@@ -69,7 +69,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="at most this many timed repetitions per row (default 100; --quick 10)")
     p.add_argument("--min-reps", type=int, default=3, help="at least this many (default 3)")
     p.add_argument("--max-seconds-per-cell", type=float, default=None,
-                   help="stop repeating a row after about this long (default 1.0; --quick 0.05)")
+                   help="time each row for about this long (default 1.0; --quick 0.05); "
+                        "the rows of a cell are timed interleaved, one repetition each per round")
     p.add_argument("--rotate-mib", type=float, default=None,
                    help="MiB of weights to rotate through at small M (default: 256, or 8x the "
                         "last-level cache if larger; --quick 1; 0: no rotation)")
@@ -203,29 +204,41 @@ def format_row(r: Dict[str, Any], peak: bool) -> str:
 
 # --- the sweep ---------------------------------------------------------------------------
 
-def measure_case(case: C.Case, cell: C.Cell, budget: T.Budget,
-                 peak_gbs: Optional[float]) -> Dict[str, Any]:
-    """Time one row and check its first output; a call that raises is an ERROR row."""
+def _row(case: C.Case, cell: C.Cell) -> Dict[str, Any]:
     m, k, n = cell.m, cell.layer.k, cell.layer.n
-    row = {"op": case.op, "backend": case.backend, "default": case.default,
-           "device": cell.device, "M": m, "K": k, "N": n, "dtype": case.dtype,
-           "median_ms": None, "min_ms": None, "reps": 0, "rotated_copies": case.copies,
-           "flops": case.flops, "bytes": case.bytes, "tflops": None, "gbs": None,
-           "speedup_vs_f32_linear": None, "speedup_vs_half_linear": None,
-           "check": "ERROR", "max_rel_err": None, "note": case.note}
-    try:
-        with pyfast.use_backend(**case.force):
-            t = T.measure(case.call, cell.device, budget)
-        row["check"], row["max_rel_err"] = case.check(t.first_output)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return row
-    sec = t.median_ms / 1e3
-    row.update(median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, gbs=case.bytes / sec / 1e9,
-               tflops=None if case.flops is None else case.flops / sec / 1e12)
-    if peak_gbs:
-        row["pct_peak_bw"] = 100 * row["gbs"] / peak_gbs
-    return row
+    return {"op": case.op, "backend": case.backend, "default": case.default,
+            "device": cell.device, "M": m, "K": k, "N": n, "dtype": case.dtype,
+            "median_ms": None, "min_ms": None, "reps": 0, "rotated_copies": case.copies,
+            "flops": case.flops, "bytes": case.bytes, "tflops": None, "gbs": None,
+            "speedup_vs_f32_linear": None, "speedup_vs_half_linear": None,
+            "check": "ERROR", "max_rel_err": None, "note": case.note}
+
+
+def measure_cell(cases: List[C.Case], cell: C.Cell, budget: T.Budget,
+                 peak_gbs: Optional[float]) -> List[Dict[str, Any]]:
+    """Time the rows of one cell interleaved (bench/timing.py) and check each first
+    output; a row whose call raises is an ERROR row with the exception in its note."""
+    timed = T.measure_interleaved(
+        [T.Row(case.call, lambda case=case: pyfast.use_backend(**case.force)) for case in cases],
+        cell.device, budget)
+    rows = []
+    for case, t in zip(cases, timed):
+        row = _row(case, cell)
+        rows.append(row)
+        try:
+            if isinstance(t, Exception):
+                raise t
+            row["check"], row["max_rel_err"] = case.check(t.first_output)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            row["check"] = "ERROR"
+            row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            continue
+        sec = t.median_ms / 1e3
+        row.update(median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, gbs=case.bytes / sec / 1e9,
+                   tflops=None if case.flops is None else case.flops / sec / 1e12)
+        if peak_gbs:
+            row["pct_peak_bw"] = 100 * row["gbs"] / peak_gbs
+    return rows
 
 
 def add_speedups(cell_rows: List[Dict[str, Any]]) -> None:
@@ -271,8 +284,8 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
                 skipped += [{"op": op, "backend": f, "M": m, "K": k, "N": n, "reason": why}
                             for f, why in op_skipped]
             cell_rows = []
-            for case, is_baseline in todo:
-                row = measure_case(case, cell, budget, args.peak_gbs)
+            measured = measure_cell([c for c, _ in todo], cell, budget, args.peak_gbs)
+            for (case, is_baseline), row in zip(todo, measured):
                 if is_baseline and row["check"] == "ERROR":   # torch's own shape limits
                     skipped.append({"op": case.op, "backend": case.backend, "M": m, "K": k,
                                     "N": n, "reason": f"{case.note}: {row['note']}"})
@@ -346,7 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "rotation": rotation,
         "bandwidth": bandwidth,
         "timing": ("median of per-call CUDA event times (no sync between calls)"
-                   if args.device == "cuda" else "median of per-call time.perf_counter_ns"),
+                   if args.device == "cuda" else "median of per-call time.perf_counter_ns")
+                  + "; the rows of a cell interleaved, one repetition each per round",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
         "load_average_before": load_before,      # 1/5/15-min; > 0 = other work on the machine

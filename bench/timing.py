@@ -1,4 +1,12 @@
-"""How one benchmark row is timed: warm-up, an adaptive number of repetitions, median.
+"""How benchmark rows are timed: warm-up, an adaptive number of repetitions, median.
+
+The rows of one cell (one M and layer shape) are timed interleaved (measure_interleaved):
+in each of ROUNDS rounds every row runs one short burst of calls in turn, so a change in
+the shared machine's speed during the cell (other tenants, memory bandwidth, clocks) hits
+every row alike and the ratios between rows -- the numbers the README quotes -- stay
+comparable. Timing each row's repetitions all at once instead left ratios of 1.1x to 2.3x
+between the same two rows in three runs a few minutes apart on the shared 2-core machine
+(int4_mm against w8a8_mm_vnni, M = 1, bf16 x, 11008x4096; ad hoc, not result files).
 
 CPU: each call timed with time.perf_counter_ns.
 GPU: a pair of CUDA events around each call, no synchronization between calls
@@ -57,47 +65,99 @@ def _timed_once(call: Callable[[int], Any], i: int, device: str):
     return out, (time.perf_counter_ns() - t0) / 1e9
 
 
-def measure(call: Callable[[int], Any], device: str, budget: Budget) -> Timing:
-    """Time call(i) for i = 0, 1, 2, ... (the call maps i to weight copy i % copies).
+@dataclass
+class Row:
+    """One row of a cell for measure_interleaved: call(i) uses weight copy i % copies; `context()`
+    is entered around each call but outside its timing (e.g. a forced backend)."""
+    call: Callable[[int], Any]
+    context: Callable[[], Any]
+
+
+def _warm(row: Row, device: str, budget: Budget):
+    """(first output, estimated seconds per call, next copy index).
 
     1. call(0): its output is kept for the correctness check; it may include one-time
        costs (JIT compilation, allocator growth), so its time is not used.
     2. Unless that call alone took longer than max_seconds, one more call estimates
-       the time per call, then more warm-up calls up to warmup_seconds.
-    3. reps = clamp(max_seconds / estimate, min_reps, max_reps) timed calls; median.
-    """
-    first, t_first = _timed_once(call, 0, device)
-    i, estimate = 1, t_first
-    if t_first < budget.max_seconds:
-        _, estimate = _timed_once(call, i, device)
-        i += 1
-        extra = min(budget.max_warmup, int(budget.warmup_seconds / max(estimate, 1e-9)))
-        for _ in range(extra):
-            call(i)
+       the time per call, then more warm-up calls up to warmup_seconds."""
+    with row.context():
+        first, t_first = _timed_once(row.call, 0, device)
+        i, estimate = 1, t_first
+        if t_first < budget.max_seconds:
+            _, estimate = _timed_once(row.call, i, device)
             i += 1
-    wanted = math.ceil(budget.max_seconds / max(estimate, 1e-9))
-    reps = max(budget.min_reps, min(budget.max_reps, wanted))
-    times_s = _time_reps(call, i, reps, device)
-    return Timing(statistics.median(times_s) * 1e3, min(times_s) * 1e3, reps, first)
+            extra = min(budget.max_warmup, int(budget.warmup_seconds / max(estimate, 1e-9)))
+            for _ in range(extra):
+                row.call(i)
+                i += 1
+    return first, estimate, i
 
 
-def _time_reps(call: Callable[[int], Any], start: int, reps: int, device: str) -> List[float]:
+ROUNDS = 5  # bursts per row in measure_interleaved
+
+
+def _bursts(estimate: float, budget: Budget) -> int:
+    """Timed calls per burst: about max_seconds / ROUNDS long, within the rep limits."""
+    per = math.ceil(budget.max_seconds / ROUNDS / max(estimate, 1e-9))
+    return max(math.ceil(budget.min_reps / ROUNDS), min(math.ceil(budget.max_reps / ROUNDS), per))
+
+
+def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[Any]:
+    """Time every row of a cell in ROUNDS rounds of one burst per row (module doc).
+
+    Each row is warmed up by _warm (its first output kept for the check). A burst is
+    _bursts() consecutive timed calls of one row (about max_seconds / ROUNDS), after
+    one untimed call when the burst has more than one: the first call after another
+    row pays for that row's leftovers (measured ad hoc: int4_mm M = 1 right after a
+    bf16 F.linear ran 17% slower than after itself), which a model running one
+    format layer after layer does not. The row order rotates by one each round. A row
+    whose call raises gets that exception in its place in the result and is dropped
+    from later rounds; the others get a Timing (median over all their bursts).
+    """
+    results: List[Any] = [None] * len(rows)
+    state = {}
+    for j, row in enumerate(rows):
+        try:
+            state[j] = _warm(row, device, budget)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            results[j] = exc
+    order = list(state)
+    burst = {j: _bursts(state[j][1], budget) for j in order}
+    nxt = {j: state[j][2] for j in order}            # next weight copy index of each row
+    times = {j: [] for j in order}
+    events = {j: [] for j in order}   # GPU: event pairs, read after one final synchronize
+    _sync(device)
+    for r in range(ROUNDS):
+        for j in order[r % len(order):] + order[:r % len(order)]:
+            if isinstance(results[j], Exception):
+                continue
+            call = rows[j].call
+            try:
+                with rows[j].context():
+                    if burst[j] > 1:
+                        call(nxt[j])
+                        nxt[j] += 1
+                    for _ in range(burst[j]):
+                        if device == "cuda":
+                            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                            begin.record()
+                            call(nxt[j])
+                            end.record()
+                            events[j].append((begin, end))
+                        else:
+                            t0 = time.perf_counter_ns()
+                            call(nxt[j])
+                            times[j].append((time.perf_counter_ns() - t0) / 1e9)
+                        nxt[j] += 1
+            except (RuntimeError, ValueError, TypeError) as exc:  # reported, not timed
+                results[j] = exc
     if device == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
         torch.cuda.synchronize()
-        for r, (begin, end) in enumerate(events):
-            begin.record()
-            call(start + r)
-            end.record()
-        torch.cuda.synchronize()
-        return [begin.elapsed_time(end) / 1e3 for begin, end in events]
-    times = []
-    for r in range(reps):
-        t0 = time.perf_counter_ns()
-        call(start + r)
-        times.append((time.perf_counter_ns() - t0) / 1e9)
-    return times
+        times = {j: [b.elapsed_time(e) / 1e3 for b, e in events[j]] for j in order}
+    for j in (j for j in order if not isinstance(results[j], Exception)):
+        results[j] = Timing(statistics.median(times[j]) * 1e3, min(times[j]) * 1e3,
+                            len(times[j]), state[j][0])
+    return results
 
 
 # --- how many weight copies to rotate through ----------------------------------------

@@ -126,3 +126,41 @@ def test_float32_tolerance_follows_the_matmul_precision():
         assert cases.tolerance(torch.float16) == cases.TOL[torch.float16]
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_rows_of_a_cell_are_timed_in_interleaved_bursts():
+    """measure_interleaved: ROUNDS rounds, one burst per row per round (an untimed first
+    call, then the timed ones), row order rotating; a row that raises is reported in its
+    place and dropped from later rounds; every row keeps its own copy counter."""
+    import contextlib
+
+    from bench import timing
+
+    log = []
+
+    def row(name, fail_at=None):
+        def call(i):
+            if i == fail_at:
+                raise RuntimeError(f"{name} failed at copy {i}")
+            log.append((name, i))
+            return name
+        return timing.Row(call, contextlib.nullcontext)
+
+    # max_seconds 0: the warm-up is call(0) alone, and bursts have ceil(min_reps / ROUNDS) calls
+    budget = timing.Budget(min_reps=3, max_reps=10, max_seconds=0.0, warmup_seconds=0.0)
+    out = timing.measure_interleaved([row("a"), row("b", fail_at=3), row("c")], "cpu", budget)
+    assert [t.first_output for t in (out[0], out[2])] == ["a", "c"]
+    assert isinstance(out[1], RuntimeError) and "copy 3" in str(out[1])
+    assert timing.ROUNDS == 5 and out[0].reps == out[2].reps == 5    # one timed call per burst
+    assert log[:3] == [("a", 0), ("b", 0), ("c", 0)]                   # warm-ups, in row order
+    # rounds start at row r % 3: a b c / b c a / c a [b fails] / a c / c a
+    assert [name for name, _ in log[3:]] == list("abcbcacaacca")
+    assert [i for name, i in log if name == "a"] == list(range(6))      # a's own copy counter
+
+    budget = timing.Budget(min_reps=3, max_reps=100, max_seconds=1.0)
+    assert timing._bursts(1e-3, budget) == 20          # capped by max_reps / ROUNDS
+    assert timing._bursts(0.5, budget) == 1            # a slow row: one call per burst
+    log.clear()
+    out = timing.measure_interleaved([row("a")], "cpu",
+                                     timing.Budget(min_reps=10, max_reps=10, max_seconds=0.0))
+    assert out[0].reps == 10 and len(log) == 1 + 5 * (1 + 2)   # bursts: 1 untimed + 2 timed
