@@ -4,9 +4,10 @@ The rows of one cell (one M and layer shape) are timed interleaved (measure_inte
 in each of ROUNDS rounds every row runs one short burst of calls in turn, so a change in
 the shared machine's speed during the cell (other tenants, memory bandwidth, clocks) hits
 every row alike and the ratios between rows -- the numbers the README quotes -- stay
-comparable. Timing each row's repetitions all at once instead left ratios of 1.1x to 2.3x
-between the same two rows in three runs a few minutes apart on the shared 2-core machine
-(int4_mm against w8a8_mm_vnni, M = 1, bf16 x, 11008x4096; ad hoc, not result files).
+comparable. The result files up to amd-epyc_2026-11-24_052431_bf16.json timed each row's
+repetitions all at once; in bench/results/amd-epyc_2026-11-24_032444_bf16.json, for one,
+the w8a8_mm_vnni row at M = 1 on 4096x11008 read its weight at 139% of the bandwidth
+measured at the start of that run, so the machine's speed had moved between rows.
 
 CPU: each call timed with time.perf_counter_ns.
 GPU: a pair of CUDA events around each call, no synchronization between calls
@@ -108,9 +109,9 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
     Each row is warmed up by _warm (its first output kept for the check). A burst is
     _bursts() consecutive timed calls of one row (about max_seconds / ROUNDS), after
     one untimed call when the burst has more than one: the first call after another
-    row pays for that row's leftovers (measured ad hoc: int4_mm M = 1 right after a
-    bf16 F.linear ran 17% slower than after itself), which a model running one
-    format layer after layer does not. The row order rotates by one each round. A row
+    row can pay for what that row left in the caches and the thread pool, which a model
+    running one format layer after layer does not. The row order rotates by one each
+    round. A row
     whose call raises gets that exception in its place in the result and is dropped
     from later rounds; the others get a Timing (median over all their bursts).
     """

@@ -39,6 +39,14 @@ _MAX_BLOCK_K = 2048
 
 
 @triton.jit
+def _row_block(x_ptr, q_ptr, M, stride_xm, stride_qm, BLOCK_M: tl.constexpr):
+    """The BLOCK_M rows of this program: (row indices as int64, rows < M, x row pointers
+    [BLOCK_M, 1], q row pointers [BLOCK_M, 1]); 64-bit, as M * K may exceed 2**31."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows < M, x_ptr + rows[:, None] * stride_xm, q_ptr + rows[:, None] * stride_qm
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     # pointers
     x_ptr,        # [M, K] fp32/fp16/bf16, strides (stride_xm, stride_xk)
@@ -51,11 +59,7 @@ def _quantize_per_token_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)  # M * K may exceed 2**31
-    x_rows = x_ptr + rows64[:, None] * stride_xm
-    q_rows = q_ptr + rows64[:, None] * stride_qm
+    rows64, row_ok, x_rows, q_rows = _row_block(x_ptr, q_ptr, M, stride_xm, stride_qm, BLOCK_M)
 
     # Pass 1: abs-max of each row, NaN-free, and whether the row holds a NaN.
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,11 +130,7 @@ def _quantize_static_kernel(
 ):
     # q = clamp(rne(nan_to_0(x / s)), -127, 127) as pyfast/reference.py quantize_static
     # (the reference maps +-inf to +-FLT_MAX before clamping: the same int8). One pass.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)  # M * K may exceed 2**31
-    x_rows = x_ptr + rows64[:, None] * stride_xm
-    q_rows = q_ptr + rows64[:, None] * stride_qm
+    rows64, row_ok, x_rows, q_rows = _row_block(x_ptr, q_ptr, M, stride_xm, stride_qm, BLOCK_M)
     s = tl.load(s_ptr)
     has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):

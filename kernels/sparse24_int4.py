@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
-                          _interpreted_bf16, _launch, _spec, _store_partial, _tile_ids,
-                          _k_block_range)
+                          _group_params, _int4_spec, _interpreted_bf16, _k_block_range,
+                          _launch, _store_partial, _tile_ids)
 
 Tensor = torch.Tensor
 
@@ -121,10 +121,9 @@ def _sparse24_int4_mm_kernel(
             z = zero[:, None]
         else:
             g = k0 // GROUP_SIZE  # the whole tile lies in group g
-            z = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg,
-                        mask=mask_n1, other=0).to(tl.int32)[:, None]
-            scale_g = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg,
-                              mask=mask_n1, other=0.0).to(tl.float32)
+            z, scale_g = _group_params(zero_ptr, scale_ptr, offs_n, mask_n1,
+                                       stride_zn, stride_zg, stride_sn, stride_sg, g)
+            z = z[:, None]
         c0 = ((codes & 15) - z)[:, :, None]                              # [BLOCK_N, QK, 1]
         c1 = ((codes >> 4) - z)[:, :, None]
         idx0 = (meta & 3)[:, :, None]
@@ -189,21 +188,8 @@ def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, ze
 # --- ahead-of-time compile specs (tests/test_triton_ptx.py; see weight_only.py) -------------
 
 def _ptx_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1):
-    pointers = {"x_ptr": f"*{ty}", "p_ptr": "*u8", "meta_ptr": "*u8", "scale_ptr": "*fp32",
-                "zero_ptr": "*u8", "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}", "ws_ptr": "*fp32",
-                "split_ptr": "*i32"}
-    unit = ["stride_xk", "stride_pk", "stride_mk", "stride_sg", "stride_zg", "stride_bias",
-            "stride_on"]
-    ints = ["M", "N", "K", "GROUP_SIZE", "stride_ws", "stride_xm", "stride_pn", "stride_mn",
-            "stride_om"]
-    (unit if one_group else ints).extend(["stride_sn", "stride_zn"])
-    div16 = [*pointers, "N", "K", "GROUP_SIZE", "stride_xm", "stride_pn", "stride_mn", "stride_om"]
-    if not one_group:
-        div16 += ["stride_sn", "stride_zn"]
-    return _spec(name, _sparse24_int4_mm_kernel, pointers, ints, unit, div16, {
-        "HAS_BIAS": True, "ONE_GROUP": one_group, "USE_WORKSPACE": split_k > 1,
-        "INPUT_PRECISION": "tf32",
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
+    return _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k,
+                      kernel=_sparse24_int4_mm_kernel, with_meta=True)
 
 
 PTX_SPECS = [

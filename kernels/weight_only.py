@@ -147,6 +147,15 @@ def _split_k_reduce_kernel(
                     out_ptr, stride_om, stride_on, HAS_SCALE, HAS_BIAS)
 
 
+@triton.jit
+def _group_params(zero_ptr, scale_ptr, offs_n, mask_n, stride_zn, stride_zg, stride_sn, stride_sg, g):
+    """(zero int32 [BLOCK_N], scale float32 [BLOCK_N]) of group g of weight rows offs_n
+    (zeros uint8 [N, G], scales any float dtype [N, G]); 0 for masked-off rows."""
+    zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
+    scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
+    return zero.to(tl.int32), scale.to(tl.float32)
+
+
 # --- int8 weights ---------------------------------------------------------------------
 
 @triton.jit
@@ -261,10 +270,8 @@ def _int4_mm_kernel(
             acc = tl.dot(x, (q - zero[None, :]).to(x.dtype), acc, input_precision=INPUT_PRECISION)
         else:
             g = k0 // GROUP_SIZE  # the whole tile lies in group g
-            zero_g = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg,
-                             mask=mask_n1, other=0).to(tl.int32)
-            scale_g = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg,
-                              mask=mask_n1, other=0.0).to(tl.float32)
+            zero_g, scale_g = _group_params(zero_ptr, scale_ptr, offs_n, mask_n1,
+                                            stride_zn, stride_zg, stride_sn, stride_sg, g)
             part = tl.dot(x, (q - zero_g[None, :]).to(x.dtype), input_precision=INPUT_PRECISION)
             acc += part * scale_g[None, :]
 
@@ -471,17 +478,26 @@ def _int8_spec(name, ty, block_m, block_n, block_k, split_k=1):
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
 
 
-def _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1):
+def _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1,
+               kernel=None, with_meta=False):
+    """A spec of _int4_mm_kernel, or of `kernel` with int4's arguments plus, when
+    with_meta, a uint8 meta_ptr with strides (stride_mn, stride_mk): the 2:4 + int4
+    kernel of kernels/sparse24_int4.py."""
     pointers = {"x_ptr": f"*{ty}", "p_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8",
                 "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}", "ws_ptr": "*fp32", "split_ptr": "*i32"}
     unit = ["stride_xk", "stride_pk", "stride_sg", "stride_zg", "stride_bias", "stride_on"]
     ints = ["M", "N", "K", "GROUP_SIZE", "stride_ws", "stride_xm", "stride_pn", "stride_om"]
+    if with_meta:
+        pointers["meta_ptr"] = "*u8"
+        unit.append("stride_mk")
+        ints.append("stride_mn")
     # scales/zeros [N, G]: row stride G, 1 for per channel (G = 1), else e.g. K / 128
     (unit if one_group else ints).extend(["stride_sn", "stride_zn"])
     div16 = [*pointers, "N", "K", "GROUP_SIZE", "stride_xm", "stride_pn", "stride_om"]
+    div16 += ["stride_mn"] if with_meta else []
     if not one_group:
         div16 += ["stride_sn", "stride_zn"]
-    return _spec(name, _int4_mm_kernel, pointers, ints, unit, div16, {
+    return _spec(name, kernel or _int4_mm_kernel, pointers, ints, unit, div16, {
         "HAS_BIAS": True, "ONE_GROUP": one_group, "USE_WORKSPACE": split_k > 1,
         "INPUT_PRECISION": "tf32",
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
