@@ -25,7 +25,7 @@ from .shapes import INT4_GROUP_SIZE
 Tensor = torch.Tensor
 PYFAST_OPS = ("int8_mm", "int8_mm_vnni", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm",
               "sparse24_mm", "sparse24_int4_mm", "quantize_per_token", "int4_mm_tc",
-              "sparse24_mm_tc")
+              "sparse24_mm_tc", "sparse24_int4_mm_tc")
 # quantize_per_token then int8_mm as two op calls: W8A8 unfused, beside w8a8_mm (the one
 # op Int8Linear calls), so the fusion's gain is measured in the same run
 E2E = "w8a8_e2e"
@@ -39,7 +39,7 @@ ALL_OPS = PYFAST_OPS + tuple(TWO_OP_ROWS)
 # Ops on the tensor-core layouts (pyfast/layouts): only the CUDA C++ kernels read them
 # fast; elsewhere the reference un-repacks per call, so they are benched by default on
 # CUDA only (name them in --ops to time them elsewhere).
-CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc")
+CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc", "sparse24_int4_mm_tc")
 # and on the CPU's VNNI layout: only the C++ CPU kernel reads it fast (benched on CPU only)
 CPU_LAYOUT_OPS = ("w8a8_mm_vnni", "int8_mm_vnni", STATIC_E2E)
 
@@ -85,6 +85,8 @@ class Layer:
     sparse24 (values act_dtype [N, K/2], meta u8 [N, K/4])  of the 2:4-pruned weight
     sparse24_int4 (packed u8 [N, K/4], meta u8 [N, K/8], scales f32 [N, K/128],
              zeros u8 [N, K/128])  the same 2:4-pruned weight, kept values int4 symmetric
+    int4_tc, sparse24_tc, sparse24_int4_tc  int4 / sparse24 / sparse24_int4 with the
+             weight (or metadata) repacked for the CUDA kernels (pyfast/layouts)
     """
     k: int
     n: int
@@ -97,12 +99,13 @@ class Layer:
     sparse24_int4: list
     int4_tc: list
     sparse24_tc: list
+    sparse24_int4_tc: list
     int8_vnni: list
 
     def copies(self) -> Dict[str, int]:
         return {name: len(getattr(self, name)) for name in
                 ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "sparse24_int4",
-                 "int4_tc", "sparse24_tc", "int8_vnni")}
+                 "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni")}
 
 
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
@@ -119,11 +122,14 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
         sparse_int4 = torch.ops.pyfast.pack_sparse24_int4(pruned, INT4_GROUP_SIZE, True)
         int4_tc = (torch.ops.pyfast.repack_int4_tc(int4[0]), *int4[1:])
         sparse_tc = (sparse[0], torch.ops.pyfast.repack_sparse24_tc(sparse[1]))
+        sparse_int4_tc = (*torch.ops.pyfast.repack_sparse24_int4_tc(*sparse_int4[:2]),
+                          *sparse_int4[2:])
         int8_vnni = (torch.ops.pyfast.repack_int8_vnni(int8[0]), int8[1])
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
                "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse,
                "sparse24_int4": sparse_int4,
-               "int4_tc": int4_tc, "sparse24_tc": sparse_tc, "int8_vnni": int8_vnni}
+               "int4_tc": int4_tc, "sparse24_tc": sparse_tc,
+               "sparse24_int4_tc": sparse_int4_tc, "int8_vnni": int8_vnni}
     return Layer(k, n, **{name: _copies(v, copies_for(_size(v))) for name, v in formats.items()})
 
 
@@ -318,6 +324,12 @@ def _pyfast_call(op: str, cell: Cell):
         return (lambda i: ops.sparse24_mm_tc(cell.x, *cell.pick("sparse24_tc", i), None),
                 "sparse24_tc", 2 * m * n * k,
                 x_bytes + _size(cell.layer.sparse24_tc[0]) + out_bytes, f"{a_s}.2:4.tc", act)
+    if op == "sparse24_int4_mm_tc":
+        return (lambda i: ops.sparse24_int4_mm_tc(cell.x, *cell.pick("sparse24_int4_tc", i),
+                                                  INT4_GROUP_SIZE, None),
+                "sparse24_int4_tc", 2 * m * n * k,
+                x_bytes + _size(cell.layer.sparse24_int4_tc[0]) + out_bytes,
+                f"{a_s}.2:4w4g{INT4_GROUP_SIZE}.tc", act)
     if op == E2E:
         def call(i):
             q, q_scale = ops.quantize_per_token(cell.x)
@@ -393,6 +405,7 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
         "sparse24_int4_mm": lambda: (x, *layer.sparse24_int4[0], INT4_GROUP_SIZE, None),
         "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),
         "sparse24_mm_tc": lambda: (x, *layer.sparse24_tc[0], None),
+        "sparse24_int4_mm_tc": lambda: (x, *layer.sparse24_int4_tc[0], INT4_GROUP_SIZE, None),
     }[op]()
 
 

@@ -14,8 +14,8 @@ kept values, group 128 symmetric), quantize_per_token, w8a8_e2e
 (quantize_per_token then int8_mm, two op calls), w8a8_static_e2e (quantize_static then
 int8_mm_vnni, as StaticInt8Linear runs on an AVX-512 CPU; the VNNI rows are CPU only
 unless named in --ops), on
-CUDA also int4_mm_tc and sparse24_mm_tc (the tensor-core layouts the CUDA C++ kernels
-read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
+CUDA also int4_mm_tc, sparse24_mm_tc and sparse24_int4_mm_tc (the tensor-core layouts the
+CUDA C++ kernels read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
 and torch._int_mm. Every row's output is checked once (bench/cases.py); timing is in
 bench/timing.py. Prints a table and writes bench/results/<device>_<date>.json.
 Exit status 1 if any row is MISMATCH or ERROR.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .layouts import int4_tc, sparse24_tc
+from .layouts import int4_tc, sparse24_int4_tc, sparse24_tc
 
 
 def _float_grad(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -162,6 +162,12 @@ def _setup_sparse24_mm_tc(ctx, inputs, output):
     _setup_sparse24_mm(ctx, (x, values, meta, bias), output)
 
 
+def _setup_sparse24_int4_mm_tc(ctx, inputs, output):
+    x, codes_tc, meta_tc, scales, zeros, group_size, bias = inputs
+    packed, meta = sparse24_int4_tc.unrepack(codes_tc, meta_tc, scales.shape[0], x.shape[1])
+    _setup_sparse24_int4_mm(ctx, (x, packed, meta, scales, zeros, group_size, bias), output)
+
+
 # --- ops without a useful gradient ------------------------------------------------
 
 _NO_GRAD_ADVICE = {
@@ -184,6 +190,8 @@ _NO_GRAD_ADVICE = {
     "repack_int4_tc": "repacking is a re-layout of packed integers; repack under torch.no_grad()",
     "repack_sparse24_tc": "repacking is a re-layout of integer metadata; repack under "
                           "torch.no_grad()",
+    "repack_sparse24_int4_tc": "repacking is a re-layout of int4 codes and integer metadata; "
+                               "repack under torch.no_grad()",
     "repack_int8_vnni": "repacking is a re-layout of an int8 weight; repack under "
                         "torch.no_grad()",
 }
@@ -210,5 +218,7 @@ def register() -> None:
     # the saved tensors are canonical, so the backward formulas are the ones above
     reg("pyfast::int4_mm_tc", _backward_int4_mm, setup_context=_setup_int4_mm_tc)
     reg("pyfast::sparse24_mm_tc", _backward_sparse24_mm, setup_context=_setup_sparse24_mm_tc)
+    reg("pyfast::sparse24_int4_mm_tc", _backward_sparse24_int4_mm,
+        setup_context=_setup_sparse24_int4_mm_tc)
     for op in _NO_GRAD_ADVICE:
         reg(f"pyfast::{op}", _raising_backward(op), setup_context=_no_setup)

@@ -80,11 +80,13 @@ class BackendReport(list):
             "is no direct conv kernel",
             f"static int8 (StaticInt8Linear) = quantize_static ({static}) + int8_mm "
             "(int8_mm_vnni on a VNNI-layout weight)",
-            "int4_mm_tc / sparse24_mm_tc take the weight in the CUDA C++ kernels' tensor-core "
-            "layout (repack_int4_tc / repack_sparse24_tc, once per layer): Int4Linear and "
-            "Sparse24Linear use it where that kernel runs (layout=\"auto\": float16/bfloat16 "
-            "weights on a GPU with the CUDA build), elsewhere the canonical int4_mm / "
-            "sparse24_mm; pyfast.repack(model) re-lays a model after .to(device)",
+            "int4_mm_tc / sparse24_mm_tc / sparse24_int4_mm_tc take the weight in the CUDA "
+            "C++ kernels' tensor-core layout (repack_int4_tc / repack_sparse24_tc / "
+            "repack_sparse24_int4_tc, once per layer): Int4Linear, Sparse24Linear and "
+            "Sparse24Int4Linear use it where that kernel runs (layout=\"auto\": "
+            "float16/bfloat16 weights on a GPU with the CUDA build), elsewhere the canonical "
+            "int4_mm / sparse24_mm / sparse24_int4_mm; pyfast.repack(model) re-lays a model "
+            "after .to(device)",
             "w8a8_mm_vnni / int8_mm_vnni take the int8 weight in the C++ CPU kernel's VNNI "
             "panel order (repack_int8_vnni, once per layer): Int8Linear / StaticInt8Linear "
             "use it where that kernel runs at the AVX-512 VNNI level (layout=\"auto\"), "

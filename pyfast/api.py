@@ -189,24 +189,23 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, values: Optional[str] = 
     "int4" also quantizes them, group-wise int4 with group_size (32, 64, 128 or -1,
     groups of dense columns) and symmetric as in quantize (Sparse24Int4Linear, about
     3 bits per weight). Layers whose in_features the format cannot take are skipped
-    with the reason. layout: as in quantize (the metadata order of the
-    sparse-tensor-core kernel; values="int4" has the canonical layout only)."""
+    with the reason. layout: as in quantize ("tc": the order of the
+    sparse-tensor-core kernel, sparse24_mm_tc's metadata, or with values="int4"
+    sparse24_int4_mm_tc's codes and metadata)."""
     if pattern != "2:4":
         raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
     if values not in SPARSE_VALUES:
         raise ValueError(f"values {values!r} is not supported; accepted: None (float "
                          "values) or 'int4'")
+    _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
     if values == "int4":
         check_quant_args("int4", group_size, symmetric)
-        _layout.check(layout, accepted=("canonical",), what="sparsify(values='int4')")
-    else:
-        _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
 
     def convert(name: str, lin: nn.Linear):
         if values == "int4":
             return s24i4_unsupported(lin.in_features, group_size) or \
                 Sparse24Int4Linear.from_linear(lin, prune=True, group_size=group_size,
-                                               symmetric=symmetric)
+                                               symmetric=symmetric, layout=layout)
         if lin.in_features % 4:
             return f"in_features {lin.in_features} is not a multiple of 4 (2:4)"
         return Sparse24Linear.from_linear(lin, prune=True, layout=layout)
@@ -215,22 +214,25 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, values: Optional[str] = 
         return _walk(model, include, exclude, convert)
 
 
+_TC_LAYERS = (Int4Linear, Sparse24Linear, Sparse24Int4Linear)   # layouts "canonical", "tc"
+
+
 def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
-    """Re-lay every Int4Linear, Sparse24Linear, Int8Linear and StaticInt8Linear of model
-    in `layout`, in place.
+    """Re-lay every Int4Linear, Sparse24Linear, Sparse24Int4Linear, Int8Linear and
+    StaticInt8Linear of model in `layout`, in place.
 
     For a model moved with .to(device) after compression: "auto" gives each layer the
     layout of its fast kernel where that kernel runs on the new device (tensor-core
     order on a GPU, VNNI order on an AVX-512 CPU), the canonical one elsewhere.
     "canonical" re-lays every such layer; "tc" / "vnni" only the layers that have that
-    layout (Int4Linear and Sparse24Linear / Int8Linear and StaticInt8Linear), leaving
-    the others as they are.
+    layout (Int4Linear, Sparse24Linear and Sparse24Int4Linear / Int8Linear and
+    StaticInt8Linear), leaving the others as they are.
     Exact: a permutation of the packed bytes. Returns model."""
     _layout.check(layout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for mod in model.modules():
-        if isinstance(mod, (Int4Linear, Sparse24Linear)) and layout != "vnni":
+        if isinstance(mod, _TC_LAYERS) and layout != "vnni":
             mod.repack(layout)
         elif isinstance(mod, _Int8LayoutLinear) and layout != "tc":
             mod.repack(layout)

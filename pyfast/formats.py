@@ -4,8 +4,10 @@ Every backend (reference, C++ CPU, Triton, CUDA C++) reads and writes exactly
 these layouts; a kernel that wants another layout (tensor-core fragment order,
 sparse-tensor-core metadata) gets it from a repack op with its own reference,
 run once at layer creation: repack_int4_tc (pyfast/layouts/int4_tc.py) for
-int4_mm_tc, repack_sparse24_tc (pyfast/layouts/sparse24_tc.py) for sparse24_mm_tc. Shapes use M = rows of activations, K = reduction
-(in_features), N = out_features. All tensors are row-major (contiguous).
+int4_mm_tc, repack_sparse24_tc (pyfast/layouts/sparse24_tc.py) for sparse24_mm_tc,
+repack_sparse24_int4_tc (pyfast/layouts/sparse24_int4_tc.py) for sparse24_int4_mm_tc.
+Shapes use M = rows of activations, K = reduction (in_features), N = out_features. All
+tensors are row-major (contiguous).
 
 int8 per-token activations  (quantize_per_token)
     x_int8 : int8    [M, K]   round-half-to-even(x / scale) clamped to [-127, 127]

@@ -16,7 +16,7 @@ import torch
 
 from . import _checks as chk
 from . import dispatch, reference
-from .layouts import int4_tc, int8_vnni, sparse24_tc
+from .layouts import int4_tc, int8_vnni, sparse24_int4_tc, sparse24_tc
 
 Tensor = torch.Tensor
 # 128 * 128 * K must stay below 2**31 for the int32 accumulator (csrc/cpu/int8_mm.cpp too).
@@ -69,6 +69,15 @@ SCHEMAS: Dict[str, str] = {
     # sparse24_mm with repacked metadata: values [N, K/2] as before -> [M, N] x.dtype
     "sparse24_mm_tc": "sparse24_mm_tc(Tensor x, Tensor values, Tensor meta_tc, "
                       "Tensor? bias=None) -> Tensor",
+    # 2:4 + int4 packed uint8 [N, K/4], meta uint8 [N, K/8] -> (codes_tc int32
+    # [ceil(N/16), ceil(K/64), 32, 2], meta_tc int32 [ceil(N/16), ceil(K/64), 32])
+    # in sparse-tensor-core order (pyfast/layouts/sparse24_int4_tc.py)
+    "repack_sparse24_int4_tc": "repack_sparse24_int4_tc(Tensor packed, Tensor meta) "
+                               "-> (Tensor, Tensor)",
+    # sparse24_int4_mm on a repacked weight: N = scales.shape[0], K = x.shape[1] -> [M, N]
+    "sparse24_int4_mm_tc": "sparse24_int4_mm_tc(Tensor x, Tensor codes_tc, Tensor meta_tc, "
+                           "Tensor scales, Tensor zeros, int group_size, Tensor? bias=None) "
+                           "-> Tensor",
     # CPU VNNI layout (pyfast/layouts/int8_vnni.py), made once at layer creation:
     # w_int8 [N, K] -> w_vnni int8 [ceil(N/48), ceil(K/4), 48, 4]
     "repack_int8_vnni": "repack_int8_vnni(Tensor w_int8) -> Tensor",
@@ -263,16 +272,23 @@ def _check_repack_int4_tc(packed):
     chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
 
 
-def _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
-    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
-    k = x.shape[1]
-    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
+def _check_tc_group_params(scales, zeros, k, gs, group_size) -> int:
+    """scales float [N, G] and zeros uint8 [N, G] of int4_mm_tc and sparse24_int4_mm_tc,
+    whose repacked weight has no N of its own: N = scales.shape[0] (returned)."""
     chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
     n = scales.shape[0]
     chk.size("zeros", zeros, 0, n, "one row per output row N (scales.shape[0])")
     for name, t in (("scales", scales), ("zeros", zeros)):
         chk.size(name, t, 1, k // gs, f"K / group_size = {k} / {group_size} groups")
+    return n
+
+
+def _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    k = x.shape[1]
+    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
+    n = _check_tc_group_params(scales, zeros, k, gs, group_size)
     int4_tc.check_repacked(w_tc, n, k, "w_tc")
     chk.bias(bias, n)
     chk.same_device(x=x, w_tc=w_tc, scales=scales, zeros=zeros, bias=bias)
@@ -287,6 +303,27 @@ def _check_sparse24_mm_tc(x, values, meta_tc, bias=None):
     sparse24_tc.check_repacked(meta_tc, values.shape[0], x.shape[1], "meta_tc")
     chk.bias(bias, values.shape[0])
     chk.same_device(x=x, values=values, meta_tc=meta_tc, bias=bias)
+
+
+def _check_repack_sparse24_int4_tc(packed, meta):
+    n, k = sparse24_int4_tc.check_canonical(packed, meta)
+    chk.same_device(packed=packed, meta=meta)
+    return n, k
+
+
+def _check_repack_sparse24_int4_tc_values(packed, meta):
+    sparse24_int4_tc.check_meta_values(meta)
+
+
+def _check_sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    k = x.shape[1]
+    gs = _sparse24_int4_group(group_size, k, "x.shape[1] (K)")
+    n = _check_tc_group_params(scales, zeros, k, gs, group_size)
+    sparse24_int4_tc.check_repacked(codes_tc, meta_tc, n, k)
+    chk.bias(bias, n)
+    chk.same_device(x=x, codes_tc=codes_tc, meta_tc=meta_tc, scales=scales, zeros=zeros,
+                    bias=bias)
 
 
 def _check_repack_int8_vnni(w_int8):
@@ -336,13 +373,17 @@ CHECKS: Dict[str, Callable] = {
     "int4_mm_tc": _check_int4_mm_tc,
     "repack_sparse24_tc": _check_repack_sparse24_tc,
     "sparse24_mm_tc": _check_sparse24_mm_tc,
+    "repack_sparse24_int4_tc": _check_repack_sparse24_int4_tc,
+    "sparse24_int4_mm_tc": _check_sparse24_int4_mm_tc,
     "repack_int8_vnni": _check_repack_int8_vnni,
     "w8a8_mm_vnni": _check_w8a8_mm_vnni,
     "int8_mm_vnni": _check_int8_mm_vnni,
 }
 VALUE_CHECKS: Dict[str, Callable] = {"sparse24_compress": _check_sparse24_values,
                                      "pack_sparse24_int4": _check_pack_sparse24_int4_values,
-                                     "repack_sparse24_tc": sparse24_tc.check_meta_values}
+                                     "repack_sparse24_tc": sparse24_tc.check_meta_values,
+                                     "repack_sparse24_int4_tc":
+                                         _check_repack_sparse24_int4_tc_values}
 
 
 # --- fakes: output metadata only, for torch.compile ---------------------------
@@ -448,6 +489,17 @@ def _fake_sparse24_mm_tc(x, values, meta_tc, bias=None):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+def _fake_repack_sparse24_int4_tc(packed, meta):
+    n, k = _check_repack_sparse24_int4_tc(packed, meta)
+    return (packed.new_empty(sparse24_int4_tc.repacked_shape(n, k), dtype=torch.int32),
+            meta.new_empty(sparse24_tc.repacked_shape(n, k), dtype=torch.int32))
+
+
+def _fake_sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias=None):
+    _check_sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], scales.shape[0]))
+
+
 def _fake_repack_int8_vnni(w_int8):
     _check_repack_int8_vnni(w_int8)
     return w_int8.new_empty(int8_vnni.repacked_shape(*w_int8.shape))
@@ -481,6 +533,8 @@ FAKES: Dict[str, Callable] = {
     "int4_mm_tc": _fake_int4_mm_tc,
     "repack_sparse24_tc": _fake_repack_sparse24_tc,
     "sparse24_mm_tc": _fake_sparse24_mm_tc,
+    "repack_sparse24_int4_tc": _fake_repack_sparse24_int4_tc,
+    "sparse24_int4_mm_tc": _fake_sparse24_int4_mm_tc,
     "repack_int8_vnni": _fake_repack_int8_vnni,
     "w8a8_mm_vnni": _fake_w8a8_mm_vnni,
     "int8_mm_vnni": _fake_int8_mm_vnni,
@@ -515,6 +569,8 @@ REFERENCE: Dict[str, Callable] = {
     "int4_mm_tc": reference.int4_mm_tc,
     "repack_sparse24_tc": reference.repack_sparse24_tc,
     "sparse24_mm_tc": reference.sparse24_mm_tc,
+    "repack_sparse24_int4_tc": reference.repack_sparse24_int4_tc,
+    "sparse24_int4_mm_tc": reference.sparse24_int4_mm_tc,
     "repack_int8_vnni": reference.repack_int8_vnni,
     "w8a8_mm_vnni": reference.w8a8_mm_vnni,
     "int8_mm_vnni": _reference_int8_mm_vnni,
@@ -688,6 +744,26 @@ def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor,
     """sparse24_mm with the metadata from repack_sparse24_tc; same result as sparse24_mm."""
     _check_sparse24_mm_tc(x, values, meta_tc, bias)
     return torch.ops.pyfast.sparse24_mm_tc(x, values, meta_tc, bias)
+
+
+def repack_sparse24_int4_tc(packed: Tensor, meta: Tensor) -> Tuple[Tensor, Tensor]:
+    """2:4 + int4 (packed uint8 [N, K/4], meta uint8 [N, K/8]) -> (codes_tc int32
+    [ceil(N/16), ceil(K/64), 32, 2], meta_tc int32 [ceil(N/16), ceil(K/64), 32]), the
+    sparse-tensor-core order of the CUDA kernel (pyfast/layouts/sparse24_int4_tc.py), for
+    sparse24_int4_mm_tc. Exact; ValueError naming the first group whose meta nibble is not
+    an ordered index pair. Run once per layer."""
+    _check_repack_sparse24_int4_tc(packed, meta)
+    return torch.ops.pyfast.repack_sparse24_int4_tc(packed, meta)
+
+
+def sparse24_int4_mm_tc(x: Tensor, codes_tc: Tensor, meta_tc: Tensor, scales: Tensor,
+                        zeros: Tensor, group_size: int = 128,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """sparse24_int4_mm with the weight from repack_sparse24_int4_tc (N = scales.shape[0]);
+    same result as sparse24_int4_mm."""
+    _check_sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias)
+    return torch.ops.pyfast.sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros,
+                                                group_size, bias)
 
 
 def repack_int8_vnni(w_int8: Tensor) -> Tensor:

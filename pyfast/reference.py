@@ -129,7 +129,7 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     """uint8 [N, K/2] -> uint8 [N, K] with values 0..15."""
     lo = packed & 0xF
     hi = packed >> 4
-    return torch.stack((lo, hi), dim=2).reshape(packed.shape[0], -1)
+    return torch.stack((lo, hi), dim=2).reshape(packed.shape[0], 2 * packed.shape[1])
 
 
 def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
@@ -319,6 +319,18 @@ def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor, bias: Optional[Te
     from .layouts import sparse24_tc
     meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
     return sparse24_mm(x, values, meta, bias)
+
+
+def repack_sparse24_int4_tc(packed: Tensor, meta: Tensor) -> Tuple[Tensor, Tensor]:
+    from .layouts import sparse24_int4_tc
+    return sparse24_int4_tc.repack(packed, meta)
+
+
+def sparse24_int4_mm_tc(x: Tensor, codes_tc: Tensor, meta_tc: Tensor, scales: Tensor,
+                        zeros: Tensor, group_size: int, bias: Optional[Tensor]) -> Tensor:
+    from .layouts import sparse24_int4_tc
+    packed, meta = sparse24_int4_tc.unrepack(codes_tc, meta_tc, scales.shape[0], x.shape[1])
+    return sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
 
 
 def repack_int8_vnni(w_int8: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import itertools
 import os
 from typing import List, Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -149,6 +150,38 @@ def linear_tolerance(x: torch.Tensor, w64: torch.Tensor, bias: Optional[torch.Te
     err = (lowp.double() - exact).abs().max().item()
     ulp = torch.finfo(dtype).eps * exact.abs().max().item()
     return 2 * err + ulp
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmul():
+    """Import into a GPU test module: keeps TF32 off while its tests run, so float32
+    oracles computed on the GPU (F.linear, the references) are true float32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# Weight-only int4 tensor-core kernels (int4_mm_tc, sparse24_int4_mm_tc): u = unit
+# roundoff of x.dtype, TINY = half its smallest subnormal step.
+HALF_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+HALF_TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
+
+
+def int4_tc_bound(x, w, bias, k, dtype, weight_term):
+    """(x @ w^T + bias in float64, allowed |error|) of a kernel that rounds the dequantized
+    weight to x.dtype (two roundings: the scale's cast, the product; weight_term = 1 when
+    w is the unrounded float32 weight, 0 when it is the kernel's rounded one), multiplies
+    exactly in float32, sums K terms plus up to 64 split-K partials in float32 and casts
+    the result once to x.dtype."""
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.T + (0 if bias is None else bias.double())
+    mag = xd.abs() @ wd.abs().T
+    u = HALF_UNIT[dtype]
+    tol = ((2 * u + u * u) * weight_term + (k + 64) * 2.0 ** -24) * mag * 1.01
+    return ref, tol + u * ref.abs() + HALF_TINY[dtype]
 
 
 def assert_within(out: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:

@@ -98,7 +98,7 @@ def test_a_wrong_kernel_is_reported_as_mismatch(tmp_path, monkeypatch):
 
 
 def test_tensor_core_layout_rows_run_when_named(tmp_path, capsys):
-    """int4_mm_tc / sparse24_mm_tc are benched by default only on CUDA (their kernels'
+    """The *_tc ops (CUDA_LAYOUT_OPS) are benched by default only on CUDA (their kernels'
     home); named in --ops they run anywhere, on their repacked weights, and are checked."""
     status = bench_run.main(["--quick", "--device", "cpu", "--out", str(tmp_path),
                              "--ops", ",".join(CUDA_LAYOUT_OPS), "--m", "3"])

@@ -43,6 +43,18 @@ EXPECTED_PTX = {
         "cp.async.wait_group": "pipeline stage wait",
         "ldmatrix.sync.aligned.m8n8.x4.shared.b16": "A (kept values) and B (x) fragments",
     },
+    "sparse24_int4_mm.cu": {
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32":
+            "float16 2:4 sparse tensor-core mma on the dequantized kept values",
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32":
+            "bfloat16 2:4 sparse tensor-core mma",
+        "cp.async.cg.shared.global": "16-byte async copies of codes, metadata and x",
+        "cp.async.ca.shared.global": "4-byte async scale / zero-word copies",
+        "cp.async.wait_group": "pipeline stage wait",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16": "B fragments (x) from the swizzled tile",
+        "lop3.b32": "nibble mask | magic exponent in one instruction (int4 -> f16/bf16)",
+        "ld.shared.v2.u32": "one 8-byte load of a lane's fragment-ordered codes per k64 block",
+    },
     "int4_mm.cu": {
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32": "float16 tensor-core mma, f32 accumulate",
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32": "bfloat16 tensor-core mma",
@@ -77,6 +89,10 @@ EXPECTED_SASS: dict[str, dict[str, str]] = {
     "sparse24_mm.cu": {"HMMA.SP.16832.F32": "mma.sp on the sparse tensor cores (f16)",
                        "HMMA.SP.16832.F32.BF16": "the same in bfloat16", "LDGSTS": "cp.async",
                        "LDSM.16.M88.4": "ldmatrix x4", "DEPBAR": "cp.async group waits"},
+    "sparse24_int4_mm.cu": {"HMMA.SP.16832.F32": "mma.sp on the sparse tensor cores (f16)",
+                            "HMMA.SP.16832.F32.BF16": "the same in bfloat16",
+                            "LDGSTS": "cp.async", "LDSM.16.M88.4": "ldmatrix x4",
+                            "LOP3.LUT": "in-register int4 unpack", "DEPBAR": "cp.async waits"},
     "int4_mm.cu": {"HMMA.16816.F32": "mma.sync m16n8k16 on the tensor cores (f16)",
                    "HMMA.16816.F32.BF16": "the same in bfloat16", "LDGSTS": "cp.async",
                    "LDSM.16.M88.4": "ldmatrix x4", "LOP3.LUT": "in-register int4 unpack"},

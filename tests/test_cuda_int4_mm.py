@@ -21,27 +21,17 @@ import torch
 from pyfast import reference
 from pyfast.layouts import int4_tc
 
+from _helpers import HALF_TINY, HALF_UNIT, exact_float32_matmul, int4_tc_bound as _bound  # noqa: F401
+
 pytestmark = pytest.mark.cuda
 
 DTYPES = (torch.float16, torch.bfloat16)
-UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}   # half a subnormal step
+UNIT, TINY = HALF_UNIT, HALF_TINY
 
 
 def _ops():
     import pyfast._C  # noqa: F401  (registers torch.ops.pyfast_C)
     return torch.ops.pyfast_C
-
-
-@pytest.fixture(autouse=True)
-def _exact_float32_matmul():
-    """The oracles run on the GPU: keep TF32 off so reference.int4_mm is true float32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _problem(m, n, k, gs, symmetric, dtype, with_bias, seed):
@@ -52,16 +42,6 @@ def _problem(m, n, k, gs, symmetric, dtype, with_bias, seed):
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = (torch.randn(n, generator=gen) * 0.5).to(dtype) if with_bias else None
     return tuple(None if t is None else t.cuda() for t in (x, packed, scales, zeros, bias))
-
-
-def _bound(x, w, bias, k, dtype, weight_term):
-    """(x @ w^T + bias in float64, allowed |error| of the kernel) for w [N, K] float32."""
-    xd, wd = x.double(), w.double()
-    ref = xd @ wd.T + (0 if bias is None else bias.double())
-    mag = xd.abs() @ wd.abs().T
-    u = UNIT[dtype]
-    tol = ((2 * u + u * u) * weight_term + (k + 64) * 2.0 ** -24) * mag * 1.01
-    return ref, tol + u * ref.abs() + TINY[dtype]
 
 
 def _check(x, packed, scales, zeros, gs, bias):

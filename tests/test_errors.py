@@ -57,6 +57,11 @@ def _meta_tc():
     return ops.repack_sparse24_tc(torch.full((5, 16), 0b0100, dtype=torch.uint8))
 
 
+def _s24i4_tc():
+    """A valid repacked 2:4 + int4 weight (codes_tc, meta_tc) for N = 5, K = 64."""
+    return ops.repack_sparse24_int4_tc(u8(5, 16), torch.full((5, 8), 0x44, dtype=torch.uint8))
+
+
 def _vnni():
     """A valid repacked weight for N = 5, K = 64."""
     return ops.repack_int8_vnni(i8(5, 64))
@@ -390,6 +395,40 @@ CASES = {
                                         "values has dtype torch.float16 but x has torch.float32"),
     "sparse24_mm_tc-K-30": Case("sparse24_mm_tc", lambda: (f32(3, 30), f32(5, 15), _meta_tc()),
                                 ValueError, "x.shape[1] (K) = 30 is not a multiple of 4"),
+    "repack_s24i4_tc-packed-int8": Case("repack_sparse24_int4_tc", lambda: (i8(5, 16), u8(5, 8)),
+                                        TypeError, "packed has dtype torch.int8; accepted: uint8"),
+    "repack_s24i4_tc-K-12": Case("repack_sparse24_int4_tc", lambda: (u8(5, 3), u8(5, 1)),
+                                 ValueError, "packed has shape (5, 3): dimension 1 (K/4) must be "
+                                 "even, K = 12 must be a multiple of 8"),
+    "repack_s24i4_tc-meta-K": Case("repack_sparse24_int4_tc", lambda: (u8(5, 16), u8(5, 16)),
+                                   ValueError, "meta has shape (5, 16): dimension 1 must be 8 "
+                                   "(meta is [N, K/8]: the indices of two groups of 4 per byte)"),
+    "repack_s24i4_tc-meta-unordered": Case("repack_sparse24_int4_tc",
+                                           lambda: (u8(5, 16), u8(5, 8)), ValueError,
+                                           "unpack_nibbles(meta)[0, 0] = 0 is not a 2:4 index "
+                                           "pair"),
+    "s24i4_mm_tc-x-int": Case("sparse24_int4_mm_tc", lambda: (i8(3, 64), *_s24i4_tc(), f32(5, 2),
+                                                              u8(5, 2), 32), TypeError,
+                              f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "s24i4_mm_tc-K-36": Case("sparse24_int4_mm_tc", lambda: (f32(3, 36), *_s24i4_tc(), f32(5, 1),
+                                                             u8(5, 1), -1), ValueError,
+                             "x.shape[1] (K) = 36 must be a multiple of 8"),
+    "s24i4_mm_tc-canonical-weight": Case("sparse24_int4_mm_tc",
+                                         lambda: (f32(3, 64), *_s24i4()[:2], f32(5, 2), u8(5, 2),
+                                                  32), TypeError,
+                                         "codes_tc has dtype torch.uint8; accepted: int32 (the "
+                                         "output of repack_sparse24_int4_tc"),
+    "s24i4_mm_tc-meta_tc-K": Case("sparse24_int4_mm_tc",
+                                  lambda: (f32(3, 64), _s24i4_tc()[0], _meta_tc()[:, :, :16],
+                                           f32(5, 2), u8(5, 2), 32), ValueError,
+                                  "meta_tc has shape (1, 1, 16); for N = 5, K = 64 it must be "
+                                  "(1, 1, 32)"),
+    "s24i4_mm_tc-zeros-rows": Case("sparse24_int4_mm_tc",
+                                   lambda: (f32(3, 64), *_s24i4_tc(), f32(5, 2), u8(4, 2), 32),
+                                   ValueError, "zeros has shape (4, 2): dimension 0 must be 5"),
+    "s24i4_mm_tc-group": Case("sparse24_int4_mm_tc", lambda: (f32(3, 64), *_s24i4_tc(),
+                                                              f32(5, 2), u8(5, 2), 48),
+                              ValueError, "group_size 48 is not supported"),
     "repack_int8_vnni-float": Case("repack_int8_vnni", lambda: (f32(5, 64),), TypeError,
                                    "w_int8 has dtype torch.float32; accepted: int8"),
     "repack_int8_vnni-1d": Case("repack_int8_vnni", lambda: (i8(64),), ValueError,

@@ -141,8 +141,8 @@ def test_sparsify_values_int4_converts_and_skips_with_reasons():
     (dict(values="int8"), ValueError, "values 'int8' is not supported; accepted: None"),
     (dict(values="int4", group_size=48), ValueError, "group_size 48 is not supported"),
     (dict(values="int4", symmetric=1), TypeError, "symmetric must be a bool, got 1"),
-    (dict(values="int4", layout="tc"), ValueError,
-     "layout 'tc' is not supported by sparsify\\(values='int4'\\); accepted: 'canonical'"),
+    (dict(values="int4", layout="vnni"), ValueError,
+     "layout 'vnni' is not supported by sparsify; accepted: 'canonical', 'tc', 'auto'"),
 ])
 def test_sparsify_argument_errors(kwargs, exc, message):
     with pytest.raises(exc, match=message):

@@ -48,29 +48,22 @@
 // Fragments for mma.m16n8k16 with floating point type"); (c) dequantizes in registers and
 // (d) issues mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32.
 //
-// Dequantization (why it is exact): lop3 computes (word >> 4i) & 0x000F000F | MAGIC in one
-// instruction, giving two 16-bit floats whose low mantissa bits are the codes q. For
-// float16 MAGIC = 0x6400 = 1024.0: float16 has 10 mantissa bits, so in [1024, 2048) the
-// spacing is 1 and the bits 0x6400 | q are exactly 1024 + q (q < 16). For bfloat16
-// MAGIC = 0x4300 = 128.0: 7 mantissa bits, spacing 1 in [128, 256), so 0x4300 | q is
-// exactly 128 + q. Subtracting (MAGIC + zero) (itself exact: an integer below 2048 / 256)
-// gives q - zero exactly (a small integer); one multiply by the scale rounded to x.dtype
-// is the only rounding of the weight (two in all: the scale's conversion, the product).
-// Limits: a scale (or weight) beyond the float16 range becomes inf, as in any float16 GEMM.
+// Dequantization: dequant2 (int4_dequant.h), exact up to one rounding of (q - zero) * scale.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
+#include "int4_dequant.h"
 #include "int4_mm.h"
 #include "ptx.h"
 
 namespace {
 
-using namespace pyfast_cuda;  // smem_addr, cp_async_commit/wait, ldmatrix_x4 (ptx.h)
+using namespace pyfast_cuda;  // smem_addr, cp_async_commit/wait, ldmatrix_x4 (ptx.h);
+                              // Traits, bits_as, as_bits, and_or (int4_dequant.h)
 
 constexpr int kThreads = 128;        // 4 warps
 constexpr int kWarps = kThreads / 32;
@@ -79,37 +72,6 @@ constexpr int kStepsPerWarp = 4;     // k16 steps a warp computes per stage
 constexpr int kTileN = 64;           // columns of one w_tc tile (8 subtiles of n8)
 constexpr int kTileBytes = 512;      // one w_tc tile: 32 lanes x 16 bytes
 constexpr int kScaleK = 32;          // scale slots every 32 k (the smallest group size)
-
-// --- dtype traits ------------------------------------------------------------------
-
-template <typename T> struct Traits;
-template <> struct Traits<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
-  static constexpr float kMagicValue = 1024.0f;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2half2_rn(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-template <> struct Traits<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
-  static constexpr float kMagicValue = 128.0f;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2bfloat162_rn(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
-
-template <typename T2> __device__ __forceinline__ T2 bits_as(uint32_t u) {
-  T2 v;
-  memcpy(&v, &u, 4);
-  return v;
-}
-template <typename T2> __device__ __forceinline__ uint32_t as_bits(T2 v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return u;
-}
 
 // --- PTX wrappers --------------------------------------------------------------------
 
@@ -123,13 +85,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
                "l"(src), "r"(src_bytes) : "memory");
-}
-
-// (a & b) | c in one instruction: lop3 look-up table 0xEA = (0xF0 & 0xCC) | 0xAA.
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
 }
 
 // D = A * B + D, A 16x16 row-major (4 regs), B 16x8 column-major (2 regs), D float32.
@@ -199,7 +154,6 @@ struct Smem {
 template <typename T, int MT, int WN>
 __global__ void __launch_bounds__(kThreads) int4_mm_tc_kernel(const Params p) {
   using S = Smem<MT, WN>;
-  using T2 = typename Traits<T>::T2;
   constexpr int WK = S::kWK;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_is_last;
@@ -324,11 +278,7 @@ __global__ void __launch_bounds__(kThreads) int4_mm_tc_kernel(const Params p) {
           uint32_t b[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const uint32_t q = and_or(words[j] >> (4 * (2 * h + r)), 0x000F000Fu,
-                                      Traits<T>::kMagic);
-            const T2 w = __hmul2(__hsub2(bits_as<T2>(q), bits_as<T2>(z2[s])),
-                                 bits_as<T2>(s2[s]));
-            b[r] = as_bits(w);
+            b[r] = dequant2<T>(words[j] >> (4 * (2 * h + r)), z2[s], s2[s]);
           }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) mma16816<T>(acc[mt][s], a[mt], b[0], b[1]);

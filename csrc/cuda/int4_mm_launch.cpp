@@ -29,6 +29,7 @@
 
 #include "../checks.h"
 #include "int4_mm.h"
+#include "launch_helpers.h"
 
 namespace pyfast {
 namespace {
@@ -121,16 +122,9 @@ at::Tensor int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& w_tc_in,
   }
   const int64_t x_row_stride = (M == 1 || !x_ok) ? K8 : x.stride(0);
   // w_tc: contiguous and 16-byte aligned (a fresh copy when it is a misaligned view).
-  at::Tensor w_tc = w_tc_in.contiguous();
-  if (!aligned(w_tc, 16)) w_tc = w_tc.clone();
+  const at::Tensor w_tc = contiguous_aligned(w_tc_in);
   const at::Tensor scales_f = scales.to(at::kFloat).contiguous();
-  // zeros are read as 32-bit words: 4-byte aligned, round_up(N * G, 4) bytes readable.
-  at::Tensor zeros_w = zeros.contiguous();
-  if (!aligned(zeros_w, 4) || zeros_w.numel() % 4 != 0) {
-    at::Tensor padded = at::zeros({ceil_div(zeros_w.numel(), 4) * 4}, zeros_w.options());
-    padded.narrow(0, 0, zeros_w.numel()).copy_(zeros_w.reshape({-1}));
-    zeros_w = padded;
-  }
+  const at::Tensor zeros_w = zero_words(zeros);  // read as 32-bit words
   at::Tensor bias_f;
   if (bias) bias_f = bias->to(at::kFloat).contiguous();
   const at::Tensor ws = split_k_workspace(x, pyfast_int4_mm_tc_workspace_bytes(M, N), stream);

@@ -72,14 +72,15 @@
 
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
 
-#include "sparse24_mm.h"
 #include "ptx.h"
+#include "sparse24_mm.h"
+#include "sparse_mma.h"
 
 namespace {
 
-using namespace pyfast_cuda;  // smem_addr, cp_async_commit/wait, ldmatrix_x4 (ptx.h)
+using namespace pyfast_cuda;          // smem_addr, cp_async_commit/wait, ldmatrix_x4 (ptx.h)
+using namespace pyfast_cuda::sparse;  // mma_sp, swizzle, cp_async16/4, store_tile, Plan
 
 // ---------------------------------------------------------------- configuration ----
 template <int BN_, int BM_, int BK_, int WARPS_N_, int WARPS_M_, int STAGES_, int MIN_CTAS_,
@@ -131,61 +132,6 @@ struct Params {
   int k_tiles_per_split;
   bool out_vec;          // out 16-byte aligned and N % 8 == 0
 };
-
-// ----------------------------------------------------------------- PTX wrappers ----
-// [CPA] 16-byte copy, zero-filled (and no global read) when !valid.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-// [CPA] 4-byte copy (the path for K % 16 != 0 or unaligned tensors).
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 4 : 0)
-               : "memory");
-}
-
-// [SP]/[FA] d += A(sparse 16x32, metadata e, selector SEL) * B(32x8), float32 accumulate.
-template <typename T, int SEL>
-__device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4],
-                                       const uint32_t (&b)[4], uint32_t e) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e), "n"(SEL));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e), "n"(SEL));
-  }
-}
-
-__device__ __forceinline__ __half to_out(float v, __half) { return __float2half_rn(v); }
-__device__ __forceinline__ __nv_bfloat16 to_out(float v, __nv_bfloat16) {
-  return __float2bfloat16_rn(v);
-}
-
-// Physical 16-byte chunk of logical chunk c in row r of a tile CH chunks wide: the 8
-// rows one ldmatrix phase reads (r0 .. r0+7, r0 % 8 == 0, same c) land in 8 distinct
-// 16-byte bank groups. CH >= 8: rows are multiples of 128 bytes, XOR the low 3 bits
-// with r % 8. CH == 4 (64-byte rows, two rows per 128 bytes): XOR with (r / 2) % 4.
-template <int CH>
-__device__ __forceinline__ int swizzle(int r, int c) {
-  static_assert(CH == 4 || CH % 8 == 0, "supported row widths");
-  if constexpr (CH == 4) {
-    return c ^ ((r >> 1) & 3);
-  } else {
-    return c ^ (r & 7);
-  }
-}
 
 // ------------------------------------------------------------------ stage loads ----
 // Loads k tile kt (k0 = kt * BK) of values, x and meta_tc into one pipeline stage.
@@ -280,12 +226,7 @@ sparse24_mm_kernel(const Params p) {
   const int warp_n = warp % C::WARPS_N, warp_m = warp / C::WARPS_N;
   const int wn0 = warp_n * C::WN, wm0 = warp_m * C::WM;  // warp tile origin in the CTA
   float acc[C::NT][C::MT][4];
-#pragma unroll
-  for (int i = 0; i < C::NT; ++i)
-#pragma unroll
-    for (int j = 0; j < C::MT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+  zero_acc<C>(acc);
 
   for (int kt = 0; kt < n_kt; ++kt) {
     // Tile kt has landed (at most STAGES - 2 younger groups pending) for every thread;
@@ -320,154 +261,31 @@ sparse24_mm_kernel(const Params p) {
           const int c = jj * 4 + s * 2 + (lane >> 4);
           ldmatrix_x4(a[i], sv + r * C::V_ROW + swizzle<C::V_CH>(r, c) * 16);
         }
-#pragma unroll
-        for (int j = 0; j < C::MT; ++j) {
-          // [LDM] matrix q = k 8q .. 8q+7 of rows m: register q = B rows 8q + 2tig, +1.
-          const int r = wm0 + 8 * j + (lane & 7);
-          const int c = jj * 8 + s * 4 + (lane >> 3);
-          ldmatrix_x4(b[j], sx + r * C::X_ROW + swizzle<C::X_CH>(r, c) * 16);
-        }
+        load_x_fragments<C>(b, sx, wm0, jj, s, lane);
 #pragma unroll
         for (int i = 0; i < C::NT; ++i)
 #pragma unroll
           for (int j = 0; j < C::MT; ++j) {
-            if (s == 0) {
-              mma_sp<T, 0>(acc[i][j], a[i], b[j], e[i]);
-            } else {
-              mma_sp<T, 1>(acc[i][j], a[i], b[j], e[i]);
-            }
+            mma_sp_sel<T>(acc[i][j], a[i], b[j], e[i], s);
           }
       }
     }
   }
   cp_async_wait<0>();  // only empty groups can remain; keep the smem reuse below safe
 
-  const int g = lane >> 2, tig = lane & 3;
-  if (p.partial != nullptr) {
-    // Split-K: float32 partial [z, m, n]; lanes of one tig write 8 consecutive n.
-    float* part = p.partial + static_cast<int64_t>(blockIdx.z) * p.M * p.N;
-#pragma unroll
-    for (int i = 0; i < C::NT; ++i)
-#pragma unroll
-      for (int j = 0; j < C::MT; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t n = n0 + wn0 + 16 * i + g + 8 * (q >> 1);   // [CD]
-          const int64_t m = m0 + wm0 + 8 * j + 2 * tig + (q & 1);
-          if (n < p.N && m < p.M) part[m * p.N + n] = acc[i][j][q];
-        }
-    return;
-  }
-
-  // Fused epilogue: + bias, round once, stage [BM][BN] in shared memory, then 16-byte rows.
-  __syncthreads();  // every warp is done reading the pipeline stages
-  T* s_out = reinterpret_cast<T*>(smem);
-  constexpr int OUT_LD = C::OUT_ROW / 2;
-#pragma unroll
-  for (int i = 0; i < C::NT; ++i)
-#pragma unroll
-    for (int q2 = 0; q2 < 2; ++q2) {
-      const int nl = wn0 + 16 * i + g + 8 * q2;
-      const int64_t n = n0 + nl;
-      const float bv = (p.bias != nullptr && n < p.N) ? p.bias[n] : 0.0f;
-#pragma unroll
-      for (int j = 0; j < C::MT; ++j)
-#pragma unroll
-        for (int q1 = 0; q1 < 2; ++q1) {
-          const int ml = wm0 + 8 * j + 2 * tig + q1;
-          s_out[ml * OUT_LD + nl] = to_out(acc[i][j][2 * q2 + q1] + bv, T{});
-        }
-    }
-  __syncthreads();
-  T* out = static_cast<T*>(p.out);
-  constexpr int CHUNKS = C::BN / 8;
-  for (int idx = tid; idx < C::BM * CHUNKS; idx += C::THREADS) {
-    const int r = idx / CHUNKS, c = idx % CHUNKS;
-    const int64_t m = m0 + r, n = n0 + 8 * c;
-    if (m >= p.M || n >= p.N) continue;
-    const T* src = s_out + r * OUT_LD + 8 * c;
-    if (p.out_vec && n + 8 <= p.N) {
-      *reinterpret_cast<uint4*>(out + m * p.N + n) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int e2 = 0; e2 < 8 && n + e2 < p.N; ++e2) out[m * p.N + n + e2] = src[e2];
-    }
-  }
-}
-
-// out[m, n] = round(sum_z partial[z, m, n] + bias[n]), z in increasing order.
-template <typename T>
-__global__ void __launch_bounds__(256)
-splitk_reduce_kernel(const float* __restrict__ partial, int splits, const float* __restrict__ bias,
-                     T* __restrict__ out, int64_t M, int64_t N) {
-  const int64_t total = M * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    for (int z = 0; z < splits; ++z) s += partial[z * total + i];
-    if (bias != nullptr) s += bias[i % N];
-    out[i] = to_out(s, T{});
-  }
+  const OutArgs o{p.bias, p.out, p.partial, p.M, p.N, p.out_vec};
+  store_tile<T, C>(acc, smem, o, n0, m0, wn0, wm0, tid);
 }
 
 // ------------------------------------------------------------------ host side ----
-struct Plan {
-  bool small;
-  int64_t m_tiles, n_tiles;
-  int k_tiles, k_tiles_per_split, splits;
-};
-
-template <class C>
-Plan make_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool small) {
-  Plan pl{};
-  pl.small = small;
-  pl.m_tiles = (M + C::BM - 1) / C::BM;
-  pl.n_tiles = (N + C::BN - 1) / C::BN;
-  pl.k_tiles = static_cast<int>((K + C::BK - 1) / C::BK);
-  const int64_t tiles = pl.m_tiles * pl.n_tiles;
-  const int64_t target = static_cast<int64_t>(C::TARGET_WAVES) * (num_sms > 0 ? num_sms : 1);
-  int64_t splits = 1;
-  if (tiles < target && pl.k_tiles >= 2 * C::MIN_KTILES_PER_SPLIT) {
-    splits = (target + tiles - 1) / tiles;
-    const int64_t max_splits = pl.k_tiles / C::MIN_KTILES_PER_SPLIT;
-    splits = splits < max_splits ? splits : max_splits;
-    splits = splits < 32 ? splits : 32;
-  }
-  pl.k_tiles_per_split = static_cast<int>((pl.k_tiles + splits - 1) / splits);
-  if (pl.k_tiles_per_split == 0) pl.k_tiles_per_split = 1;
-  // No empty split: recompute the count from the per-split size.
-  pl.splits = pl.k_tiles == 0 ? 1 : (pl.k_tiles + pl.k_tiles_per_split - 1) / pl.k_tiles_per_split;
-  return pl;
-}
-
-Plan plan_for(int64_t M, int64_t N, int64_t K, int num_sms) {
-  return M <= SmallM::BM ? make_plan<SmallM>(M, N, K, num_sms, true)
-                         : make_plan<LargeM>(M, N, K, num_sms, false);
-}
-
-size_t workspace_bytes(const Plan& pl, int64_t M, int64_t N) {
-  return pl.splits > 1 ? static_cast<size_t>(pl.splits) * M * N * sizeof(float) : 0;
+Plan plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+  return plan_for<SmallM, LargeM>(M, N, K, num_sms);
 }
 
 template <typename T, class C, bool ALIGNED>
 cudaError_t launch_main(const Params& p, const Plan& pl, cudaStream_t stream) {
-  auto kernel = sparse24_mm_kernel<T, C, ALIGNED>;
-  // More than 48 KB of dynamic shared memory needs an opt-in per function and device;
-  // done once per device (bit d of `configured`), not on every (latency-bound) call.
   static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit == 0 || (configured.load(std::memory_order_acquire) & bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::SMEM_BYTES);
-    if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_release);
-  }
-  const dim3 grid(static_cast<unsigned>(pl.m_tiles), static_cast<unsigned>(pl.n_tiles),
-                  static_cast<unsigned>(pl.splits));
-  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(p);
-  return cudaGetLastError();
+  return launch_tiles<C>(sparse24_mm_kernel<T, C, ALIGNED>, p, pl, configured, stream);
 }
 
 template <typename T>
@@ -482,18 +300,15 @@ cudaError_t launch(Params p, const Plan& pl, bool aligned, cudaStream_t stream) 
                   : launch_main<T, LargeM, false>(p, pl, stream);
   }
   if (err != cudaSuccess || pl.splits == 1) return err;
-  const int64_t total = p.M * p.N;
-  const int64_t blocks = (total + 255) / 256 < 65535 * 4 ? (total + 255) / 256 : 65535 * 4;
-  splitk_reduce_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      p.partial, pl.splits, p.bias, static_cast<T*>(p.out), p.M, p.N);
-  return cudaGetLastError();
+  return launch_splitk_reduce<T>(OutArgs{p.bias, p.out, p.partial, p.M, p.N, p.out_vec},
+                                 pl.splits, stream);
 }
 
 }  // namespace
 
 size_t pyfast_sparse24_mm_tc_workspace_bytes(int64_t M, int64_t N, int64_t K, int num_sms) {
   if (M <= 0 || N <= 0 || K < 0) return 0;
-  return workspace_bytes(plan_for(M, N, K, num_sms), M, N);
+  return workspace_bytes(plan(M, N, K, num_sms), M, N);
 }
 
 cudaError_t pyfast_sparse24_mm_tc(const void* x, const void* values, const int32_t* meta_tc,
@@ -507,11 +322,9 @@ cudaError_t pyfast_sparse24_mm_tc(const void* x, const void* values, const int32
   if (reinterpret_cast<uintptr_t>(meta_tc) % 16 != 0) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(x) % 4 != 0 || reinterpret_cast<uintptr_t>(values) % 4 != 0)
     return cudaErrorInvalidValue;
-  const Plan pl = plan_for(M, N, K, num_sms);
-  if (pl.n_tiles > 65535 || pl.m_tiles > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t need = workspace_bytes(pl, M, N);
-  if (need > workspace_bytes_given || (need > 0 && workspace == nullptr))
-    return cudaErrorInvalidValue;
+  const Plan pl = plan(M, N, K, num_sms);
+  const cudaError_t bad = check_plan(pl, M, N, workspace, workspace_bytes_given);
+  if (bad != cudaSuccess) return bad;
 
   Params p{};
   p.x = x;

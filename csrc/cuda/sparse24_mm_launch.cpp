@@ -20,18 +20,11 @@
 #include <optional>
 
 #include "../checks.h"
+#include "launch_helpers.h"
 #include "sparse24_mm.h"
 
 namespace pyfast {
 namespace {
-
-// The tensor itself when it is contiguous and 16-byte aligned, else an aligned copy
-// (a fresh allocation from torch's caching allocator is 16-byte aligned).
-at::Tensor contiguous_aligned(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0) return c;
-  return c.clone(at::MemoryFormat::Contiguous);
-}
 
 at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_in,
                                const at::Tensor& meta_in, const std::optional<at::Tensor>& bias_in) {
@@ -56,25 +49,11 @@ at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_
   check_size(meta_in, "meta_tc", 2, 32, "32 (lanes)");
   TORCH_CHECK(N <= 65535LL * 64, "values.size(0) = N is ", N,
               "; the CUDA kernel accepts N <= ", 65535 * 64);
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    check_same_device(*bias_in, "bias", x_in, "x");
-    check_dim(*bias_in, "bias", 1);
-    check_size(*bias_in, "bias", 0, N, "values.size(0) = N");
-    TORCH_CHECK(at::isFloatingType(bias_in->scalar_type()), "bias has dtype ",
-                bias_in->scalar_type(), "; accepted: a floating-point dtype");
-    bias = bias_in->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias = float_bias(bias_in, x_in, N, "values.size(0) = N");
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int dev = x_in.device().index();
-  int major = 0, sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                      cudaSuccess &&
-                  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
-              "pyfast_C::sparse24_mm_tc: cannot query CUDA device ", dev);
-  TORCH_CHECK(major >= 8, "pyfast_C::sparse24_mm_tc needs sparse tensor cores (compute "
-              "capability >= 8.0); device ", dev, " has ", major, ".x");
+  const int sms = sparse_tc_sm_count(dev, "pyfast_C::sparse24_mm_tc");
 
   const at::Tensor x = contiguous_aligned(x_in);
   const at::Tensor values = contiguous_aligned(values_in);
@@ -83,11 +62,7 @@ at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_
   if (M == 0 || N == 0) return out;
 
   const size_t ws_bytes = pyfast_sparse24_mm_tc_workspace_bytes(M, N, K, sms);
-  at::Tensor workspace;
-  if (ws_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws_bytes / sizeof(float))},
-                          x.options().dtype(at::kFloat));
-  }
+  const at::Tensor workspace = float_workspace(x, ws_bytes);
   const cudaError_t err = pyfast_sparse24_mm_tc(
       x.const_data_ptr(), values.const_data_ptr(), meta.const_data_ptr<int32_t>(),
       bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),

@@ -12,8 +12,12 @@ machine `pyfast.backends()` reports why (no GPU, no CUDA build, sm < 80).
                                      once into fragment order (repack_int4_tc)
     sparse24_mm_tc  sparse24_mm.cu   mma.sp m16n8k32 on sparse tensor cores,
                                      metadata repacked once (repack_sparse24_tc)
-The canonical-layout int4_mm and sparse24_mm have no CUDA C++ kernel: the layers
-repack to the *_tc layout when they are made on a GPU (pyfast.nn, layout="auto").
+    sparse24_int4_mm_tc  sparse24_int4_mm.cu  mma.sp m16n8k32 with the int4 kept
+                                     values dequantized in registers; codes and
+                                     metadata repacked once (repack_sparse24_int4_tc)
+The canonical-layout int4_mm, sparse24_mm and sparse24_int4_mm have no CUDA C++
+kernel: the layers repack to the *_tc layout when they are made on a GPU (pyfast.nn,
+layout="auto").
 """
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ def _sparse24_mm_tc(x, values, meta_tc, bias=None):
     return torch.ops.pyfast_C.sparse24_mm_tc(x, values, meta_tc, bias)
 
 
+def _sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias=None):
+    return torch.ops.pyfast_C.sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros,
+                                                  group_size, bias)
+
+
 def _half_activations(x, *rest) -> Optional[str]:
     """The W4A16 and 2:4 tensor-core kernels multiply in float16/bfloat16."""
     if x.dtype not in _HALF:
@@ -66,6 +75,7 @@ KERNELS = {
     "w8a8_mm": (_w8a8_mm, "quantize_per_token.cu + int8_mm.cu", None),
     "int4_mm_tc": (_int4_mm_tc, "int4_mm.cu", _half_activations),
     "sparse24_mm_tc": (_sparse24_mm_tc, "sparse24_mm.cu", _half_activations),
+    "sparse24_int4_mm_tc": (_sparse24_int4_mm_tc, "sparse24_int4_mm.cu", _half_activations),
 }
 
 dispatch.set_availability("cuda", _ext.reason_cuda)

@@ -2,7 +2,8 @@
 
 The canonical packed formats (pyfast/formats.py) are what every backend accepts and
 what pyfast.save writes. A kernel that needs another order (tensor-core fragment
-order for int4, sparse-tensor-core metadata order for 2:4) gets it from a module
+order for int4, sparse-tensor-core order for the 2:4 metadata and the 2:4 + int4
+codes) gets it from a module
 here: `repack` / `unrepack` are pure torch, run on any device, are exact inverses,
 and are the reference of the repack ops in pyfast.ops.
 """

@@ -3,7 +3,9 @@
     "canonical"  the formats of pyfast/formats.py; every backend reads them
     "tc"         Int4Linear: fragment order (pyfast/layouts/int4_tc.py, op int4_mm_tc);
                  Sparse24Linear: sparse-tensor-core metadata (pyfast/layouts/
-                 sparse24_tc.py, op sparse24_mm_tc). Only the CUDA C++ kernels read it fast.
+                 sparse24_tc.py, op sparse24_mm_tc); Sparse24Int4Linear: int4 codes and
+                 metadata in sparse-tensor-core order (pyfast/layouts/sparse24_int4_tc.py,
+                 op sparse24_int4_mm_tc). Only the CUDA C++ kernels read it fast.
     "vnni"       Int8Linear / StaticInt8Linear: the int8 weight in VNNI panel order
                  (pyfast/layouts/int8_vnni.py, ops w8a8_mm_vnni / int8_mm_vnni). Only the
                  C++ CPU kernel reads it fast, with AVX-512 VNNI (elsewhere that kernel

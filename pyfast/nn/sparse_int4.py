@@ -9,23 +9,28 @@ bound by the weight bytes it reads. Its kernels: C++ on CPU, which is compute-bo
 the machine benchmarked, so there it is about int4's speed, not faster (README,
 Performance), and it buys the smaller size; Triton on NVIDIA GPUs (kernels/
 sparse24_int4.py: the dense tile rebuilt in registers for tl.dot), not yet run on a GPU.
-There is no sparse-tensor-core (mma.sp) kernel for it yet.
+The CUDA C++ kernel (mma.sp m16n8k32 on the sparse tensor cores) reads the weight in
+its own order, the layout "tc" (pyfast/layouts/sparse24_int4_tc.py, op
+sparse24_int4_mm_tc; pyfast/nn/layout.py says when "auto" picks it).
 
-The matmul (torch.ops.pyfast.sparse24_int4_mm) dequantizes in float32, so any float
-input dtype works; out = x @ W.T + bias in x.dtype, W the dense 2:4 weight.
+The matmul (torch.ops.pyfast.sparse24_int4_mm, or sparse24_int4_mm_tc on the "tc"
+layout: the same result) dequantizes in float32 in its reference, so any float input
+dtype works; out = x @ W.T + bias in x.dtype, W the dense 2:4 weight.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
 from .. import reference
+from ..layouts import sparse24_int4_tc
 from ..ops import _sparse24_int4_group
 from ..sparsity import magnitude_24_mask
-from .linear import _CompressedLinear
+from . import layout as _layout
+from .linear import _TC, _CompressedLinear
 
 Tensor = torch.Tensor
 
@@ -46,43 +51,55 @@ class Sparse24Int4Linear(_CompressedLinear):
     Buffers (formats.py): packed uint8 [N, K/4] (the kept values' codes), meta uint8
     [N, K/8] (their 2-bit indices), scales float32 [N, G], zeros uint8 [N, G], with
     G = K / group_size groups of DENSE columns (group_size 32, 64, 128 or -1).
+    In the layout "tc" (pyfast/nn/layout.py), packed and meta hold their
+    repack_sparse24_int4_tc images instead: codes_tc int32 [ceil(N/16), ceil(K/64), 32, 2]
+    and meta_tc int32 [ceil(N/16), ceil(K/64), 32]; scales and zeros stay as they are.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 group_size: int = 128, symmetric: bool = True, device=None):
+                 group_size: int = 128, symmetric: bool = True, device=None,
+                 layout: str = "canonical"):
         super().__init__(in_features, out_features, bias, device)
         gs = _sparse24_int4_group(group_size, in_features, "in_features")
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_TC,
+                                    what="Sparse24Int4Linear")
         self.group_size, self.symmetric = group_size, symmetric
         groups = in_features // gs
-        self.register_buffer("packed", torch.zeros(out_features, in_features // 4,
-                                                   dtype=torch.uint8, device=device))
+        packed = torch.zeros(out_features, in_features // 4, dtype=torch.uint8, device=device)
         # 0b0100 per group: kept indices 0 and 1 (a valid, deterministic default)
-        self.register_buffer("meta", torch.full((out_features, in_features // 8), 0x44,
-                                                dtype=torch.uint8, device=device))
+        meta = torch.full((out_features, in_features // 8), 0x44, dtype=torch.uint8,
+                          device=device)
+        if self.layout == "tc":
+            packed, meta = torch.ops.pyfast.repack_sparse24_int4_tc(packed, meta)
+        self.register_buffer("packed", packed)
+        self.register_buffer("meta", meta)
         self.register_buffer("scales", torch.ones(out_features, groups, device=device))
         self.register_buffer("zeros", torch.full((out_features, groups), 8,
                                                  dtype=torch.uint8, device=device))
 
     def pyfast_config(self) -> dict:
         return {**super().pyfast_config(), "group_size": self.group_size,
-                "symmetric": self.symmetric}
+                "symmetric": self.symmetric, "layout": self.layout}
 
     @property
     def format(self) -> str:  # type: ignore[override]
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"2:4 sparse + int4 {g} {'sym' if self.symmetric else 'asym'}"
+        tc = ", tensor-core layout" if self.layout == "tc" else ""
+        return f"2:4 sparse + int4 {g} {'sym' if self.symmetric else 'asym'}{tc}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = False, group_size: int = 128,
-                    symmetric: bool = True) -> "Sparse24Int4Linear":
+                    symmetric: bool = True, layout: str = "auto") -> "Sparse24Int4Linear":
         """prune=True keeps the 2 largest |w| of each group of 4 first; otherwise the
         weight must already be 2:4 (else ValueError naming the first bad group). The
-        kept values are then quantized round-to-nearest, int4's rule per group."""
+        kept values are then quantized round-to-nearest, int4's rule per group.
+        layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
         if not isinstance(prune, bool):
             raise TypeError(f"prune must be a bool, got {prune!r}")
+        _layout.check(layout, accepted=_TC, what="Sparse24Int4Linear")
         w = linear.weight.detach()
         if prune:
             w = w * magnitude_24_mask(w)
@@ -95,15 +112,41 @@ class Sparse24Int4Linear(_CompressedLinear):
                        (layer.zeros, zeros)):
             buf.copy_(t)
         layer._copy_bias(linear)
-        return layer
+        return layer.repack(layout)
+
+    @torch.no_grad()
+    def repack(self, layout: str = "auto") -> "Sparse24Int4Linear":
+        """Store packed and meta in `layout` ("canonical", "tc" or "auto" for where the
+        weight is now, in the dense dtype it replaces); in place, exact (a permutation of
+        the codes and indices); returns self."""
+        _layout.check(layout, accepted=_TC, what="Sparse24Int4Linear")
+        chosen = _layout.resolve(layout, "sparse24_int4_mm_tc", self.packed.device,
+                                 self.orig_dtype)
+        if chosen != self.layout:
+            self.packed, self.meta = (
+                torch.ops.pyfast.repack_sparse24_int4_tc(self.packed, self.meta)
+                if chosen == "tc" else
+                sparse24_int4_tc.unrepack(self.packed, self.meta, self.out_features,
+                                          self.in_features))
+            self.layout = chosen
+        return self
+
+    def canonical_weight(self) -> Tuple[Tensor, Tensor]:
+        """(packed uint8 [N, K/4], meta uint8 [N, K/8]) whatever the layout (the buffers,
+        or un-repacked copies)."""
+        if self.layout == "tc":
+            return sparse24_int4_tc.unrepack(self.packed, self.meta, self.out_features,
+                                             self.in_features)
+        return self.packed, self.meta
 
     def dequantized_weight(self) -> Tensor:
         """The dense float32 weight [N, K] the layer multiplies by (zeros where pruned)."""
-        return reference.dequantize_sparse24_int4(self.packed, self.meta, self.scales,
+        return reference.dequantize_sparse24_int4(*self.canonical_weight(), self.scales,
                                                   self.zeros, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.ops.pyfast.sparse24_int4_mm(self._flat(x), self.packed, self.meta,
-                                                self.scales, self.zeros, self.group_size,
-                                                self.bias)
+        op = (torch.ops.pyfast.sparse24_int4_mm_tc if self.layout == "tc" else
+              torch.ops.pyfast.sparse24_int4_mm)
+        out = op(self._flat(x), self.packed, self.meta, self.scales, self.zeros,
+                 self.group_size, self.bias)
         return self._unflat(out, x)
