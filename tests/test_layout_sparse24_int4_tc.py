@@ -13,6 +13,12 @@
    must equal reference.dequantize_sparse24_int4 exactly. The register -> (row, chunk)
    map here is the PTX one (register r of lane (g, q): row g + 8*(r & 1), chunk
    q + 4*(r >> 1)), written independently of the layout module's reshapes.
+4. The whole kernel csrc/cuda/sparse24_int4_mm.cu, emulated lane by lane with the
+   emulator of sparse24_mm.cu (tests/_sparse_tc_emu.py): its stage (codes chunks, the
+   swizzled x tile, metadata, scale slots and zero words), the zero-point byte of each
+   row, dequant2 in x.dtype, the mask of the k32 step that crosses K, mma.sp, split-K and
+   the epilogue, for both configurations; the output must equal the float64 product with
+   the weight rounded as the kernel rounds it.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import pyfast
 from pyfast import reference
 from pyfast.layouts import sparse24_int4_tc as L
 from pyfast.layouts import sparse24_tc
+
+from _sparse_tc_emu import LARGE, SMALL, Emu, swizzle
 
 ORDERED = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)   # idx0 < idx1 (PTX 9.7.14.6.1)
 SHAPES = [(n, k) for n in (1, 15, 17, 33) for k in (8, 56, 64, 72, 200)]
@@ -250,3 +258,165 @@ def test_kernel_emulation_matches_reference(n, k, gs, dtype):
     w = torch.where(kept, q_minus_z * scales.repeat_interleave(gl, dim=1), 0.0)
     want = reference.dequantize_sparse24_int4(packed, meta, scales, zeros, gs)
     assert torch.equal(w, want)
+
+
+# --- 4. emulation of csrc/cuda/sparse24_int4_mm.cu (tests/_sparse_tc_emu.py) ------------
+
+class Int4Emu(Emu):
+    """sparse24_mm.cu's emulator with sparse24_int4_mm.cu's stage (codes, x, metadata,
+    scale slots and zero words) and its in-register dequantization; every index formula
+    is the kernel's (same names)."""
+
+    def __init__(self, x, codes_tc, meta_tc, scales, zeros, group_size, bias):
+        self.M, self.K = x.shape
+        self.N, self.G = scales.shape
+        self.dtype = x.dtype
+        self.x = x.contiguous().view(torch.int16).flatten().tolist()
+        self.codes = [w & 0xFFFFFFFF for w in codes_tc.flatten().tolist()]
+        self.meta = [w & 0xFFFFFFFF for w in meta_tc.flatten().tolist()]
+        self.T16, self.K64 = meta_tc.shape[0], meta_tc.shape[1]
+        self.scales = scales.float().flatten().tolist()
+        zb = zeros.flatten().tolist()
+        zb += [0] * (-len(zb) % 4)                     # launch_helpers.h zero_words
+        self.zero_words = [zb[i] | zb[i + 1] << 8 | zb[i + 2] << 16 | zb[i + 3] << 24
+                           for i in range(0, len(zb), 4)]
+        self.group_len = (self.K if self.K > 0 else 1) if group_size == -1 else group_size
+        self.bias = None if bias is None else bias.double().tolist()
+        pats = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+        self.decode = pats.view(x.dtype).double()
+
+    def new_stage(self, cfg):
+        slots = cfg.BK // 32
+        return {"sw": [0] * ((cfg.BN // 16) * cfg.KB64 * 32 * 2),
+                "sx": [0] * (cfg.BM * cfg.X_ROW // 2), "se": [0] * (cfg.E_BYTES // 4),
+                "ss": [0.0] * (slots * cfg.BN), "sz": [0] * (slots * cfg.BN)}
+
+    def load_stage(self, cfg, st, n0, m0, k0):
+        t0, kb0 = n0 // 16, k0 // 64
+        for tid in range((cfg.BN // 16) * cfg.KB64 * 16):          # W_CHUNKS
+            tl, jj, c = tid // (16 * cfg.KB64), (tid // 16) % cfg.KB64, tid % 16
+            t, kb = t0 + tl, kb0 + jj
+            ok = t < self.T16 and kb < self.K64
+            dst = ((tl * cfg.KB64 + jj) * 256 + c * 16) // 4
+            src = (t * self.K64 + kb) * 64 + 4 * c
+            st["sw"][dst:dst + 4] = self.codes[src:src + 4] if ok else [0] * 4
+        for idx in range(cfg.BM * cfg.X_CH):
+            r, c = idx // cfg.X_CH, idx % cfg.X_CH
+            m, k = m0 + r, k0 + 8 * c
+            ok = m < self.M and k < self.K
+            dst = (r * cfg.X_ROW + swizzle(cfg.X_CH, r, c) * 16) // 2
+            st["sx"][dst:dst + 8] = self.x[m * self.K + k:][:8] if ok else [0] * 8
+        self.load_meta(cfg, st["se"], n0, k0)
+        for e in range((cfg.BK // 32) * cfg.BN):
+            slot, row = e // cfg.BN, e % cfg.BN
+            n = n0 + row
+            grp = min((k0 + 32 * slot) // self.group_len, self.G - 1)
+            ok = n < self.N
+            idx = n * self.G + grp
+            st["ss"][e] = self.scales[idx] if ok else 0.0
+            st["sz"][e] = self.zero_words[idx >> 2] if ok else 0
+
+    def a_fragment(self, cfg, st, cw, wn0, n0, i, slot, grp, kstep, s):
+        """The four A registers of every lane for 16-row tile i, k32 step s: [32, 4, 2]
+        16-bit patterns (dequant2 of int4_dequant.h, then the tail mask)."""
+        bits, magic = MAGIC[self.dtype]
+        lane = torch.arange(32)
+        g, tig, h, r = lane >> 2, lane & 3, torch.arange(2), torch.arange(4)
+        row = wn0 + 16 * i + g[:, None] + 8 * h[None, :]             # [32, 2]
+        n = n0 + row
+        byte = ((n & 3) * (self.G & 3) + grp) & 3
+        z = (st["sz"][slot * cfg.BN + row] >> (8 * byte)) & 0xFF
+        scale2 = st["ss"][slot * cfg.BN + row].to(self.dtype)          # Traits::pair
+        zero2 = (magic + z.double()).to(self.dtype)
+        q = (cw[:, s, None] >> (4 * r)) & 0x000F000F                   # [32, 4]
+        halves = torch.stack((q & 0xFFFF, q >> 16), dim=2) | bits      # and_or(.., MAGIC)
+        halves = halves.to(torch.int16).view(self.dtype)
+        a = (halves - zero2[:, r & 1, None]) * scale2[:, r & 1, None]  # __hsub2, __hmul2
+        a = a.view(torch.int16).long()
+        if kstep + 32 > self.K:                                        # tail
+            chunk = kstep // 4 + tig[:, None] + 4 * (r[None, :] >> 1)
+            a[chunk >= self.K // 4] = 0
+        return a
+
+    def compute_stage(self, cfg, st, acc, n0, k0):
+        for warp in range(cfg.THREADS // 32):
+            wn0 = (warp % cfg.WARPS_N) * cfg.WN
+            wm0 = (warp // cfg.WARPS_N) * cfg.WM
+            for jj in range(cfg.KB64):
+                e, cw = [], []
+                for i in range(cfg.NT):
+                    slot_w = (wn0 // 16 + i) * cfg.KB64 + jj
+                    e.append(st["se"][slot_w * 32:][:32])
+                    cw.append(st["sw"][2 * slot_w * 32:][:64].reshape(32, 2))
+                for s in range(2):
+                    kstep = k0 + 64 * jj + 32 * s
+                    if kstep >= self.K:
+                        continue
+                    slot = 2 * jj + s
+                    grp = min(kstep // self.group_len, self.G - 1)
+                    a = [self.a_fragment(cfg, st, cw[i], wn0, n0, i, slot, grp, kstep, s)
+                         for i in range(cfg.NT)]
+                    b = self.x_fragments(cfg, st["sx"], wm0, jj, s)
+                    for i in range(cfg.NT):
+                        for j in range(cfg.MT):
+                            self.mma_sp(acc[warp, i, j], a[i], b[j], e[i], s)
+
+
+def _int4_problem(n, k, gs, dtype, seed):
+    packed, meta = random_weight(n, k, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    groups = 1 if gs == -1 else k // gs
+    scales = torch.rand(n, groups, generator=g) * 0.1 + 0.001
+    zeros = torch.randint(0, 16, (n, groups), dtype=torch.uint8, generator=g)
+    return packed, meta, scales, zeros
+
+
+def _kernel_weight(packed, meta, scales, zeros, gs, dtype):
+    """The kernel's W: (q - zero) * scale with the scale cast to x.dtype and the product
+    rounded once to x.dtype (exact in float32 before the cast)."""
+    w = reference.dequantize_sparse24_int4(packed, meta, scales.to(dtype).float(), zeros, gs)
+    return w.to(dtype).double()
+
+
+INT4_EMU_CASES = [
+    # (cfg, M, N, K, group_size, num_sms, split-K expected)
+    pytest.param(SMALL, 1, 40, 64, 32, 132, False, id="small-M1-K64-g32"),
+    pytest.param(SMALL, 3, 70, 200, -1, 1, False, id="small-M3-K200-tail"),
+    pytest.param(SMALL, 16, 17, 96, 32, 1, False, id="small-M16-K96-g32"),
+    pytest.param(SMALL, 5, 20, 768, 128, 132, True, id="small-M5-K768-g128-splitK"),
+    pytest.param(LARGE, 17, 20, 136, -1, 1, False, id="large-M17-K136-tail"),
+    pytest.param(LARGE, 130, 24, 128, 64, 1, False, id="large-M130-K128-g64"),
+    pytest.param(LARGE, 20, 9, 512, 32, 132, True, id="large-M20-K512-g32-splitK"),
+]
+
+
+@pytest.mark.parametrize("dtype", list(MAGIC), ids=str)
+@pytest.mark.parametrize("cfg,m,n,k,gs,num_sms,want_split", INT4_EMU_CASES)
+def test_int4_kernel_emulation_matches_dense(cfg, m, n, k, gs, num_sms, want_split, dtype):
+    assert (cfg is SMALL) == (m <= 16), "the launcher picks SmallM exactly for M <= 16"
+    packed, meta, scales, zeros = _int4_problem(n, k, gs, dtype, seed=m + n + k)
+    codes_tc, meta_tc = L.repack(packed, meta)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    out, splits = Int4Emu(x, codes_tc, meta_tc, scales, zeros, gs, bias).run(cfg, num_sms)
+    assert (splits > 1) == want_split, f"make_plan gave {splits} splits"
+    exact = torch.nn.functional.linear(
+        x.double(), _kernel_weight(packed, meta, scales, zeros, gs, dtype), bias.double())
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_int4_kernel_emulation_tail_with_an_inf_scale():
+    """Row 0 has scale inf, zero point 0 and every code >= 1, so its weights are all +inf
+    and with x > 0 its outputs are +inf. The last k32 step of K = 200 crosses K; without
+    the kernel's tail mask its padded codes (0) would give (0 - 0) * inf = NaN there."""
+    n, k, dtype = 20, 200, torch.float16
+    packed, meta, scales, zeros = _int4_problem(n, k, -1, dtype, seed=5)
+    packed[0] |= 0x11
+    scales[0], zeros[0] = float("inf"), 0
+    x = torch.rand(2, k, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5
+    codes_tc, meta_tc = L.repack(packed, meta)
+    out, _ = Int4Emu(x, codes_tc, meta_tc, scales, zeros, -1, None).run(SMALL, 1)
+    assert torch.isposinf(out[:, 0]).all()
+    exact = x.double() @ _kernel_weight(packed, meta, scales, zeros, -1, dtype)[1:].T
+    torch.testing.assert_close(out[:, 1:], exact, rtol=1e-12, atol=1e-12)
