@@ -401,3 +401,16 @@ def test_auto_picks_tc_for_sparse24_int4_where_the_cuda_kernel_runs(dtype):
     want = Sparse24Int4Linear.from_linear(lin, prune=True, group_size=128,
                                           layout="canonical")(x)
     torch.testing.assert_close(layer(x), want, rtol=2e-2, atol=2e-2)
+
+
+def test_sparse24_int4_mm_tc_cuda_kernel_is_registered_and_refuses_cpu_clearly():
+    """The CUDA C++ kernel is the op's 'cuda' backend (csrc/cuda/sparse24_int4_mm.cu);
+    forced on CPU tensors it raises, naming the op and why, instead of running anything."""
+    assert dispatch.kernels("sparse24_int4_mm_tc")["cuda"].source == \
+        "csrc/cuda/sparse24_int4_mm.cu"
+    w = torch.randn(8, 64) * torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(16)
+    packed, meta, scales, zeros = ops.pack_sparse24_int4(w, 32, True)
+    codes_tc, meta_tc = ops.repack_sparse24_int4_tc(packed, meta)
+    with pyfast.use_backend("cuda"):
+        with pytest.raises(pyfast.BackendUnavailableError, match="sparse24_int4_mm_tc.*'cuda'"):
+            ops.sparse24_int4_mm_tc(torch.randn(2, 64), codes_tc, meta_tc, scales, zeros, 32)

@@ -220,7 +220,27 @@ class Int8WeightOnlyLinear(_Int8WeightLinear):
         return self._unflat(out, x)
 
 
-class Int4Linear(_CompressedLinear):
+class _Int4GroupLinear(_CompressedLinear):
+    """Shared by the group-wise int4 layers (Int4Linear, Sparse24Int4Linear): the scales
+    float32 [N, G] and zeros uint8 [N, G] buffers, group_size / symmetric / layout in the
+    config, and the format string."""
+
+    def _register_group_params(self, out_features: int, groups: int, device) -> None:
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.full((out_features, groups), 8,
+                                                 dtype=torch.uint8, device=device))
+
+    def pyfast_config(self) -> dict:
+        return {**super().pyfast_config(), "group_size": self.group_size,
+                "symmetric": self.symmetric, "layout": self.layout}
+
+    def _int4_format(self, what: str) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        tc = ", tensor-core layout" if self.layout == "tc" else ""
+        return f"{what} {g} {'sym' if self.symmetric else 'asym'}{tc}"
+
+
+class Int4Linear(_Int4GroupLinear):
     """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -235,19 +255,11 @@ class Int4Linear(_CompressedLinear):
         canonical = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
         self.register_buffer("packed", canonical if layout == "canonical" else
                              torch.ops.pyfast.repack_int4_tc(canonical))
-        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
-        self.register_buffer("zeros", torch.full((out_features, groups), 8,
-                                                 dtype=torch.uint8, device=device))
-
-    def pyfast_config(self) -> dict:
-        return {**super().pyfast_config(), "group_size": self.group_size,
-                "symmetric": self.symmetric, "layout": self.layout}
+        self._register_group_params(out_features, groups, device)
 
     @property
     def format(self) -> str:  # type: ignore[override]
-        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        tc = ", tensor-core layout" if self.layout == "tc" else ""
-        return f"int4 weight-only {g} {'sym' if self.symmetric else 'asym'}{tc}"
+        return self._int4_format("int4 weight-only")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128,

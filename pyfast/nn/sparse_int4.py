@@ -30,7 +30,7 @@ from ..layouts import sparse24_int4_tc
 from ..ops import _sparse24_int4_group
 from ..sparsity import magnitude_24_mask
 from . import layout as _layout
-from .linear import _TC, _CompressedLinear
+from .linear import _TC, _Int4GroupLinear
 
 Tensor = torch.Tensor
 
@@ -45,7 +45,7 @@ def unsupported_reason(in_features: int, group_size: int) -> Optional[str]:
     return None
 
 
-class Sparse24Int4Linear(_CompressedLinear):
+class Sparse24Int4Linear(_Int4GroupLinear):
     """2:4 sparse weights whose kept values are group-wise int4 (symmetric or not).
 
     Buffers (formats.py): packed uint8 [N, K/4] (the kept values' codes), meta uint8
@@ -75,19 +75,11 @@ class Sparse24Int4Linear(_CompressedLinear):
             packed, meta = torch.ops.pyfast.repack_sparse24_int4_tc(packed, meta)
         self.register_buffer("packed", packed)
         self.register_buffer("meta", meta)
-        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
-        self.register_buffer("zeros", torch.full((out_features, groups), 8,
-                                                 dtype=torch.uint8, device=device))
-
-    def pyfast_config(self) -> dict:
-        return {**super().pyfast_config(), "group_size": self.group_size,
-                "symmetric": self.symmetric, "layout": self.layout}
+        self._register_group_params(out_features, groups, device)
 
     @property
     def format(self) -> str:  # type: ignore[override]
-        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        tc = ", tensor-core layout" if self.layout == "tc" else ""
-        return f"2:4 sparse + int4 {g} {'sym' if self.symmetric else 'asym'}{tc}"
+        return self._int4_format("2:4 sparse + int4")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = False, group_size: int = 128,
