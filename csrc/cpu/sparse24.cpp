@@ -20,8 +20,8 @@
 //      kernel_bf16dot tiles on the raw bfloat16 bits.
 //   3. A = avx512 and M >= 8: kernel_xt_avx512 (x transposed, no permutes).
 //   4. otherwise the permute tiles of level A: kernel_avx512 / kernel_avx2 / tile_scalar.
-//   Paths 3-4 widen x to float32 (exact) and the values per load or once (float16:
-//   vcvtph2ps; bfloat16: a 16-bit shift, exact). Accumulation is float32 everywhere;
+//   Paths 3-4 widen x to float32 once (exact) and the values in registers as they are
+//   loaded (float16: vcvtph2ps; bfloat16: a 16-bit shift, exact). Accumulation is float32 everywhere;
 //   bias is added in float32; one rounding to x.dtype (path 1 for bfloat16: the GEMM's
 //   bfloat16 output, then + bias rounded again, as F.linear rounds its product).
 //
@@ -376,9 +376,11 @@ PYFAST_TARGET_AVX512_BF16 void kernel_bf16dot(const Operands& op, int64_t m0, in
 // broadcast by vpermps, which issues on a shuffle pipe beside the FMAs, instead of 16
 // broadcast loads: on Zen 4 an FMA with a 64-byte load and a broadcast load took 2 cycles
 // and one with the 64-byte load alone 1.25 (measured ad hoc in isolation, not a bench
-// result file). With T >= 2 each broadcast already serves T FMAs.
-template <int T, int U>
-PYFAST_TARGET_AVX512 void kernel_xt_avx512(const float* xt, const float* vals,
+// result file). With T >= 2 each broadcast already serves T FMAs. float16 / bfloat16
+// values are widened in registers (load16: vcvtph2ps / a 16-bit shift, exact), 2U per
+// load, then broadcast the same way.
+template <int T, int U, typename V>
+PYFAST_TARGET_AVX512 void kernel_xt_avx512(const float* xt, const V* vals,
                                            const uint8_t* meta, int64_t g0, int64_t g1,
                                            float* acc_t, bool accumulate) {
   constexpr int64_t MB = 16 * T;
@@ -386,18 +388,20 @@ PYFAST_TARGET_AVX512 void kernel_xt_avx512(const float* xt, const float* vals,
   PYFAST_S24_UNROLL for (int u = 0; u < U; ++u)
     PYFAST_S24_UNROLL for (int t = 0; t < T; ++t) a[u][t] = _mm512_setzero_ps();
   int64_t g = g0;
-  constexpr bool kPermute = T == 1 && U == 8;  // 2U = 16 kept values = one zmm
+  constexpr bool kPermute = !std::is_same_v<V, float> || T == 1;  // 2U kept values, one load
+  static_assert(2 * U <= 16, "one zmm holds the 2U kept values of a step");
+  constexpr __mmask16 kStep = static_cast<__mmask16>((1u << (2 * U)) - 1);
   for (; g + U <= g1; g += U) {
-    const __m512 vv = kPermute ? _mm512_loadu_ps(vals + 2 * g) : _mm512_setzero_ps();
+    const __m512 vv = kPermute ? load16<V>(vals + 2 * g, kStep) : _mm512_setzero_ps();
     PYFAST_S24_UNROLL for (int u = 0; u < U; ++u) {
       const int b = meta[g + u];
       const float* xg = xt + 4 * (g + u) * MB;
       const float* r0 = xg + (b & 3) * MB;
       const float* r1 = xg + ((b >> 2) & 3) * MB;
       const __m512 v0 = kPermute ? _mm512_permutexvar_ps(_mm512_set1_epi32(2 * u), vv)
-                                 : _mm512_set1_ps(vals[2 * (g + u)]);
+                                 : _mm512_set1_ps(static_cast<float>(vals[2 * (g + u)]));
       const __m512 v1 = kPermute ? _mm512_permutexvar_ps(_mm512_set1_epi32(2 * u + 1), vv)
-                                 : _mm512_set1_ps(vals[2 * (g + u) + 1]);
+                                 : _mm512_set1_ps(static_cast<float>(vals[2 * (g + u) + 1]));
       PYFAST_S24_UNROLL for (int t = 0; t < T; ++t)
         a[u][t] = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + 16 * t), v0, a[u][t]);
       PYFAST_S24_UNROLL for (int t = 0; t < T; ++t)
@@ -407,8 +411,8 @@ PYFAST_TARGET_AVX512 void kernel_xt_avx512(const float* xt, const float* vals,
   for (; g < g1; ++g) {
     const int b = meta[g];
     const float* xg = xt + 4 * g * MB;
-    const __m512 v0 = _mm512_set1_ps(vals[2 * g]);
-    const __m512 v1 = _mm512_set1_ps(vals[2 * g + 1]);
+    const __m512 v0 = _mm512_set1_ps(static_cast<float>(vals[2 * g]));
+    const __m512 v1 = _mm512_set1_ps(static_cast<float>(vals[2 * g + 1]));
     PYFAST_S24_UNROLL for (int t = 0; t < T; ++t) {
       a[0][t] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + (b & 3) * MB + 16 * t), v0, a[0][t]);
       a[0][t] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + ((b >> 2) & 3) * MB + 16 * t), v1, a[0][t]);
@@ -554,7 +558,7 @@ void run_blocked(const Path& p, const Operands& op, int64_t M, int64_t N, int64_
 // per block, K blocks of gb groups (the xt tile of one M block, 4 * gb * MB floats =
 // kXtTileBytes, stays in the 32 KiB L1) sweep all M blocks, then the block's acc_t is
 // written out transposed. The weight is then read as short row segments (gb groups of
-// one row, 9 * gb bytes for float32 values), one row after another: the hardware
+// one row, 9 * gb bytes for float32 values, 5 * gb for 16-bit ones), one row after another: the hardware
 // prefetcher does not follow that pattern, so the segment kXtAhead rows later in the
 // sweep is prefetched into L2 while a row is computed. Measured ad hoc (Zen 4, M = 16,
 // K = N = 4096, one thread; not a bench result file): a 64 KiB tile in L2 without the
@@ -570,7 +574,8 @@ constexpr int64_t kXtMinRows = 8;  // from this M on, the transposed-x path
 // then the block's first rows at the next K block (past the weight's end: nothing).
 // Always inlined: as a separate function GCC found it free of side effects (it only
 // prefetches) and deleted its calls.
-PYFAST_S24_INLINE void prefetch_xt_segment(const float* vals, const uint8_t* meta, int64_t K, int64_t n,
+template <typename V>
+PYFAST_S24_INLINE void prefetch_xt_segment(const V* vals, const uint8_t* meta, int64_t K, int64_t n,
                                 int64_t nb0, int64_t nb1, int64_t g0, int64_t gb) {
   const int64_t G = K / 4;
   int64_t r = n + kXtAhead, g = g0;
@@ -578,7 +583,8 @@ PYFAST_S24_INLINE void prefetch_xt_segment(const float* vals, const uint8_t* met
   if (g >= G || r >= nb1) return;
   const int64_t len = std::min(gb, G - g);
   const char* v = reinterpret_cast<const char*>(vals + r * (K / 2) + 2 * g);
-  for (int64_t o = 0; o < 8 * len; o += 64) __builtin_prefetch(v + o, 0, 2);  // prefetcht1: into L2
+  for (int64_t o = 0; o < 2 * len * static_cast<int64_t>(sizeof(V)); o += 64)
+    __builtin_prefetch(v + o, 0, 2);  // prefetcht1: into L2
   const char* m = reinterpret_cast<const char*>(meta + r * G + g);
   for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(m + o, 0, 2);
 }
@@ -586,8 +592,8 @@ PYFAST_S24_INLINE void prefetch_xt_segment(const float* vals, const uint8_t* met
 template <int T>
 struct XtPath {
   static constexpr int U = 8 / T;  // 8 FMA chains
-  template <typename Out>
-  static void run(const at::Tensor& x /* float32 [M, K] */, const float* vals,
+  template <typename V, typename Out>
+  static void run(const at::Tensor& x /* float32 [M, K] */, const V* vals,
                   const uint8_t* meta, const float* bias, int64_t M, int64_t N, int64_t K,
                   Out* out) {
     constexpr int64_t MB = 16 * T;
@@ -624,7 +630,7 @@ struct XtPath {
             const float* xb = xt + b * K * MB;
             for (int64_t n = nb0; n < nb1; ++n) {
               prefetch_xt_segment(vals, meta, K, n, nb0, nb1, g0, gb);
-              kernel_xt_avx512<T, U>(xb, vals + n * (K / 2), meta + n * G, g0, g1,
+              kernel_xt_avx512<T, U, V>(xb, vals + n * (K / 2), meta + n * G, g0, g1,
                                      acc_t.data() + (n - nb0) * Mp + b * MB, g0 > 0);
             }
           }
@@ -820,12 +826,12 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
 #endif
   const at::Tensor x = x_in.to(at::kFloat).contiguous();  // exact widening
 #if PYFAST_X86
-  // 3. AVX-512, 8+ rows: transposed x, no permutes (values widened to float32 once).
+  // 3. AVX-512, 8+ rows: transposed x, no gather permutes (values widened in registers;
+  //    widening them all first, values.to(float32), took 3x the kernel's time at M = 16).
   if (isa == Isa::kAvx512 && M >= kXtMinRows) {
-    const at::Tensor vf = values.to(at::kFloat);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "pyfast_C::sparse24_mm", [&] {
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      const float* v = vf.const_data_ptr<float>();
+      const scalar_t* v = values.const_data_ptr<scalar_t>();
       if (M >= 64) {
         XtPath<4>::run(x, v, mp, bp, M, N, K, o);
       } else if (M >= 32) {
