@@ -21,9 +21,10 @@
 //   3. A = avx512 and M >= 8: kernel_xt_avx512 (x transposed, no permutes).
 //   4. otherwise the permute tiles of level A: kernel_avx512 / kernel_avx2 / tile_scalar.
 //   Paths 3-4 widen x to float32 once (exact) and the values in registers as they are
-//   loaded (float16: vcvtph2ps; bfloat16: a 16-bit shift, exact). Accumulation is float32 everywhere;
-//   bias is added in float32; one rounding to x.dtype (path 1 for bfloat16: the GEMM's
-//   bfloat16 output, then + bias rounded again, as F.linear rounds its product).
+//   loaded (float16: vcvtph2ps; bfloat16: a 16-bit shift, exact). Accumulation is
+//   float32 everywhere; bias is added in float32; one rounding to x.dtype (path 1 for
+//   bfloat16: the GEMM's bfloat16 output, then + bias rounded again, as F.linear rounds
+//   its product).
 //
 // The gather of paths 2 and 4. A group's kept x elements are x[m, 4g + idx]; a SIMD
 // register of kept values lines up with a register of gathered x built by one lane
@@ -107,8 +108,9 @@ struct Operands {
   int64_t v_bytes;      // bytes of one value (4 or 2)
 };
 
-// Prefetches (into L2) groups [g0, g1) of weight rows [r0, r1): their values and meta.
-// Always inlined: GCC deletes calls to a function that only prefetches (no side effects).
+// Prefetches into L2 (prefetcht1) groups [g0, g1) of weight rows [r0, r1): their values
+// (v_bytes each, ldv per row) and meta. Always inlined, as are its callers: GCC found a
+// separate function that only prefetches free of side effects and deleted its calls.
 PYFAST_S24_INLINE void prefetch_rows(const char* values, int64_t v_bytes, int64_t ldv,
                                      const uint8_t* meta, int64_t ldm, int64_t r0, int64_t r1,
                                      int64_t g0, int64_t g1) {
@@ -558,35 +560,30 @@ void run_blocked(const Path& p, const Operands& op, int64_t M, int64_t N, int64_
 // per block, K blocks of gb groups (the xt tile of one M block, 4 * gb * MB floats =
 // kXtTileBytes, stays in the 32 KiB L1) sweep all M blocks, then the block's acc_t is
 // written out transposed. The weight is then read as short row segments (gb groups of
-// one row, 9 * gb bytes for float32 values, 5 * gb for 16-bit ones), one row after another: the hardware
-// prefetcher does not follow that pattern, so the segment kXtAhead rows later in the
-// sweep is prefetched into L2 while a row is computed. Measured ad hoc (Zen 4, M = 16,
-// K = N = 4096, one thread; not a bench result file): a 64 KiB tile in L2 without the
-// prefetch ran at about 10 cycles per group of a weight row, a 16 KiB tile without it
-// at 15, with it at 5 (and 5 with the weight in L2).
+// one row: 9 * gb bytes with float32 values, 5 * gb with 16-bit ones), one row after
+// another; the hardware prefetcher does not follow that pattern, so the segment kXtAhead
+// rows later in the sweep is prefetched into L2 while a row is computed. Measured ad hoc
+// (Zen 4, M = 16, K = N = 4096, one thread; not a bench result file): a 64 KiB tile in L2
+// without the prefetch ran at about 10 cycles per group of a weight row, a 16 KiB tile
+// without it at 15, with it at 5 (and 5 with the weight in L2).
 constexpr int64_t kXtNBlock = 32;
 constexpr int64_t kXtTileBytes = 16 * 1024;
 constexpr int64_t kXtAhead = 2;
 constexpr int64_t kXtMinRows = 8;  // from this M on, the transposed-x path
 
-// Prefetches (into L2) the segment of weight row n + kXtAhead in the sweep order of
-// XtPath::run: the same groups [g0, g1) while rows of the N block [nb0, nb1) remain,
-// then the block's first rows at the next K block (past the weight's end: nothing).
-// Always inlined: as a separate function GCC found it free of side effects (it only
-// prefetches) and deleted its calls.
+// Prefetches the segment of weight row n + kXtAhead in the sweep order of XtPath::run:
+// the same groups [g0, g0 + gb) while rows of the N block [nb0, nb1) remain, then the
+// block's first rows at the next K block (past the weight's end: nothing).
 template <typename V>
-PYFAST_S24_INLINE void prefetch_xt_segment(const V* vals, const uint8_t* meta, int64_t K, int64_t n,
-                                int64_t nb0, int64_t nb1, int64_t g0, int64_t gb) {
+PYFAST_S24_INLINE void prefetch_xt_segment(const V* vals, const uint8_t* meta, int64_t K,
+                                           int64_t n, int64_t nb0, int64_t nb1, int64_t g0,
+                                           int64_t gb) {
   const int64_t G = K / 4;
   int64_t r = n + kXtAhead, g = g0;
   if (r >= nb1) r = nb0 + (r - nb1), g = g0 + gb;
   if (g >= G || r >= nb1) return;
-  const int64_t len = std::min(gb, G - g);
-  const char* v = reinterpret_cast<const char*>(vals + r * (K / 2) + 2 * g);
-  for (int64_t o = 0; o < 2 * len * static_cast<int64_t>(sizeof(V)); o += 64)
-    __builtin_prefetch(v + o, 0, 2);  // prefetcht1: into L2
-  const char* m = reinterpret_cast<const char*>(meta + r * G + g);
-  for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(m + o, 0, 2);
+  prefetch_rows(reinterpret_cast<const char*>(vals), sizeof(V), K / 2, meta, G, r, r + 1, g,
+                std::min(G, g + gb));
 }
 
 template <int T>
