@@ -25,7 +25,10 @@ from _helpers import (FLOAT_DTYPES, assert_within, dequant_sparse24_int4, dtype_
 OPS = torch.ops.pyfast_C
 ISAS = ["avx512", "avx2", "scalar"]  # the isa fixture (conftest.py) forces each
 # (K, group_size): per channel with a tail, then each group size
-KG = [(8, -1), (40, -1), (200, -1), (96, 32), (256, 64), (256, 128), (4160, 64)]
+# K a multiple of 64 (per channel, groups 32 / 64 / 128) also takes the vdpbf16ps tiles for
+# bfloat16 x on AVX512_BF16 CPUs; the others the float32 tiles
+KG = [(8, -1), (40, -1), (200, -1), (128, -1), (96, 32), (256, 32), (256, 64), (256, 128),
+      (4160, 64)]
 
 
 def packed(n, k, group_size, symmetric, gen):
@@ -61,6 +64,22 @@ def test_matches_reference(isa, threads, m, dtype):
             x = torch.randn(m, k, generator=gen).to(dtype)
             check(x, args, group_size, None, isa)
             check(x, args, group_size, torch.randn(n, generator=gen), isa)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4], ids=lambda v: f"M{v}")
+@pytest.mark.parametrize("bf16_dot", [True, False], ids=["bf16dot", "float32"])
+def test_bfloat16_both_kernels(isa, threads, m, bf16_dot, monkeypatch):
+    """bfloat16 x with K a multiple of 64 (every group size, several K blocks at 4160):
+    the vdpbf16ps tiles where the CPU has AVX512_BF16, and the float32 tiles of CPUs
+    without it, forced with PYFAST_NO_BF16DOT."""
+    if not bf16_dot:
+        monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
+    gen = torch.Generator().manual_seed(10 + m)
+    for k, group_size in ((64, -1), (192, 32), (192, 64), (256, 128), (4160, 32)):
+        for n in (5, 33):
+            args = packed(n, k, group_size, bool(n % 2), gen)
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            check(x, args, group_size, torch.randn(n, generator=gen), f"{isa} dot={bf16_dot}")
 
 
 def test_decode_long_rows_many_tiles(isa, threads):

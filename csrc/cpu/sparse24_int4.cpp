@@ -17,7 +17,12 @@
 //      expands panels of weight rows to dense float32 (bfloat16 for bfloat16 x, as F.linear
 //      in bfloat16 rounds its weight; AVX-512: two vexpandps per 32 columns) and multiplies
 //      them with at::mm (dequant_mm.h).
-//   2. otherwise the tiles of level A, reading only the weight's 3 bits per dense weight:
+//   2. otherwise tiles that read only the weight's 3 bits per dense weight:
+//      bfloat16 x on AVX-512 with AVX512_BF16 (PYFAST_NO_BF16DOT unset, see sparse24.cpp)
+//        and K a multiple of 64: tile_bf16dot (vdpbf16ps on the raw bits; described at the
+//        kernel). Measured ad hoc (2 threads, K = N = 4096, weights larger than the
+//        caches; not a bench result file): M = 1 0.56-0.94 -> 0.43-0.47 ms, M = 4
+//        1.0-1.5 -> 0.74-0.78 ms. Otherwise the tiles of level A:
 //      AVX-512: a chunk of 32 dense columns of one weight row is 16 kept values, i.e. 8 code
 //        bytes and 4 meta bytes. The codes become 16 dword lanes (nibbles split with a mask
 //        and a shift, interleaved with vpunpcklbw, widened by vpmovzxbd) that index a
@@ -79,6 +84,7 @@ struct Operands {
   int gshift;             // dense column k lies in group k >> gshift (63: per channel)
   float* acc;             // [M, N] float32 sums
   int64_t N;
+  const uint16_t* xb;     // [M, K] bfloat16 bits (the vdpbf16ps tiles), else nullptr
 };
 
 PYFAST_S24I4_INLINE void put(float* o, float s, bool accumulate) { *o = accumulate ? *o + s : s; }
@@ -211,6 +217,127 @@ PYFAST_TARGET_AVX512 void tile_avx512(const Operands& op, int64_t m0, int64_t n0
   }
 }
 
+// --- AVX-512 + AVX512_BF16, bfloat16 x: chunks of 64 dense columns ---------------------------
+//
+// A chunk of 64 dense columns of one weight row is 32 kept values: 16 code bytes (byte j =
+// the two kept values of group of 4 j) and 8 meta bytes. Dword lane j of vpmovzxbd holds
+// byte j; (d | d << 12) & 0x000F000F puts its low code in the low word and its high code in
+// the high word, the pair order of vdpbf16ps. One vpermw of a 32-word table turns each code
+// into the bfloat16 of q - zero (exact: |q - zero| <= 15); with group 32 the chunk spans two
+// groups, so lanes 8-15 add 16 to their words and read the table's upper half. Kept value
+// i's x is column 4 (i / 2) + idx_i of the chunk: word i / 8 of the meta, shifted right by
+// 2 (i % 8), masked to 2 bits, or-ed with 4 (i / 2); one vpermt2w picks the 32 x from the
+// chunk's two zmm of x. vdpbf16ps multiplies exactly (bfloat16 x bfloat16 fits float32) and
+// sums the pair into a float32 lane; one FMA per chunk applies the lanes' scales. The
+// instruction treats subnormal inputs and results as zero (Intel SDM, VDPBF16PS).
+struct Bf16Consts {
+  alignas(64) uint16_t word[32], shift[32], base[32];
+  alignas(64) uint16_t table[16][16];  // table[z][q] = bfloat16(q - z)
+  constexpr Bf16Consts() : word(), shift(), base(), table() {
+    for (int i = 0; i < 32; ++i) {
+      word[i] = static_cast<uint16_t>(i / 8);
+      shift[i] = static_cast<uint16_t>(2 * (i % 8));
+      base[i] = static_cast<uint16_t>(4 * (i / 2));
+    }
+    for (int z = 0; z < 16; ++z)
+      for (int q = 0; q < 16; ++q) table[z][q] = small_int_bf16(q - z);
+  }
+  // bfloat16 bits of a small integer v (|v| <= 15; exact)
+  static constexpr uint16_t small_int_bf16(int v) {
+    if (v == 0) return 0;
+    const uint16_t sign = v < 0 ? 0x8000 : 0;
+    int a = v < 0 ? -v : v, e = 0;
+    while ((a >> e) > 1) ++e;                        // 2^e <= a < 2^(e + 1)
+    const int mant = (a - (1 << e)) << (7 - e);      // 7 mantissa bits
+    return static_cast<uint16_t>(sign | ((127 + e) << 7) | mant);
+  }
+};
+constexpr Bf16Consts kBf16{};
+
+// One chunk's vdpbf16ps products for the NT weight rows, into part[MT][NT] (added).
+// table[j] / the words' group bit as described above; x chunks xl/xh of the MT x rows.
+template <int MT, int NT>
+PYFAST_TARGET_AVX512_BF16 PYFAST_S24I4_INLINE void chunk_bf16dot(
+    const Operands& op, int64_t n0, int64_t k, const __m512i (&table)[NT], bool two_groups,
+    const __m512i (&xl)[MT], const __m512i (&xh)[MT], __m512 (&part)[MT][NT]) {
+  const __m512i word = _mm512_load_si512(kBf16.word), shift = _mm512_load_si512(kBf16.shift);
+  const __m512i base = _mm512_load_si512(kBf16.base), three = _mm512_set1_epi16(3);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  const __m512i upper = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0xFF00, 0x00100010);
+  const int64_t ldp = op.K / 4, ldm = op.K / 8;
+  PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+    const uint8_t* cp = op.packed + (n0 + j) * ldp + k / 4;
+    const uint8_t* mp = op.meta + (n0 + j) * ldm + k / 8;
+    if ((k & 255) == 0) prefetch_l2(cp + pf_distance(ldp, NT));  // a new line every 256 k
+    if ((k & 511) == 0) prefetch_l2(mp + pf_distance(ldm, NT));
+    const __m512i d =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
+    // (d | d << 12) & nib (truth table 0xA8: (A | B) & C), then | upper (two groups)
+    __m512i q = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), nib, 0xA8);
+    if (two_groups) q = _mm512_or_si512(q, upper);
+    const __m512i w = _mm512_permutexvar_epi16(q, table[j]);
+    const __m512i mw =
+        _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mp)));
+    const __m512i sh = _mm512_srlv_epi16(_mm512_permutexvar_epi16(word, mw), shift);
+    const __m512i idx = _mm512_ternarylogic_epi32(sh, three, base, 0xEA);  // (A & B) | C
+    PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+      part[i][j] = _mm512_dpbf16_ps(part[i][j],
+                                    (__m512bh)_mm512_permutex2var_epi16(xl[i], idx, xh[i]),
+                                    (__m512bh)w);
+  }
+}
+
+// The 32-word table of row n's groups a (words 0-15) and b (words 16-31).
+PYFAST_TARGET_AVX512_BF16 PYFAST_S24I4_INLINE __m512i bf16_table(const Operands& op, int64_t a,
+                                                                 int64_t b) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(kBf16.table[op.zeros[a]]))),
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kBf16.table[op.zeros[b]])), 1);
+}
+
+// Columns [k0, k1) (multiples of 64) group by group: with groups of 64 columns or more the
+// products of a group's chunks are summed before one FMA by its scale; with groups of 32 a
+// chunk holds two groups and is scaled lane by lane (lanes 0-7 / 8-15).
+template <int MT, int NT>
+PYFAST_TARGET_AVX512_BF16 void tile_bf16dot(const Operands& op, int64_t m0, int64_t n0,
+                                            int64_t k0, int64_t k1, bool accumulate) {
+  __m512 tot[MT][NT];
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps();
+  const bool two_groups = op.gshift == 5;
+  for (int64_t k = k0; k < k1;) {
+    const int64_t g = k >> op.gshift, g_hi = (k + 32) >> op.gshift;  // lanes 0-7 / 8-15
+    const int64_t kend =
+        two_groups ? k + 64 : op.gshift == 63 ? k1 : std::min(k1, (g + 1) << op.gshift);
+    __m512i table[NT];
+    __m512 scale[NT];
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) {
+      const int64_t a = (n0 + j) * op.G + g, b = (n0 + j) * op.G + g_hi;
+      table[j] = bf16_table(op, a, b);
+      scale[j] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(op.scales[a]),
+                                      _mm512_set1_ps(op.scales[b]));
+    }
+    __m512 part[MT][NT];
+    PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+      PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j) part[i][j] = _mm512_setzero_ps();
+    for (; k < kend; k += 64) {
+      __m512i xl[MT], xh[MT];
+      PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i) {
+        xl[i] = _mm512_loadu_si512(op.xb + (m0 + i) * op.K + k);
+        xh[i] = _mm512_loadu_si512(op.xb + (m0 + i) * op.K + k + 32);
+      }
+      chunk_bf16dot<MT, NT>(op, n0, k, table, two_groups, xl, xh, part);
+    }
+    PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+      PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j)
+        tot[i][j] = _mm512_fmadd_ps(part[i][j], scale[j], tot[i][j]);
+  }
+  PYFAST_S24I4_UNROLL for (int i = 0; i < MT; ++i)
+    PYFAST_S24I4_UNROLL for (int j = 0; j < NT; ++j)
+      put(op.acc + (m0 + i) * op.N + n0 + j, _mm512_reduce_add_ps(tot[i][j]), accumulate);
+}
+
 // --- AVX2 + FMA: chunks of 16 dense columns -------------------------------------------------
 
 template <int MT, int NT>
@@ -311,6 +438,13 @@ template <int MT, int NT>
 struct Avx512T {
   static void run(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1, bool a) {
     tile_avx512<MT, NT>(op, m0, n0, k0, k1, a);
+  }
+};
+
+template <int MT, int NT>
+struct Bf16DotT {
+  static void run(const Operands& op, int64_t m0, int64_t n0, int64_t k0, int64_t k1, bool a) {
+    tile_bf16dot<MT, NT>(op, m0, n0, k0, k1, a);
   }
 };
 
@@ -493,7 +627,7 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
   const int gshift = group_size == -1 ? 63 : (group_size == 32 ? 5 : group_size == 64 ? 6 : 7);
   Operands op{nullptr, packed.const_data_ptr<uint8_t>(), meta.const_data_ptr<uint8_t>(),
               scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(), K, G, gshift,
-              nullptr, N};
+              nullptr, N, nullptr};
   const Isa isa = active_isa();
 
   if (M > small_m_limit(x_in.scalar_type(), isa)) {
@@ -504,6 +638,20 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
     return panel_path(x_in, N, bp, out, dq_f32, dq_bf16);
   }
 
+#if PYFAST_X86
+  // 2a. bfloat16 x, AVX-512 with AVX512_BF16, K a multiple of the 64-column chunk: the
+  //     vdpbf16ps tiles on the raw bfloat16 bits.
+  if (x_in.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && has_bf16_dot() &&
+      K % 64 == 0) {
+    const at::Tensor xb = x_in.contiguous();
+    at::Tensor acc = at::empty({M, N}, xb.options().dtype(at::kFloat));
+    op.xb = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+    op.acc = acc.mutable_data_ptr<float>();
+    run_blocked(M == 1 ? make_tiles<Bf16DotT, 1, 4>() : make_tiles<Bf16DotT, 4, 3>(), op, M);
+    finish_f32(acc, bp, out);
+    return out;
+  }
+#endif
   const at::Tensor xf = x_in.to(at::kFloat).contiguous();  // exact widening
   at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xf.options());
   op.x = xf.const_data_ptr<float>();
