@@ -7,7 +7,8 @@ dtype, plus one ulp of the largest output) plus one ulp of the largest sum of |x
 (see check), and the same plus the reference's own error against
 pyfast.reference.sparse24_int4_mm. Shapes cover each branch of the kernel's rule
 (csrc/cpu/sparse24_int4.cpp): M = 1 (4-row tiles), 3 and 17 (x-row tiles; bfloat16 from
-M = 5 on takes the bfloat16 panels), 33 and 64 (dense panels); K = 8, 40, 200 (per
+M = 5 on takes the bfloat16 panels, except on the vdpbf16ps tiles: K a multiple of 64 on an
+AVX512_BF16 CPU, up to M = 32), 33 and 64 (dense panels); K = 8, 40, 200 (per
 channel: not multiples of the 32- / 16-column chunks, so the scalar tail runs), 96, 256
 and 4160 (grouped; 4160 spans two K blocks of the blocked driver at M = 1 .. 4); N not a
 multiple of the 4- or 3-row weight tiles.
@@ -66,12 +67,12 @@ def test_matches_reference(isa, threads, m, dtype):
             check(x, args, group_size, torch.randn(n, generator=gen), isa)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4], ids=lambda v: f"M{v}")
+@pytest.mark.parametrize("m", [1, 3, 4, 17, 32], ids=lambda v: f"M{v}")
 @pytest.mark.parametrize("bf16_dot", [True, False], ids=["bf16dot", "float32"])
 def test_bfloat16_both_kernels(isa, threads, m, bf16_dot, monkeypatch):
     """bfloat16 x with K a multiple of 64 (every group size, several K blocks at 4160):
-    the vdpbf16ps tiles where the CPU has AVX512_BF16, and the float32 tiles of CPUs
-    without it, forced with PYFAST_NO_BF16DOT."""
+    the vdpbf16ps tiles where the CPU has AVX512_BF16 (up to M = 32), and without it,
+    forced with PYFAST_NO_BF16DOT, the float32 tiles (M <= 4) or the bfloat16 panels."""
     if not bf16_dot:
         monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
     gen = torch.Generator().manual_seed(10 + m)

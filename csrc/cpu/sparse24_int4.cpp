@@ -13,7 +13,8 @@
 // rounding); float32 accumulation; one rounding to x.dtype (bfloat16 panels: see below).
 //
 // Which path (a visible rule, per call; A = pyfast::cpu::active_isa()):
-//   1. M > small_m_limit (32; 4 for bfloat16 x or A = scalar, as int4_mm): each thread
+//   1. M > small_m_limit (32; 4 for bfloat16 x or A = scalar, as int4_mm; 32 for bfloat16
+//      x on the vdpbf16ps tiles of 2, kBf16DotMaxM): each thread
 //      expands panels of weight rows to dense float32 (bfloat16 for bfloat16 x, as F.linear
 //      in bfloat16 rounds its weight; AVX-512: two vexpandps per 32 columns) and multiplies
 //      them with at::mm (dequant_mm.h).
@@ -586,6 +587,11 @@ void expand_rows_bf16(const Operands& op, Isa isa, int64_t n0, int64_t n1, uint1
   }
 }
 
+// Largest M of the vdpbf16ps tiles (bfloat16 x): they beat the bfloat16 panels + oneDNN
+// up to about M = 48 on this Zen 4 (measured ad hoc, 2 threads, 4096x4096: M = 16 2.6 ms
+// against 6.0, M = 32 5.1 against 7.2, M = 64 10.3 against 9.4; not a bench result file).
+constexpr int64_t kBf16DotMaxM = 32;
+
 int64_t small_m_limit(at::ScalarType x_dtype, Isa isa) {
   if (isa == Isa::kScalar) return 4;
   return x_dtype == at::kBFloat16 ? 4 : 32;
@@ -630,7 +636,13 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
               nullptr, N, nullptr};
   const Isa isa = active_isa();
 
-  if (M > small_m_limit(x_in.scalar_type(), isa)) {
+#if PYFAST_X86
+  const bool bf16_tiles = x_in.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 &&
+                          has_bf16_dot() && K % 64 == 0;
+#else
+  const bool bf16_tiles = false;
+#endif
+  if (M > (bf16_tiles ? kBf16DotMaxM : small_m_limit(x_in.scalar_type(), isa))) {
     auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { expand_rows_f32(op, isa, n0, n1, d); };
     auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
       expand_rows_bf16(op, isa, n0, n1, d);
@@ -641,8 +653,7 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
 #if PYFAST_X86
   // 2a. bfloat16 x, AVX-512 with AVX512_BF16, K a multiple of the 64-column chunk: the
   //     vdpbf16ps tiles on the raw bfloat16 bits.
-  if (x_in.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && has_bf16_dot() &&
-      K % 64 == 0) {
+  if (bf16_tiles) {
     const at::Tensor xb = x_in.contiguous();
     at::Tensor acc = at::empty({M, N}, xb.options().dtype(at::kFloat));
     op.xb = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
