@@ -68,6 +68,19 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const c
   check_size(*bias, "bias", 0, n, what);
 }
 
+// The group layout of every int4 kernel (pyfast/formats.py): group_size 32 / 64 / 128 or
+// -1 (per channel), and K = x.size(1) a multiple of `k_multiple` (the format's packing;
+// `why` says which) and of group_size. Returns G, the groups per weight row.
+inline int64_t check_int4_groups(int64_t group_size, int64_t K, int64_t k_multiple,
+                                 const char* why) {
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
+              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
+  TORCH_CHECK(K % k_multiple == 0, "x.size(1) = K is ", K, "; ", why);
+  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
+              "; it must be a multiple of group_size = ", group_size);
+  return group_size == -1 ? 1 : K / group_size;
+}
+
 // The int8 activations of int8_mm and int8_mm_vnni: a int8 [M, K], a_scale float32 [M].
 inline void check_int8_rows(const at::Tensor& a, const at::Tensor& a_scale) {
   check_dtype(a, "a", {at::kChar});

@@ -58,6 +58,17 @@
 // K blocks that cut the weight rows into short runs; measured ad hoc (not a bench file) it
 // was 1.18x dense bfloat16 on 4096 x 4096 but 0.98-1.00x on 4096 x 11008 and 11008 x 4096,
 // no better than these tiles overall.
+// Why the bfloat16 tiles stay near 1.1-1.3x dense at M = 16 on Zen 4 (measured ad hoc on
+// one core, not bench result files): dense bfloat16 F.linear runs at about 2.1 cycles per
+// vdpbf16ps (32 multiply-adds); each vdpbf16ps here does 32 kept multiply-adds (64 of the
+// dense product) but needs a vpermt2w, and the two never issued in the same cycle (alone
+// one per cycle each, interleaved one of either per cycle); with the index arithmetic and
+// loads the tiles take 3.3 cycles per vdpbf16ps (weight in L2): 2 x 2.1 / 3.3 = 1.27x at
+// best. The pair table above, offsets precomputed and table in L1, took 2.8 cycles per
+// vdpbf16ps, and 1.8 with no table (broadcast + vdpbf16ps alone): at most 1.5x before the
+// table is built and read. One weight row against 16 x rows (indices computed once for the
+// 16 rows, x packed per step so the rows do not collide in L1) took 4.3: two x loads per
+// vdpbf16ps where these tiles reuse each loaded chunk for three weight rows.
 //
 // Threads: at::parallel_for runs in parallel only when this file is compiled with
 // -fopenmp (ATen's OpenMP backend is header code); otherwise every path runs on one

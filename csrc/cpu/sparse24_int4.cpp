@@ -233,27 +233,18 @@ PYFAST_TARGET_AVX512 void tile_avx512(const Operands& op, int64_t m0, int64_t n0
 // instruction treats subnormal inputs and results as zero (Intel SDM, VDPBF16PS).
 struct Bf16Consts {
   alignas(64) uint16_t word[32], shift[32], base[32];
-  alignas(64) uint16_t table[16][16];  // table[z][q] = bfloat16(q - z)
-  constexpr Bf16Consts() : word(), shift(), base(), table() {
+  alignas(64) uint16_t table[16][16];  // table[z][q] = bfloat16(q - z), exact (|q - z| <= 15)
+  Bf16Consts() {
     for (int i = 0; i < 32; ++i) {
       word[i] = static_cast<uint16_t>(i / 8);
       shift[i] = static_cast<uint16_t>(2 * (i % 8));
       base[i] = static_cast<uint16_t>(4 * (i / 2));
     }
     for (int z = 0; z < 16; ++z)
-      for (int q = 0; q < 16; ++q) table[z][q] = small_int_bf16(q - z);
-  }
-  // bfloat16 bits of a small integer v (|v| <= 15; exact)
-  static constexpr uint16_t small_int_bf16(int v) {
-    if (v == 0) return 0;
-    const uint16_t sign = v < 0 ? 0x8000 : 0;
-    int a = v < 0 ? -v : v, e = 0;
-    while ((a >> e) > 1) ++e;                        // 2^e <= a < 2^(e + 1)
-    const int mant = (a - (1 << e)) << (7 - e);      // 7 mantissa bits
-    return static_cast<uint16_t>(sign | ((127 + e) << 7) | mant);
+      for (int q = 0; q < 16; ++q) table[z][q] = weight_only::to_bf16(static_cast<float>(q - z));
   }
 };
-constexpr Bf16Consts kBf16{};
+const Bf16Consts kBf16;
 
 // One chunk's vdpbf16ps products for the NT weight rows, into part[MT][NT] (added).
 // table[j] / the words' group bit as described above; x chunks xl/xh of the MT x rows.
@@ -604,13 +595,8 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
   using namespace dequant_mm;
   check_x(x_in);
   const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
-              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
-  TORCH_CHECK(K % 8 == 0, "x.size(1) = K is ", K,
-              "; 2:4 + int4 needs K a multiple of 8 (two groups of 4 per meta byte)");
-  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
-              "; it must be a multiple of group_size ", group_size);
-  const int64_t G = group_size == -1 ? 1 : K / group_size;
+  const int64_t G = check_int4_groups(
+      group_size, K, 8, "2:4 + int4 needs K a multiple of 8 (two groups of 4 per meta byte)");
   check_device(packed_in, "packed", at::kCPU);
   check_dtype(packed_in, "packed", {at::kByte});
   check_dim(packed_in, "packed", 2);

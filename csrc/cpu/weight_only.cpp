@@ -327,16 +327,12 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
                        int64_t group_size, const std::optional<at::Tensor>& bias) {
   check_x(x_in);
   const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
-              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
-  TORCH_CHECK(K % 2 == 0, "x.size(1) = K is ", K, "; int4_mm needs an even K");
+  const int64_t G = check_int4_groups(group_size, K, 2, "int4_mm needs an even K");
   const int64_t group = group_size == -1 ? K : group_size;
-  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
-              "; it must be a multiple of group_size = ", group_size);
   check_device(packed_in, "packed", at::kCPU);
   check_dtype(packed_in, "packed", {at::kByte});
   check_dim(packed_in, "packed", 2);
-  const int64_t N = packed_in.size(0), G = group_size == -1 ? 1 : K / group_size;
+  const int64_t N = packed_in.size(0);
   check_size(packed_in, "packed", 1, K / 2, "x.size(1) / 2 = K/2");
   check_group_params(scales_in, zeros_in, N, G);
   const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");

@@ -81,16 +81,12 @@ at::Tensor int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& w_tc_in,
   }
 
   const int64_t M = x_in.size(0), K = x_in.size(1), N = scales.size(0);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
-              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
-  TORCH_CHECK(K >= 2 && K % 2 == 0, "x.size(1) = K is ", K,
-              "; the int4 format needs an even K >= 2 (two int4 per byte)");
-  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
-              "; it must be a multiple of group_size = ", group_size);
+  const int64_t G =
+      check_int4_groups(group_size, K, 2, "the int4 format needs an even K (two int4 per byte)");
+  TORCH_CHECK(K >= 2, "x.size(1) = K is ", K, "; the CUDA kernel needs K >= 2");
   TORCH_CHECK(N >= 1 && N <= 65535LL * 64, "scales.size(0) = N is ", N,
               "; the CUDA kernel accepts 1 <= N <= ", 65535LL * 64);
   TORCH_CHECK(M <= 0x7fffffff, "x.size(0) = M is ", M, "; the CUDA kernel accepts M < 2**31");
-  const int64_t G = group_size == -1 ? 1 : K / group_size;
   check_size(scales, "scales", 1, G, "K / group_size (1 for group_size -1)");
   check_size(zeros, "zeros", 0, N, "scales.size(0) = N");
   check_size(zeros, "zeros", 1, G, "K / group_size (1 for group_size -1)");

@@ -57,15 +57,10 @@ at::Tensor sparse24_int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& co
   }
 
   const int64_t M = x_in.size(0), K = x_in.size(1), N = scales.size(0);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
-              "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
-  TORCH_CHECK(K % 8 == 0, "x.size(1) = K is ", K,
-              "; the 2:4 + int4 format needs K % 8 == 0 (pyfast/formats.py)");
-  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
-              "; it must be a multiple of group_size = ", group_size);
+  const int64_t G = check_int4_groups(
+      group_size, K, 8, "the 2:4 + int4 format needs K % 8 == 0 (pyfast/formats.py)");
   TORCH_CHECK(N <= 65535LL * 64, "scales.size(0) = N is ", N,
               "; the CUDA kernel accepts N <= ", 65535LL * 64);
-  const int64_t G = group_size == -1 ? 1 : K / group_size;
   check_size(scales, "scales", 1, G, "K / group_size (1 for group_size -1)");
   check_size(zeros, "zeros", 0, N, "scales.size(0) = N");
   check_size(zeros, "zeros", 1, G, "K / group_size (1 for group_size -1)");
