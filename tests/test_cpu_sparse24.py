@@ -10,7 +10,7 @@ Weights come from pyfast.ops.sparse24_compress of random 2:4 matrices whose grou
 vector steps (16 k for AVX2, 32 / 64 for AVX-512), exercising the masked / scalar tails;
 N not a multiple of the tiles' weight rows; M in each regime of the kernel's rule
 (csrc/cpu/sparse24.cpp): 1 (GEMV tiles), 3 (row tiles), 17 and 40 (transposed-x
-kernel), 64 (transposed x, or the dense-panel path for bfloat16 on AVX512_BF16), 512
+kernel; for bfloat16 on AVX512_BF16 the pair kernel, also tested on its own shapes), 64 (transposed x, or the dense-panel path for bfloat16 on AVX512_BF16), 512
 (dense-panel path for every dtype).
 """
 import pytest
@@ -101,6 +101,22 @@ def test_bfloat16_without_bf16_dot(isa, threads, m, monkeypatch):
     for k, n in ((36, 33), (260, 7), (2052, 40)):
         _, values, meta = compressed(n, k, torch.bfloat16, gen)
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        check(x, values, meta, torch.randn(n, generator=gen), isa)
+
+
+@pytest.mark.parametrize("m", [8, 9, 16, 24, 25, 33, 63], ids=lambda v: f"M{v}")
+def test_bfloat16_pair_kernel(isa, threads, m):
+    """bfloat16 x from 8 rows, on AVX512_BF16 CPUs at the avx512 level the pair kernel
+    (csrc/cpu/sparse24_bf16pairs.cpp; elsewhere the paths of the other levels): blocks of
+    16 rows of x and a last block of at most 8 (M = 9, 25, 33); odd N (the last weight row
+    paired with itself) and N below one pair; K blocks of 512 k (K = 1028 and 2052: sums
+    carried across blocks and a masked last step of 1 group; K = 36 and 100: one partial
+    step); weights with all-zero groups (random_24)."""
+    gen = torch.Generator().manual_seed(100 + m)
+    for k, n in ((4, 1), (36, 3), (100, 17), (1028, 40), (2052, 33)):
+        _, values, meta = compressed(n, k, torch.bfloat16, gen)
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        check(x, values, meta, None, isa)
         check(x, values, meta, torch.randn(n, generator=gen), isa)
 
 

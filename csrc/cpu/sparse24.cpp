@@ -16,7 +16,9 @@
 //      (panel_mm). A tuned dense GEMM at full FMA rate beats the 2:4 kernels here; the
 //      panels are rebuilt from the 2:4 bytes in L2 (O(N K) against O(M N K)).
 //   2. bfloat16 x, A = avx512 and the CPU has AVX512_BF16 (and the environment variable
-//      PYFAST_NO_BF16DOT, which the tests use to reach path 3/4, is unset):
+//      PYFAST_NO_BF16DOT, which the tests use to reach path 3/4, is unset): from
+//      kPairMinRows = 8 rows, sparse24_bf16_pairs (csrc/cpu/sparse24_bf16pairs.cpp: a pair
+//      of weight rows per permute, 16 rows of x per index, x blocks in L1); below, the
 //      kernel_bf16dot tiles on the raw bfloat16 bits.
 //   3. A = avx512 and M >= 8: kernel_xt_avx512 (x transposed, no permutes).
 //   4. otherwise the permute tiles of level A: kernel_avx512 / kernel_avx2 / tile_scalar.
@@ -56,19 +58,11 @@
 // 64-byte table row chosen by the meta nibble. Its loop cost about 3 cycles per group
 // (meta byte, lookup, table line from L2), and the table outgrows L2 at K = 11008 or needs
 // K blocks that cut the weight rows into short runs; measured ad hoc (not a bench file) it
-// was 1.18x dense bfloat16 on 4096 x 4096 but 0.98-1.00x on 4096 x 11008 and 11008 x 4096,
-// no better than these tiles overall.
-// Why the bfloat16 tiles stay near 1.1-1.3x dense at M = 16 on Zen 4 (measured ad hoc on
-// one core, not bench result files): dense bfloat16 F.linear runs at about 2.1 cycles per
-// vdpbf16ps (32 multiply-adds); each vdpbf16ps here does 32 kept multiply-adds (64 of the
-// dense product) but needs a vpermt2w, and the two never issued in the same cycle (alone
-// one per cycle each, interleaved one of either per cycle); with the index arithmetic and
-// loads the tiles take 3.3 cycles per vdpbf16ps (weight in L2): 2 x 2.1 / 3.3 = 1.27x at
-// best. The pair table above, offsets precomputed and table in L1, took 2.8 cycles per
-// vdpbf16ps, and 1.8 with no table (broadcast + vdpbf16ps alone): at most 1.5x before the
-// table is built and read. One weight row against 16 x rows (indices computed once for the
-// 16 rows, x packed per step so the rows do not collide in L1) took 4.3: two x loads per
-// vdpbf16ps where these tiles reuse each loaded chunk for three weight rows.
+// was 1.18x dense bfloat16 on 4096 x 4096 but 0.98-1.00x on 4096 x 11008 and 11008 x 4096.
+// The kernel_bf16dot tiles below took 3.3 cycles per vdpbf16ps at M = 16 (weight in L2;
+// dense bfloat16 F.linear about 2.1 per 32 multiply-adds, so 1.27x at best): they reload
+// or permute x for every weight row and compute an index per row for only 4 rows of x.
+// sparse24_bf16_pairs replaced them from 8 rows on (its header says why it is faster).
 //
 // Threads: at::parallel_for runs in parallel only when this file is compiled with
 // -fopenmp (ATen's OpenMP backend is header code); otherwise every path runs on one
@@ -94,6 +88,7 @@
 
 #include "../checks.h"
 #include "isa.h"
+#include "sparse24_bf16pairs.h"
 
 #define PYFAST_S24_INLINE inline __attribute__((always_inline))
 // Full unrolling of the loops over a tile's rows, requested explicitly: GCC then turns the
@@ -581,6 +576,7 @@ constexpr int64_t kXtNBlock = 32;
 constexpr int64_t kXtTileBytes = 16 * 1024;
 constexpr int64_t kXtAhead = 2;
 constexpr int64_t kXtMinRows = 8;  // from this M on, the transposed-x path
+constexpr int64_t kPairMinRows = 8;  // bfloat16 x: from this M on, sparse24_bf16_pairs
 
 // Prefetches the segment of weight row n + kXtAhead in the sweep order of XtPath::run:
 // the same groups [g0, g0 + gb) while rows of the N block [nb0, nb1) remain, then the
@@ -825,6 +821,13 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
   // 2. bfloat16 x with AVX512_BF16: the vdpbf16ps tiles on the raw bfloat16 bits.
   if (dt == at::kBFloat16 && isa == Isa::kAvx512 && has_bf16_dot()) {
     const at::Tensor x = x_in.contiguous();
+    if (M >= kPairMinRows) {
+      sparse24_bf16_pairs(static_cast<const uint16_t*>(x.const_data_ptr()),
+                          static_cast<const uint16_t*>(values.const_data_ptr()), mp, M, N, K,
+                          acc.mutable_data_ptr<float>());
+      finish_acc();
+      return out;
+    }
     op.x = x.const_data_ptr();
     run_blocked(M == 1 ? make_path<Bf16DotK, 1, 8>(16, 2) : make_path<Bf16DotK, 4, kTileW>(16, 2),
                 op, M, N, G);
