@@ -165,11 +165,15 @@ def test_k_zero_and_empty(isa):
                            None).shape == (2, 0)
 
 
-def test_meta_high_bits_ignored(isa):
+@pytest.mark.parametrize("m", [3, 17], ids=lambda v: f"M{v}")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_meta_high_bits_ignored(isa, m, dtype):
     """Only meta bits 0-3 are read: setting bits 4-7 changes nothing (and reads nothing
-    outside the group)."""
-    _, values, meta = compressed(9, 100, torch.float32)
-    x = torch.randn(3, 100)
+    outside the group), on every kernel of the rule (M = 17: the transposed-x kernel, or
+    the bfloat16 pair kernel)."""
+    gen = torch.Generator().manual_seed(5)
+    _, values, meta = compressed(9, 100, dtype, gen)
+    x = torch.randn(m, 100, generator=gen).to(dtype)
     out = ops.sparse24_mm(x, values, meta, None)
     assert torch.equal(ops.sparse24_mm(x, values, meta | 0xF0, None), out)
 
