@@ -19,6 +19,10 @@
 //     too when PyTorch allows bfloat16 inside float32 matmuls
 //     (fp32_matmul_allows_bf16: torch.set_float32_matmul_precision("medium")): x is
 //     rounded to bfloat16 once, the output stays float32.
+//   int4_mm, M = 1, active ISA avx512 (other dtypes, or bfloat16 x where the rule above
+//     does not apply): x in int8 slices and vpdpbusd (weight_only_slices.cpp), unless
+//     PYFAST_NO_INT8_SLICES is set or x has a value the slices cannot hold (non-finite,
+//     or a nonzero 8-k lane below 2^-64 in magnitude), which go on to the next rule.
 //   M <= small_m_limit(x.dtype): the small-M kernels (weight_only.h) for the ISA
 //     that pyfast::cpu::active_isa() names (avx512 / avx2 / scalar); x is
 //     converted to float32 (exact) and every weight byte is read once per tile
@@ -46,6 +50,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -180,6 +185,11 @@ bool fp32_matmul_allows_bf16() {
   return false;
 #endif
 }
+
+// Whether int4_mm at M = 1 may run the int8-slice kernel (weight_only_slices.cpp): the
+// environment variable PYFAST_NO_INT8_SLICES is unset (read on every call; the tests
+// set it to reach the float32 kernel that runs otherwise).
+bool int8_slices_enabled() { return std::getenv("PYFAST_NO_INT8_SLICES") == nullptr; }
 
 // Float32 copy of x [M, K] (natural order) unless x already is contiguous float32.
 at::Tensor x_float32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
@@ -366,6 +376,19 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     });
     finish_f32(acc, bp, out);
     return out;
+  }
+  if (M == 1 && isa == Isa::kAvx512 && int8_slices_enabled()) {
+    // x in int8 slices (weight_only_slices.cpp) unless x cannot be represented.
+    const at::Tensor xf = x_float32(x_in);
+    at::Tensor xs = at::empty({(K + 127) / 128 * kSliceBlockBytes}, xf.options().dtype(at::kByte));
+    uint8_t* xsp = xs.mutable_data_ptr<uint8_t>();
+    if (x_int4_slices(xf.const_data_ptr<float>(), K, xsp)) {
+      at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xf.options());
+      float* ap = acc.mutable_data_ptr<float>();
+      split_n(N, K, [&](int64_t n0, int64_t n1) { int4_m1_slices(xsp, w, n0, n1, ap); });
+      finish_f32(acc, bp, out);
+      return out;
+    }
   }
   if (M <= small_m_limit(x_in.scalar_type(), isa)) {
     const XBlocks blocks = int4_small_layout(isa);

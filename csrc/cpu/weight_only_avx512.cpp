@@ -136,8 +136,10 @@ PYFAST_TARGET_AVX512 inline void block_subs(const MagicConsts& c, const Int4Weig
   for (int p = 2; p < 5; ++p) sub[p] = _mm512_add_ps(c.base[p], zf);
 }
 
-// M = 1. The x vector is read 8 times per 64 weight bytes, so it must stay in L1:
-// K is cut into chunks of kChunkBlocks blocks (4096 k, 16 KiB of x) and a group of
+// M = 1 where the int8-slice kernel (weight_only_slices.cpp, which replaced this one at
+// M = 1 because of the cost below) does not run: x it cannot represent, or
+// PYFAST_NO_INT8_SLICES set. The x vector is read 8 times per 64 weight bytes, so it
+// must stay in L1: K is cut into chunks of kChunkBlocks blocks (4096 k, 16 KiB of x) and a group of
 // kRowGroup rows is swept chunk by chunk (rows one at a time, so that the weight is
 // read in long runs; without chunks, K = 11008 read x from L2 and ran at half
 // speed). While it reads a row segment, it prefetches the segment read next (the

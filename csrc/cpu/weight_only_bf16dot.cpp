@@ -51,18 +51,6 @@ constexpr int64_t kRowGroup = 8;
 // 0.78 ms on a 4096 x 4096 layer; not a bench result file); 2, 3 and 4 were alike.
 constexpr int64_t kAhead = 2;
 
-// The start of the row segment read `ahead` segments after segment (r, chunk at b0) in
-// the sweep order (chunk by chunk, rows r of the group in turn; then the next group's
-// rows from block 0). Only prefetched: past the weight's end it is never read.
-inline const uint8_t* segment_after(const Int4Weight& w, int64_t n, int64_t rows, int64_t r,
-                                    int64_t b0, int64_t chunk, int64_t ahead) {
-  const int64_t half = w.K / 2, blocks = (half + 63) / 64;
-  int64_t rr = r + ahead, b = b0;
-  while (rr >= rows && b < blocks) rr -= rows, b += chunk;
-  if (b >= blocks) return w.packed + (n + rows + rr) * half;
-  return w.packed + (n + rr) * half + 64 * b;
-}
-
 template <int MR>
 PYFAST_TARGET_AVX512_BF16 void rows_bf16dot(const uint16_t* xq, const float* xs, int64_t ld,
                                             const Int4Weight& w, int64_t n, int64_t rows,

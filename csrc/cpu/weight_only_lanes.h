@@ -50,6 +50,33 @@ PYFAST_TARGET_AVX512 inline __m512 per_lane(const T* v, const Int4Weight& w, int
   return _mm512_permutexvar_ps(idx, g);
 }
 
+// The start of the row segment read `ahead` segments after segment (r, chunk at b0) in
+// the sweep order (chunk by chunk, rows r of the group in turn; then the next group's
+// rows from block 0). Only prefetched: past the weight's end it is never read.
+inline const uint8_t* segment_after(const Int4Weight& w, int64_t n, int64_t rows, int64_t r,
+                                    int64_t b0, int64_t chunk, int64_t ahead) {
+  const int64_t half = w.K / 2, blocks = (half + 63) / 64;
+  int64_t rr = r + ahead, b = b0;
+  while (rr >= rows && b < blocks) rr -= rows, b += chunk;
+  if (b >= blocks) return w.packed + (n + rows + rr) * half;
+  return w.packed + (n + rr) * half + 64 * b;
+}
+
+// per_lane for the uint8 zero points as int32 lanes (the int8-slice kernel's exact
+// integer zero-point term).
+PYFAST_TARGET_AVX512 inline __m512i per_lane_i32(const uint8_t* v, const Int4Weight& w,
+                                                 int64_t b) {
+  if (w.G == 1) return _mm512_set1_epi32(v[0]);
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.group));
+  if (shift >= 7) return _mm512_set1_epi32(v[b]);
+  const int64_t per = int64_t{128} >> shift, g0 = b * per, cnt = std::min(per, w.G - g0);
+  const __m512i g = _mm512_cvtepu8_epi32(
+      _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1), v + g0));
+  const __m512i idx = _mm512_srli_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift - 3);
+  return _mm512_permutexvar_epi32(idx, g);
+}
+
 #endif
 
 }  // namespace weight_only

@@ -1,0 +1,234 @@
+// int4_mm at M = 1 with float x on AVX-512 VNNI: x cut into int8 slices, the products
+// made by vpdpbusd in int32, exactly (layout in weight_only.h, "int8 slices of x").
+//
+// Why: the float32 kernel (int4_rows_m1, weight_only_avx512.cpp) needs per 16 weights a
+// vpternlogd and a vsubps to make the floats and an FMA: about 39 zmm instructions per
+// block of 128 weights, so it was compute-bound at M = 1 (1.00-1.17x pyfast W8A8 in the
+// fp32 bench run 092526, against the 1.6x that half the bytes allow). Here a block is 3
+// instructions of nibble unpacking, 6 vpdpbusd (64 u8 x s8 products each, Intel SDM
+// vol. 2, VPDPBUSD) and 9 more for the zero point, the sum of the slices and the float32
+// epilogue.
+// The idea is the Ozaki scheme's (Ozaki, Ogita, Oishi, Rump, "Error-free transformations
+// of matrix multiplication by using fast routines of matrix multiplication and its
+// applications", Numer. Algorithms 2012): split the float operand into narrow integer
+// slices under a shared exponent and multiply the slices exactly with integer units.
+//
+// x in slices. Lane i of block b holds k = 128b + 8i .. 128b + 8i + 7 (the 16 dword lanes
+// of a 64-byte weight load, weight_only_lanes.h). Per lane, e is the exponent with
+// max|x| < 0.99 * 2^e, and X = round(x * 2^(23 - e)), |X| < 0.99 * 2^23, written as
+// d0 + 256 d1 + 65536 d2 with signed digits d_j in [-128, 127] (the three slices).
+// Accuracy: each x is held to within 2^(e - 24), one float32 ulp of its lane's largest
+// |x| (an x as large as that maximum keeps float32's 24 bits; smaller ones keep the bits
+// above that ulp). The products (q - z) * X and their sums over a lane are exact in
+// int32; each lane's sum is rounded once to float32, scaled by the group scale and
+// 2^(e - 23), and the lanes are summed in float32. So the error of an output is at most
+// sum over lanes of 2^(e - 24) * sum |w| over the lane, plus float32 summation of K / 8
+// lane values: for x of one scale this is well under PyTorch's own float32 F.linear error
+// (tests/test_cpu_weight_only.py measures both); an x much smaller than a neighbour
+// within its 8-k lane loses the bits below that neighbour's ulp (the test with a
+// 2^-30 next to a 1.0 shows it, and the bound).
+//
+// With q the nibble (vpdpbusd's unsigned operand) and z the zero point, per lane:
+//   sum (q - z) X = a0 + 256 a1 + 65536 a2,  a_j = sum q d_j (a0 started at z * (-sum X))
+// |sum (q - z) X| <= 8 * 15 * 2^23 < 2^31, so the int32 result is exact (int32 addition
+// and shifts are exact modulo 2^32, and the true value is in range).
+//
+// x that this cannot represent (a non-finite value, or a lane whose largest |x| is
+// nonzero and below 2^-64, where 2^(e - 23) times a group scale may fall into float32's
+// subnormals) makes x_int4_slices return false, and the call runs the float32 kernel.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+#include "weight_only_kernels.h"
+#include "weight_only_lanes.h"
+
+namespace pyfast {
+namespace cpu {
+namespace weight_only {
+
+#if PYFAST_X86
+
+namespace {
+
+// The 4 x 4 byte transpose of the dwords of w[0..3]: byte t of dword i of out[j] = byte j
+// of dword i of w[t]. Two rounds of bit selects (vpternlogd 0xCA = A ? B : C per bit,
+// here (m & B) | (~m & C)).
+PYFAST_TARGET_AVX512 inline void transpose_bytes(const __m512i* w, __m512i* out) {
+  const __m512i m8 = _mm512_set1_epi32(0x00FF00FF), m16 = _mm512_set1_epi32(0x0000FFFF);
+  auto sel = [](__m512i m, __m512i a, __m512i b) PYFAST_TARGET_AVX512 {
+    return _mm512_ternarylogic_epi32(m, a, b, 0xCA);
+  };
+  // t01_lo = [w0.b0 w1.b0 w0.b2 w1.b2], t01_hi = [w0.b1 w1.b1 w0.b3 w1.b3] (low byte first)
+  const __m512i t01_lo = sel(m8, w[0], _mm512_slli_epi32(w[1], 8));
+  const __m512i t01_hi = sel(m8, _mm512_srli_epi32(w[0], 8), w[1]);
+  const __m512i t23_lo = sel(m8, w[2], _mm512_slli_epi32(w[3], 8));
+  const __m512i t23_hi = sel(m8, _mm512_srli_epi32(w[2], 8), w[3]);
+  out[0] = sel(m16, t01_lo, _mm512_slli_epi32(t23_lo, 16));
+  out[1] = sel(m16, t01_hi, _mm512_slli_epi32(t23_hi, 16));
+  out[2] = sel(m16, _mm512_srli_epi32(t01_lo, 16), t23_lo);
+  out[3] = sel(m16, _mm512_srli_epi32(t01_hi, 16), t23_hi);
+}
+
+}  // namespace
+
+// Per block: the 8 x of each lane gathered as v[u] (lane i = x[128b + 8i + u]); e from
+// the lane maximum (vgetexpps / vgetmantps: max|x| = mant * 2^ei, mant in [1, 2); e = ei + 1,
+// or ei + 2 when mant >= 1.98, so that max|x| < 0.99 * 2^e); X = round(x * 2^(23 - e))
+// (the product is exact, a power of two; vcvtps2dq rounds to nearest even), |X| <
+// 0.99 * 2^23. With Y = X + 0x8080, bytes 0 and 1 of Y are d0 + 128 and d1 + 128 and
+// Y >> 16 = d2, so bytes 0-2 of Y ^ 0x8080 are the signed digits d0, d1, d2; and
+// -sum X = 8 * 0x8080 - sum Y.
+PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, int64_t K, uint8_t* dst) {
+  const int64_t blocks = (K + 127) / 128;
+  const __m512i idx8 = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(8));
+  const __m512i bias = _mm512_set1_epi32(0x8080);
+  const __m512 big = _mm512_set1_ps(3.402823466e38f), tiny = _mm512_set1_ps(0x1p-64f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 v[8];
+    __m512 mx = _mm512_setzero_ps();
+    for (int u = 0; u < 8; ++u) {
+      const int64_t k0 = 128 * b + u;  // lane i: k0 + 8i < K
+      const __mmask16 in = k0 >= K ? 0
+                           : K - k0 >= 121 ? __mmask16(0xffff)
+                                           : static_cast<__mmask16>((1u << ((K - k0 + 7) / 8)) - 1u);
+      v[u] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx8, x + k0, 4);
+      const __m512 a = _mm512_abs_ps(v[u]);
+      if (_mm512_cmp_ps_mask(a, big, _CMP_LE_OQ) != 0xffff) return false;  // inf or NaN
+      mx = _mm512_max_ps(mx, a);
+    }
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    if (_mm512_mask_cmp_ps_mask(nonzero, mx, tiny, _CMP_LT_OQ) != 0) return false;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 mxs = _mm512_mask_blend_ps(nonzero, one, mx);  // 0 -> 1 (any exponent)
+    const __m512 mant = _mm512_getmant_ps(mxs, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    const __m512i ei = _mm512_add_epi32(
+        _mm512_cvtps_epi32(_mm512_getexp_ps(mxs)),
+        _mm512_maskz_set1_epi32(_mm512_cmp_ps_mask(mant, _mm512_set1_ps(1.98f), _CMP_GE_OQ),
+                                1));  // e - 1
+    // 2^(23 - e) and 2^(e - 23) from their exponent fields (both normal: -64 <= e - 1 <= 128)
+    const __m512 sc = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127 + 22), ei), 23));
+    const __m512 f = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(127 - 22), ei), 23));
+    __m512i dig[8], y_sum = _mm512_setzero_si512();
+    for (int u = 0; u < 8; ++u) {
+      const __m512i y = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[u], sc)), bias);
+      dig[u] = _mm512_xor_si512(y, bias);
+      y_sum = _mm512_add_epi32(y_sum, y);
+    }
+    uint8_t* blk = dst + b * kSliceBlockBytes;
+    for (int p = 0; p < 2; ++p) {  // parity p: the x of u = 2t + p, t = 0..3
+      const __m512i w[4] = {dig[p], dig[2 + p], dig[4 + p], dig[6 + p]};
+      __m512i sl[4];
+      transpose_bytes(w, sl);
+      for (int j = 0; j < kSlices; ++j) _mm512_storeu_si512(blk + (2 * j + p) * 64, sl[j]);
+    }
+    // -(sum of X) = 8 * 0x8080 - sum of Y
+    _mm512_storeu_si512(blk + kSliceBytes,
+                        _mm512_sub_epi32(_mm512_set1_epi32(8 * 0x8080), y_sum));
+    _mm512_storeu_ps(reinterpret_cast<float*>(blk + kSliceBytes + 64), f);
+  }
+  return true;
+}
+
+namespace {
+
+// The sweep: groups of kRowGroup weight rows; K in the fewest equal chunks whose x data
+// is at most kChunkBytes (so that it stays in the 32 KiB L1; whole rows up to K = 6144);
+// within a chunk the rows of the group one at a time (one sequential stream), each row
+// segment prefetching into L2 the segment read about kAheadBytes later.
+// Measured ad hoc (2 threads, M = 1, int4 weights rotated past the L3, variants
+// interleaved in one process, median of 9 rounds; not bench result files):
+//   - prefetch: one segment ahead (2 KiB at K = 4096) was 1.2-1.35x slower than 4-12 KiB
+//     ahead, which were alike; prefetcht0 was 0.82-0.90x prefetcht1, none 0.5x;
+//   - chunks: at K = 11008 two chunks of 43 blocks ran 1.15x faster than chunks of 32
+//     blocks (16 KiB); chunks of 24, 28 and 32 KiB were alike;
+//   - row groups: 32 rows instead of 8 were 1.12x faster at K = 11008 (each chunk's x is
+//     read into L1 once per group) and alike at K = 4096;
+//   - 2 or 4 weight rows per step sharing each x load: 0.92-1.07x (the loop is bound by
+//     its vector instructions, about 19 per block, not by loads).
+// The loop is written out as in int4_rows_m1 and rows_bf16dot: a shared sweep template
+// taking the block loop as a lambda made GCC 12 stop inlining the block function and
+// ran 1.25x (this kernel) and 1.4x (int4_rows_m1) slower on one core, weights in L2.
+constexpr int64_t kChunkBytes = 24 * 1024;
+constexpr int64_t kAheadBytes = 8 * 1024;
+constexpr int64_t kRowGroup = 32;
+
+// t + the lane sums of block b of one weight row against the slices of x, times the lane
+// scales (z, s: the lanes' zero points and group scales).
+PYFAST_TARGET_AVX512 inline __m512 slice_block(const uint8_t* row, int64_t half,
+                                               const uint8_t* xb, __m512i z, __m512 s,
+                                               int64_t b, __m512 t) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i d = load_block(row, b, half);
+  const __m512i nib[2] = {_mm512_and_si512(d, low4),                          // even k
+                          _mm512_and_si512(_mm512_srli_epi32(d, 4), low4)};  // odd k
+  // a[j]: the lane sums of q * d_j (a[0] started at z * (-sum X), the zero point term)
+  __m512i a[kSlices] = {_mm512_mullo_epi32(z, _mm512_loadu_si512(xb + kSliceBytes)),
+                        _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int p = 0; p < 2; ++p)
+    for (int j = 0; j < kSlices; ++j)
+      a[j] = _mm512_dpbusd_epi32(a[j], nib[p], _mm512_loadu_si512(xb + (2 * j + p) * 64));
+  const __m512i sum = _mm512_add_epi32(  // a0 + 256 a1 + 65536 a2 = sum (q - z) X, exact
+      a[0], _mm512_slli_epi32(_mm512_add_epi32(a[1], _mm512_slli_epi32(a[2], 8)), 8));
+  const __m512 f = _mm512_loadu_ps(reinterpret_cast<const float*>(xb + kSliceBytes + 64));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, f), t);
+}
+
+}  // namespace
+
+PYFAST_TARGET_AVX512 void int4_m1_slices(const uint8_t* xs, const Int4Weight& w, int64_t n0,
+                                         int64_t n1, float* out) {
+  const int64_t half = w.K / 2, blocks = (half + 63) / 64;
+  const int64_t chunks = (blocks * kSliceBlockBytes + kChunkBytes - 1) / kChunkBytes;
+  const int64_t chunk = (blocks + chunks - 1) / chunks;                // blocks per chunk
+  const int64_t ahead = (kAheadBytes + chunk * 64 - 1) / (chunk * 64);  // in row segments
+  for (int64_t n = n0; n < n1; n += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, n1 - n);
+    __m512 tot[kRowGroup];
+    for (int64_t r = 0; r < rows; ++r) tot[r] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+      const int64_t b1 = std::min(blocks, b0 + chunk);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* row = w.packed + (n + r) * half;
+        const uint8_t* next = segment_after(w, n, rows, r, b0, chunk, ahead);
+        const float* scales = w.scales + (n + r) * w.G;
+        const uint8_t* zeros = w.zeros + (n + r) * w.G;
+        __m512 t = tot[r];
+        for (int64_t b = b0; b < b1; ++b) {
+          prefetch_l2(next + 64 * (b - b0));
+          t = slice_block(row, half, xs + b * kSliceBlockBytes, per_lane_i32(zeros, w, b),
+                          per_lane(scales, w, b), b, t);
+        }
+        tot[r] = t;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) out[n + r] = _mm512_reduce_add_ps(tot[r]);
+  }
+}
+
+#else  // not x86: never selected (active_isa() is kScalar)
+
+bool x_int4_slices(const float* x, int64_t K, uint8_t* dst) {
+  (void)x, (void)K, (void)dst;
+  TORCH_CHECK(false, "x_int4_slices called on a CPU without AVX-512");
+}
+
+void int4_m1_slices(const uint8_t* xs, const Int4Weight& w, int64_t n0, int64_t n1,
+                    float* out) {
+  (void)xs, (void)w, (void)n0, (void)n1, (void)out;
+  TORCH_CHECK(false, "int4_m1_slices called on a CPU without AVX-512");
+}
+
+#endif
+
+}  // namespace weight_only
+}  // namespace cpu
+}  // namespace pyfast
