@@ -7,7 +7,13 @@
 // fp32 bench run 092526, against the 1.6x that half the bytes allow). Here a block is 3
 // instructions of nibble unpacking, 6 vpdpbusd (64 u8 x s8 products each, Intel SDM
 // vol. 2, VPDPBUSD) and 9 more for the zero point, the sum of the slices and the float32
-// epilogue.
+// epilogue. Measured ad hoc (2 threads, weights rotated past the L3, interleaved
+// rounds, both ops called through torch.ops.pyfast_C; not bench result files): 1.45-1.67x
+// pyfast W8A8 on the three Llama shapes, the float32 kernel 0.95-1.10x; on one core with
+// the weight in L2, about 8.5 cycles per block against 20. The same weight reads with no
+// arithmetic streamed 33 GB/s, this kernel 29-30 and W8A8 (four streams per thread)
+// 35-37: what is left is the memory stream. Two weight rows per step (sharing x loads,
+// or 16 rows apart as two streams) were 0.85-0.95x.
 // The idea is the Ozaki scheme's (Ozaki, Ogita, Oishi, Rump, "Error-free transformations
 // of matrix multiplication by using fast routines of matrix multiplication and its
 // applications", Numer. Algorithms 2012): split the float operand into narrow integer
@@ -153,7 +159,8 @@ namespace {
 //   - row groups: 32 rows instead of 8 were 1.12x faster at K = 11008 (each chunk's x is
 //     read into L1 once per group) and alike at K = 4096;
 //   - 2 or 4 weight rows per step sharing each x load: 0.92-1.07x (the loop is bound by
-//     its vector instructions, about 19 per block, not by loads).
+//     its vector instructions, about 19 per block, not by loads); two rows 16 apart
+//     (two streams per thread): 0.87-0.91x.
 // The loop is written out as in int4_rows_m1 and rows_bf16dot: a shared sweep template
 // taking the block loop as a lambda made GCC 12 stop inlining the block function and
 // ran 1.25x (this kernel) and 1.4x (int4_rows_m1) slower on one core, weights in L2.
