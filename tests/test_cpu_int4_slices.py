@@ -62,9 +62,10 @@ def _weights(n, k, group_size, gen):
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
 def test_int4_m1_slices(isa, threads, group_size, dtype, monkeypatch):
     """Against the exact product of x and the dequantized weight (float64), PyTorch-based
-    tolerance in x's dtype. Shapes: K = 390 / 384 (one partial block of lanes, per channel with a K tail),
-    4096 (whole rows), 8448 and 12160 (x data past 24 KiB: two chunks of 33 and 48
-    blocks); N = 9, 40, 70 (row groups of 32: one partial, one full and a partial).
+    tolerance in x's dtype. Shapes: K = 390 / 384 (a partial last block; 390 per
+    channel, with a partial last lane), 4096 (whole rows), 8448 and 12160 (x data past
+    24 KiB: two chunks of 33 and 48 blocks); N = 9, 40, 70 (row groups of 32: partial
+    ones, and full ones followed by a partial one).
     bfloat16 x reaches the kernel with PYFAST_NO_BF16DOT (else the vdpbf16ps kernel runs)."""
     monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
     gen = torch.Generator().manual_seed(5)

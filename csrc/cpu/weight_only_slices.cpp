@@ -101,9 +101,8 @@ PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, int64_t K, uint8_t* dst)
     __m512 mx = _mm512_setzero_ps();
     for (int u = 0; u < 8; ++u) {
       const int64_t k0 = 128 * b + u;  // lane i: k0 + 8i < K
-      const __mmask16 in = k0 >= K ? 0
-                           : K - k0 >= 121 ? __mmask16(0xffff)
-                                           : static_cast<__mmask16>((1u << ((K - k0 + 7) / 8)) - 1u);
+      const int64_t lanes = k0 >= K ? 0 : std::min<int64_t>(16, (K - k0 + 7) / 8);
+      const __mmask16 in = static_cast<__mmask16>((1u << lanes) - 1u);
       v[u] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx8, x + k0, 4);
       const __m512 a = _mm512_abs_ps(v[u]);
       if (_mm512_cmp_ps_mask(a, big, _CMP_LE_OQ) != 0xffff) return false;  // inf or NaN
