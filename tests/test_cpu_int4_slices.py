@@ -34,6 +34,16 @@ def _tolerance(x, w64, bias, dtype, gen):
     return linear_tolerance(torch.cat([x, more]), w64, bias, dtype)
 
 
+def _check_reference(out, ref, exact, tol, label):
+    """out against the reference op: within tol plus the reference's own error against
+    the exact product. At M = 1 the reference's F.linear (one row) can sum a long row
+    with more error than the tolerance, sampled on a batch, allows: seen here at
+    K = 8448-12160, where the kernels of every ISA level were within tol of the exact
+    product and the reference was not. So its error is added, not imposed on the kernel."""
+    ref_err = (ref.double() - exact).abs().max().item()
+    assert_within(out, ref, tol + ref_err, label + " reference")
+
+
 def slice_bound(x: torch.Tensor, w64: torch.Tensor) -> float:
     """max over outputs of sum over lanes of 2^(e - 24) * sum |w| (x [1, K])."""
     k = x.shape[1]
@@ -61,8 +71,8 @@ def _weights(n, k, group_size, gen):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=dtype_id)
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
 def test_int4_m1_slices(isa, threads, group_size, dtype, monkeypatch):
-    """Against the exact product of x and the dequantized weight (float64), PyTorch-based
-    tolerance in x's dtype. Shapes: K = 390 / 384 (a partial last block; 390 per
+    """Against the reference (pyfast.reference.int4_mm) and the exact product of x and
+    the dequantized weight (float64), PyTorch-based tolerance in x's dtype. Shapes: K = 390 / 384 (a partial last block; 390 per
     channel, with a partial last lane), 4096 (whole rows), 8448 and 12160 (x data past
     24 KiB: two chunks of 33 and 48 blocks); N = 9, 40, 70 (row groups of 32: partial
     ones, and full ones followed by a partial one).
@@ -76,15 +86,18 @@ def test_int4_m1_slices(isa, threads, group_size, dtype, monkeypatch):
         b = torch.randn(n, generator=gen)
         x = torch.randn(1, k, generator=gen).to(dtype)
         out = OPS.int4_mm(x, packed, scales, zeros, group_size, b)
-        assert out.dtype == dtype
-        exact = x.double() @ wq.T + b.double()
         tol = _tolerance(x, wq, b, dtype, gen)
-        assert_within(out.double(), exact, tol, f"{isa} K={k} N={n} group={group_size}")
+        label = f"{isa} K={k} N={n} group={group_size}"
+        exact = x.double() @ wq.T + b.double()
+        assert_within(out.double(), exact, tol, label + " exact")
+        _check_reference(out, reference.int4_mm(x, packed, scales, zeros, group_size, b),
+                         exact, tol, label)
 
 
 def test_int4_m1_slices_outliers(isa, threads):
     """x with outlier channels (x100) and tiny values (x1e-3), as LLM activations have:
-    within PyTorch-based tolerance of the exact product (tighter than slice_bound)."""
+    within PyTorch-based tolerance of the reference and of the exact product (tighter
+    than slice_bound)."""
     gen = torch.Generator().manual_seed(9)
     for k, group_size in ((4096, 128), (4096, 32), (11008, -1)):
         packed, scales, zeros, wq = _weights(48, k, group_size, gen)
@@ -96,8 +109,11 @@ def test_int4_m1_slices_outliers(isa, threads):
         more[:, hot] *= 100.0
         tol = linear_tolerance(torch.cat([x, more]), wq, None, torch.float32)
         out = OPS.int4_mm(x, packed, scales, zeros, group_size, None)
+        label = f"{isa} K={k} group={group_size}"
         exact = x.double() @ wq.T
-        assert_within(out.double(), exact, tol, f"{isa} K={k} group={group_size}")
+        assert_within(out.double(), exact, tol, label + " exact")
+        _check_reference(out, reference.int4_mm(x, packed, scales, zeros, group_size, None),
+                         exact, tol, label)
         assert tol < slice_bound(x, wq)  # the bound alone would not catch much here
 
 

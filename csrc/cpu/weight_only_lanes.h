@@ -31,23 +31,31 @@ PYFAST_TARGET_AVX512 inline __m512i load_block(const uint8_t* row, int64_t b, in
 // group 128: one value; group 32 / 64: 4 / 2 groups per block. When G > 1, group is
 // 32, 64 or 128 (int4_mm checks it), so group indices come from shifts: a division
 // here (idiv, tens of cycles) used to cost more than the whole block's arithmetic.
-template <typename T>
-PYFAST_TARGET_AVX512 inline __m512 per_lane(const T* v, const Int4Weight& w, int64_t b) {
-  if (w.G == 1) return _mm512_set1_ps(static_cast<float>(v[0]));
+// R = __m512 gives float lanes; R = __m512i gives int32 lanes (uint8 v only: the exact
+// integer zero points of the int8-slice kernel).
+template <typename T, typename R = __m512>
+PYFAST_TARGET_AVX512 inline R per_lane(const T* v, const Int4Weight& w, int64_t b) {
+  constexpr bool kInt = std::is_same_v<R, __m512i>;
+  static_assert(!kInt || std::is_same_v<T, uint8_t>, "int32 lanes are for uint8 values");
+  auto bcast = [](T value) PYFAST_TARGET_AVX512 {
+    if constexpr (kInt) return _mm512_set1_epi32(value);
+    else return _mm512_set1_ps(static_cast<float>(value));
+  };
+  if (w.G == 1) return bcast(v[0]);
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.group));
-  if (shift >= 7) return _mm512_set1_ps(static_cast<float>(v[b]));
+  if (shift >= 7) return bcast(v[b]);
   const int64_t per = int64_t{128} >> shift, g0 = b * per, cnt = std::min(per, w.G - g0);
   const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-  __m512 g;
-  if constexpr (std::is_same_v<T, float>) {
-    g = _mm512_maskz_loadu_ps(m, v + g0);
-  } else {
-    g = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, v + g0)));
-  }
   // lane i -> group g0 + 8i / group = g0 + (i >> (shift - 3))
   const __m512i idx = _mm512_srli_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift - 3);
-  return _mm512_permutexvar_ps(idx, g);
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(m, v + g0));
+  } else {
+    const __m512i g = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, v + g0));
+    if constexpr (kInt) return _mm512_permutexvar_epi32(idx, g);
+    else return _mm512_permutexvar_ps(idx, _mm512_cvtepi32_ps(g));
+  }
 }
 
 // The start of the row segment read `ahead` segments after segment (r, chunk at b0) in
@@ -60,21 +68,6 @@ inline const uint8_t* segment_after(const Int4Weight& w, int64_t n, int64_t rows
   while (rr >= rows && b < blocks) rr -= rows, b += chunk;
   if (b >= blocks) return w.packed + (n + rows + rr) * half;
   return w.packed + (n + rr) * half + 64 * b;
-}
-
-// per_lane for the uint8 zero points as int32 lanes (the int8-slice kernel's exact
-// integer zero-point term).
-PYFAST_TARGET_AVX512 inline __m512i per_lane_i32(const uint8_t* v, const Int4Weight& w,
-                                                 int64_t b) {
-  if (w.G == 1) return _mm512_set1_epi32(v[0]);
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.group));
-  if (shift >= 7) return _mm512_set1_epi32(v[b]);
-  const int64_t per = int64_t{128} >> shift, g0 = b * per, cnt = std::min(per, w.G - g0);
-  const __m512i g = _mm512_cvtepu8_epi32(
-      _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1), v + g0));
-  const __m512i idx = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift - 3);
-  return _mm512_permutexvar_epi32(idx, g);
 }
 
 #endif

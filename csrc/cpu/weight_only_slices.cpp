@@ -210,8 +210,8 @@ PYFAST_TARGET_AVX512 void int4_m1_slices(const uint8_t* xs, const Int4Weight& w,
         __m512 t = tot[r];
         for (int64_t b = b0; b < b1; ++b) {
           prefetch_l2(next + 64 * (b - b0));
-          t = slice_block(row, half, xs + b * kSliceBlockBytes, per_lane_i32(zeros, w, b),
-                          per_lane(scales, w, b), b, t);
+          t = slice_block(row, half, xs + b * kSliceBlockBytes,
+                          per_lane<uint8_t, __m512i>(zeros, w, b), per_lane(scales, w, b), b, t);
         }
         tot[r] = t;
       }
