@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfast
-from pyfast import dispatch
+from pyfast import dispatch, memory
 from pyfast.sparsity import magnitude_24_mask
 
 from .shapes import INT4_GROUP_SIZE
@@ -62,10 +62,14 @@ def nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _copies(first, n: int) -> list:
-    """[first, clone, clone, ...]: n distinct buffers with the same values."""
-    clone = (lambda v: tuple(t.clone() for t in v)) if isinstance(first, tuple) else Tensor.clone
-    return [first] + [clone(first) for _ in range(n - 1)]
+def _copies(first, n: int, place: bool) -> list:
+    """n distinct buffers with the same values: [first, clone, clone, ...], or with place
+    n copies each where a pyfast layer keeps its buffers (pyfast.memory.to_hugepages:
+    transparent huge pages on a Linux CPU, else a plain clone)."""
+    def one(t: Tensor) -> Tensor:
+        return memory.to_hugepages(t.clone()) if place else t.clone()
+    clone = (lambda v: tuple(one(t) for t in v)) if isinstance(first, tuple) else one
+    return ([] if place else [first]) + [clone(first) for _ in range(n - (0 if place else 1))]
 
 
 def _size(v) -> int:
@@ -80,6 +84,7 @@ class Layer:
     half     bf16 (CPU) / fp16 (GPU) [N, K]       F.linear half baseline
     int8     (w_int8 int8 [N, K], w_scale f32 [N])        int8_mm, int8_weight_mm
     int8_kn  int8 [K, N] row-major (w_int8.t().contiguous())   torch._int_mm
+    int8_nk  int8 [N, K] (w_int8 as PyTorch allocates it)  torch._int_mm on its .t() view
     int8_vnni (repack_int8_vnni(w_int8), w_scale)         w8a8_mm_vnni, int8_mm_vnni
     int4     (packed u8 [N, K/2], scales f32 [N, K/128], zeros u8 [N, K/128])  symmetric
     sparse24 (values act_dtype [N, K/2], meta u8 [N, K/4])  of the 2:4-pruned weight
@@ -94,6 +99,7 @@ class Layer:
     half: list
     int8: list
     int8_kn: list
+    int8_nk: list
     int4: list
     sparse24: list
     sparse24_int4: list
@@ -101,17 +107,24 @@ class Layer:
     sparse24_tc: list
     sparse24_int4_tc: list
     int8_vnni: list
+    torch_hugepages: bool = False   # TORCH_FORMATS placed like pyfast's too (make_layer)
 
     def copies(self) -> Dict[str, int]:
         return {name: len(getattr(self, name)) for name in
-                ("dense", "half", "int8", "int8_kn", "int4", "sparse24", "sparse24_int4",
+                ("dense", "half", "int8", "int8_kn", "int8_nk", "int4", "sparse24", "sparse24_int4",
                  "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni")}
 
 
+TORCH_FORMATS = ("dense", "half", "int8_kn", "int8_nk")   # the torch baselines' weights
+
+
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
-               copies_for: Callable[[int], int]) -> Layer:
+               copies_for: Callable[[int], int], torch_hugepages: bool = False) -> Layer:
     """Random weight ~ N(0, 1/K), packed with the reference kernels; copies_for(bytes of
-    one copy) says how many copies of each format to keep."""
+    one copy) says how many copies of each format to keep. The pyfast formats' copies
+    are placed as a pyfast layer places its buffers (pyfast/memory.py); the torch
+    baselines' weights (TORCH_FORMATS) are PyTorch's own tensors, placed so too only
+    with torch_hugepages."""
     g = torch.Generator().manual_seed(1000003 * k + n)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device)
     with pyfast.use_backend("reference"):
@@ -126,11 +139,13 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
                           *sparse_int4[2:])
         int8_vnni = (torch.ops.pyfast.repack_int8_vnni(int8[0]), int8[1])
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
-               "int8_kn": int8[0].t().contiguous(), "int4": int4, "sparse24": sparse,
+               "int8_kn": int8[0].t().contiguous(), "int8_nk": int8[0], "int4": int4, "sparse24": sparse,
                "sparse24_int4": sparse_int4,
                "int4_tc": int4_tc, "sparse24_tc": sparse_tc,
                "sparse24_int4_tc": sparse_int4_tc, "int8_vnni": int8_vnni}
-    return Layer(k, n, **{name: _copies(v, copies_for(_size(v))) for name, v in formats.items()})
+    return Layer(k, n, **{name: _copies(v, copies_for(_size(v)),
+                                        torch_hugepages or name not in TORCH_FORMATS)
+                          for name, v in formats.items()}, torch_hugepages=torch_hugepages)
 
 
 @dataclass
@@ -254,8 +269,8 @@ def baseline_cases(cell: Cell) -> List[Case]:
              cell.copies("half"), flops, lin(cell.xh, h0),
              spot_check(cell.xh, h0, tolerance(cell.half_dtype)), note="dense baseline"),
         Case("torch._int_mm", "torch", "i8->i32",
-             lambda i: torch._int_mm(cell.a, cell.pick("int8", i)[0].t()),
-             cell.copies("int8"), flops, int_mm_bytes, spot_check(cell.a, q0, 0.0),
+             lambda i: torch._int_mm(cell.a, cell.pick("int8_nk", i).t()),
+             cell.copies("int8_nk"), flops, int_mm_bytes, spot_check(cell.a, q0, 0.0),
              note="b = w.t(): [K,N] view, column-major"),
         Case("torch._int_mm", "torch", "i8->i32",
              lambda i: torch._int_mm(cell.a, cell.pick("int8_kn", i)),

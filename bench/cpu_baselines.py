@@ -65,8 +65,9 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
                       nbytes(cell.x32) + n * k + out32, spot_check(cell.x32, w0, 0.05),
                       note="W8A8 dynamic, deprecated upstream"))
 
-    i8 = _per_copy(cell, "int8pack", "int8", lambda i: (cell.layer.int8[i][0],
-                                                       cell.layer.int8[i][1].to(torch.bfloat16)))
+    # int8_nk: PyTorch's own int8 tensor, not pyfast's placed copy (cases.make_layer)
+    i8 = _per_copy(cell, "int8pack", "int8_nk", lambda i: (
+        cell.layer.int8_nk[i], cell.layer.int8[i % len(cell.layer.int8)][1].to(torch.bfloat16)))
     xb = cell.x32.to(torch.bfloat16)
     cases.append(Case("torch._weight_int8pack_mm", "torch", "bf16.w8",
                       lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), _n(cell, i8), flops,
@@ -131,12 +132,17 @@ def _torchao_cases(cell: Cell, flops: int):
     return out, ""
 
 
-def measure_bandwidth_gbs(reps: int = 7, mib: int = 512) -> float:
+def measure_bandwidth_gbs(reps: int = 7, mib: int = 512, hugepages: bool = False) -> float:
     """Memory read bandwidth of this machine now: median of sums over a buffer far larger
-    than any cache, with torch's current thread count (GB/s, 1e9 bytes)."""
+    than any cache, with torch's current thread count (GB/s, 1e9 bytes); with hugepages
+    the buffer is placed as pyfast places layer buffers (pyfast.memory.to_hugepages)."""
     import statistics
     import time
+
+    from pyfast import memory
     buf = torch.ones(mib * 2**20 // 4)
+    if hugepages:
+        buf = memory.to_hugepages(buf)
     buf.sum()
     times = []
     for _ in range(reps):

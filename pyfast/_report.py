@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _ext, dispatch
+from . import _ext, dispatch, memory
 
 
 _NO_KERNEL = "no kernel for this op yet"
@@ -91,6 +91,7 @@ class BackendReport(list):
             "panel order (repack_int8_vnni, once per layer): Int8Linear / StaticInt8Linear "
             "use it where that kernel runs at the AVX-512 VNNI level (layout=\"auto\"), "
             "elsewhere the canonical w8a8_mm / int8_mm",
+            memory.describe() + " (pyfast/memory.py)",
         ]
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import _checks as chk
+from .. import memory
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
 from ..layouts import int4_tc, int8_vnni, sparse24_tc
 from . import layout as _layout
@@ -49,6 +50,22 @@ class _CompressedLinear(nn.Module):
         self.orig_dtype = bias_dtype   # dtype of the dense weight it replaces
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    # --- buffers of 2 MiB and more on the CPU go on transparent huge pages (pyfast/
+    # memory.py): whether set in __init__ or assigned (from_linear, repack, load_state_dict
+    # with assign=True: nn.Module.__setattr__ calls register_buffer for a buffer name),
+    # or moved (.to(), .cpu(): _apply). copy_ into a buffer keeps its memory.
+    def register_buffer(self, name: str, tensor: Optional[Tensor], persistent: bool = True):
+        if isinstance(tensor, Tensor):
+            tensor = memory.to_hugepages(tensor)
+        super().register_buffer(name, tensor, persistent)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = memory.to_hugepages(buf)
+        return self
 
     def _flat(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
