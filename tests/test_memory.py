@@ -166,9 +166,15 @@ def test_layer_paths_place(tmp_path):
     loaded = pyfast.load(nn.Sequential(nn.Linear(2048, 2176), nn.ReLU(), nn.Linear(2176, 64)),
                          path)
     assert _placed(loaded) == {"0.packed": True} and torch.equal(loaded(x), want)
-    # load_state_dict(assign=True) replaces the buffers: placed again
+    # deepcopy and pickle (torch.save of the module) restore the layer by __setstate__
     fresh = copy.deepcopy(loaded)
-    assert _placed(fresh) == {"0.packed": False}             # deepcopy bypasses __setattr__
+    assert _placed(fresh) == {"0.packed": True} and torch.equal(fresh(x), want)
+    torch.save(loaded, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert _placed(whole) == {"0.packed": True} and torch.equal(whole(x), want)
+    # load_state_dict(assign=True) replaces the buffers: placed again
+    fresh[0]._buffers["packed"] = fresh[0].packed.clone()    # behind the layer's back
+    assert _placed(fresh) == {"0.packed": False}
     fresh.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     assert _placed(fresh) == {"0.packed": True} and torch.equal(fresh(x), want)
     # _apply (.to(), .cpu(), .half()): buffers set behind the layer's back are placed

@@ -54,7 +54,8 @@ class _CompressedLinear(nn.Module):
     # --- buffers of 2 MiB and more on the CPU go on transparent huge pages (pyfast/
     # memory.py): whether set in __init__ or assigned (from_linear, repack, load_state_dict
     # with assign=True: nn.Module.__setattr__ calls register_buffer for a buffer name),
-    # or moved (.to(), .cpu(): _apply). copy_ into a buffer keeps its memory.
+    # moved (.to(), .cpu(): _apply) or copied (deepcopy, pickle: __setstate__). copy_
+    # into a buffer keeps its memory.
     def register_buffer(self, name: str, tensor: Optional[Tensor], persistent: bool = True):
         if isinstance(tensor, Tensor):
             tensor = memory.to_hugepages(tensor)
@@ -62,10 +63,17 @@ class _CompressedLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._place_buffers()
+        return self
+
+    def __setstate__(self, state) -> None:   # copy.deepcopy, pickle
+        super().__setstate__(state)
+        self._place_buffers()
+
+    def _place_buffers(self) -> None:
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = memory.to_hugepages(buf)
-        return self
 
     def _flat(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
