@@ -1,10 +1,11 @@
 """int4_mm at M = 1 on the AVX-512 level: the int8-slice kernel (csrc/cpu/weight_only_slices.cpp).
 
 x is held per 8-k lane as X * 2^(e - 23), |X| < 0.99 * 2^23, in three int8 slices, and
-the products with the nibbles are made by vpdpbusd exactly. So an output may differ
-from the exact product of x and the dequantized weight by at most
+the products with the nibbles less 8 are made by vpdpbusd exactly; the rest of the zero
+point term (scale times (zero point - 8) times the group's sum of x) is added in float32. So an output may
+differ from the exact product of x and the dequantized weight by at most
     slice_bound = sum over lanes of 2^(e - 24) * sum |w| over the lane
-(e per lane: max|x| < 0.99 * 2^e) plus float32 summation. The tests hold the kernel to
+(e per lane: max|x| < 0.99 * 2^e) plus float32 rounding. The tests hold the kernel to
 PyTorch-based tolerance (tests/_helpers.py) on ordinary and outlier-heavy x, to the
 bound on a lane with a 2^30 dynamic range, and check that x the slices cannot hold
 (non-finite, or a nonzero lane below 2^-64) runs the float32 kernel. PYFAST_NO_INT8_SLICES
@@ -133,8 +134,10 @@ def _two_lanes():
 def test_int4_m1_slices_lane_precision(isa, monkeypatch):
     """The exact output is 2^-29. The float32 kernels get it exactly. The slice kernel
     holds lane 0 to one ulp of its 1.0 (2^-23), where 2^-30 rounds to 0, and lane 1
-    exactly: 2^-30, within slice_bound (2^-23 + 2^-53). This is also how the test knows the
-    slice kernel ran."""
+    exactly. Its lane sums of (q - 8) * x are exact: 0 (lane 0) and 2^-30 (lane 1), and
+    the zero point term (z - 8) * scale * the group's sum of x is 0 here: the output is
+    2^-30, within slice_bound (2^-23 + 2^-53). This is also how the test knows the slice
+    kernel ran."""
     x, packed, scales, zeros = _two_lanes()
     wq = dequant_int4(packed, scales, zeros, 128)
     assert torch.equal(wq.nonzero()[:, 1], torch.tensor([1, 8]))

@@ -381,11 +381,13 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     // x in int8 slices (weight_only_slices.cpp) unless x cannot be represented.
     const at::Tensor xf = x_float32(x_in);
     at::Tensor xs = at::empty({(K + 127) / 128 * kSliceBlockBytes}, xf.options().dtype(at::kByte));
+    at::Tensor zs = at::empty({G}, xf.options());
     uint8_t* xsp = xs.mutable_data_ptr<uint8_t>();
-    if (x_int4_slices(xf.const_data_ptr<float>(), K, xsp)) {
+    float* zsp = zs.mutable_data_ptr<float>();
+    if (x_int4_slices(xf.const_data_ptr<float>(), w, xsp, zsp)) {
       at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xf.options());
       float* ap = acc.mutable_data_ptr<float>();
-      split_n(N, K, [&](int64_t n0, int64_t n1) { int4_m1_slices(xsp, w, n0, n1, ap); });
+      split_n(N, K, [&](int64_t n0, int64_t n1) { int4_m1_slices(xsp, zsp, w, n0, n1, ap); });
       finish_f32(acc, bp, out);
       return out;
     }

@@ -94,18 +94,20 @@ void int4_small_bf16dot(const uint16_t* xq, const float* xs, int64_t ld, int64_t
 //   int8  [3][2][64]: slice j, parity p, byte 4i + t = digit d_j of X[8i + 2t + p]
 //                     (lane i = k 8i .. 8i + 7 of the block; X = d0 + 256 d1 + 65536 d2
 //                     the lane's x in fixed point)
-//   int32 [16]      : per lane, -sum of X
+//   int32 [16]      : per lane, -8 * (sum of X)
 //   float [16]      : per lane, 2^(e - 23): x = X * 2^(e - 23) + error
-// x_int4_slices fills dst from float32 x [K] (zero padded to whole blocks) and returns
-// false, leaving dst unusable, when x has a non-finite value or a lane whose largest
-// |x| is nonzero and below 2^-64 (the float32 kernel runs then).
+// and zsum float32 [G]: per quantization group of w, -(the sum of its x as held, that is
+// of X * 2^(e - 23)), summed exactly in double and rounded once.
+// x_int4_slices fills dst and zsum from float32 x [w.K] (zero padded to whole blocks) and
+// returns false, leaving them unusable, when x has a non-finite value or a lane whose
+// largest |x| is nonzero and below 2^-64 (the float32 kernel runs then).
 // int4_m1_slices: out[n] for n in [n0, n1), float32, as int4_small_* at M = 1.
 constexpr int kSlices = 3;
 constexpr int64_t kSliceBytes = kSlices * 128;
 constexpr int64_t kSliceBlockBytes = kSliceBytes + 64 + 64;
-bool x_int4_slices(const float* x, int64_t K, uint8_t* dst);
-void int4_m1_slices(const uint8_t* xs, const Int4Weight& w, int64_t n0, int64_t n1,
-                    float* out);
+bool x_int4_slices(const float* x, const Int4Weight& w, uint8_t* dst, float* zsum);
+void int4_m1_slices(const uint8_t* xs, const float* zsum, const Int4Weight& w, int64_t n0,
+                    int64_t n1, float* out);
 
 // The int4 panel layout of an ISA: 0 = natural k order, rows of K; L > 0 = the
 // block order above with L lanes and P = 2 (even k, then odd k), rows of ld = K

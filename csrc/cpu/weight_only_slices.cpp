@@ -1,19 +1,33 @@
 // int4_mm at M = 1 with float x on AVX-512 VNNI: x cut into int8 slices, the products
-// made by vpdpbusd in int32, exactly (layout in weight_only.h, "int8 slices of x").
+// with the nibbles made by vpdpbusd in int32, exactly (layout in weight_only.h, "int8
+// slices of x").
 //
 // Why: the float32 kernel (int4_rows_m1, weight_only_avx512.cpp) needs per 16 weights a
 // vpternlogd and a vsubps to make the floats and an FMA: about 39 zmm instructions per
 // block of 128 weights, so it was compute-bound at M = 1 (1.00-1.17x pyfast W8A8 in the
-// fp32 bench run 092526, against the 1.6x that half the bytes allow). Here a block is 3
-// instructions of nibble unpacking, 6 vpdpbusd (64 u8 x s8 products each, Intel SDM
-// vol. 2, VPDPBUSD) and 9 more for the zero point, the sum of the slices and the float32
-// epilogue. Measured ad hoc (2 threads, weights rotated past the L3, interleaved
-// rounds, both ops called through torch.ops.pyfast_C; not bench result files): 1.45-1.67x
-// pyfast W8A8 on the three Llama shapes, the float32 kernel 0.95-1.10x; on one core with
-// the weight in L2, about 8.5 cycles per block against 20. The same weight reads with no
-// arithmetic streamed 33 GB/s, this kernel 29-30 and W8A8 (four streams per thread)
-// 35-37: what is left is the memory stream. Two weight rows per step (sharing x loads,
-// or 16 rows apart as two streams) were 0.85-0.95x.
+// fp32 bench run 092526, against the 1.6x that half the bytes allow). Here a block of one
+// row is 3 instructions of nibble unpacking, 6 vpdpbusd (64 u8 x s8 products each, Intel
+// SDM vol. 2, VPDPBUSD), 2 shifts joining the slices, an add for the zero point's 8 and 3
+// for the float32 epilogue; the rest of the zero point term is made once per row and
+// group, not per block.
+// Where the time goes (Zen 4, measured here): a zmm vpdpbusd or FMA issues once per cycle
+// (12 independent ones in a loop), and a vpdpbusd with a vpsrld and a vpandd beside it
+// takes 1.36 cycles: the kernel is bound by its vector instructions, about 11.4 cycles
+// per block and row on one core with the weight in L2 (18.5 GB/s per core). Streaming
+// from memory it read about 15-17 GB/s per core while 4 plain read streams read 18-25.
+// Changes measured ad hoc against the previous version, in one process (a C++ harness
+// calling both builds alternately, 2 threads, weights on huge pages rotated past the L3,
+// median of 15 paired rounds; not bench result files):
+//   - the zero point term moved out of the block loop (it was a vpmulld and a broadcast
+//     per block; now a vpaddd of -8 sum X, and the rest per row and group) and the
+//     slices joined by one shift chain: 1.03-1.09x (without the -8 sum X, whose float32
+//     zero point term made one test_ops case's error 1.005x its tolerance);
+//   - two adjacent rows per step sharing each x load, where x fits one chunk (K <= 6912):
+//     1.11-1.45x at K = 4096 in all (all of this file's changes, last run: 1.28x at
+//     4096 x 4096, 1.09x at N = 11008); at K = 11008 (two chunks) pairs were 0.95-0.97x,
+//     so there one row at a time stays (1.02x);
+//   - the zero point kept whole in int32 (a vpmulld per block and row) with the rest:
+//     0.91-0.93x of the float32 zero point term below (without the -8 sum X).
 // The idea is the Ozaki scheme's (Ozaki, Ogita, Oishi, Rump, "Error-free transformations
 // of matrix multiplication by using fast routines of matrix multiplication and its
 // applications", Numer. Algorithms 2012): split the float operand into narrow integer
@@ -25,19 +39,21 @@
 // d0 + 256 d1 + 65536 d2 with signed digits d_j in [-128, 127] (the three slices).
 // Accuracy: each x is held to within 2^(e - 24), one float32 ulp of its lane's largest
 // |x| (an x as large as that maximum keeps float32's 24 bits; smaller ones keep the bits
-// above that ulp). The products (q - z) * X and their sums over a lane are exact in
-// int32; each lane's sum is rounded once to float32, scaled by the group scale and
-// 2^(e - 23), and the lanes are summed in float32. So the error of an output is at most
-// sum over lanes of 2^(e - 24) * sum |w| over the lane, plus float32 summation of K / 8
-// lane values: for x of one scale this is well under PyTorch's own float32 F.linear error
-// (tests/test_cpu_weight_only.py measures both); an x much smaller than a neighbour
-// within its 8-k lane loses the bits below that neighbour's ulp (the test with a
-// 2^-30 next to a 1.0 shows it, and the bound).
-//
-// With q the nibble (vpdpbusd's unsigned operand) and z the zero point, per lane:
-//   sum (q - z) X = a0 + 256 a1 + 65536 a2,  a_j = sum q d_j (a0 started at z * (-sum X))
-// |sum (q - z) X| <= 8 * 15 * 2^23 < 2^31, so the int32 result is exact (int32 addition
-// and shifts are exact modulo 2^32, and the true value is in range).
+// above that ulp). With q the nibble (vpdpbusd's unsigned operand), the lane sums
+// A = sum (q - 8) X are exact in int32 (lane_sums: sum q X by vpdpbusd, then -8 sum X
+// from the x side); each is rounded once to float32 and scaled by the group scale s and
+// 2^(e - 23). The rest of the zero point z enters as s * (z - 8) * zsum per row and group,
+// zsum = -(the group's sum of x as held), summed exactly in double and rounded once to
+// float32 (x_int4_slices, zero_term). All of these are summed in float32. So the error of
+// an output is at most sum over lanes of 2^(e - 24) * sum |w| over the lane (the
+// representation), plus the float32 rounding of terms of size s * |A| * 2^(e - 23) per
+// lane and s * |z - 8| * |zsum| per group (|q - 8| <= 8 and |z - 8| <= 8, against
+// |q - z| <= 15 for an exact (q - z): terms of the same order; for z = 8, symmetric
+// weights, the second term is 0 and the lane sums are those of q - z). For x of one scale
+// this is well under PyTorch's own float32 F.linear error (tests/test_cpu_int4_slices.py
+// and tests/test_ops.py hold every output to it, outlier x included); an x much smaller
+// than a neighbour within its 8-k lane loses the bits below that neighbour's ulp (the
+// test with a 2^-30 next to a 1.0 shows it, and the bound).
 //
 // x that this cannot represent (a non-finite value, or a lane whose largest |x| is
 // nonzero and below 2^-64, where 2^(e - 23) times a group scale may fall into float32's
@@ -89,8 +105,14 @@ PYFAST_TARGET_AVX512 inline void transpose_bytes(const __m512i* w, __m512i* out)
 // 0.99 * 2^23. With Y = X + 0x8080, bytes 0 and 1 of Y are d0 + 128 and d1 + 128 and
 // Y >> 16 = d2, so bytes 0-2 of Y ^ 0x8080 are the signed digits d0, d1, d2; and
 // -sum X = 8 * 0x8080 - sum Y.
-PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, int64_t K, uint8_t* dst) {
-  const int64_t blocks = (K + 127) / 128;
+PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, const Int4Weight& w, uint8_t* dst,
+                                        float* zsum) {
+  const int64_t K = w.K, blocks = (K + 127) / 128;
+  // zsum: lanes run through the groups in order (a lane never straddles two: group is K,
+  // or 32, 64 or 128), so each group's sum is a running double sum, flushed when the
+  // next group starts. Each term, an int32 times a power of two, is exact in double.
+  int64_t g = 0, group_end = w.group;
+  double run = 0.0;
   const __m512i idx8 = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(8));
@@ -135,11 +157,23 @@ PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, int64_t K, uint8_t* dst)
       transpose_bytes(w, sl);
       for (int j = 0; j < kSlices; ++j) _mm512_storeu_si512(blk + (2 * j + p) * 64, sl[j]);
     }
-    // -(sum of X) = 8 * 0x8080 - sum of Y
-    _mm512_storeu_si512(blk + kSliceBytes,
-                        _mm512_sub_epi32(_mm512_set1_epi32(8 * 0x8080), y_sum));
     _mm512_storeu_ps(reinterpret_cast<float*>(blk + kSliceBytes + 64), f);
+    // -(sum of X) = 8 * 0x8080 - sum of Y, per lane, into the group sums
+    alignas(64) int32_t nsx[16];
+    alignas(64) float fl[16];
+    const __m512i neg_sum = _mm512_sub_epi32(_mm512_set1_epi32(8 * 0x8080), y_sum);
+    _mm512_storeu_si512(blk + kSliceBytes, _mm512_slli_epi32(neg_sum, 3));  // -8 sum X
+    _mm512_store_si512(nsx, neg_sum);
+    _mm512_store_ps(fl, f);
+    for (int i = 0; i < 16 && 128 * b + 8 * i < K; ++i) {
+      if (128 * b + 8 * i >= group_end) {
+        zsum[g++] = static_cast<float>(run);
+        run = 0.0, group_end += w.group;
+      }
+      run += static_cast<double>(nsx[i]) * static_cast<double>(fl[i]);
+    }
   }
+  zsum[g] = static_cast<float>(run);  // g = G - 1 (K > 0)
   return true;
 }
 
@@ -147,8 +181,9 @@ namespace {
 
 // The sweep: groups of kRowGroup weight rows; K in the fewest equal chunks whose x data
 // is at most kChunkBytes (so that it stays in the 32 KiB L1; whole rows up to K = 6144);
-// within a chunk the rows of the group one at a time (one sequential stream), each row
-// segment prefetching into L2 the segment read about kAheadBytes later.
+// within a chunk the rows of the group two at a time when x is one chunk, else one at a
+// time (one sequential stream either way), each row segment prefetching into L2 the
+// segment read about kAheadBytes later.
 // Measured ad hoc (2 threads, M = 1, int4 weights rotated past the L3, variants
 // interleaved in one process, median of 9 rounds; not bench result files):
 //   - prefetch: one segment ahead (2 KiB at K = 4096) was 1.2-1.35x slower than 4-12 KiB
@@ -157,9 +192,7 @@ namespace {
 //     blocks (16 KiB); chunks of 24, 28 and 32 KiB were alike;
 //   - row groups: 32 rows instead of 8 were 1.12x faster at K = 11008 (each chunk's x is
 //     read into L1 once per group) and alike at K = 4096;
-//   - 2 or 4 weight rows per step sharing each x load: 0.92-1.07x (the loop is bound by
-//     its vector instructions, about 19 per block, not by loads); two rows 16 apart
-//     (two streams per thread): 0.87-0.91x.
+//   - rows per step and streams: see the top of this file.
 // The loop is written out as in int4_rows_m1 and rows_bf16dot: a shared sweep template
 // taking the block loop as a lambda made GCC 12 stop inlining the block function and
 // ran 1.25x (this kernel) and 1.4x (int4_rows_m1) slower on one core, weights in L2.
@@ -167,51 +200,123 @@ constexpr int64_t kChunkBytes = 24 * 1024;
 constexpr int64_t kAheadBytes = 8 * 1024;
 constexpr int64_t kRowGroup = 32;
 
-// t + the lane sums of block b of one weight row against the slices of x, times the lane
-// scales (z, s: the lanes' zero points and group scales).
-PYFAST_TARGET_AVX512 inline __m512 slice_block(const uint8_t* row, int64_t half,
-                                               const uint8_t* xb, __m512i z, __m512 s,
-                                               int64_t b, __m512 t) {
+// The lane sums a[r] = sum q X of block b of weight rows row + r * half, r < R (q the
+// nibbles, not yet less the zero point), against the slices of x at xb. One chain per
+// row, highest slice first: a = sum q d2; a = 256 a + sum q d1; a = 256 a + sum q d0.
+// Each step's value is the exact sum of q times the digits taken so far (|.| <= 8 * 15 *
+// 0.99 * 2^23 < 2^31 at the end, less before), so the int32 result is exact; one chain
+// needs no adds to join three sums. With R = 2 each slice vector is loaded once for both
+// rows and kept in a register (the empty asm: GCC would otherwise fold the load into both
+// rows' vpdpbusd as memory operands, reading it twice), and the chains are interleaved
+// step by step (each is 6 dependent vpdpbusd).
+template <int R>
+PYFAST_TARGET_AVX512 inline void lane_sums(const uint8_t* row, int64_t half, int64_t b,
+                                           const uint8_t* xb, __m512i a[R]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i d = load_block(row, b, half);
-  const __m512i nib[2] = {_mm512_and_si512(d, low4),                          // even k
-                          _mm512_and_si512(_mm512_srli_epi32(d, 4), low4)};  // odd k
-  // a[j]: the lane sums of q * d_j (a[0] started at z * (-sum X), the zero point term)
-  __m512i a[kSlices] = {_mm512_mullo_epi32(z, _mm512_loadu_si512(xb + kSliceBytes)),
-                        _mm512_setzero_si512(), _mm512_setzero_si512()};
-  for (int p = 0; p < 2; ++p)
-    for (int j = 0; j < kSlices; ++j)
-      a[j] = _mm512_dpbusd_epi32(a[j], nib[p], _mm512_loadu_si512(xb + (2 * j + p) * 64));
-  const __m512i sum = _mm512_add_epi32(  // a0 + 256 a1 + 65536 a2 = sum (q - z) X, exact
-      a[0], _mm512_slli_epi32(_mm512_add_epi32(a[1], _mm512_slli_epi32(a[2], 8)), 8));
-  const __m512 f = _mm512_loadu_ps(reinterpret_cast<const float*>(xb + kSliceBytes + 64));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, f), t);
+  __m512i nib[R][2];
+  for (int r = 0; r < R; ++r) {
+    const __m512i d = load_block(row + r * half, b, half);
+    nib[r][0] = _mm512_and_si512(d, low4);                          // even k
+    nib[r][1] = _mm512_and_si512(_mm512_srli_epi32(d, 4), low4);  // odd k
+    a[r] = _mm512_setzero_si512();
+  }
+  for (int j = kSlices - 1; j >= 0; --j) {
+    if (j != kSlices - 1)
+      for (int r = 0; r < R; ++r) a[r] = _mm512_slli_epi32(a[r], 8);
+    for (int p = 0; p < 2; ++p) {
+      __m512i x = _mm512_loadu_si512(xb + (2 * j + p) * 64);
+      if constexpr (R > 1) asm("" : "+v"(x));
+      for (int r = 0; r < R; ++r) a[r] = _mm512_dpbusd_epi32(a[r], nib[r][p], x);
+    }
+  }
+  __m512i c = _mm512_loadu_si512(xb + kSliceBytes);  // -8 sum X: sum (q - 8) X
+  if constexpr (R > 1) asm("" : "+v"(c));
+  for (int r = 0; r < R; ++r) a[r] = _mm512_add_epi32(a[r], c);
 }
 
-}  // namespace
+// The lane factors 2^(e - 23) of x block xb.
+PYFAST_TARGET_AVX512 inline __m512 lane_factors(const uint8_t* xb) {
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(xb + kSliceBytes + 64));
+}
 
-PYFAST_TARGET_AVX512 void int4_m1_slices(const uint8_t* xs, const Int4Weight& w, int64_t n0,
-                                         int64_t n1, float* out) {
+// t + a's lanes in float32 times the lane scales s and factors f.
+PYFAST_TARGET_AVX512 inline __m512 scale_sums(__m512i a, __m512 s, __m512 f, __m512 t) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(s, f), t);
+}
+
+// t + the zero point term of one row: sum over groups of s * z * zsum (zsum = -(sum of
+// the group's x as held)), 16 groups per step.
+PYFAST_TARGET_AVX512 inline __m512 zero_term(const float* s, const uint8_t* z,
+                                             const float* zsum, int64_t G, __m512 t) {
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g)) - 1u);
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_sub_epi32(  // z - 8 (8 is in the lane sums)
+        _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)), _mm512_set1_epi32(8)));
+    t = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + g), zf),
+                        _mm512_maskz_loadu_ps(m, zsum + g), t);
+  }
+  return t;
+}
+
+// How the lane scales of a block are found (the sweep is compiled once per kind, so the
+// block loop has no branch on it): one scale per row, one per block (group 128), or per
+// lane (group 32, 64: per_lane's permute).
+enum class Scales { kRow, kBlock, kLane };
+
+template <Scales kScales>
+PYFAST_TARGET_AVX512 inline __m512 block_scales(const float* s, const Int4Weight& w,
+                                                int64_t b) {
+  if constexpr (kScales == Scales::kRow) return _mm512_set1_ps(s[0]);
+  else if constexpr (kScales == Scales::kBlock) return _mm512_set1_ps(s[b]);
+  else return per_lane(s, w, b);
+}
+
+template <Scales kScales>
+PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4Weight& w,
+                                int64_t n0, int64_t n1, float* out) {
   const int64_t half = w.K / 2, blocks = (half + 63) / 64;
   const int64_t chunks = (blocks * kSliceBlockBytes + kChunkBytes - 1) / kChunkBytes;
   const int64_t chunk = (blocks + chunks - 1) / chunks;                // blocks per chunk
   const int64_t ahead = (kAheadBytes + chunk * 64 - 1) / (chunk * 64);  // in row segments
+  const bool pairs = chunks == 1;
   for (int64_t n = n0; n < n1; n += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, n1 - n);
     __m512 tot[kRowGroup];
-    for (int64_t r = 0; r < rows; ++r) tot[r] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r)
+      tot[r] = zero_term(w.scales + (n + r) * w.G, w.zeros + (n + r) * w.G, zsum, w.G,
+                         _mm512_setzero_ps());
     for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
       const int64_t b1 = std::min(blocks, b0 + chunk);
-      for (int64_t r = 0; r < rows; ++r) {
+      int64_t r = 0;
+      for (; pairs && r + 1 < rows; r += 2) {  // rows r, r + 1: one stream, x read once
+        const uint8_t* row = w.packed + (n + r) * half;
+        const uint8_t* next = segment_after(w, n, rows, r, b0, chunk, ahead);
+        const uint8_t* next2 = segment_after(w, n, rows, r + 1, b0, chunk, ahead);
+        const float* scales = w.scales + (n + r) * w.G;
+        __m512 t0 = tot[r], t1 = tot[r + 1];
+        for (int64_t b = b0; b < b1; ++b) {
+          prefetch_l2(next + 64 * (b - b0));
+          prefetch_l2(next2 + 64 * (b - b0));
+          const uint8_t* xb = xs + b * kSliceBlockBytes;
+          const __m512 f = lane_factors(xb);
+          __m512i a[2];
+          lane_sums<2>(row, half, b, xb, a);
+          t0 = scale_sums(a[0], block_scales<kScales>(scales, w, b), f, t0);
+          t1 = scale_sums(a[1], block_scales<kScales>(scales + w.G, w, b), f, t1);
+        }
+        tot[r] = t0, tot[r + 1] = t1;
+      }
+      for (; r < rows; ++r) {
         const uint8_t* row = w.packed + (n + r) * half;
         const uint8_t* next = segment_after(w, n, rows, r, b0, chunk, ahead);
         const float* scales = w.scales + (n + r) * w.G;
-        const uint8_t* zeros = w.zeros + (n + r) * w.G;
         __m512 t = tot[r];
         for (int64_t b = b0; b < b1; ++b) {
           prefetch_l2(next + 64 * (b - b0));
-          t = slice_block(row, half, xs + b * kSliceBlockBytes,
-                          per_lane<uint8_t, __m512i>(zeros, w, b), per_lane(scales, w, b), b, t);
+          const uint8_t* xb = xs + b * kSliceBlockBytes;
+          __m512i a[1];
+          lane_sums<1>(row, half, b, xb, a);
+          t = scale_sums(a[0], block_scales<kScales>(scales, w, b), lane_factors(xb), t);
         }
         tot[r] = t;
       }
@@ -220,16 +325,26 @@ PYFAST_TARGET_AVX512 void int4_m1_slices(const uint8_t* xs, const Int4Weight& w,
   }
 }
 
+}  // namespace
+
+PYFAST_TARGET_AVX512 void int4_m1_slices(const uint8_t* xs, const float* zsum,
+                                         const Int4Weight& w, int64_t n0, int64_t n1,
+                                         float* out) {
+  if (w.G == 1) return sweep<Scales::kRow>(xs, zsum, w, n0, n1, out);
+  if (w.group >= 128) return sweep<Scales::kBlock>(xs, zsum, w, n0, n1, out);  // 128
+  sweep<Scales::kLane>(xs, zsum, w, n0, n1, out);
+}
+
 #else  // not x86: never selected (active_isa() is kScalar)
 
-bool x_int4_slices(const float* x, int64_t K, uint8_t* dst) {
-  (void)x, (void)K, (void)dst;
+bool x_int4_slices(const float* x, const Int4Weight& w, uint8_t* dst, float* zsum) {
+  (void)x, (void)w, (void)dst, (void)zsum;
   TORCH_CHECK(false, "x_int4_slices called on a CPU without AVX-512");
 }
 
-void int4_m1_slices(const uint8_t* xs, const Int4Weight& w, int64_t n0, int64_t n1,
-                    float* out) {
-  (void)xs, (void)w, (void)n0, (void)n1, (void)out;
+void int4_m1_slices(const uint8_t* xs, const float* zsum, const Int4Weight& w, int64_t n0,
+                    int64_t n1, float* out) {
+  (void)xs, (void)zsum, (void)w, (void)n0, (void)n1, (void)out;
   TORCH_CHECK(false, "int4_m1_slices called on a CPU without AVX-512");
 }
 
