@@ -260,11 +260,12 @@ PYFAST_TARGET_AVX512 inline __m512 zero_term(const float* s, const uint8_t* z,
 
 // How the lane scales of a block are found (the sweep is compiled once per kind, so the
 // block loop has no branch on it): one scale per row, one per block (group 128), or per
-// lane (group 32, 64: per_lane's permute).
+// lane (group 32, 64: per_lane's permute). sweep_scales gives per_lane(s, w, b)'s values
+// without its run-time branches.
 enum class Scales { kRow, kBlock, kLane };
 
 template <Scales kScales>
-PYFAST_TARGET_AVX512 inline __m512 block_scales(const float* s, const Int4Weight& w,
+PYFAST_TARGET_AVX512 inline __m512 sweep_scales(const float* s, const Int4Weight& w,
                                                 int64_t b) {
   if constexpr (kScales == Scales::kRow) return _mm512_set1_ps(s[0]);
   else if constexpr (kScales == Scales::kBlock) return _mm512_set1_ps(s[b]);
@@ -301,8 +302,8 @@ PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4
           const __m512 f = lane_factors(xb);
           __m512i a[2];
           lane_sums<2>(row, half, b, xb, a);
-          t0 = scale_sums(a[0], block_scales<kScales>(scales, w, b), f, t0);
-          t1 = scale_sums(a[1], block_scales<kScales>(scales + w.G, w, b), f, t1);
+          t0 = scale_sums(a[0], sweep_scales<kScales>(scales, w, b), f, t0);
+          t1 = scale_sums(a[1], sweep_scales<kScales>(scales + w.G, w, b), f, t1);
         }
         tot[r] = t0, tot[r + 1] = t1;
       }
@@ -316,7 +317,7 @@ PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4
           const uint8_t* xb = xs + b * kSliceBlockBytes;
           __m512i a[1];
           lane_sums<1>(row, half, b, xb, a);
-          t = scale_sums(a[0], block_scales<kScales>(scales, w, b), lane_factors(xb), t);
+          t = scale_sums(a[0], sweep_scales<kScales>(scales, w, b), lane_factors(xb), t);
         }
         tot[r] = t;
       }
