@@ -7,10 +7,12 @@ reference cannot hide by agreeing with itself.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import List, Optional
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -250,3 +252,39 @@ def rotated_product(*axes, rotate) -> list:
     `rotate` in turn, so that every value of those appears without a full product."""
     cycles = [itertools.cycle(r) for r in rotate]
     return [(*case, *(next(c) for c in cycles)) for case in itertools.product(*axes)]
+
+
+def slice_bound(x: torch.Tensor, w64: torch.Tensor) -> float:
+    """The representation error bound of the CPU int8-slice kernels (int4_mm and
+    sparse24_int4_mm at M = 1, float x; csrc/cpu/x_slices.h): max over outputs of the sum
+    over 8-column lanes of 2^(e - 24) * sum |w| over the lane, e per lane with max|x| <
+    0.99 * 2^e (x [1, K])."""
+    k = x.shape[1]
+    pad = (-k) % 8
+    xa = F.pad(x.double().abs(), (0, pad)).view(-1, 8)
+    wa = F.pad(w64.abs(), (0, pad)).view(w64.shape[0], -1, 8).sum(dim=2)  # [N, lanes]
+    ulps = []
+    for m in xa.max(dim=1).values.tolist():
+        if m == 0.0:
+            ulps.append(0.0)
+            continue
+        mant, ei = math.frexp(m)  # m = mant * 2^ei, mant in [0.5, 1): e = ei, or ei + 1
+        e = ei + (1 if 2 * mant >= 1.98 else 0)
+        ulps.append(2.0 ** (e - 24))
+    return (wa @ torch.tensor(ulps, dtype=torch.float64)).max().item()
+
+
+def slice_fallback_x(x: torch.Tensor, case: str) -> None:
+    """Put into x [1, >= 128] in place what the slice kernels' fallback tests need: "nan"
+    at column 100, "inf" at 7, "tiny_lane" (columns 16-23, one lane, 1e-25 < 2^-64: not
+    held), "huge" (1e37 at column 11: held)."""
+    if case == "nan":
+        x[0, 100] = float("nan")
+    elif case == "inf":
+        x[0, 7] = float("inf")
+    elif case == "tiny_lane":
+        x[0, 16:24] = 1e-25
+    elif case == "huge":
+        x[0, 11] = 1e37
+    else:
+        raise ValueError(f"case is {case!r}; accepted: nan, inf, tiny_lane, huge")

@@ -12,15 +12,13 @@ bound on a lane with a 2^30 dynamic range, and check that x the slices cannot ho
 sends the same call to the float32 kernel. Other ISA levels never run this kernel; there
 the same calls check the float32 kernels.
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pyfast
 from pyfast import reference
-from _helpers import assert_bits_equal, assert_within, dequant_int4, dtype_id, linear_tolerance
+from _helpers import (assert_bits_equal, assert_within, dequant_int4, dtype_id, linear_tolerance,
+                      slice_bound, slice_fallback_x)
 
 pyfast._ext.load()
 OPS = torch.ops.pyfast_C
@@ -43,23 +41,6 @@ def _check_reference(out, ref, exact, tol, label):
     product and the reference was not. So its error is added, not imposed on the kernel."""
     ref_err = (ref.double() - exact).abs().max().item()
     assert_within(out, ref, tol + ref_err, label + " reference")
-
-
-def slice_bound(x: torch.Tensor, w64: torch.Tensor) -> float:
-    """max over outputs of sum over lanes of 2^(e - 24) * sum |w| (x [1, K])."""
-    k = x.shape[1]
-    pad = (-k) % 8
-    xa = F.pad(x.double().abs(), (0, pad)).view(-1, 8)
-    wa = F.pad(w64.abs(), (0, pad)).view(w64.shape[0], -1, 8).sum(dim=2)  # [N, lanes]
-    ulps = []
-    for m in xa.max(dim=1).values.tolist():
-        if m == 0.0:
-            ulps.append(0.0)
-            continue
-        mant, ei = math.frexp(m)  # m = mant * 2^ei, mant in [0.5, 1): e = ei, or ei + 1
-        e = ei + (1 if 2 * mant >= 1.98 else 0)
-        ulps.append(2.0 ** (e - 24))
-    return (wa @ torch.tensor(ulps, dtype=torch.float64)).max().item()
 
 
 def _weights(n, k, group_size, gen):
@@ -98,7 +79,7 @@ def test_int4_m1_slices(isa, threads, group_size, dtype, monkeypatch):
 def test_int4_m1_slices_outliers(isa, threads):
     """x with outlier channels (x100) and tiny values (x1e-3), as LLM activations have:
     within PyTorch-based tolerance of the reference and of the exact product (tighter
-    than slice_bound)."""
+    than slice_bound, slice_fallback_x)."""
     gen = torch.Generator().manual_seed(9)
     for k, group_size in ((4096, 128), (4096, 32), (11008, -1)):
         packed, scales, zeros, wq = _weights(48, k, group_size, gen)
@@ -164,14 +145,7 @@ def test_int4_m1_slices_fallback(isa, threads, case, monkeypatch):
     k = 1024
     packed, scales, zeros, wq = _weights(20, k, 128, gen)
     x = torch.randn(1, k, generator=gen)
-    if case == "nan":
-        x[0, 100] = float("nan")
-    elif case == "inf":
-        x[0, 7] = float("inf")
-    elif case == "tiny_lane":
-        x[0, 16:24] = 1e-25
-    else:
-        x[0, 11] = 1e37
+    slice_fallback_x(x, case)
     out = OPS.int4_mm(x, packed, scales, zeros, 128, None)
     monkeypatch.setenv(NO_SLICES, "1")
     out_float = OPS.int4_mm(x, packed, scales, zeros, 128, None)

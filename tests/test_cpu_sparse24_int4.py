@@ -6,7 +6,9 @@ in float64; tolerance FlashAttention's rule (twice PyTorch's own F.linear error 
 dtype, plus one ulp of the largest output) plus one ulp of the largest sum of |x w|
 (see check), and the same plus the reference's own error against
 pyfast.reference.sparse24_int4_mm. Shapes cover each branch of the kernel's rule
-(csrc/cpu/sparse24_int4.cpp): M = 1 (4-row tiles), 3 and 17 (x-row tiles; bfloat16 from
+(csrc/cpu/sparse24_int4.cpp): M = 1 (on AVX-512 with VBMI the int8-slice kernel,
+tests/test_cpu_sparse24_int4_slices.py; the 4-row tiles with PYFAST_NO_INT8_SLICES or
+without VBMI), 3 and 17 (x-row tiles; bfloat16 from
 M = 5 on takes the bfloat16 panels, except on the vdpbf16ps tiles: K a multiple of 64 on an
 AVX512_BF16 CPU, up to M = 32), 33 and 64 (dense panels); K = 8, 40, 200 (per
 channel: not multiples of the 32- / 16-column chunks, so the scalar tail runs), 96, 256
@@ -67,12 +69,28 @@ def test_matches_reference(isa, threads, m, dtype):
             check(x, args, group_size, torch.randn(n, generator=gen), isa)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_m1_tiles(isa, threads, dtype, monkeypatch):
+    """M = 1 with PYFAST_NO_INT8_SLICES: the 4-row tiles (float32; bfloat16 x on the
+    vdpbf16ps tiles where K is a multiple of 64 on AVX512_BF16 CPUs), which the slice
+    kernel replaces at M = 1 on AVX-512 CPUs with VBMI."""
+    monkeypatch.setenv("PYFAST_NO_INT8_SLICES", "1")
+    gen = torch.Generator().manual_seed(21)
+    for k, group_size in KG:
+        for n in (1, 7, 33):
+            args = packed(n, k, group_size, bool(n % 2), gen)
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            check(x, args, group_size, torch.randn(n, generator=gen), f"{isa} tiles")
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 17, 32], ids=lambda v: f"M{v}")
 @pytest.mark.parametrize("bf16_dot", [True, False], ids=["bf16dot", "float32"])
 def test_bfloat16_both_kernels(isa, threads, m, bf16_dot, monkeypatch):
     """bfloat16 x with K a multiple of 64 (every group size, several K blocks at 4160):
     the vdpbf16ps tiles where the CPU has AVX512_BF16 (up to M = 32), and without it,
-    forced with PYFAST_NO_BF16DOT, the float32 tiles (M <= 4) or the bfloat16 panels."""
+    forced with PYFAST_NO_BF16DOT, the float32 tiles (M <= 4) or the bfloat16 panels.
+    PYFAST_NO_INT8_SLICES keeps M = 1 on these tiles (else the slice kernel runs)."""
+    monkeypatch.setenv("PYFAST_NO_INT8_SLICES", "1")
     if not bf16_dot:
         monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
     gen = torch.Generator().manual_seed(10 + m)
@@ -83,9 +101,13 @@ def test_bfloat16_both_kernels(isa, threads, m, bf16_dot, monkeypatch):
             check(x, args, group_size, torch.randn(n, generator=gen), f"{isa} dot={bf16_dot}")
 
 
-def test_decode_long_rows_many_tiles(isa, threads):
+@pytest.mark.parametrize("slices", [True, False], ids=["slices", "tiles"])
+def test_decode_long_rows_many_tiles(isa, threads, slices, monkeypatch):
     """M = 1 on a layer several tiles and row blocks wide (N = 130, K = 4096): the
-    prefetch offsets and the 64-row blocks, in both symmetric and asymmetric form."""
+    prefetch offsets and the 64-row blocks, in both symmetric and asymmetric form; the
+    slice kernel's row pairs and prefetch, and (PYFAST_NO_INT8_SLICES) the tiles."""
+    if not slices:
+        monkeypatch.setenv("PYFAST_NO_INT8_SLICES", "1")
     gen = torch.Generator().manual_seed(7)
     for symmetric in (True, False):
         args = packed(130, 4096, 128, symmetric, gen)

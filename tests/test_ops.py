@@ -20,7 +20,7 @@ from pyfast import dispatch, ops, reference
 from conftest import DEVICES
 from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4,
                       dequant_sparse24_int4, dtype_id,
-                      linear_tolerance, random_24, run_forced, strided, transposed,
+                      linear_tolerance, random_24, run_forced, slice_bound, strided, transposed,
                       usable_families)
 
 DTYPES = [pytest.param(d, id=dtype_id(d)) for d in FLOAT_DTYPES]
@@ -47,6 +47,16 @@ def _one_ulp_close(out, ref):
     if out.numel():
         tol = torch.finfo(ref.dtype).eps * ref.double().abs() + torch.finfo(ref.dtype).tiny
         assert bool(((out.double() - ref.double()).abs() <= tol).all())
+
+
+def _slice_tol(x, w64, who):
+    """What the CPU int8-slice kernels (int4_mm and sparse24_int4_mm at M = 1 with float x,
+    the cpp backend and the default rule on CPU) may add to PyTorch's float32 error: they
+    hold x as 24-bit fixed point per 8-column lane, whose representation error is at most
+    slice_bound (tests/_helpers.py; csrc/cpu/weight_only_slices.cpp, accuracy)."""
+    if x.device.type == "cpu" and x.shape[0] == 1 and who in ("cpp", "default", "pyfast.ops"):
+        return slice_bound(x.float(), w64)
+    return 0.0
 
 
 def _every_backend(op, device, args, compare):
@@ -276,7 +286,7 @@ def test_int4_mm(device, m, k, n, group_size, dtype, bias):
     ref = reference.int4_mm(*args)
     w64 = dequant_int4(packed, scales, zeros, group_size).cpu()
     tol = linear_tolerance(x.cpu(), w64, None if bias_t is None else bias_t.cpu(), dtype)
-    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    compare = lambda out, who: assert_within(out, ref, tol + _slice_tol(x, w64, who), who)  # noqa: E731
     _every_backend("int4_mm", device, args, compare)
     compare(ops.int4_mm(*args), "pyfast.ops")
 
@@ -361,7 +371,7 @@ def test_sparse24_int4_mm(device, m, k, n, group_size, dtype, bias):
     ref = reference.sparse24_int4_mm(*args)
     w64 = dequant_sparse24_int4(*packed, group_size).cpu()
     tol = linear_tolerance(x.cpu(), w64, None if bias_t is None else bias_t.cpu(), dtype)
-    compare = lambda out, who: assert_within(out, ref, tol, who)  # noqa: E731
+    compare = lambda out, who: assert_within(out, ref, tol + _slice_tol(x, w64, who), who)  # noqa: E731
     _every_backend("sparse24_int4_mm", device, args, compare)
     compare(ops.sparse24_int4_mm(*args), "pyfast.ops")
 

@@ -1,7 +1,8 @@
-// Run-time ISA selection for the CPU kernels (see isa.h) and its two ops:
+// Run-time ISA selection for the CPU kernels (see isa.h) and its ops:
 //   pyfast_C::cpu_isa() -> str                   the active level
 //   pyfast_C::set_cpu_isa(str isa) -> str        set it ("avx512", "avx2", "scalar",
 //                                                "best"); returns the previous level
+//   pyfast_C::cpu_has_vbmi() -> bool             the CPU reports AVX512_VBMI
 #include "isa.h"
 
 #include <torch/library.h>
@@ -57,6 +58,18 @@ bool has_bf16_dot() {
 #endif
 }
 
+bool has_vbmi() {
+#if PYFAST_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
@@ -81,6 +94,8 @@ std::string cpu_isa() { return pyfast::cpu::isa_name(pyfast::cpu::active_isa());
 
 std::string cpu_isa_detected() { return pyfast::cpu::isa_name(pyfast::cpu::detected_isa()); }
 
+bool cpu_has_vbmi() { return pyfast::cpu::has_vbmi(); }
+
 std::string set_cpu_isa(std::string isa) {
   std::string previous = cpu_isa();
   pyfast::cpu::set_isa(pyfast::cpu::isa_from_name(isa));
@@ -94,4 +109,6 @@ TORCH_LIBRARY_FRAGMENT(pyfast_C, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_isa_detected() -> str", &cpu_isa_detected);
   m.def("set_cpu_isa(str isa) -> str", &set_cpu_isa);
+  // whether the avx512 level may run the AVX512_VBMI kernels (sparse24_int4_mm at M = 1)
+  m.def("cpu_has_vbmi() -> bool", &cpu_has_vbmi);
 }

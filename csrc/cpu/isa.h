@@ -27,6 +27,10 @@ const char* isa_name(Isa isa);   // "avx512", "avx2", "scalar"
 // CPU reports AVX512_BF16 and the environment variable PYFAST_NO_BF16DOT is unset
 // (read on every call; the tests set it to reach the kernels of CPUs without it).
 bool has_bf16_dot();
+// Whether the kAvx512 kernels may use AVX512_VBMI's byte permutes (vpermt2b,
+// vpmultishiftqb; Intel SDM vol. 2): the CPU reports it (Ice Lake, Zen 4 and later; not
+// Skylake-X / Cascade Lake).
+bool has_vbmi();
 Isa isa_from_name(const std::string& name);  // TORCH_CHECKs the name
 
 }  // namespace cpu
@@ -39,6 +43,9 @@ Isa isa_from_name(const std::string& name);  // TORCH_CHECKs the name
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define PYFAST_TARGET_AVX512_BF16                                                    \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma," \
+                        "f16c")))
+#define PYFAST_TARGET_AVX512_VBMI                                                    \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma," \
                         "f16c")))
 #define PYFAST_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else

@@ -68,6 +68,7 @@
 
 #include "weight_only_kernels.h"
 #include "weight_only_lanes.h"
+#include "x_slices.h"
 
 namespace pyfast {
 namespace cpu {
@@ -98,11 +99,9 @@ PYFAST_TARGET_AVX512 inline void transpose_bytes(const __m512i* w, __m512i* out)
 
 }  // namespace
 
-// Per block: the 8 x of each lane gathered as v[u] (lane i = x[128b + 8i + u]); e from
-// the lane maximum (vgetexpps / vgetmantps: max|x| = mant * 2^ei, mant in [1, 2); e = ei + 1,
-// or ei + 2 when mant >= 1.98, so that max|x| < 0.99 * 2^e); X = round(x * 2^(23 - e))
-// (the product is exact, a power of two; vcvtps2dq rounds to nearest even), |X| <
-// 0.99 * 2^23. With Y = X + 0x8080, bytes 0 and 1 of Y are d0 + 128 and d1 + 128 and
+// Per block: the 8 x of each lane gathered as v[u] (lane i = x[128b + 8i + u]) and e from
+// the lane maximum (x_slices.h); X = round(x * 2^(23 - e)) (the product is exact, a power
+// of two; vcvtps2dq rounds to nearest even), |X| < 0.99 * 2^23. With Y = X + 0x8080, bytes 0 and 1 of Y are d0 + 128 and d1 + 128 and
 // Y >> 16 = d2, so bytes 0-2 of Y ^ 0x8080 are the signed digits d0, d1, d2; and
 // -sum X = 8 * 0x8080 - sum Y.
 PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, const Int4Weight& w, uint8_t* dst,
@@ -113,37 +112,11 @@ PYFAST_TARGET_AVX512 bool x_int4_slices(const float* x, const Int4Weight& w, uin
   // next group starts. Each term, an int32 times a power of two, is exact in double.
   int64_t g = 0, group_end = w.group;
   double run = 0.0;
-  const __m512i idx8 = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(8));
   const __m512i bias = _mm512_set1_epi32(0x8080);
-  const __m512 big = _mm512_set1_ps(3.402823466e38f), tiny = _mm512_set1_ps(0x1p-64f);
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 v[8];
-    __m512 mx = _mm512_setzero_ps();
-    for (int u = 0; u < 8; ++u) {
-      const int64_t k0 = 128 * b + u;  // lane i: k0 + 8i < K
-      const int64_t lanes = k0 >= K ? 0 : std::min<int64_t>(16, (K - k0 + 7) / 8);
-      const __mmask16 in = static_cast<__mmask16>((1u << lanes) - 1u);
-      v[u] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx8, x + k0, 4);
-      const __m512 a = _mm512_abs_ps(v[u]);
-      if (_mm512_cmp_ps_mask(a, big, _CMP_LE_OQ) != 0xffff) return false;  // inf or NaN
-      mx = _mm512_max_ps(mx, a);
-    }
-    const __mmask16 nonzero = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    if (_mm512_mask_cmp_ps_mask(nonzero, mx, tiny, _CMP_LT_OQ) != 0) return false;
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 mxs = _mm512_mask_blend_ps(nonzero, one, mx);  // 0 -> 1 (any exponent)
-    const __m512 mant = _mm512_getmant_ps(mxs, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-    const __m512i ei = _mm512_add_epi32(
-        _mm512_cvtps_epi32(_mm512_getexp_ps(mxs)),
-        _mm512_maskz_set1_epi32(_mm512_cmp_ps_mask(mant, _mm512_set1_ps(1.98f), _CMP_GE_OQ),
-                                1));  // e - 1
-    // 2^(23 - e) and 2^(e - 23) from their exponent fields (both normal: -64 <= e - 1 <= 128)
-    const __m512 sc = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127 + 22), ei), 23));
-    const __m512 f = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(127 - 22), ei), 23));
+    __m512 v[8], mx, sc, f;
+    if (!slices::lane_values(x, K, b, v, &mx) || !slices::lane_exponents(mx, &sc, &f))
+      return false;
     __m512i dig[8], y_sum = _mm512_setzero_si512();
     for (int u = 0; u < 8; ++u) {
       const __m512i y = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[u], sc)), bias);
