@@ -10,23 +10,33 @@
 //
 // A block is 128 dense columns of one row: 64 kept values, 32 code bytes and 16 meta
 // bytes. Per block and row (Intel SDM vol. 2 for each instruction):
-//   codes: vpmovzxdq puts the 4 code bytes of kept values 8l .. 8l + 7 in qword l and
-//     vpmultishiftqb (shifts 0, 4, .., 28) and a mask make byte i of qword l the code of
-//     kept value 8l + i: the 64 codes in kept order, one per byte (3 instructions);
-//   indices: vpmovzxwq and vpmultishiftqb (shifts 0, 2, .., 14) the same way for the
-//     2-bit indices, and one vpternlogd ((v & 3) | base) makes byte i the kept value's
-//     column in the block, 4 (i / 2) + index (3 instructions);
-//   q - z as signed bytes (vpsubb), and z - q for the offset below (vpsubb, vpdpbusd);
+//   codes: a broadcast load puts code qword l & 3 in qword l, and vpmultishiftqb and a
+//     mask make byte i of qword l the code of kept value kappa_l + i, kappa_l =
+//     16 (l & 3) + 8 (l >> 2): the 64 codes one per byte (2 instructions; lane_of below);
+//   indices: vpermw puts the meta word of the same 8 kept values in qword l, vpmultishiftqb
+//     (shifts 0, 2, .., 14) and one vpternlogd ((v & 3) | base) make byte i the kept
+//     value's column in the block, 4 (kept / 2) + index (3 instructions);
+//   q - z as signed bytes (vpsubb), and the offset below (per channel one vpdpbusd,
+//     else a vpsubb and a vpdpbusd);
 //   per slice j: vpermt2b picks byte i = digit u_j of the kept value's x from the
-//     slice's 128 bytes; vpdpbusd adds (q - z) times them into the 16 dword lanes (lane i
-//     = kept values 4i .. 4i + 3 = dense columns 8i .. 8i + 7, one x lane of x_slices.h);
+//     slice's 128 bytes; vpdpbusd adds (q - z) times them into the 16 dword lanes (each
+//     4 consecutive kept values = 8 dense columns, one x lane of x_slices.h, lane_of);
 //     the three joined in one shift chain, highest first (3 vpermt2b, 3 vpdpbusd, 2 shifts);
 //   float32 epilogue: convert, scale times lane factor, FMA (3 instructions).
 // About 20 instructions per 64 kept values, against about 44 in the float32 tiles.
+// Measured ad hoc (not bench result files; one thread, K = 4096, group 128, 3.6 GHz):
+// about 14 cycles per block and row with the weight in L2 (about 12 GB/s of weight per
+// core; the float32 tiles: about 7 GB/s) and 8 GB/s per core streaming from memory. The time
+// follows the instruction count (about one zmm instruction per cycle: two more adds per
+// block made it about 1.15x slower; the three vpermt2b replaced by vpxord, 1.1x faster), not
+// memory: prefetch distances of 2-32 KiB, prefetcht0 into L1 and four rows per x load
+// instead of two changed nothing beyond the noise; one row per x load was 0.75-0.8x
+// (2 threads, weights rotated past the L3).
 //
 // Exactness. x's digits are those of U = X + 2^23 (0 < U < 2^24, X as in x_slices.h), all
 // unsigned, as vpdpbusd's u8 operand needs; q - z (|q - z| <= 15) is its s8 operand. The
-// chain starts from -128 sum (q - z) (vpdpbusd of the constant 128 with z - q), so its
+// chain starts from -128 sum (q - z) (vpdpbusd of the constant 128 with z - q; per
+// channel 512 z - 128 sum q, lane_sums), so its
 // top step makes sum (q - z) (u2 - 128) and the whole chain
 //   A = sum over the lane's 4 kept values of (q - z) (U - 2^23) = sum (q - z) X,
 // each step an exact partial of it (|A| <= 4 * 15 * 2^23 < 2^29; before the offset is
