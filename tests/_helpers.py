@@ -288,3 +288,45 @@ def slice_fallback_x(x: torch.Tensor, case: str) -> None:
         x[0, 11] = 1e37
     else:
         raise ValueError(f"case is {case!r}; accepted: nan, inf, tiny_lane, huge")
+
+
+# --- NaN / inf in x against 2:4 weights (tests/test_cpu_sparse_nonfinite.py, Triton tests) ---
+# The reference multiplies x by the dense weight, pruned positions included: an inf at a
+# column that weight row n pruned gives 0 * inf = NaN in out[:, n], at a kept column of
+# nonzero weight +-inf. NONFINITE_COL is pruned in the even weight rows of
+# weight_pruning_col and kept with a nonzero weight in the odd ones.
+NONFINITE_COL = 5
+
+
+def weight_pruning_col(n: int, k: int, dtype, gen) -> torch.Tensor:
+    """A random 2:4 weight [n, k] whose column NONFINITE_COL is pruned in the even rows and
+    kept with a nonzero weight in the odd ones (so an inf there gives the reference's
+    output both NaN and inf)."""
+    w = random_24(n, k, gen=gen)
+    g = NONFINITE_COL // 4 * 4
+    w[0::2, g:g + 4] = torch.tensor([1.0, 0.0, 0.0, 0.5])     # the column pruned
+    w[1::2, g:g + 4] = torch.tensor([0.0, 0.75, -0.5, 0.0])   # the column kept, nonzero
+    return w.to(dtype)
+
+
+def x_with_nonfinite(m: int, k: int, kind: str, dtype, gen) -> torch.Tensor:
+    """Random x [m, k] with float(kind) ('inf' or 'nan') at [m // 2, NONFINITE_COL]."""
+    x = torch.randn(m, k, generator=gen)
+    x[m // 2, NONFINITE_COL] = float(kind)
+    return x.to(dtype)
+
+
+def assert_same_nonfinite(out: torch.Tensor, want: torch.Tensor, kind: str, label: str) -> None:
+    """NaN where the reference has NaN, inf of the same sign where it has inf, and the
+    finite entries within a loose bound (the precision of each path is tested elsewhere;
+    here only which entries are non-finite matters). The case can fail: the reference's
+    row with the NaN / inf holds NaN (in every column for a NaN) and, for an inf, inf."""
+    assert bool(want.isnan().any()), label
+    assert kind == "nan" or bool(want.isinf().any()), label
+    assert torch.equal(out.isnan(), want.isnan()), label
+    assert torch.equal(out.isinf(), want.isinf()), label
+    inf = want.isinf()
+    assert torch.equal(out[inf], want[inf]), label
+    fin = want.isfinite()
+    torch.testing.assert_close(out[fin].float(), want[fin].float(), rtol=0.05, atol=0.05,
+                               msg=label)

@@ -20,7 +20,8 @@ import pyfast
 from pyfast import ops, reference
 from pyfast.kernels import sparse24
 
-from _helpers import assert_within, decompress24, dtype_id, linear_tolerance, random_24
+from _helpers import (assert_same_nonfinite, assert_within, decompress24, dtype_id,
+                      linear_tolerance, random_24, weight_pruning_col, x_with_nonfinite)
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED_DTYPES = (torch.float16, torch.float32)
@@ -110,6 +111,26 @@ def test_float32_is_not_tf32():
     assert (out.double() - exact).abs().max().item() < 1e-4
 
 
+def _nonfinite(kind, dtype, device):
+    """An inf / NaN in x at a column some weight rows pruned: NaN in those rows' outputs,
+    as the reference's dense product gives (0 * inf); the kernel expands the 2:4 tile to
+    dense with zeros before tl.dot, so it multiplies the pruned positions too."""
+    gen = torch.Generator().manual_seed(21)
+    values, meta = ops.sparse24_compress(weight_pruning_col(33, 128, dtype, gen))
+    for m in (1, 3, 17):
+        x = x_with_nonfinite(m, 128, kind, dtype, gen)
+        values_d, meta_d, x_d = values.to(device), meta.to(device), x.to(device)
+        out = sparse24.sparse24_mm(x_d, values_d, meta_d, None)
+        want = reference.sparse24_mm(x_d, values_d, meta_d, None)
+        assert_same_nonfinite(out.cpu(), want.cpu(), kind, f"{device} M={m} {dtype} {kind}")
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=dtype_id)
+def test_nonfinite_x_reaches_output(kind, dtype):
+    _nonfinite(kind, dtype, "cpu")
+
+
 # --- through the dispatcher -----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=dtype_id)
@@ -175,3 +196,10 @@ def test_cuda_forced_backend_non_contiguous(dtype):
     with pyfast.use_backend(sparse24_mm="triton"):
         out = torch.ops.pyfast.sparse24_mm(x, values, meta, b)
     check(out, x, values, meta, b, w64, dtype, "cuda transposed x")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=dtype_id)
+def test_cuda_nonfinite_x_reaches_output(kind, dtype):
+    _nonfinite(kind, dtype, "cuda")

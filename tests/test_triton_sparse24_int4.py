@@ -19,8 +19,9 @@ import torch
 import pyfast
 from pyfast import ops, reference
 from pyfast.kernels import sparse24_int4 as s24i4
-from _helpers import (assert_within, dequant_sparse24_int4, dtype_id, linear_tolerance,
-                      random_24, rotated_product, run_forced, strided, transposed)
+from _helpers import (assert_same_nonfinite, assert_within, dequant_sparse24_int4, dtype_id,
+                      linear_tolerance, random_24, rotated_product, run_forced, strided,
+                      transposed, weight_pruning_col, x_with_nonfinite)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -183,6 +184,23 @@ def test_bfloat16_on_cpu_is_refused_and_upcast_instead():
     x, packed, meta, scales, zeros, b = (t.to(DEVICE) for t in args)
     out = s24i4.sparse24_int4_mm(x.float(), packed, meta, scales, zeros, 32, b.float()).bfloat16()
     _check(out, x, packed, meta, scales, zeros, 32, b)
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nonfinite_x_reaches_output(kind, dtype):
+    """An inf / NaN in x at a column some weight rows pruned: NaN in those rows' outputs,
+    as the reference's dense product gives (0 * inf); the kernel expands the kept codes
+    into a dense tile with zeros before tl.dot, so it multiplies the pruned positions.
+    M = 1 and 3 take the split-K path, 17 the fused epilogue."""
+    gen = torch.Generator().manual_seed(22)
+    w = weight_pruning_col(33, 128, torch.float32, gen)
+    args = [t.to(DEVICE) for t in ops.pack_sparse24_int4(w, 32, True)]
+    for m in (1, 3, 17):
+        x = x_with_nonfinite(m, 128, kind, dtype, gen).to(DEVICE)
+        out = s24i4.sparse24_int4_mm(x, *args, 32, None)
+        want = reference.sparse24_int4_mm(x, *args, 32, None)
+        assert_same_nonfinite(out.cpu(), want.cpu(), kind, f"{DEVICE} M={m} {dtype} {kind}")
 
 
 # --- on a GPU: bfloat16, the autotuned paths, layer-like shapes -----------------------------

@@ -14,7 +14,9 @@
 // Which path (a visible rule, per call; A = pyfast::cpu::active_isa()):
 //   1. M >= 512 (bfloat16 x with AVX512_BF16: M >= 64): dense panels of W + at::mm
 //      (panel_mm). A tuned dense GEMM at full FMA rate beats the 2:4 kernels here; the
-//      panels are rebuilt from the 2:4 bytes in L2 (O(N K) against O(M N K)).
+//      panels are rebuilt from the 2:4 bytes in L2 (O(N K) against O(M N K)). Also x with
+//      a NaN or inf at any M: paths 2-4 never multiply a pruned column, the reference
+//      does (0 * inf = NaN; finite.h).
 //   2. bfloat16 x, A = avx512 and the CPU has AVX512_BF16 (and the environment variable
 //      PYFAST_NO_BF16DOT, which the tests use to reach path 3/4, is unset): from
 //      kPairMinRows = 8 rows, sparse24_bf16_pairs (csrc/cpu/sparse24_bf16pairs.cpp: a pair
@@ -87,6 +89,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "finite.h"
 #include "isa.h"
 #include "sparse24_bf16pairs.h"
 
@@ -794,8 +797,9 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
     return out;
   }
 
-  // 1. Many rows: dense panels + at::mm (any ISA level; at::mm picks its own instructions).
-  if (M >= expand_min_rows(dt, isa)) {
+  // 1. Many rows, or x with a NaN / inf (finite.h: the tiles below skip pruned columns):
+  //    dense panels + at::mm (any ISA level; at::mm picks its own instructions).
+  if (M >= expand_min_rows(dt, isa) || !all_finite(x_in.contiguous())) {
     if (dt == at::kBFloat16) {
       panel_mm<at::BFloat16, at::BFloat16>(x_in.contiguous(),
                                            values.const_data_ptr<at::BFloat16>(), mp, N, K, out);

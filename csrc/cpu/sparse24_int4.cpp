@@ -17,7 +17,8 @@
 //      x on the vdpbf16ps tiles of 2, kBf16DotMaxM): each thread
 //      expands panels of weight rows to dense float32 (bfloat16 for bfloat16 x, as F.linear
 //      in bfloat16 rounds its weight; AVX-512: two vexpandps per 32 columns) and multiplies
-//      them with at::mm (dequant_mm.h).
+//      them with at::mm (dequant_mm.h). Also x with a NaN or inf at any M: rules 2-3
+//      never multiply a pruned column, the reference does (0 * inf = NaN; finite.h).
 //   2. M = 1 on AVX-512 with VBMI (has_vbmi()), any float x, PYFAST_NO_INT8_SLICES unset:
 //      the int8-slice kernel (sparse24_int4_slices.cpp: x in three int8 slices, the kept x
 //      picked by vpermt2b, products by vpdpbusd, exact in int32), unless x has a value the
@@ -64,6 +65,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "finite.h"
 #include "dequant_mm.h"
 #include "sparse24_int4_slices.h"
 #include "isa.h"
@@ -661,7 +663,8 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed
 #else
   const bool bf16_tiles = false;
 #endif
-  if (M > (bf16_tiles ? kBf16DotMaxM : small_m_limit(x_in.scalar_type(), isa))) {
+  if (M > (bf16_tiles ? kBf16DotMaxM : small_m_limit(x_in.scalar_type(), isa)) ||
+      !all_finite(x_in.contiguous())) {  // NaN / inf: see rule 1 and finite.h
     auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { expand_rows_f32(op, isa, n0, n1, d); };
     auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
       expand_rows_bf16(op, isa, n0, n1, d);

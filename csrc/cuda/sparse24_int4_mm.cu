@@ -9,6 +9,12 @@
 // (Castro et al., "MARLIN ... Sparse-MARLIN", 2024). Torch-free (CUDA headers only);
 // the launcher is declared in sparse24_int4_mm.h, called from sparse24_int4_mm_launch.cpp.
 //
+// Non-finite x: the sparse tensor cores multiply only the kept positions, so a NaN or inf
+// of x in a column that a weight row pruned does not reach that row's output, where the
+// reference's dense product gives 0 * inf = NaN (the CPU and Triton backends follow the
+// reference; README, "Ops"). Not fixed here: it would need a pass over x per call, and
+// this kernel has not yet run on a GPU.
+//
 //   x        : float16/bfloat16 [M, K] row-major, contiguous, 16-byte aligned, K % 8 == 0
 //   codes_tc : int32 [ceil(N/16), ceil(K/64), 32, 2]  (pyfast/layouts/sparse24_int4_tc.py)
 //   meta_tc  : int32 [ceil(N/16), ceil(K/64), 32]     (pyfast/layouts/sparse24_tc.py)

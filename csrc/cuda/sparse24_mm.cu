@@ -2,6 +2,12 @@
 // the sparse tensor cores (mma.sp, sm_80 and newer). Torch-free (CUDA headers only);
 // the launcher is declared in sparse24_mm.h and called from sparse24_mm_launch.cpp.
 //
+// Non-finite x: the sparse tensor cores multiply only the kept positions, so a NaN or inf
+// of x in a column that a weight row pruned does not reach that row's output, where the
+// reference's dense product gives 0 * inf = NaN (the CPU and Triton backends follow the
+// reference; README, "Ops"). Not fixed here: it would need a pass over x per call, and
+// this kernel has not yet run on a GPU.
+//
 //   x       : float16/bfloat16 [M, K] row-major (contiguous)
 //   values  : x.dtype [N, K/2] canonical 2:4 values (pyfast/formats.py), row-major
 //   meta_tc : int32 [ceil(N/16), ceil(K/64), 32]  (pyfast/layouts/sparse24_tc.py)
