@@ -15,6 +15,24 @@
 // takes 1.36 cycles: the kernel is bound by its vector instructions, about 11.4 cycles
 // per block and row on one core with the weight in L2 (18.5 GB/s per core). Streaming
 // from memory it read about 15-17 GB/s per core while 4 plain read streams read 18-25.
+// Variants built beside this one and timed ad hoc in the same runs (not bench result
+// files; 2 threads, M = 1, 4096 x 4096, int4 weights on huge pages rotated past the L3;
+// W8A8 = w8a8_mm_vnni, likewise; in L2 = the slope of time over N, 1 thread):
+//   - the vpdpbusd chain removed (the weight loaded and unpacked, the sums garbage): 2x
+//     faster in L2 (39-43 against 20-21 GB/s per core), but from memory no faster
+//     (31-33 against 32-35 GB/s, W8A8 41-44). So from memory this sweep is held by how
+//     it reads memory, not by its arithmetic;
+//   - the two rows of a pair stored interleaved per 64-byte block (one sequential
+//     stream, as a panel layout would give; weight repacked for the test): 27.7-30.9
+//     against 27.9-30.9 GB/s (W8A8 32-49 in those runs). So a panel layout would not
+//     help; what lets W8A8's panel streams read faster (4 at once, 3 lines per step,
+//     each prefetched 4 KiB ahead) is not known;
+//   - prefetch: none 12-14 GB/s, prefetcht0 18-19, 4 KiB ahead 30-31, 16 KiB ahead as 8;
+//     one row per step (a single sequential stream) 29-30;
+//   - four rows per step, and the three slices summed in separate chains joined at the
+//     end: no change in L2 (the loop is not latency-bound);
+//   - two slices (16-bit x, less accurate; not kept): 1.28x faster in L2, from memory
+//     within the noise of the same runs (24-42 against 22-33 GB/s).
 // Changes measured ad hoc against the previous version, in one process (a C++ harness
 // calling both builds alternately, 2 threads, weights on huge pages rotated past the L3,
 // median of 15 paired rounds; not bench result files):
