@@ -9,9 +9,11 @@ Weights come from pyfast.ops.sparse24_compress of random 2:4 matrices whose grou
 0, 1 or 2 nonzeros (tests/_helpers.py random_24). K values are not multiples of the
 vector steps (16 k for AVX2, 32 / 64 for AVX-512), exercising the masked / scalar tails;
 N not a multiple of the tiles' weight rows; M in each regime of the kernel's rule
-(csrc/cpu/sparse24.cpp): 1 (GEMV tiles), 3 (row tiles), 17 and 40 (transposed-x
-kernel; for bfloat16 on AVX512_BF16 the pair kernel, also tested on its own shapes), 64 (transposed x, or the dense-panel path for bfloat16 on AVX512_BF16), 512
-(dense-panel path for every dtype).
+(csrc/cpu/sparse24.cpp): 1 (GEMV tiles), 3, 17 and 40 (row tiles with N < 256; for
+bfloat16 on AVX512_BF16 from M = 8 the pair kernel, also tested on its own shapes), 64
+(row tiles, or the dense-panel path for bfloat16 on AVX512_BF16), 512 (dense-panel path
+for every dtype); the transposed-x kernel (M >= 12 and N >= 256 on AVX-512) on shapes of
+its own (test_transposed_x_kernel).
 """
 import pytest
 import torch
@@ -90,6 +92,27 @@ def test_blocked(isa, threads, m):
         _, values, meta = compressed(200, 4100, dtype, gen)
         x = torch.randn(m, 4100, generator=gen).to(dtype)
         check(x, values, meta, torch.randn(200, generator=gen), isa)
+
+
+@pytest.mark.parametrize("m", [11, 12, 17, 40, 70], ids=lambda v: f"M{v}")
+def test_transposed_x_kernel(isa, threads, m):
+    """M >= 12 and N >= 256 on AVX-512: the transposed-x kernel (M = 11 and N = 255: the
+    tiles beside it). Row blocks of 16 with a partial last one (12, 17, 40, 70), K with a
+    partial group step (36, 100) and several K blocks (4100), N across blocks of weight
+    rows and threads; bfloat16 x through the float32 kernels (PYFAST_NO_BF16DOT) too."""
+    gen = torch.Generator().manual_seed(200 + m)
+    for k, n in ((36, 256), (100, 300), (4100, 255), (4100, 260)):
+        for dtype in FLOAT_DTYPES:
+            _, values, meta = compressed(n, k, dtype, gen)
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            check(x, values, meta, torch.randn(n, generator=gen), isa)
+
+
+def test_transposed_x_kernel_bfloat16_without_bf16_dot(isa, monkeypatch):
+    monkeypatch.setenv(NO_BF16DOT, "1")
+    gen = torch.Generator().manual_seed(300)
+    _, values, meta = compressed(300, 1028, torch.bfloat16, gen)
+    check(torch.randn(17, 1028, generator=gen).to(torch.bfloat16), values, meta, None, isa)
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 64], ids=lambda v: f"M{v}")

@@ -22,7 +22,8 @@
 //      kPairMinRows = 8 rows, sparse24_bf16_pairs (csrc/cpu/sparse24_bf16pairs.cpp: a pair
 //      of weight rows per permute, 16 rows of x per index, x blocks in L1); below, the
 //      kernel_bf16dot tiles on the raw bfloat16 bits.
-//   3. A = avx512 and M >= 8: kernel_xt_avx512 (x transposed, no permutes).
+//   3. A = avx512, M >= kXtMinRows (12) and N >= kXtMinN (256): kernel_xt_avx512 (x
+//      transposed, no permutes).
 //   4. otherwise the permute tiles of level A: kernel_avx512 / kernel_avx2 / tile_scalar.
 //   Paths 3-4 widen x to float32 once (exact) and the values in registers as they are
 //   loaded (float16: vcvtph2ps; bfloat16: a 16-bit shift, exact). Accumulation is
@@ -53,7 +54,7 @@
 // so the values of the block are read from memory once and from L2 for later M tiles.
 // On this Zen 4 the permutes issue at about one per 1-2 cycles, which caps these tiles
 // near half a dense GEMM's multiply rate: fine for M = 1 (memory-bound), the reason for
-// path 3 from M = 8 on and path 1 for large M.
+// path 3 from M = 12 on (N >= 256) and path 1 for large M.
 // Tried and not kept (bfloat16, M = 16): a permute-free "pair table", x laid out once per
 // call as the 6 possible kept pairs of each group of 4 for 16 rows (3 bytes per x element),
 // so that a group of a weight row is one broadcast (v0, v1) and one vdpbf16ps against a
@@ -578,7 +579,17 @@ void run_blocked(const Path& p, const Operands& op, int64_t M, int64_t N, int64_
 constexpr int64_t kXtNBlock = 32;
 constexpr int64_t kXtTileBytes = 16 * 1024;
 constexpr int64_t kXtAhead = 2;
-constexpr int64_t kXtMinRows = 8;  // from this M on, the transposed-x path
+// Path 3 from M = kXtMinRows and N = kXtMinN on. The xt kernel costs about the same for
+// any M up to 16 (one block of rows), so the tiles, whose time grows with M, win below
+// about 10-14 rows, and at every M for few weight rows. Measured ad hoc (float32 x, 2
+// threads, median of 200 calls, this Zen 4; not a bench result file), time in us as
+// tiles / xt: K x N = 4096 x 4096: M 8 2154-2274 / 2685, M 16 3958-4139 / 2687-2724;
+// 768 x 3072: M 8 264 / 335-347, M 16 510 / 339; 11008 x 4096: M 8 6702-6916 /
+// 7934-8116; 4096 x 512: M 10 310 / 342-356, M 12 352 / 343-358, M 16 462-479 / 350;
+// 4096 x 256: M 12 181 / 202-206, M 16 238 / 208-213; 4096 x 128: M 16 128 / 137-141, M
+// 64 486-489 / 502-513; 4096 x 64: M 64 252-264 / 388-637. (The rule was M >= 8 alone.)
+constexpr int64_t kXtMinRows = 12;
+constexpr int64_t kXtMinN = 256;
 constexpr int64_t kPairMinRows = 8;  // bfloat16 x: from this M on, sparse24_bf16_pairs
 
 // Prefetches the segment of weight row n + kXtAhead in the sweep order of XtPath::run:
@@ -841,9 +852,10 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
 #endif
   const at::Tensor x = x_in.to(at::kFloat).contiguous();  // exact widening
 #if PYFAST_X86
-  // 3. AVX-512, 8+ rows: transposed x, no gather permutes (values widened in registers;
-  //    widening them all first, values.to(float32), took 3x the kernel's time at M = 16).
-  if (isa == Isa::kAvx512 && M >= kXtMinRows) {
+  // 3. AVX-512, 12+ rows and 256+ weight rows: transposed x, no gather permutes (values
+  //    widened in registers; widening them all first, values.to(float32), took 3x the
+  //    kernel's time at M = 16).
+  if (isa == Isa::kAvx512 && M >= kXtMinRows && N >= kXtMinN) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "pyfast_C::sparse24_mm", [&] {
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
       const scalar_t* v = values.const_data_ptr<scalar_t>();
