@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "parallel.h"
 
 namespace pyfast {
 namespace cpu {
@@ -66,7 +67,8 @@ void panel_mm(const at::Tensor& x_mm, int64_t N, int64_t K, at::Tensor& out_mm,
   const bool bf16 = x_mm.scalar_type() == at::kBFloat16;
   const int64_t rows = panel_rows(K, bf16 ? 2 : 4);
   const int64_t panels = (N + rows - 1) / rows;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  // ATen ops in the body: the workers need the caller's inference mode (parallel.h)
+  parallel_for_with_state(0, panels, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor panel = at::empty({rows, K}, x_mm.options());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * rows, n1 = std::min(N, n0 + rows);

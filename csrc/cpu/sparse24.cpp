@@ -92,6 +92,7 @@
 #include "../checks.h"
 #include "finite.h"
 #include "isa.h"
+#include "parallel.h"
 #include "sparse24_bf16pairs.h"
 
 #define PYFAST_S24_INLINE inline __attribute__((always_inline))
@@ -704,7 +705,8 @@ void panel_mm(const at::Tensor& x_mm, const V* vals, const uint8_t* meta, int64_
   const int64_t rows = std::max<int64_t>(64, (4 << 20) / (K * static_cast<int64_t>(sizeof(T))) / 16 * 16);
   const int64_t panels = (N + rows - 1) / rows;
   const int64_t grain = std::max<int64_t>(1, 65536 / (rows * K * x_mm.size(0)));
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+  // ATen ops in the body: the workers need the caller's inference mode (parallel.h)
+  parallel_for_with_state(0, panels, grain, [&](int64_t p0, int64_t p1) {
     at::Tensor panel = at::empty({rows, K}, x_mm.options());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * rows, n1 = std::min(N, n0 + rows);
