@@ -50,22 +50,26 @@ inline void finish_f32(const at::Tensor& acc, const float* bias, at::Tensor& out
   });
 }
 
-// Panels: each thread dequantizes `rows` weight rows at a time (4 MiB: 256 rows of
-// K = 4096 in float32, 512 in bfloat16; the panel stays in L2 + L3 while at::mm
+// Panels: each thread dequantizes `rows` weight rows at a time (at most 4 MiB: 256 rows
+// of K = 4096 in float32, 512 in bfloat16; the panel stays in L2 + L3 while at::mm
 // reads it) and multiplies them into its column slice of out. Larger panels mean
-// fewer passes over x (each panel's at::mm reads all of x).
+// fewer passes over x (each panel's at::mm reads all of x); the panel count is a
+// multiple of the thread count (balanced_panel_rows, parallel.h).
 constexpr int64_t kPanelBytes = int64_t{4} << 20;
 
-inline int64_t panel_rows(int64_t K, int64_t elem) {
-  return std::max<int64_t>(16, kPanelBytes / std::max<int64_t>(K * elem, 1) / 16 * 16);
+inline int64_t panel_rows(int64_t N, int64_t K, int64_t elem) {
+  return balanced_panel_rows(N, kPanelBytes / std::max<int64_t>(K * elem, 1));
 }
 
-// out_mm [M, N] (float32 or bfloat16) = x_mm @ dequant(rows).T, panel by panel.
+// out_mm [M, N] (float32 or bfloat16) = x_mm @ dequant(rows).T, panel by panel. (A
+// weight of one panel or less dequantized whole and multiplied by one at::mm on all
+// threads was slower, 0.68-0.78x at K = 4096, N = 128 and K = N = 768, M = 64: each
+// thread's panel is read from its own L2; ad hoc, not a bench file.)
 template <typename DequantF32, typename DequantBf16>
 void panel_mm(const at::Tensor& x_mm, int64_t N, int64_t K, at::Tensor& out_mm,
               DequantF32 dq_f32, DequantBf16 dq_bf16) {
   const bool bf16 = x_mm.scalar_type() == at::kBFloat16;
-  const int64_t rows = panel_rows(K, bf16 ? 2 : 4);
+  const int64_t rows = panel_rows(N, K, bf16 ? 2 : 4);
   const int64_t panels = (N + rows - 1) / rows;
   // ATen ops in the body: the workers need the caller's inference mode (parallel.h)
   parallel_for_with_state(0, panels, 1, [&](int64_t p0, int64_t p1) {

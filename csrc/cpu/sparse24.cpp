@@ -702,7 +702,8 @@ void expand_rows(const V* vals, const uint8_t* meta, int64_t K, int64_t n0, int6
 template <typename V, typename T>
 void panel_mm(const at::Tensor& x_mm, const V* vals, const uint8_t* meta, int64_t N, int64_t K,
               at::Tensor& out_mm) {
-  const int64_t rows = std::max<int64_t>(64, (4 << 20) / (K * static_cast<int64_t>(sizeof(T))) / 16 * 16);
+  const int64_t rows = balanced_panel_rows(
+      N, std::max<int64_t>(64, (4 << 20) / (K * static_cast<int64_t>(sizeof(T)))));
   const int64_t panels = (N + rows - 1) / rows;
   const int64_t grain = std::max<int64_t>(1, 65536 / (rows * K * x_mm.size(0)));
   // ATen ops in the body: the workers need the caller's inference mode (parallel.h)
