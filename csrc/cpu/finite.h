@@ -6,7 +6,8 @@
 // columns and would drop it; so sparse24_mm and sparse24_int4_mm send x with a non-finite
 // value to their dense-panel path (at::mm on the expanded weight), which multiplies every
 // position as the reference does. Such x is an error state, so its speed does not matter;
-// the check itself is one pass over x's bits (M K elements against the matmul's M N K).
+// the check itself is one pass over x's bits (M K elements against the matmul's M N K;
+// ad hoc, about 1-2 us a call at M <= 4, K = 4096, on this project's Zen 4).
 #pragma once
 
 #include <ATen/core/Tensor.h>

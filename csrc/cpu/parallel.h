@@ -33,8 +33,9 @@ void parallel_for_with_state(int64_t begin, int64_t end, int64_t grain, const F&
 // max_rows, and a number of panels that is a multiple of the thread count. Each thread's
 // at::mm runs single-threaded inside the parallel region, so fewer panels than threads,
 // or a remainder, leaves a core idle: int4_mm at K = N = 768, M = 64 (one 4 MiB panel, all
-// on one thread) ran 1.8x slower than float32 F.linear on 2 threads, and at K = 768, N =
-// 3072 (3 panels: 2 on one thread) 1.7x (ad hoc, not bench files). A multiple of 16 rows.
+// on one thread) ran 1.4-1.7x slower than float32 F.linear on 2 threads, and at K = 768,
+// N = 3072, M = 512 (3 panels: 2 on one thread) 1.6-1.9x (ad hoc, not bench files; the
+// commit that added this gives the times after). A multiple of 16 rows.
 inline int64_t balanced_panel_rows(int64_t N, int64_t max_rows) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t cap = std::max<int64_t>(16, max_rows / 16 * 16);

@@ -373,9 +373,9 @@ PYFAST_TARGET_AVX512_BF16 void kernel_bf16dot(const Operands& op, int64_t m0, in
 
 // --- AVX-512, many rows of x: x transposed, one broadcast weight per kept value ---------------
 //
-// With 8+ rows of x the permutes above become the bottleneck (vpermt2ps / vpermt2w issue
-// at most one every one to two cycles, so a 2:4 tile ran at about half the FMA rate of a
-// dense GEMM). This kernel needs none: x is packed transposed in blocks of MB = 16 * T rows,
+// With many rows of x (path 3: from 12) the permutes above become the bottleneck
+// (vpermt2ps / vpermt2w issue at most one every one to two cycles, so a 2:4 tile ran at
+// about half the FMA rate of a dense GEMM). This kernel needs none: x is packed transposed in blocks of MB = 16 * T rows,
 // xt[k][j] = x[m0 + j, k], so the kept x of a weight (n, g, i) for MB rows of x is one
 // contiguous row xt[4g + i] at an address computed from the meta byte. Per kept value:
 // one broadcast of the weight, T FMAs with T loads of that row (L1/L2-resident block).
