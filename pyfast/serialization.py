@@ -223,6 +223,23 @@ def _check_agreement(path, man: dict, file_specs: Dict[str, list]) -> None:
                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
+def _adopt_float_dtypes(mod: nn.Module, listed: Dict[str, list]) -> None:
+    """Give the rebuilt module's floating-point tensors the floating dtypes the manifest
+    lists. A model cast after compression (model.to(torch.bfloat16)) saves its layers'
+    bias and scales in that dtype, while each layer's config still names the dtype the
+    layer was built from; the file's dtype is the one to load. Names, shapes and integer
+    dtypes are left as built, so the check after this still refuses any other difference."""
+    for slots in (mod._buffers, mod._parameters):
+        for name, t in slots.items():
+            want = listed.get(name)
+            dtype = getattr(torch, want[0], None) if want else None
+            if (t is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                    or not t.is_floating_point() or t.dtype == dtype):
+                continue
+            cast = t.detach().to(dtype)
+            slots[name] = nn.Parameter(cast, t.requires_grad) if slots is mod._parameters else cast
+
+
 def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
     cls_key = entry["class"]
     if cls_key in _TORCH:
@@ -233,6 +250,7 @@ def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
         raise ValueError(f"module {name!r}: class {cls_key!r} is not a pyfast layer or a torch "
                          "layer pyfast rebuilds; accepted: " + ", ".join(sorted([*_TORCH, *registry])))
     mod = build(entry["config"], device="meta")
+    _adopt_float_dtypes(mod, entry["tensors"])
     built = _tensor_specs(mod)
     if built != entry["tensors"]:
         raise ValueError(f"module {name!r} ({cls_key}): its config {entry['config']} gives tensors "

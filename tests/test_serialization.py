@@ -29,6 +29,12 @@ COMPRESS = {
     "2:4-bf16": lambda m: pyfast.sparsify(m.to(torch.bfloat16), "2:4"),
     "int4-bf16": lambda m: pyfast.quantize(m.to(torch.bfloat16), "int4", group_size=32),
     "int8-fp16": lambda m: pyfast.quantize(m.half(), "int8"),
+    # cast after compression: bias and scales become bfloat16 while each layer's config
+    # still names the float32 it was built from (the file's dtypes are the ones to load)
+    "int8-then-bf16": lambda m: pyfast.quantize(m, "int8").to(torch.bfloat16),
+    "int4-then-bf16": lambda m: pyfast.quantize(m, "int4", group_size=32).to(torch.bfloat16),
+    "2:4int4-then-bf16": lambda m: pyfast.sparsify(m, values="int4").to(torch.bfloat16),
+    "int2-then-fp16": lambda m: pyfast.quantize(m, "int2", group_size=64).half(),
     "mixed": lambda m: pyfast.quantize(pyfast.sparsify(m, include="2"), "int4", include="0"),
 }
 
