@@ -177,3 +177,17 @@ def test_layer_input_errors():
     with pytest.raises(TypeError, match="values are torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float16))
     assert layer.to(torch.float16)(torch.randn(2, 8, dtype=torch.float16)).dtype == torch.float16
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "2:4"])
+def test_autocast_computes_in_x_dtype(method):
+    """Under torch.autocast the layers compute in x's dtype (the pyfast ops have no
+    autocast rule; README, Layers): an fp32 x gives the fp32 result of no autocast."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(256, 128))
+    model = pyfast.sparsify(base) if method == "2:4" else pyfast.quantize(base, method)
+    x = torch.randn(3, 256)
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.float32 and torch.equal(out, want)
