@@ -32,7 +32,10 @@ def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
 def safe_scale(span: Tensor, levels: float) -> Tensor:
     """span / levels, but 1.0 where that is 0 (all-zero group, or a subnormal span
     that underflows) and NaN where span is NaN, so a NaN input shows in the output."""
-    scale = span / levels
+    # A tensor divisor, not a Python float: PyTorch's CUDA division by a CPU scalar
+    # multiplies by its reciprocal, which differs from span / levels in the last bit for
+    # some spans (seen on an H100), while every pyfast kernel divides (IEEE, rounded once).
+    scale = span / torch.full_like(span, levels)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(torch.isnan(span), span, scale)
 

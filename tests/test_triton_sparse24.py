@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyfast
 from pyfast import ops, reference
@@ -44,9 +45,16 @@ def make_case(m, k, n, dtype, bias, device="cpu", x_layout="contiguous"):
 
 
 def check(out, x, values, meta, bias, w64, dtype, what):
+    """FlashAttention's rule, measured against the exact product: the kernel's error from
+    x @ w64.T + bias in float64 (w64 = the dense weight of values / meta) is at most twice
+    PyTorch's own F.linear error in `dtype`, plus one ulp. Not against the float32
+    reference: kernel and reference each sum K in their own order, so their difference
+    holds both errors, and it passed that bound on an H100 in float32 (4.6e-5 against
+    3.9e-5 at M = 257, K = 1000). The reference still fixes the shape and dtype."""
     expected = reference.sparse24_mm(x, values, meta, bias)
-    tol = linear_tolerance(x, w64, bias, dtype)
-    assert_within(out, expected, tol, what)
+    assert out.shape == expected.shape and out.dtype == expected.dtype, what
+    exact = F.linear(x.double(), w64, None if bias is None else bias.double())
+    assert_within(out.double(), exact, linear_tolerance(x, w64, bias, dtype), what)
 
 
 # --- direct calls, every size class ------------------------------------------------
