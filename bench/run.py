@@ -97,11 +97,17 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="torch.set_float32_matmul_precision for the run (default highest); "
                         "medium lets float32 rows compute in bfloat16 inside (PyTorch's "
                         "F.linear and pyfast's int4_mm), checked to bfloat16's tolerance")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU: time CUDA-graph replays of each row's calls (device time, no "
+                        "host dispatch or launch cost); rows that cannot be captured are "
+                        "timed per call and their timing_mode says why (bench/timing.py)")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA GPU")
+    if args.cuda_graphs and args.device != "cuda":
+        p.error(f"--cuda-graphs times CUDA graphs: it needs --device cuda, not {args.device}")
     quick = args.quick
     args.m = args.m or list(S.QUICK_MS if quick else S.LLM_MS)
     args.shapes = args.shapes or list(S.QUICK_SHAPES if quick else S.LLM_SHAPES)
@@ -223,7 +229,8 @@ def measure_cell(cases: List[C.Case], cell: C.Cell, budget: T.Budget,
     """Time the rows of one cell interleaved (bench/timing.py) and check each first
     output; a row whose call raises is an ERROR row with the exception in its note."""
     timed = T.measure_interleaved(
-        [T.Row(case.call, lambda case=case: pyfast.use_backend(**case.force)) for case in cases],
+        [T.Row(case.call, lambda case=case: pyfast.use_backend(**case.force), case.copies)
+         for case in cases],
         cell.device, budget)
     rows = []
     for case, t in zip(cases, timed):
@@ -238,7 +245,8 @@ def measure_cell(cases: List[C.Case], cell: C.Cell, budget: T.Budget,
             row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             continue
         sec = t.median_ms / 1e3
-        row.update(median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, gbs=case.bytes / sec / 1e9,
+        row.update(median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, timing_mode=t.mode,
+                   gbs=case.bytes / sec / 1e9,
                    tflops=None if case.flops is None else case.flops / sec / 1e12)
         if peak_gbs:
             row["pct_peak_bw"] = 100 * row["gbs"] / peak_gbs
@@ -264,7 +272,7 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
     half = torch.float16 if device == "cuda" else torch.bfloat16
     budget = T.Budget(min_reps=args.min_reps, max_reps=args.reps,
                       max_seconds=args.max_seconds_per_cell,
-                      warmup_seconds=0.01 if args.quick else 0.1)
+                      warmup_seconds=0.01 if args.quick else 0.1, cuda_graphs=args.cuda_graphs)
     target = T.rotation_target_bytes(device, args.rotate_mib)
     rotating = target > 0 and any(m <= args.rotate_max_m for m in args.m)
     # Room for copies: a quarter of free host memory (half of free GPU memory), per format.
@@ -371,7 +379,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      if args.torch_hugepages else
                                      "as PyTorch allocates them (THP_MEM_ALLOC_ENABLE="
                                      f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})")},
-        "timing": ("median of per-call CUDA event times (no sync between calls)"
+        "timing": ("median over CUDA-graph replays of each row's burst, per call (rows' "
+                   "timing_mode: the exceptions)" if args.cuda_graphs else
+                   "median of per-call CUDA event times (no sync between calls)"
                    if args.device == "cuda" else "median of per-call time.perf_counter_ns")
                   + "; the rows of a cell interleaved, one repetition each per round",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -13,7 +13,13 @@ CPU: each call timed with time.perf_counter_ns.
 GPU: a pair of CUDA events around each call, no synchronization between calls
 (so back-to-back kernels are measured on the device, and host overhead shows only
 where it is longer than the kernel, as it would in an eager model), one
-synchronize at the end before reading the events.
+synchronize at the end before reading the events. With Budget.cuda_graphs (bench.run
+--cuda-graphs) each row's burst is captured once into a CUDA graph and a pair of
+events times each replay: the device time of the kernels without the host's dispatch
+and launch cost, as in a model served with CUDA graphs. A row whose calls cannot be
+captured is timed per call as above, and its Timing.mode says why. (The first H100
+run, bench/results/nvidia-h100_2026-11-24_201651.json, timed per call: at small M
+some rows measured the host there.)
 
 Weight rotation: a call gets a copy index i and uses weight copy i % copies.
 With enough copies that together they exceed the last-level cache, a weight is
@@ -43,6 +49,7 @@ class Budget:
     max_seconds: float = 1.0    # timed repetitions stop after about this long (>= min_reps)
     warmup_seconds: float = 0.1  # warm-up calls after the first, up to max_warmup calls
     max_warmup: int = 10
+    cuda_graphs: bool = False   # GPU: time CUDA-graph replays of each burst (module doc)
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Timing:
     min_ms: float
     reps: int
     first_output: Any           # output of the first call, on copy 0: what the row checks
+    mode: str = "per call"      # or "CUDA graph", or why a graph was not used
 
 
 def _sync(device: str) -> None:
@@ -72,6 +80,7 @@ class Row:
     is entered around each call but outside its timing (e.g. a forced backend)."""
     call: Callable[[int], Any]
     context: Callable[[], Any]
+    copies: int = 1             # weight copies call(i) rotates through (a graph covers all)
 
 
 def _warm(row: Row, device: str, budget: Budget):
@@ -95,6 +104,23 @@ def _warm(row: Row, device: str, budget: Budget):
 
 
 ROUNDS = 5  # bursts per row in measure_interleaved
+
+
+def _capture(row: Row, start: int, calls: int):
+    """A CUDA graph of `calls` calls of row (copies start, start + 1, ...), after three
+    calls on a side stream (PyTorch's recipe for capture: libraries such as cuBLAS set
+    up per-stream state on first use, which must not happen inside a capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with row.context(), torch.cuda.stream(side):
+        for i in range(3):
+            row.call(start + i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with row.context(), torch.cuda.graph(graph):
+        for i in range(calls):
+            row.call(start + i)
+    return graph
 
 
 def _bursts(estimate: float, budget: Budget) -> int:
@@ -126,13 +152,32 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
     burst = {j: _bursts(state[j][1], budget) for j in order}
     nxt = {j: state[j][2] for j in order}            # next weight copy index of each row
     times = {j: [] for j in order}
-    events = {j: [] for j in order}   # GPU: event pairs, read after one final synchronize
+    events = {j: [] for j in order}   # GPU: (begin, end, calls), read after one synchronize
+    graphs, modes = {}, {j: "per call" for j in order}
+    if device == "cuda" and budget.cuda_graphs:
+        for j in order:
+            try:
+                # Every copy in each replay: a graph of fewer calls than copies would
+                # replay a subset small enough to stay partly in cache.
+                burst[j] = max(burst[j], rows[j].copies)
+                graphs[j] = _capture(rows[j], nxt[j], burst[j])
+                modes[j] = "CUDA graph"
+            except (RuntimeError, ValueError, TypeError) as exc:  # timed per call instead
+                torch.cuda.synchronize()
+                modes[j] = f"per call (CUDA graph capture failed: {str(exc).splitlines()[0][:160]})"
     _sync(device)
     for r in range(ROUNDS):
         for j in order[r % len(order):] + order[:r % len(order)]:
             if isinstance(results[j], Exception):
                 continue
             call = rows[j].call
+            if j in graphs:
+                begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                begin.record()
+                graphs[j].replay()
+                end.record()
+                events[j].append((begin, end, burst[j]))
+                continue
             try:
                 with rows[j].context():
                     if burst[j] > 1:
@@ -144,7 +189,7 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
                             begin.record()
                             call(nxt[j])
                             end.record()
-                            events[j].append((begin, end))
+                            events[j].append((begin, end, 1))
                         else:
                             t0 = time.perf_counter_ns()
                             call(nxt[j])
@@ -154,10 +199,11 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
                 results[j] = exc
     if device == "cuda":
         torch.cuda.synchronize()
-        times = {j: [b.elapsed_time(e) / 1e3 for b, e in events[j]] for j in order}
+        times = {j: [b.elapsed_time(e) / 1e3 / n for b, e, n in events[j]] for j in order}
     for j in (j for j in order if not isinstance(results[j], Exception)):
+        reps = sum(n for _, _, n in events[j]) if j in graphs else len(times[j])
         results[j] = Timing(statistics.median(times[j]) * 1e3, min(times[j]) * 1e3,
-                            len(times[j]), state[j][0])
+                            reps, state[j][0], modes[j])
     return results
 
 

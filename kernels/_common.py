@@ -28,3 +28,30 @@ def to_f32(x):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+CONFIGS_ENV = "PYFAST_TRITON_CONFIGS"
+
+
+def config_subset(configs):
+    """The autotuner's configs: all of them, or with PYFAST_TRITON_CONFIGS=few the first
+    config of each BLOCK_K (in list order).
+
+    `few` is for GPU test runs: on a cold Triton cache every new shape key compiles and
+    times each config, and the first H100 run spent 20-70 s per Triton test that way.
+    One config per BLOCK_K keeps every K tiling and every int4 group-size pruning rule
+    (weight_only._fits_groups keeps only configs whose BLOCK_K lies in one group)
+    satisfiable. Read once, when a kernel module is imported."""
+    import os
+
+    mode = os.environ.get(CONFIGS_ENV, "all").strip().lower() or "all"
+    if mode == "all":
+        return list(configs)
+    if mode != "few":
+        raise ValueError(f"{CONFIGS_ENV}={mode!r}; accepted: all (default), few")
+    seen, kept = set(), []
+    for c in configs:
+        if c.kwargs["BLOCK_K"] not in seen:
+            seen.add(c.kwargs["BLOCK_K"])
+            kept.append(c)
+    return kept

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import config_subset
 from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
                           _group_params, _int4_spec, _interpreted_bf16, _k_block_range,
                           _launch, _store_partial, _tile_ids)
@@ -145,7 +146,7 @@ def _sparse24_int4_mm_kernel(
 
 
 # int4_mm's configs: every BLOCK_K there (32, 64, 128) holds whole meta bytes (8 k each).
-_TUNED = {small: triton.autotune(_configs(small, int4=True), key=_KEY + ["GROUP_SIZE"],
+_TUNED = {small: triton.autotune(config_subset(_configs(small, int4=True)), key=_KEY + ["GROUP_SIZE"],
                                  prune_configs_by={"early_config_prune": _fits_groups}
                                  )(_sparse24_int4_mm_kernel)
           for small in (True, False)}

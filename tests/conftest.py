@@ -32,6 +32,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With PYFAST_TEST_LOG=FILE, one line per finished test (outcome, phase, seconds,
+    node id; the last lines of a failure's report below it), written as it ends: a run
+    cut off by a time limit (scripts/gpu_check.sh on a lent GPU) still says what passed
+    and what failed. Under pytest-xdist only the controller writes."""
+    path = os.environ.get("PYFAST_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when == "call" or report.outcome != "passed":
+        with open(path, "a") as f:
+            f.write(f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n")
+            if report.outcome == "failed":
+                f.writelines(f"   | {line}\n" for line in str(report.longrepr).splitlines()[-12:])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # bench/ is a repo folder, not an installed package
     sys.path.insert(0, str(ROOT))
@@ -55,6 +58,7 @@ def test_quick_run_on_cpu_writes_checked_rows(tmp_path, capsys):
     for r in rows:
         assert r["check"] == "ok", r
         assert r["median_ms"] > 0 and r["min_ms"] > 0 and r["reps"] >= 3, r
+        assert r["timing_mode"] == "per call", r
         assert r["gbs"] > 0 and r["bytes"] > 0, r
         assert r["speedup_vs_f32_linear"] > 0 and r["speedup_vs_half_linear"] > 0, r
         if r["op"] != "quantize_per_token":
@@ -164,3 +168,40 @@ def test_rows_of_a_cell_are_timed_in_interleaved_bursts():
     out = timing.measure_interleaved([row("a")], "cpu",
                                      timing.Budget(min_reps=10, max_reps=10, max_seconds=0.0))
     assert out[0].reps == 10 and len(log) == 1 + 5 * (1 + 2)   # bursts: 1 untimed + 2 timed
+
+
+def test_cuda_graphs_needs_a_gpu_device(capsys):
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--cuda-graphs", "--device", "cpu"])
+    assert "--cuda-graphs times CUDA graphs: it needs --device cuda, not cpu" in capsys.readouterr().err
+
+
+def test_cuda_graphs_budget_is_ignored_on_cpu():
+    import contextlib
+
+    from bench import timing
+
+    budget = timing.Budget(min_reps=3, max_reps=10, max_seconds=0.0, warmup_seconds=0.0,
+                           cuda_graphs=True)
+    out = timing.measure_interleaved([timing.Row(lambda i: i, contextlib.nullcontext)], "cpu", budget)
+    assert out[0].mode == "per call" and out[0].reps == 5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_timing_and_its_fallback():
+    """A capturable row is timed by graph replays (reps = calls in the replays, each
+    replay at least one call per weight copy); a row
+    that synchronizes (.item()) cannot be captured and is timed per call, saying why."""
+    import contextlib
+
+    from bench import timing
+
+    x = torch.randn(256, 256, device="cuda")
+    rows = [timing.Row(lambda i: x @ x, contextlib.nullcontext, copies=7),
+            timing.Row(lambda i: (x @ x).sum().item(), contextlib.nullcontext)]
+    budget = timing.Budget(min_reps=10, max_reps=20, max_seconds=0.05, cuda_graphs=True)
+    graph, eager = timing.measure_interleaved(rows, "cuda", budget)
+    assert graph.mode == "CUDA graph" and graph.median_ms > 0
+    assert graph.reps >= timing.ROUNDS * 7           # each replay covers all 7 copies
+    assert eager.mode.startswith("per call (CUDA graph capture failed: ") and eager.median_ms > 0
+    torch.testing.assert_close(graph.first_output, x @ x)

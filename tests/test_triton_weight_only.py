@@ -18,8 +18,8 @@ import torch
 
 import pyfast
 from pyfast import reference
-from _helpers import (assert_within, dequant_int4, dtype_id, linear_tolerance, rotated_product,
-                      run_forced, strided, transposed)
+from _helpers import (assert_near_exact, dequant_int4, dtype_id, rotated_product, run_forced,
+                      strided, transposed)
 
 from pyfast.kernels import weight_only as wo
 
@@ -44,8 +44,8 @@ def _int8_weight64(w, s):
 
 
 def _check_int8(out, x, w, s, b):
-    tol = linear_tolerance(x, _int8_weight64(w, s), b, x.dtype)
-    assert_within(out, reference.int8_weight_mm(x, w, s, b), tol, "int8_weight_mm")
+    assert_near_exact(out, reference.int8_weight_mm(x, w, s, b), x, _int8_weight64(w, s), b,
+                      "int8_weight_mm")
 
 
 def _int4_inputs(m, n, k, gs, symmetric, dtype, bias, device=DEVICE):
@@ -57,8 +57,8 @@ def _int4_inputs(m, n, k, gs, symmetric, dtype, bias, device=DEVICE):
 
 
 def _check_int4(out, x, packed, scales, zeros, gs, b):
-    tol = linear_tolerance(x, dequant_int4(packed, scales, zeros, gs), b, x.dtype)
-    assert_within(out, reference.int4_mm(x, packed, scales, zeros, gs, b), tol, "int4_mm")
+    assert_near_exact(out, reference.int4_mm(x, packed, scales, zeros, gs, b), x,
+                      dequant_int4(packed, scales, zeros, gs), b, "int4_mm")
 
 
 # --- int8 weights --------------------------------------------------------------------------
