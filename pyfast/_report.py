@@ -42,7 +42,9 @@ class BackendReport(list):
                  f"extension pyfast._C: {_ext.status()})",
                  "rule: a forced backend, else the first usable in order: "
                  + "; ".join(f"{d}: {' > '.join(p)}" for d, p in dispatch.PRIORITY.items()),
-                 "* = what a plain call runs",
+                 *(f"  from M = {m}: {op} on {d}: {' > '.join(order)}"
+                   for (op, d), (m, order) in dispatch.M_RULES.items()),
+                 "* = what a plain call runs (at small M)",
                  f"{'op':<20}" + "".join(f"{d:<26}" for d in devices)]
         for op in dict.fromkeys(r.op for r in self):
             cells = []

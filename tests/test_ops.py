@@ -12,6 +12,9 @@ Tolerances (stated once, used below):
     own F.linear makes in the same dtype against float64, plus one ulp of the largest
     output (FlashAttention's rule; tests/_helpers.py: linear_tolerance).
 """
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +25,8 @@ from _helpers import (FLOAT_DTYPES, assert_within, decompress24, dequant_int4,
                       dequant_sparse24_int4, dtype_id,
                       linear_tolerance, random_24, run_forced, slice_bound, strided, transposed,
                       usable_families)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = [pytest.param(d, id=dtype_id(d)) for d in FLOAT_DTYPES]
 MS = [pytest.param(m, id=f"M{m}") for m in (0, 1, 3, 17, 128)]
@@ -739,3 +744,51 @@ def test_availability_is_asked_once_per_family_and_device():
             dispatch._REGISTRY.available.clear()
         else:
             dispatch.set_availability("reference", original)
+
+
+# --- batch-size rules (dispatch.M_RULES) ---------------------------------------------------
+
+def _fake_gpu_families(monkeypatch, op):
+    """Kernels of every family in op's M rule, all runnable on 'cuda', recording calls."""
+    calls = []
+    for family in dispatch.M_RULES[(op, "cuda")][1]:
+        def fn(*args, _family=family):
+            calls.append(_family)
+        monkeypatch.setitem(dispatch._REGISTRY.kernels[op], family,
+                            dispatch.Backend(family, op, fn, ("cuda",)))
+        monkeypatch.setitem(dispatch._REGISTRY.available, (family, "cuda"), None)
+    return calls
+
+
+@pytest.mark.parametrize("op", sorted({op for op, _ in dispatch.M_RULES}))
+def test_m_rule_switches_order_at_its_threshold(monkeypatch, op):
+    min_m, order = dispatch.M_RULES[(op, "cuda")]
+    _fake_gpu_families(monkeypatch, op)
+    below = (torch.empty(min_m - 1, 8),)
+    at = (torch.empty(min_m, 8),)
+    assert dispatch.priority(op, "cuda", below) == dispatch.PRIORITY["cuda"]
+    assert dispatch.priority(op, "cuda", at) == order
+    assert dispatch.choose(op, "cuda", below).family == dispatch.PRIORITY["cuda"][0]
+    assert dispatch.choose(op, "cuda", at).family == order[0]
+    with pyfast.use_backend(**{op: "cuda"}):          # forcing still wins over the rule
+        assert dispatch.choose(op, "cuda", at).family == "cuda"
+    assert dispatch.priority(op, "cpu", at) == dispatch.PRIORITY["cpu"]
+    assert f"from M = {min_m}: {op} on cuda: {' > '.join(order)}" in str(pyfast.backends())
+
+
+@pytest.mark.parametrize("op", sorted({op for op, _ in dispatch.M_RULES}))
+def test_m_rule_is_what_its_bench_file_shows(op):
+    """The rule's first family is faster than the default's first family on every shape
+    of the cited bench file from the threshold on, and not on every shape below it."""
+    min_m, order = dispatch.M_RULES[(op, "cuda")]
+    rows = json.loads((ROOT / dispatch.M_RULES_SOURCE).read_text())["rows"]
+    ms = {}
+    for r in rows:
+        if r["op"] == op and r["backend"] in (order[0], dispatch.PRIORITY["cuda"][0]):
+            ms.setdefault((r["M"], r["K"], r["N"]), {})[r["backend"]] = r["median_ms"]
+    faster = {}
+    for (m, k, n), t in ms.items():
+        faster.setdefault(m, []).append(t[order[0]] < t[dispatch.PRIORITY["cuda"][0]])
+    assert any(m >= min_m for m in faster) and any(m < min_m for m in faster)
+    for m, wins in faster.items():
+        assert all(wins) if m >= min_m else not all(wins), (m, wins)
