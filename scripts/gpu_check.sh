@@ -89,7 +89,20 @@ case "$step" in
     # then under cuda-gdb for the native backtrace.
     tests=(tests/test_cuda_int4_mm.py::test_errors tests/test_cuda_int8_mm.py::test_error_messages
            tests/test_cuda_sparse24_mm.py::test_errors tests/test_cuda_sparse24_int4_mm.py::test_errors)
-    "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -p no:xdist 2>&1 | tail -n 8 | tee "$DEST/diag.log"
+    : > "$DEST/diag.log"
+    # An error message with integers from the extension, without and with Triton (whose
+    # libraries the test runs load) imported first: a standalone call raised cleanly.
+    for first in "pass" "import triton"; do
+      "$PY" -c "$first"'
+import torch, pyfast._C
+a = torch.zeros(1, 131072, dtype=torch.int8, device="cuda")
+s = torch.ones(1, device="cuda")
+try:
+    torch.ops.pyfast_C.int8_mm(a, a, s, s, None, torch.float32)
+except RuntimeError as e:
+    print("raised:", str(e)[:90])' 2>&1 | tail -n 3 | sed "s/^/[$first] /" | tee -a "$DEST/diag.log"
+    done
+    "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -p no:xdist 2>&1 | tail -n 8 | tee -a "$DEST/diag.log"
     libstdcxx=$(g++ -print-file-name=libstdc++.so.6 2>/dev/null || true)
     [ -n "$libstdcxx" ] && LD_PRELOAD=$libstdcxx "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider \
       -p no:xdist 2>&1 | tail -n 8 | tee -a "$DEST/diag.log"
