@@ -792,3 +792,24 @@ def test_m_rule_is_what_its_bench_file_shows(op):
     assert any(m >= min_m for m in faster) and any(m < min_m for m in faster)
     for m, wins in faster.items():
         assert all(wins) if m >= min_m else not all(wins), (m, wins)
+
+
+def test_gpu_defaults_are_faster_in_the_bench_file():
+    """Where two GPU kernels do one job, what runs by default was the faster one in every
+    cell of dispatch.M_RULES_SOURCE that measured kernels: the CUDA C++
+    quantize_per_token over Triton's, and the tensor-core layouts' CUDA C++ kernels
+    (layout="auto" on a GPU) over the canonical layouts' Triton kernels. Left out: the
+    4096 x 4096 cells at M <= 128, which measured something else (README, Performance,
+    GPU); there sparse24_mm_tc's median at M = 1 was 5.5x its minimum."""
+    pairs = [("quantize_per_token", "cuda", "quantize_per_token", "triton"),
+             ("int4_mm_tc", "cuda", "int4_mm", "triton"),
+             ("sparse24_mm_tc", "cuda", "sparse24_mm", "triton"),
+             ("sparse24_int4_mm_tc", "cuda", "sparse24_int4_mm", "triton")]
+    assert dispatch.PRIORITY["cuda"].index("cuda") < dispatch.PRIORITY["cuda"].index("triton")
+    rows = json.loads((ROOT / dispatch.M_RULES_SOURCE).read_text())["rows"]
+    ms = {(r["op"], r["backend"], r["M"], r["K"], r["N"]): r["median_ms"] for r in rows}
+    cells = {(r["M"], r["K"], r["N"]) for r in rows} - {(m, 4096, 4096) for m in (1, 16, 128)}
+    assert len(cells) == 9
+    for op, fam, other_op, other_fam in pairs:
+        for cell in cells:
+            assert ms[(op, fam, *cell)] < ms[(other_op, other_fam, *cell)], (op, other_op, cell)
