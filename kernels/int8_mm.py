@@ -156,7 +156,8 @@ def _configs():
     ]
 
 
-_int8_mm_autotuned = triton.autotune(configs=config_subset(_configs()), key=["M", "N", "K"])(_int8_mm_kernel)
+_int8_mm_autotuned = triton.autotune(configs=config_subset(_configs()),
+                                     key=["M", "N", "K"])(_int8_mm_kernel)
 
 
 def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):

@@ -135,7 +135,8 @@ def _sparse24_mm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_sparse24_mm_tuned = triton.autotune(configs=config_subset(_configs()), key=["M", "N", "K"])(_sparse24_mm_kernel)
+_sparse24_mm_tuned = triton.autotune(configs=config_subset(_configs()),
+                                     key=["M", "N", "K"])(_sparse24_mm_kernel)
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor]) -> Tensor:

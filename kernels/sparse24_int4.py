@@ -146,7 +146,8 @@ def _sparse24_int4_mm_kernel(
 
 
 # int4_mm's configs: every BLOCK_K there (32, 64, 128) holds whole meta bytes (8 k each).
-_TUNED = {small: triton.autotune(config_subset(_configs(small, int4=True)), key=_KEY + ["GROUP_SIZE"],
+_TUNED = {small: triton.autotune(config_subset(_configs(small, int4=True)),
+                                 key=_KEY + ["GROUP_SIZE"],
                                  prune_configs_by={"early_config_prune": _fits_groups}
                                  )(_sparse24_int4_mm_kernel)
           for small in (True, False)}

@@ -318,9 +318,11 @@ def _fits_groups(configs, nargs, **kwargs):
 
 
 _KEY = ["M", "N", "K"]
-_INT8 = {small: triton.autotune(config_subset(_configs(small, int4=False)), key=_KEY)(_int8_weight_mm_kernel)
+_INT8 = {small: triton.autotune(config_subset(_configs(small, int4=False)),
+                                key=_KEY)(_int8_weight_mm_kernel)
          for small in (True, False)}
-_INT4 = {small: triton.autotune(config_subset(_configs(small, int4=True)), key=_KEY + ["GROUP_SIZE"],
+_INT4 = {small: triton.autotune(config_subset(_configs(small, int4=True)),
+                                key=_KEY + ["GROUP_SIZE"],
                                 prune_configs_by={"early_config_prune": _fits_groups})(_int4_mm_kernel)
          for small in (True, False)}
 
