@@ -13,17 +13,21 @@ The kernel reads about 3 bits per dense weight plus the scales (0.77x int4_mm's 
 at group 128, 0.19x fp16's): at small M, where the matmul is bound by reading the
 weight, that is the whole point.
 
-Each dense [BLOCK_N, BLOCK_K] tile is rebuilt in registers, as kernels/sparse24.py
-does, with int4_mm's integer trick (kernels/weight_only.py): the tile holds q - zero,
-an integer in [-15, 15] that is exact in float16/bfloat16, where a kept value sits,
-and 0 elsewhere; the scale multiplies the float32 dot AFTER it (BLOCK_K divides the
-group, so a K tile lies in one group), or once in the epilogue for one group per row.
-So no weight is rounded to 16 bits and every rounding is a float32 one until the
-final cast -- the reference's weight, (q - zero) * scale in float32, times x.
-    codes [BLOCK_N, BLOCK_K/4]  byte per group  -> c0 = (b & 15) - z, c1 = (b >> 4) - z
-    meta  [BLOCK_N, BLOCK_K/4]  byte j // 2 per group, shifted by 4 (j % 2)
+Each dense [BLOCK_K, BLOCK_N] tile is rebuilt in registers with int4_mm's integer
+trick (kernels/weight_only.py): the tile holds q - zero, an integer in [-15, 15]
+that is exact in float16/bfloat16, where a kept value sits, and 0 elsewhere; the
+scale multiplies the float32 dot AFTER it (BLOCK_K divides the group, so a K tile
+lies in one group), or once in the epilogue for one group per row. So no weight is
+rounded to 16 bits and every rounding is a float32 one until the final cast -- the
+reference's weight, (q - zero) * scale in float32, times x. The tile is k-major like
+int4_mm's, so the per-row zero points and scales lie along its second axis.
+    codes [BLOCK_K/4, BLOCK_N]  byte per group  -> c0 = (b & 15) - z, c1 = (b >> 4) - z
+                                (kept values only; _common.nibbles_minus_zero)
+    meta  [BLOCK_K/8, BLOCK_N]  each byte loaded once, repeated for its two groups
+                                in registers, shifted by 4 (j % 2)
                                 -> idx0 = bits 0-1, idx1 = bits 2-3
-    w[n, j, p] = c0 if idx0 == p, c1 if idx1 == p, else 0   (broadcast over p = 0..3)
+    w[j, p, n] = c0 if idx0 == p, c1 if idx1 == p, else 0   (broadcast over p = 0..3)
+Every load is contiguous along k (16-byte vectors where the alignment allows).
 Both slots are tested at every position, so no meta byte can make the kernel read
 outside its tile; a byte that breaks the format (idx0 >= idx1) gives unspecified sums.
 
@@ -41,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset
+from ._common import config_subset, nibbles_minus_zero
 from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
                           _group_params, _int4_spec, _interpreted_bf16, _k_block_range,
                           _launch, _store_partial, _tile_ids)
@@ -64,8 +68,9 @@ def _sparse24_int4_mm_kernel(
     ws_ptr,      # [MAX_SPLIT_K, M, N] float32 partial sums, written when USE_WORKSPACE
     split_ptr,   # [1] int32, gets SPLIT_K when USE_WORKSPACE
     # Sizes; K is a multiple of 8; GROUP_SIZE is the group length in dense k (K itself
-    # for per channel).
-    M, N, K, GROUP_SIZE,
+    # for per channel); K_PACKED = K / 4, the code bytes of a row (an argument of its
+    # own for the JIT's divisibility hint, as in int4_mm).
+    M, N, K, GROUP_SIZE, K_PACKED,
     # Strides, in elements; stride_ws = M * N, between the workspace's split slices.
     stride_ws,
     stride_xm, stride_xk,
@@ -90,17 +95,17 @@ def _sparse24_int4_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, QK)
-    # A tile starts at an even group (BLOCK_K >= 16, a power of 2): group j's meta nibble is byte
-    # j // 2 of the tile, shifted by 4 for odd j. Both groups of a byte load the same
-    # byte (same cache line, one DRAM read).
-    meta_shift = ((offs_j % 2) * 4)[None, :]
-    pos = tl.arange(0, 4)[None, None, :]                                # [1, 1, 4]
+    offs_b = tl.arange(0, QK // 2)   # the tile's meta bytes (two groups each)
+    # A tile starts at an even group (BLOCK_K >= 16, a power of 2): group j's meta nibble is
+    # byte j // 2 of the tile, shifted by 4 for odd j.
+    meta_shift = ((offs_j % 2) * 4)[:, None]
+    pos = tl.arange(0, 4)[None, :, None]                                # [1, 4, 1]
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BLOCK_M, 1]
-    p_rows = p_ptr + offs_n.to(tl.int64)[:, None] * stride_pn          # [BLOCK_N, 1]
-    m_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn       # [BLOCK_N, 1]
+    p_cols = p_ptr + offs_n.to(tl.int64)[None, :] * stride_pn          # [1, BLOCK_N]
+    m_cols = meta_ptr + offs_n.to(tl.int64)[None, :] * stride_mn       # [1, BLOCK_N]
     mask_m = offs_m[:, None] < M
     mask_n1 = offs_n < N
-    mask_n = mask_n1[:, None]
+    mask_n = mask_n1[None, :]
 
     if ONE_GROUP:  # the zero point of the row, loaded once
         zero = tl.load(zero_ptr + offs_n * stride_zn, mask=mask_n1, other=0).to(tl.int32)
@@ -114,28 +119,37 @@ def _sparse24_int4_mm_kernel(
         # K tail: K % 8 == 0, so a group (and a meta byte) is wholly inside K or
         # wholly outside; masked groups read code 0 and meta 0, and meet x = 0.
         x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
-        in_k = mask_n & (j[None, :] < K // 4)
-        codes = tl.load(p_rows + j[None, :] * stride_pk, mask=in_k, other=0).to(tl.int32)
-        meta = tl.load(m_rows + (j // 2)[None, :] * stride_mk, mask=in_k, other=0).to(tl.int32)
-        meta = meta >> meta_shift                                        # [BLOCK_N, QK]
+        # The weight tile is built k-major, [BLOCK_K, BLOCK_N] like int4_mm's, so that
+        # the per-row zero points and scales run along the tile's second axis.
+        codes = tl.load(p_cols + j[:, None] * stride_pk, mask=(j[:, None] < K_PACKED) & mask_n,
+                        other=0).to(tl.uint16)                           # [QK, BLOCK_N]
+        # Each meta byte is loaded once, [QK / 2, BLOCK_N], and repeated for its two
+        # groups in registers. (Loading byte j // 2 per group instead made every meta
+        # load a scalar ld.global.b8: the addresses repeat, so nothing vectorises.)
+        b = k0 // 8 + offs_b
+        meta = tl.load(m_cols + b[:, None] * stride_mk, mask=(b[:, None] < K_PACKED // 2) & mask_n,
+                       other=0).to(tl.int32)
+        meta = tl.reshape(tl.broadcast_to(meta[:, None, :], (QK // 2, 2, BLOCK_N)), (QK, BLOCK_N))
+        meta = meta >> meta_shift                                        # [QK, BLOCK_N]
         if ONE_GROUP:
-            z = zero[:, None]
+            z = zero[None, :]
         else:
             g = k0 // GROUP_SIZE  # the whole tile lies in group g
             z, scale_g = _group_params(zero_ptr, scale_ptr, offs_n, mask_n1,
                                        stride_zn, stride_zg, stride_sn, stride_sg, g)
-            z = z[:, None]
-        c0 = ((codes & 15) - z)[:, :, None]                              # [BLOCK_N, QK, 1]
-        c1 = ((codes >> 4) - z)[:, :, None]
-        idx0 = (meta & 3)[:, :, None]
-        idx1 = ((meta >> 2) & 3)[:, :, None]
+            z = z[None, :]
+        # The kept values only (a quarter of the dense tile) are dequantized, in x's dtype.
+        c0 = nibbles_minus_zero(codes, 0, z, x.dtype)[:, None, :]       # [QK, 1, BLOCK_N]
+        c1 = nibbles_minus_zero(codes, 4, z, x.dtype)[:, None, :]
+        idx0 = (meta & 3)[:, None, :]
+        idx1 = ((meta >> 2) & 3)[:, None, :]
         # Broadcast over p and one reshape (not tl.join: see kernels/sparse24.py).
-        w = tl.where(idx0 == pos, c0, tl.where(idx1 == pos, c1, 0))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype)               # k = 4j + p
+        w = tl.where(idx0 == pos, c0, tl.where(idx1 == pos, c1, 0.0).to(x.dtype))
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N))                           # k = 4j + p
         if ONE_GROUP:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         else:
-            part = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION)
+            part = tl.dot(x, w, input_precision=INPUT_PRECISION)
             acc += part * scale_g[None, :]
 
     if USE_WORKSPACE:
@@ -177,7 +191,8 @@ def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, ze
     one_group = k <= gs
 
     def kernel_args(bias_arg, ws, split, stride_ws):
-        return (x, packed, meta, scales, zeros, bias_arg, out, ws, split, m, n, k, gs, stride_ws,
+        return (x, packed, meta, scales, zeros, bias_arg, out, ws, split, m, n, k, gs, k // 4,
+                stride_ws,
                 x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
                 meta.stride(0), meta.stride(1),
                 scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),

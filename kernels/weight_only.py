@@ -11,13 +11,14 @@ in registers, tile by tile, right before the tensor-core `tl.dot`:
 - int8: a [BLOCK_K, BLOCK_N] tile is loaded through the strides of w_int8 [N, K]
   (no transposed copy) and converted to x's dtype. Every int8 value, -128
   included, is exact in float16 and bfloat16, so the dot sees the true weights.
-- int4: each k of a [BLOCK_K, BLOCK_N] tile reads byte k // 2 of its row and
-  shifts it right by (k % 2) * 4 (low nibble = even k); both k of a byte hit the
-  same cache line, so DRAM still reads each byte once. The kernel then takes
-  q - zero, an integer in [-15, 15] that is exact in float16/bfloat16 too, and
-  multiplies by the scale AFTER the dot, in float32:
-      acc += dot(x_tile, q - zero) * scale[g]        (BLOCK_K divides group_size,
-                                                     so a K tile lies in one group)
+- int4: a K tile loads its [BLOCK_K/2, BLOCK_N] packed bytes once, as 16-byte
+  vectors; the low nibbles are the even k, the high nibbles the odd k. The x tile
+  is split in registers into its even and odd columns, and the tile's product is
+  two dots of half the depth. q - zero is an integer in [-15, 15], exact in
+  float16 and bfloat16, made without int -> float conversions
+  (_common.nibbles_minus_zero); the scale multiplies AFTER the dots, in float32:
+      acc += (dot(x_even, q_low - zero) + dot(x_odd, q_high - zero)) * scale[g]
+                                   (BLOCK_K divides group_size, so a K tile lies in one group)
   or, for one group per row (group_size = -1, or = K), once in the epilogue like
   the int8 scale. So no weight is ever rounded to 16 bits: every rounding is a
   float32 one (sums, the scale product) until the final cast to x.dtype --
@@ -60,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset
+from ._common import config_subset, nibbles_minus_zero
 
 Tensor = torch.Tensor
 
@@ -223,8 +224,11 @@ def _int4_mm_kernel(
     out_ptr,     # [M, N] x.dtype, written when not USE_WORKSPACE
     ws_ptr,      # [MAX_SPLIT_K, M, N] float32 partial sums, written when USE_WORKSPACE
     split_ptr,   # [1] int32, gets SPLIT_K when USE_WORKSPACE
-    # Sizes; K is even; GROUP_SIZE is the group length in k (K itself for per channel).
-    M, N, K, GROUP_SIZE,
+    # Sizes; K is even; GROUP_SIZE is the group length in k (K itself for per channel);
+    # K_PACKED = K / 2, the bytes of a packed row: an argument of its own, so that the
+    # JIT sees it 16-divisible when it is and vectorises the masked weight loads (the
+    # compiler proves only 8-divisibility for K // 2 from a 16-divisible K).
+    M, N, K, GROUP_SIZE, K_PACKED,
     # Strides, in elements; stride_ws = M * N, between the workspace's split slices.
     stride_ws,
     stride_xm, stride_xk,
@@ -246,9 +250,7 @@ def _int4_mm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Byte k // 2 of the row holds k; shift 0 for even k (low nibble), 4 for odd k.
-    byte_k = offs_k // 2
-    shift = ((offs_k % 2) * 4)[:, None]
+    offs_b = tl.arange(0, BLOCK_K // 2)  # the tile's bytes along a weight row
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm      # [BLOCK_M, 1]
     p_cols = p_ptr + offs_n.to(tl.int64)[None, :] * stride_pn      # [1, BLOCK_N]
     mask_m = offs_m[:, None] < M
@@ -264,17 +266,30 @@ def _int4_mm_kernel(
         k0 = kb * BLOCK_K
         k = k0 + offs_k
         x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
-        p = tl.load(p_cols + (k0 // 2 + byte_k)[:, None] * stride_pk,
-                    mask=(k[:, None] < K) & mask_n, other=0)                # [BLOCK_K, BLOCK_N]
-        q = (p.to(tl.int32) >> shift) & 0xF
+        # The activations' even and odd columns, [BLOCK_M, BLOCK_K / 2] each, split in
+        # registers from the contiguous x tile.
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        # The weight tile as bytes, [BLOCK_K / 2, BLOCK_N], each byte loaded once:
+        # contiguous along k, so the loads are 16-byte vectors that cp.async pipelines.
+        # Byte b holds k = 2b (low nibble) and 2b + 1 (high nibble). (Indexing a
+        # [BLOCK_K, BLOCK_N] tile by byte k // 2 instead made every load a scalar
+        # ld.global.b8, outside the pipeline: the kernel the H100 run measured.)
+        b = k0 // 2 + offs_b
+        p = tl.load(p_cols + b[:, None] * stride_pk, mask=(b[:, None] < K_PACKED) & mask_n, other=0)
+        p = p.to(tl.uint16)
         if ONE_GROUP:
-            # q - zero is an integer in [-15, 15]: exact in x's dtype.
-            acc = tl.dot(x, (q - zero[None, :]).to(x.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x_even, nibbles_minus_zero(p, 0, zero[None, :], x.dtype), acc,
+                         input_precision=INPUT_PRECISION)
+            acc = tl.dot(x_odd, nibbles_minus_zero(p, 4, zero[None, :], x.dtype), acc,
+                         input_precision=INPUT_PRECISION)
         else:
             g = k0 // GROUP_SIZE  # the whole tile lies in group g
             zero_g, scale_g = _group_params(zero_ptr, scale_ptr, offs_n, mask_n1,
                                             stride_zn, stride_zg, stride_sn, stride_sg, g)
-            part = tl.dot(x, (q - zero_g[None, :]).to(x.dtype), input_precision=INPUT_PRECISION)
+            part = tl.dot(x_even, nibbles_minus_zero(p, 0, zero_g[None, :], x.dtype),
+                          input_precision=INPUT_PRECISION)
+            part = tl.dot(x_odd, nibbles_minus_zero(p, 4, zero_g[None, :], x.dtype), part,
+                          input_precision=INPUT_PRECISION)
             acc += part * scale_g[None, :]
 
     if USE_WORKSPACE:
@@ -437,7 +452,7 @@ def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size
     one_group = k <= gs  # G == 1: scales[:, 0] is a per-channel scale for the epilogue
 
     def kernel_args(bias_arg, ws, split, stride_ws):
-        return (x, packed, scales, zeros, bias_arg, out, ws, split, m, n, k, gs, stride_ws,
+        return (x, packed, scales, zeros, bias_arg, out, ws, split, m, n, k, gs, k // 2, stride_ws,
                 x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
                 scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
                 0 if bias is None else bias.stride(0), out.stride(0), out.stride(1))
@@ -490,21 +505,28 @@ def _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1,
     pointers = {"x_ptr": f"*{ty}", "p_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8",
                 "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}", "ws_ptr": "*fp32", "split_ptr": "*i32"}
     unit = ["stride_xk", "stride_pk", "stride_sg", "stride_zg", "stride_bias", "stride_on"]
-    ints = ["M", "N", "K", "GROUP_SIZE", "stride_ws", "stride_xm", "stride_pn", "stride_om"]
+    ints = ["M", "N", "K", "GROUP_SIZE", "K_PACKED", "stride_ws", "stride_xm", "stride_pn",
+            "stride_om"]
     if with_meta:
         pointers["meta_ptr"] = "*u8"
         unit.append("stride_mk")
         ints.append("stride_mn")
     # scales/zeros [N, G]: row stride G, 1 for per channel (G = 1), else e.g. K / 128
     (unit if one_group else ints).extend(["stride_sn", "stride_zn"])
-    div16 = [*pointers, "N", "K", "GROUP_SIZE", "stride_xm", "stride_pn", "stride_om"]
+    div16 = [*pointers, "N", "K", "GROUP_SIZE", "K_PACKED", "stride_xm", "stride_pn", "stride_om"]
     div16 += ["stride_mn"] if with_meta else []
     if not one_group:
         div16 += ["stride_sn", "stride_zn"]
-    return _spec(name, kernel or _int4_mm_kernel, pointers, ints, unit, div16, {
+    spec = _spec(name, kernel or _int4_mm_kernel, pointers, ints, unit, div16, {
         "HAS_BIAS": True, "ONE_GROUP": one_group, "USE_WORKSPACE": split_k > 1,
         "INPUT_PRECISION": "tf32",
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
+    # Upper bounds on PTX instructions (tests/test_triton_ptx.py): the packed weights
+    # are not loaded byte by byte (what is left are the zero points' loads; a tile
+    # loaded per k had 64-80 ld.global.b8), and the nibbles reach float16/bfloat16
+    # without int -> float conversions (left: the zero points', at most 4).
+    spec["limits"] = {"ld.global.b8": 8, "cvt int->16-bit float": 4}
+    return spec
 
 
 PTX_SPECS = [

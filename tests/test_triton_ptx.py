@@ -21,7 +21,7 @@ MODULES = sorted({mod for mod, _ in KERNELS.values()})
 ARCHS = (80, 90)
 
 CHILD = r"""
-import importlib, json, sys
+import importlib, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 mod = importlib.import_module("pyfast.kernels." + sys.argv[1])
@@ -39,7 +39,10 @@ for spec in mod.PTX_SPECS:
         except Exception as exc:  # reported, and the test fails on it
             ptx, error = "", f"{type(exc).__name__}: {exc}"
         expect = spec["expect"].get(arch)
+        counts = {"ld.global.b8": ptx.count("ld.global.b8"),
+                  "cvt int->16-bit float": len(re.findall(r"cvt\.rn\.b?f16\.[su](?:8|16|32)\b", ptx))}
         print(json.dumps({"name": spec["name"], "arch": arch, "expect": expect, "error": error,
+                          "limits": spec.get("limits", {}), "counts": counts,
                           "found": None if expect is None else (expect in ptx),
                           "fma_only": "fma.rn" in ptx and "mma" not in ptx}))
 """
@@ -67,3 +70,16 @@ def test_kernels_lower_to_tensor_core_instructions(compiled, module):
         if r["expect"] is not None:
             assert r["found"], f"{where}: PTX lacks {r['expect']!r}" + (
                 " (only scalar fma: the dot fell back off the tensor cores)" if r["fma_only"] else "")
+        for what, most in r["limits"].items():
+            assert r["counts"][what] <= most, (
+                f"{where}: {r['counts'][what]} PTX instructions of kind {what!r}, at most {most} "
+                "expected (see the spec's limits)")
+
+
+def test_limits_are_checked(compiled):
+    """The int4 kernels carry instruction limits, and the counter finds the
+    instructions it counts: both limits are reached by some kernel on some arch."""
+    rows = [r for mod in ("weight_only", "sparse24_int4") for r in compiled[mod]]
+    assert rows and all(r["limits"] for r in rows if "int4" in r["name"])
+    for what in ("ld.global.b8", "cvt int->16-bit float"):
+        assert any(r["counts"][what] > 0 for r in rows), f"no kernel has any {what!r}: is the pattern right?"
