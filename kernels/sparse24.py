@@ -23,42 +23,51 @@ idx0 < idx1.
 Tensor cores: fp16/bf16 -> mma.sync (sm_80), wgmma (sm_90, when BLOCK_M >= 64 and
 num_warps is a multiple of 4); float32 runs with input_precision="ieee" (no TF32)
 so a float32 layer stays as accurate as F.linear in float32.
+
+Split-K at M <= SMALL_M (16), with int4_mm's workspace, reduction kernel and launcher
+(kernels/weight_only.py): deterministic, no atomics. Without it N / BLOCK_N programs
+alone (64 for N = 4096) leave most of a large GPU idle where the weight read is the
+whole cost.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset, grouped_tile
+from ._common import config_subset
+from .weight_only import (SMALL_M, _check_config, _epilogue_store, _k_block_range, _launch,
+                          _store_partial, _tile_ids)
 
 Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _configs():
+def _config(bm, bn, bk, split, warps=4, stages=4):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs(small_m: bool):
     if _INTERPRET:
-        # The interpreter runs one NumPy program per tile: few, big tiles keep the
-        # CPU tests fast. One config, so nothing is benchmarked.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
-                              num_warps=4, num_stages=1)]
-    small_m = [  # decode-like M: thin M tiles, long K tiles to keep many loads in flight
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-    large_m = [  # prefill-like M: square-ish tiles; BLOCK_M >= 64 lets sm_90 use wgmma
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    ]
-    return small_m + large_m
+        # The interpreter runs one NumPy program per tile: few, big tiles keep the CPU
+        # tests fast, and one config means nothing is benchmarked. The small-M config
+        # splits K in two, so the CPU tests run the workspace + reduction path too.
+        return [_config(16, 128, 128, 2, stages=1)] if small_m else [_config(32, 128, 128, 1, stages=1)]
+    if small_m:
+        # Decode-like M: thin M tiles, long K tiles to keep many loads in flight, and
+        # split-K so that N / BLOCK_N tiles fill the SMs (4096 / 64 = 64 programs alone
+        # leave half of an H100's 132 SMs idle, at M = 1 as at M = 16).
+        tiles = [(64, 128), (128, 128), (64, 256), (32, 256)]
+        return [_config(16, bn, bk, split, stages=3 if bk == 256 else 4)
+                for bn, bk in tiles for split in (1, 2, 4, 8)]
+    # Prefill-like M: square-ish tiles; BLOCK_M >= 64 lets sm_90 use wgmma.
+    return [_config(64, 128, 64, 1), _config(128, 128, 64, 1, warps=8, stages=3),
+            _config(128, 64, 64, 1), _config(128, 256, 64, 1, warps=8, stages=3)]
 
 
 @triton.jit
@@ -68,10 +77,13 @@ def _sparse24_mm_kernel(
     v_ptr,       # [N, K/2] same dtype as x: the 2 kept values of each group of 4 along K
     meta_ptr,    # [N, K/4] uint8: bits 0-1 idx0, bits 2-3 idx1 (position in the group)
     bias_ptr,    # [N] any float dtype (read only when HAS_BIAS)
-    out_ptr,     # [M, N]   x.dtype, written
+    out_ptr,     # [M, N]   x.dtype, written when not USE_WORKSPACE
+    ws_ptr,      # [MAX_SPLIT_K, M, N] float32 partial sums, written when USE_WORKSPACE
+    split_ptr,   # [1] int32, gets SPLIT_K when USE_WORKSPACE
     # Sizes; K is a multiple of 4.
     M, N, K,
-    # Strides, in elements.
+    # Strides, in elements; stride_ws = M * N, between the workspace's split slices.
+    stride_ws,
     stride_xm, stride_xk,
     stride_vn, stride_vk,
     stride_mn, stride_mk,
@@ -79,11 +91,12 @@ def _sparse24_mm_kernel(
     stride_om, stride_on,
     # Meta-parameters.
     HAS_BIAS: tl.constexpr,
+    USE_WORKSPACE: tl.constexpr,     # split-K path: partial sums to ws, no epilogue
     INPUT_PRECISION: tl.constexpr,   # "ieee" for float32 (no TF32); ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K % 4 == 0
-    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N)
 
     QK: tl.constexpr = BLOCK_K // 4   # groups of 4 per K tile
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,18 +108,22 @@ def _sparse24_mm_kernel(
     mask_n = offs_n < N
 
     # 64-bit row offsets: M * stride_xm or N * stride_vn may pass 2**31.
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    v_ptrs = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn + offs_h[None, :] * stride_vk
-    m_ptrs = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn + offs_g[None, :] * stride_mk
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm      # [BLOCK_M, 1]
+    v_rows = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn      # [BLOCK_N, 1]
+    m_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn   # [BLOCK_N, 1]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_start = k0 * BLOCK_K
+    first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
+    for kb in range(first, last):
+        k_start = kb * BLOCK_K
         # K tail: K % 4 == 0, so a group is either wholly inside K or wholly outside,
         # and masking x, values and meta separately keeps them consistent.
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
-        v = tl.load(v_ptrs, mask=mask_n[:, None] & (offs_h[None, :] < (K - k_start) // 2), other=0.0)
-        meta = tl.load(m_ptrs, mask=mask_n[:, None] & (offs_g[None, :] < (K - k_start) // 4), other=0)
+        x = tl.load(x_rows + (k_start + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
+        v = tl.load(v_rows + (k_start // 2 + offs_h)[None, :] * stride_vk,
+                    mask=mask_n[:, None] & (offs_h[None, :] < (K - k_start) // 2), other=0.0)
+        meta = tl.load(m_rows + (k_start // 4 + offs_g)[None, :] * stride_mk,
+                       mask=mask_n[:, None] & (offs_g[None, :] < (K - k_start) // 4), other=0)
 
         # Rebuild the dense [BLOCK_N, BLOCK_K] weight tile in registers: position p of
         # group g gets v0 where idx0 == p, v1 where idx1 == p, else 0. Built with a
@@ -123,47 +140,44 @@ def _sparse24_mm_kernel(
 
         acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
 
-        x_ptrs += BLOCK_K * stride_xk
-        v_ptrs += (BLOCK_K // 2) * stride_vk
-        m_ptrs += QK * stride_mk
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if USE_WORKSPACE:
+        _store_partial(acc, offs_m, offs_n, M, N, ws_ptr, stride_ws, split_ptr, SPLIT_K)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, 0, bias_ptr, stride_bias,
+                        out_ptr, stride_om, stride_on, False, HAS_BIAS)
 
 
-_sparse24_mm_tuned = triton.autotune(configs=config_subset(_configs()),
-                                     key=["M", "N", "K"])(_sparse24_mm_kernel)
+_TUNED = {small: triton.autotune(config_subset(_configs(small)), key=["M", "N", "K"])(
+              _sparse24_mm_kernel)
+          for small in (True, False)}
 
 
-def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor]) -> Tensor:
+def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], *,
+                config: Optional[Dict] = None) -> Tensor:
     """x [M, K] float (any strides), values [N, K/2] x.dtype, meta uint8 [N, K/4],
-    bias [N] float or None -> x @ W.T + bias as [M, N] x.dtype (float32 accumulation)."""
+    bias [N] float or None -> x @ W.T + bias as [M, N] x.dtype (float32 accumulation).
+
+    M <= SMALL_M takes the split-K path (workspace + reduction kernel, as int4_mm);
+    `config` (tests, tuning: BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K and optionally
+    num_warps, num_stages) bypasses the autotuner, SPLIT_K > 1 taking the split path."""
     m, k = x.shape
     n = values.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    has_bias = bias is not None
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    if config is not None:
+        _check_config(config)
+        if config["BLOCK_K"] % 16:
+            raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be a multiple of 16 "
+                             "(tl.dot's smallest K on the GPU; whole groups of 4)")
 
-    def grid(meta_params):
-        return (triton.cdiv(m, meta_params["BLOCK_M"]) * triton.cdiv(n, meta_params["BLOCK_N"]),)
+    def kernel_args(bias_arg, ws, split, stride_ws):
+        return (x, values, meta, bias_arg, out, ws, split, m, n, k, stride_ws,
+                x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+                meta.stride(0), meta.stride(1), 0 if bias is None else bias.stride(0),
+                out.stride(0), out.stride(1))
 
-    _sparse24_mm_tuned[grid](
-        x, values, meta, bias if has_bias else out, out,
-        m, n, k,
-        x.stride(0), x.stride(1),
-        values.stride(0), values.stride(1),
-        meta.stride(0), meta.stride(1),
-        bias.stride(0) if has_bias else 0,
-        out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, INPUT_PRECISION=precision,
-    )
-    return out
+    return _launch(_TUNED, config, kernel_args, {}, out, x, None, bias)
 
 
 # Compiled ahead of time for sm_80 and sm_90 by tests/test_triton_ptx.py: the
@@ -174,42 +188,48 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor])
 # a launch on contiguous, aligned tensors; without those hints every load is a
 # scalar ld.global and some compiler paths (sm_90 operand hoisting) never run.
 _UNIT_STRIDES = ("stride_xk", "stride_vk", "stride_mk", "stride_bias", "stride_on")
-_DIVISIBLE_16 = ("x_ptr", "v_ptr", "meta_ptr", "bias_ptr", "out_ptr", "K",
+_DIVISIBLE_16 = ("x_ptr", "v_ptr", "meta_ptr", "bias_ptr", "out_ptr", "ws_ptr", "split_ptr", "K",
                  "stride_xm", "stride_vn", "stride_mn", "stride_om")
 
 
-def _ptx_spec(name: str, dtype: str, has_bias: bool) -> dict:
+def _ptx_spec(name: str, dtype: str, has_bias: bool, block_m: int = 64, block_n: int = 128,
+              block_k: int = 64, split_k: int = 1) -> dict:
     signature = {
         "x_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "meta_ptr": "*u8",
-        "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-        "M": "i32", "N": "i32", "K": "i32",
+        "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "split_ptr": "*i32",
+        "M": "i32", "N": "i32", "K": "i32", "stride_ws": "i32",
         "stride_xm": "i32", "stride_xk": "i32",
         "stride_vn": "i32", "stride_vk": "i32",
         "stride_mn": "i32", "stride_mk": "i32",
         "stride_bias": "i32",
         "stride_om": "i32", "stride_on": "i32",
-        "HAS_BIAS": "constexpr", "INPUT_PRECISION": "constexpr",
+        "HAS_BIAS": "constexpr", "USE_WORKSPACE": "constexpr", "INPUT_PRECISION": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        "GROUP_M": "constexpr",
+        "SPLIT_K": "constexpr",
     }
     signature.update({s: "constexpr" for s in _UNIT_STRIDES})
+    signature = {a: signature[a] for a in _sparse24_mm_kernel.arg_names}  # argument order
     arg_index = _sparse24_mm_kernel.arg_names.index
     return {
         "name": name,
         "kernel": _sparse24_mm_kernel,
         "signature": signature,
-        "constexprs": {"HAS_BIAS": has_bias, "INPUT_PRECISION": "tf32",
-                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+        "constexprs": {"HAS_BIAS": has_bias, "USE_WORKSPACE": split_k > 1,
+                       "INPUT_PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n,
+                       "BLOCK_K": block_k, "SPLIT_K": split_k,
                        **{s: 1 for s in _UNIT_STRIDES}},
         # triton.compiler.ASTSource(attrs=...): {(argument index,): [[attribute, value]]}
         "attrs": {(arg_index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE_16},
         "num_warps": 4,
         "num_stages": 3,
-        "expect": {80: "mma.sync", 90: "wgmma"},
+        # wgmma covers 64 rows per warp group: the BLOCK_M = 16 split-K tiles use mma.sync
+        "expect": {80: "mma.sync", 90: "wgmma" if block_m >= 64 else "mma.sync"},
     }
 
 
 PTX_SPECS = [
     _ptx_spec("sparse24_mm_fp16", "fp16", has_bias=True),
     _ptx_spec("sparse24_mm_bf16", "bf16", has_bias=False),
+    _ptx_spec("sparse24_mm_fp16_splitk", "fp16", True, 16, 64, 128, split_k=4),
+    _ptx_spec("sparse24_mm_bf16_splitk", "bf16", False, 16, 128, 256, split_k=8),
 ]

@@ -93,6 +93,45 @@ def test_every_group_pattern_is_decoded():
     assert torch.equal(decompress24(values, meta), w)
 
 
+def _cfg(block_m, block_n, block_k, split_k):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+            "num_warps": 4, "num_stages": 1}
+
+
+# Fixed configs: split-K (workspace + reduction, also at M > SMALL_M), more splits than
+# K blocks (empty ranges), and one split (the fused epilogue).
+SPLITS = [pytest.param(3, _cfg(16, 32, 32, 1), id="M3-split1"),
+          pytest.param(3, _cfg(16, 64, 32, 3), id="M3-split3"),
+          pytest.param(1, _cfg(16, 32, 32, 8), id="M1-split8-empty-ranges"),
+          pytest.param(17, _cfg(16, 128, 16, 4), id="M17-split4-blockk16")]
+
+
+@pytest.mark.parametrize("k", (100, 256))
+@pytest.mark.parametrize("m,config", SPLITS)
+def test_split_k_and_tiles(m, config, k):
+    x, values, meta, b, w64 = make_case(m, k, 33, torch.float32, True)
+    out = sparse24.sparse24_mm(x, values, meta, b, config=config)
+    check(out, x, values, meta, b, w64, torch.float32, str(config))
+
+
+def test_split_k_is_deterministic():
+    x, values, meta, b, _ = make_case(2, 256, 130, torch.float32, True)
+    config = _cfg(16, 64, 32, 8)
+    first = sparse24.sparse24_mm(x, values, meta, b, config=config)
+    assert all(torch.equal(first, sparse24.sparse24_mm(x, values, meta, b, config=config))
+               for _ in range(3))
+
+
+@pytest.mark.parametrize("config,match", [
+    (_cfg(16, 32, 24, 1), "BLOCK_K = 24 must be a multiple of 16"),
+    (_cfg(16, 32, 32, 9), "SPLIT_K = 9 must be in 1..8"),
+    ({"BLOCK_M": 16}, "must give")])
+def test_bad_config_is_refused(config, match):
+    x, values, meta, b, _ = make_case(3, 64, 7, torch.float16, False)
+    with pytest.raises(ValueError, match=match):
+        sparse24.sparse24_mm(x, values, meta, b, config=config)
+
+
 def test_bfloat16_weights_upcast():
     """bfloat16 values, checked through float32 (exact for bf16), since the
     interpreter's bf16 tl.dot is wrong; the real bf16 path is test_cuda_*."""
