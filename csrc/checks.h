@@ -2,7 +2,7 @@
 //
 // Every check names the argument, the value it got and what is accepted, so a
 // failing call from Python says exactly which tensor is wrong (a RuntimeError
-// raised by TORCH_CHECK).
+// raised by PYFAST_CHECK, message.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +12,8 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+
+#include "message.h"
 
 namespace pyfast {
 
@@ -29,40 +31,40 @@ inline void check_dtype(const at::Tensor& t, const char* name,
                         std::initializer_list<at::ScalarType> dtypes) {
   bool ok = false;
   for (at::ScalarType d : dtypes) ok = ok || t.scalar_type() == d;
-  TORCH_CHECK(ok, name, " has dtype ", t.scalar_type(), "; accepted: ",
+  PYFAST_CHECK(ok, name, " has dtype ", t.scalar_type(), "; accepted: ",
               dtype_list(dtypes));
 }
 
 // `name` must have `dim` dimensions.
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(),
+  PYFAST_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(),
               "-D with shape ", t.sizes());
 }
 
 // `name`.size(`d`) must equal `expected` (described by `what`, e.g. "a.size(0) = M").
 inline void check_size(const at::Tensor& t, const char* name, int64_t d,
                        int64_t expected, const char* what) {
-  TORCH_CHECK(t.size(d) == expected, name, ".size(", d, ") is ", t.size(d),
+  PYFAST_CHECK(t.size(d) == expected, name, ".size(", d, ") is ", t.size(d),
               " (shape ", t.sizes(), "); it must equal ", what, " = ", expected);
 }
 
 // `name` must be on a device of type `type` (and on `like`'s device if given).
 inline void check_device(const at::Tensor& t, const char* name, at::DeviceType type) {
-  TORCH_CHECK(t.device().type() == type, name, " is on ", t.device(),
+  PYFAST_CHECK(t.device().type() == type, name, " is on ", t.device(),
               "; this kernel accepts ", c10::DeviceTypeName(type, /*lower_case=*/true),
               " tensors only");
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name,
                               const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ",
+  PYFAST_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ",
               ref_name, " is on ", ref.device(), "; all tensors must be on one device");
 }
 
 // An optional bias: a floating dtype, 1-D, n values (n described by `what`).
 inline void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const char* what) {
   if (!bias.has_value()) return;
-  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
+  PYFAST_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
               bias->scalar_type(), "; accepted: a floating dtype or None");
   check_dim(*bias, "bias", 1);
   check_size(*bias, "bias", 0, n, what);
@@ -73,10 +75,10 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const c
 // `why` says which) and of group_size. Returns G, the groups per weight row.
 inline int64_t check_int4_groups(int64_t group_size, int64_t K, int64_t k_multiple,
                                  const char* why) {
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
+  PYFAST_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
               "group_size is ", group_size, "; accepted: 32, 64, 128, -1 (per channel)");
-  TORCH_CHECK(K % k_multiple == 0, "x.size(1) = K is ", K, "; ", why);
-  TORCH_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
+  PYFAST_CHECK(K % k_multiple == 0, "x.size(1) = K is ", K, "; ", why);
+  PYFAST_CHECK(group_size == -1 || K % group_size == 0, "x.size(1) = K is ", K,
               "; it must be a multiple of group_size = ", group_size);
   return group_size == -1 ? 1 : K / group_size;
 }
@@ -92,7 +94,7 @@ inline void check_int8_rows(const at::Tensor& a, const at::Tensor& a_scale) {
 
 // The output dtype of the int8 GEMMs: float32, float16 or bfloat16.
 inline void check_out_dtype(at::ScalarType out_dtype) {
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+  PYFAST_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "out_dtype is ", out_dtype, "; accepted: ",
               dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
 }
@@ -110,7 +112,7 @@ inline std::array<int64_t, 3> check_int8_mm_args(
   check_dim(b, "b", 2);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   check_size(b, "b", 1, K, "a.size(1) = K");
-  TORCH_CHECK(K <= max_k, "a.size(1) = K is ", K, "; int8_mm accepts K <= ", max_k,
+  PYFAST_CHECK(K <= max_k, "a.size(1) = K is ", K, "; int8_mm accepts K <= ", max_k,
               " (larger K could overflow the int32 accumulator)");
   check_dtype(b_scale, "b_scale", {at::kFloat});
   check_dim(b_scale, "b_scale", 1);

@@ -265,3 +265,48 @@ def test_cpu_kernel_rejects_meta_tensors(ops):
     # no kernel is registered for other devices; the dispatcher says so
     with pytest.raises(NotImplementedError):
         ops.quantize_per_token(torch.zeros(2, 3, device="meta"))
+
+
+def test_messages_keep_torch_formatting(ops):
+    """csrc/message.h builds messages without iostreams; shapes, dtypes, devices and
+    integers read as TORCH_CHECK's ostream would have written them."""
+    with pytest.raises(RuntimeError) as info:
+        ops.int8_mm(_i8(2, 3), _i8(4, 5), torch.ones(2), torch.ones(4), None, torch.float32)
+    assert str(info.value).splitlines()[0] == (
+        "b.size(1) is 5 (shape [4, 5]); it must equal a.size(1) = K = 3")
+    with pytest.raises(RuntimeError) as info:
+        ops.int8_mm(_i8(2, 3), _i8(3), torch.ones(2), torch.ones(4), None, torch.float32)
+    assert str(info.value).splitlines()[0] == "b must be 2-D, got 1-D with shape [3]"
+
+
+def _torch_check_calls(text):
+    """The argument text of every TORCH_CHECK( ... ) call in C++ source `text`."""
+    calls, start = [], text.find("TORCH_CHECK(")
+    while start != -1:
+        i, depth = start + len("TORCH_CHECK("), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        calls.append(text[start + len("TORCH_CHECK("):i - 1])
+        start = text.find("TORCH_CHECK(", i)
+    return calls
+
+
+def test_checks_with_values_use_pyfast_check():
+    """TORCH_CHECK formats several message arguments with an ostringstream; a message
+    with values goes through PYFAST_CHECK (csrc/message.h) instead. TORCH_CHECK stays
+    only where its message is one string literal, which c10 passes through as is."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "csrc"
+    literal_only = re.compile(r'^[^,]+,\s*("[^"]*"\s*)+$', re.S)
+    offenders = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".h", ".cpp", ".cu") or path.name == "message.h":
+            continue
+        for args in _torch_check_calls(path.read_text()):
+            if not literal_only.match(args.strip()):
+                offenders.append(f"{path.relative_to(root)}: TORCH_CHECK({args.strip()[:60]}...")
+    assert not offenders, "\n".join(offenders)
+    assert _torch_check_calls('TORCH_CHECK(n > 0, "n is ", n);') == ['n > 0, "n is ", n']
+    assert not literal_only.match('n > 0, "n is ", n')

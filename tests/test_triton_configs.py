@@ -37,7 +37,8 @@ def _gpu_configs(monkeypatch):
     monkeypatch.setattr(weight_only, "_INTERPRET", False)
     monkeypatch.setattr(int8_mm, "INTERPRET", False)
     monkeypatch.setattr(sparse24, "_INTERPRET", False)
-    return {"int8_mm": int8_mm._configs(), "sparse24_mm": sparse24._configs(),
+    return {"int8_mm": int8_mm._configs(), "sparse24_mm_small": sparse24._configs(True),
+            "sparse24_mm_large": sparse24._configs(False),
             **{f"{'int4' if int4 else 'int8'}_{'small' if small else 'large'}":
                weight_only._configs(small, int4) for small in (True, False) for int4 in (True, False)}}
 

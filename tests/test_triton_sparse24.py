@@ -24,10 +24,13 @@ from _helpers import (assert_near_exact, assert_same_nonfinite, decompress24, dt
                       random_24, weight_pruning_col, x_with_nonfinite)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the unmarked tests run: CPU tensors in the interpreter, CUDA tensors on a GPU
+# machine (Triton launches nothing on CPU tensors there).
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 INTERPRETED_DTYPES = (torch.float16, torch.float32)
 
 
-def make_case(m, k, n, dtype, bias, device="cpu", x_layout="contiguous"):
+def make_case(m, k, n, dtype, bias, device=DEVICE, x_layout="contiguous"):
     """(x, values, meta, bias, w64): a 2:4 weight with groups of 0, 1 and 2 nonzeros."""
     gen = torch.Generator().manual_seed(1000 * m + 10 * k + n)
     w = random_24(n, k, dtype=dtype, gen=gen)
@@ -88,8 +91,8 @@ def test_every_group_pattern_is_decoded():
             for pos in patterns[(row + g) % len(patterns)]:
                 w[row, 4 * g + pos] = 1.0 + row + 0.25 * pos + 0.01 * g
     values, meta = ops.sparse24_compress(w)
-    out = sparse24.sparse24_mm(torch.eye(k), values, meta, None)
-    torch.testing.assert_close(out, w.t(), rtol=0, atol=0)
+    out = sparse24.sparse24_mm(torch.eye(k, device=DEVICE), values.to(DEVICE), meta.to(DEVICE), None)
+    torch.testing.assert_close(out.cpu(), w.t(), rtol=0, atol=0)
     assert torch.equal(decompress24(values, meta), w)
 
 
@@ -165,7 +168,7 @@ def _nonfinite(kind, dtype, device):
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=dtype_id)
 def test_nonfinite_x_reaches_output(kind, dtype):
-    _nonfinite(kind, dtype, "cpu")
+    _nonfinite(kind, dtype, DEVICE)
 
 
 # --- through the dispatcher -----------------------------------------------------------

@@ -97,7 +97,7 @@ inline void check_x(const at::Tensor& x) {
 
 inline void check_float(const at::Tensor& t, const char* name) {
   check_device(t, name, at::kCPU);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " has dtype ", t.scalar_type(),
+  PYFAST_CHECK(at::isFloatingType(t.scalar_type()), name, " has dtype ", t.scalar_type(),
               "; accepted: a floating dtype");
 }
 

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "../message.h"
+
 namespace pyfast {
 namespace cpu {
 
@@ -42,7 +44,7 @@ inline bool all_finite(const at::Tensor& x) {
       return finite_detail::exponent_never_all_ones(static_cast<const uint16_t*>(p), n,
                                                     uint16_t{0x7c00});
     default:
-      TORCH_CHECK(false, "all_finite: x has dtype ", x.scalar_type(),
+      PYFAST_CHECK(false, "all_finite: x has dtype ", x.scalar_type(),
                   "; accepted: float32, bfloat16, float16");
   }
 }

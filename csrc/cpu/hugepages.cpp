@@ -57,7 +57,7 @@ Mapping* map_huge(size_t bytes) {
   const size_t length = (bytes + kPage - 1) / kPage * kPage;
   void* raw = mmap(nullptr, length + kHuge, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(raw != MAP_FAILED, "hugepage_copy: mmap of ", length + kHuge,
+  PYFAST_CHECK(raw != MAP_FAILED, "hugepage_copy: mmap of ", length + kHuge,
               " bytes failed: ", std::strerror(errno));
   const auto base = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t start = (base + kHuge - 1) / kHuge * kHuge;
@@ -69,7 +69,7 @@ Mapping* map_huge(size_t bytes) {
   if (madvise(p, length, MADV_HUGEPAGE) != 0) {
     const int err = errno;
     munmap(p, length);
-    TORCH_CHECK(false, "hugepage_copy: madvise(MADV_HUGEPAGE) failed: ", std::strerror(err),
+    PYFAST_CHECK(false, "hugepage_copy: madvise(MADV_HUGEPAGE) failed: ", std::strerror(err),
                 " (transparent huge pages not available in this kernel?)");
   }
   return new Mapping{p, length};
@@ -81,7 +81,7 @@ Mapping* map_huge(size_t bytes) {
 // data starts on a 2 MiB boundary of a MADV_HUGEPAGE mapping (Linux only).
 at::Tensor hugepage_copy(const at::Tensor& t) {
   check_device(t, "t", at::kCPU);
-  TORCH_CHECK(t.numel() > 0, "hugepage_copy: t is empty (shape ", t.sizes(), ")");
+  PYFAST_CHECK(t.numel() > 0, "hugepage_copy: t is empty (shape ", t.sizes(), ")");
 #ifdef __linux__
   const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
   Mapping* m = map_huge(bytes);
@@ -92,7 +92,7 @@ at::Tensor hugepage_copy(const at::Tensor& t) {
   out.copy_(t);
   return out;
 #else
-  TORCH_CHECK(false, "hugepage_copy: transparent huge pages are Linux-only");
+  PYFAST_CHECK(false, "hugepage_copy: transparent huge pages are Linux-only");
 #endif
 }
 

@@ -268,7 +268,7 @@ at::Tensor w8a8_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_int8, const a
   check_dim(w_int8, "w_int8", 2);
   check_size(w_int8, "w_int8", 1, K, "x.size(1) = K");
   const int64_t N = w_int8.size(0);
-  TORCH_CHECK(K <= kMaxK, "x.size(1) = K is ", K, "; w8a8_mm accepts K <= ", kMaxK,
+  PYFAST_CHECK(K <= kMaxK, "x.size(1) = K is ", K, "; w8a8_mm accepts K <= ", kMaxK,
               " (larger K could overflow the int32 accumulator)");
   check_dtype(w_scale, "w_scale", {at::kFloat});
   check_dim(w_scale, "w_scale", 1);

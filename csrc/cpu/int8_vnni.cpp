@@ -127,7 +127,7 @@ void check_vnni_weight(const char* op, int64_t K, const at::Tensor& w_vnni,
   check_dtype(w_scale, "w_scale", {at::kFloat});
   check_dim(w_scale, "w_scale", 1);
   const int64_t N = w_scale.size(0);
-  TORCH_CHECK(K <= kMaxK, "K is ", K, "; ", op, " accepts K <= ", kMaxK,
+  PYFAST_CHECK(K <= kMaxK, "K is ", K, "; ", op, " accepts K <= ", kMaxK,
               " (larger K could overflow the int32 accumulator)");
   check_dtype(w_vnni, "w_vnni", {at::kChar});
   check_dim(w_vnni, "w_vnni", 4);

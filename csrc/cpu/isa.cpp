@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "../message.h"
+
 namespace pyfast {
 namespace cpu {
 namespace {
@@ -82,7 +84,7 @@ Isa isa_from_name(const std::string& name) {
   if (name == "avx512" || name == "best") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "scalar") return Isa::kScalar;
-  TORCH_CHECK(false, "isa is '", name, "'; accepted: avx512, avx2, scalar, best");
+  PYFAST_CHECK(false, "isa is '", name, "'; accepted: avx512, avx2, scalar, best");
 }
 
 }  // namespace cpu

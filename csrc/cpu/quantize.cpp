@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_static_cpu(const at::Tensor& x_in,
   check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   check_dim(x_in, "x", 2);
   check_dtype(scale, "scale", {at::kFloat});
-  TORCH_CHECK(scale.numel() == 1, "scale has shape ", scale.sizes(),
+  PYFAST_CHECK(scale.numel() == 1, "scale has shape ", scale.sizes(),
               "; accepted: one value (float32 [1])");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
@@ -189,7 +189,7 @@ void cpu::quantize_per_token_into(const at::Tensor& x, int8_t* q, float* scale) 
   check_device(x, "x", at::kCPU);
   check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   check_dim(x, "x", 2);
-  TORCH_CHECK(x.is_contiguous(), "quantize_per_token_into: x must be contiguous");
+  PYFAST_CHECK(x.is_contiguous(), "quantize_per_token_into: x must be contiguous");
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),

@@ -767,9 +767,9 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
   check_dtype(x_in, "x", {at::kFloat, at::kBFloat16, at::kHalf});
   check_dim(x_in, "x", 2);
   const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(K % 4 == 0, "x.size(1) = K is ", K, "; 2:4 sparsity needs K a multiple of 4");
+  PYFAST_CHECK(K % 4 == 0, "x.size(1) = K is ", K, "; 2:4 sparsity needs K a multiple of 4");
   check_device(values_in, "values", at::kCPU);
-  TORCH_CHECK(values_in.scalar_type() == x_in.scalar_type(), "values has dtype ",
+  PYFAST_CHECK(values_in.scalar_type() == x_in.scalar_type(), "values has dtype ",
               values_in.scalar_type(), " but x has ", x_in.scalar_type(), "; they must match");
   check_dim(values_in, "values", 2);
   const int64_t N = values_in.size(0), G = K / 4;
@@ -782,7 +782,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
   at::Tensor b;
   if (bias.has_value()) {
     check_device(*bias, "bias", at::kCPU);
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
+    PYFAST_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ",
                 bias->scalar_type(), "; accepted: a floating dtype");
     check_dim(*bias, "bias", 1);
     check_size(*bias, "bias", 0, N, "values.size(0) = N");

@@ -51,7 +51,7 @@ at::Tensor split_k_workspace(const at::Tensor& like, size_t bytes, cudaStream_t 
   const int64_t n = static_cast<int64_t>(ceil_div(static_cast<int64_t>(bytes), 16) * 16);
   const auto opts = like.options().dtype(at::kByte);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess,
+  PYFAST_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess,
               "pyfast_C::int4_mm_tc: cudaStreamIsCapturing failed");
   if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
 
@@ -83,15 +83,15 @@ at::Tensor int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& w_tc_in,
   const int64_t M = x_in.size(0), K = x_in.size(1), N = scales.size(0);
   const int64_t G =
       check_int4_groups(group_size, K, 2, "the int4 format needs an even K (two int4 per byte)");
-  TORCH_CHECK(K >= 2, "x.size(1) = K is ", K, "; the CUDA kernel needs K >= 2");
-  TORCH_CHECK(N >= 1 && N <= 65535LL * 64, "scales.size(0) = N is ", N,
+  PYFAST_CHECK(K >= 2, "x.size(1) = K is ", K, "; the CUDA kernel needs K >= 2");
+  PYFAST_CHECK(N >= 1 && N <= 65535LL * 64, "scales.size(0) = N is ", N,
               "; the CUDA kernel accepts 1 <= N <= ", 65535LL * 64);
-  TORCH_CHECK(M <= 0x7fffffff, "x.size(0) = M is ", M, "; the CUDA kernel accepts M < 2**31");
+  PYFAST_CHECK(M <= 0x7fffffff, "x.size(0) = M is ", M, "; the CUDA kernel accepts M < 2**31");
   check_size(scales, "scales", 1, G, "K / group_size (1 for group_size -1)");
   check_size(zeros, "zeros", 0, N, "scales.size(0) = N");
   check_size(zeros, "zeros", 1, G, "K / group_size (1 for group_size -1)");
   const int64_t want[4] = {ceil_div(N, 64), ceil_div(K, 16), 32, 4};
-  TORCH_CHECK(w_tc_in.sizes() == at::IntArrayRef(want), "w_tc has shape ", w_tc_in.sizes(),
+  PYFAST_CHECK(w_tc_in.sizes() == at::IntArrayRef(want), "w_tc has shape ", w_tc_in.sizes(),
               "; for N = ", N, ", K = ", K, " it must be ", at::IntArrayRef(want),
               " = (ceil(N/64), ceil(K/16), 32, 4), the shape repack_int4_tc gives");
   if (bias) {
@@ -131,7 +131,7 @@ at::Tensor int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& w_tc_in,
       zeros_w.const_data_ptr<uint8_t>(), group_size,
       bias ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
       ws.mutable_data_ptr(), stream);
-  TORCH_CHECK(err == cudaSuccess, "pyfast_C::int4_mm_tc CUDA launch failed: ",
+  PYFAST_CHECK(err == cudaSuccess, "pyfast_C::int4_mm_tc CUDA launch failed: ",
               cudaGetErrorString(err));
   return out;
 }

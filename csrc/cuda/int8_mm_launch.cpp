@@ -31,7 +31,7 @@ int out_dtype_code(at::ScalarType t) {
     case at::kHalf: return PYFAST_F16;
     case at::kBFloat16: return PYFAST_BF16;
     default:
-      TORCH_CHECK(false, "out_dtype is ", t, "; accepted: ",
+      PYFAST_CHECK(false, "out_dtype is ", t, "; accepted: ",
                   dtype_list({at::kFloat, at::kHalf, at::kBFloat16}));
   }
 }
@@ -56,9 +56,9 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at
   if (bias.has_value()) check_same_device(*bias, "bias", a_in, "a");
   const auto [M, K, N] = check_int8_mm_args(a_in, b_in, a_scale, b_scale, bias, out_dtype,
                                             PYFAST_INT8_MM_MAX_K);
-  TORCH_CHECK(M <= PYFAST_INT8_MM_MAX_ROWS, "a.size(0) = M is ", M,
+  PYFAST_CHECK(M <= PYFAST_INT8_MM_MAX_ROWS, "a.size(0) = M is ", M,
               "; the CUDA int8_mm accepts M <= ", PYFAST_INT8_MM_MAX_ROWS);
-  TORCH_CHECK(N <= PYFAST_INT8_MM_MAX_ROWS, "b.size(0) = N is ", N,
+  PYFAST_CHECK(N <= PYFAST_INT8_MM_MAX_ROWS, "b.size(0) = N is ", N,
               "; the CUDA int8_mm accepts N <= ", PYFAST_INT8_MM_MAX_ROWS);
   const int out_code = out_dtype_code(out_dtype);
   at::Tensor bias_f;
@@ -76,7 +76,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at
   int sm_count = 0;
   const cudaError_t attr_err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
                                                       a.device().index());
-  TORCH_CHECK(attr_err == cudaSuccess, "pyfast_C::int8_mm: cudaDeviceGetAttribute failed: ",
+  PYFAST_CHECK(attr_err == cudaSuccess, "pyfast_C::int8_mm: cudaDeviceGetAttribute failed: ",
               cudaGetErrorString(attr_err));
   const int64_t ws_elems = pyfast_int8_mm_workspace_elems(M, N, K, sm_count);
   at::Tensor ws;
@@ -88,7 +88,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at
       bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
       out_code, ws.defined() ? ws.mutable_data_ptr<int32_t>() : nullptr, ws_elems, sm_count,
       c10::cuda::getCurrentCUDAStream(a.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "pyfast_C::int8_mm CUDA launch failed: ",
+  PYFAST_CHECK(err == cudaSuccess, "pyfast_C::int8_mm CUDA launch failed: ",
               cudaGetErrorString(err));
   return out;
 }

@@ -42,7 +42,7 @@ inline at::Tensor float_bias(const std::optional<at::Tensor>& bias, const at::Te
   check_same_device(*bias, "bias", x, "x");
   check_dim(*bias, "bias", 1);
   check_size(*bias, "bias", 0, N, n_what);
-  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ", bias->scalar_type(),
+  PYFAST_CHECK(at::isFloatingType(bias->scalar_type()), "bias has dtype ", bias->scalar_type(),
               "; accepted: a floating-point dtype");
   return bias->to(at::kFloat).contiguous();
 }
@@ -51,11 +51,11 @@ inline at::Tensor float_bias(const std::optional<at::Tensor>& bias, const at::Te
 // cores (compute capability >= 8.0); `op` names the caller in the errors.
 inline int sparse_tc_sm_count(int dev, const char* op) {
   int major = 0, sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
+  PYFAST_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
                       cudaSuccess &&
                   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
               op, ": cannot query CUDA device ", dev);
-  TORCH_CHECK(major >= 8, op, " needs sparse tensor cores (compute capability >= 8.0); "
+  PYFAST_CHECK(major >= 8, op, " needs sparse tensor cores (compute capability >= 8.0); "
               "device ", dev, " has ", major, ".x");
   return sms;
 }

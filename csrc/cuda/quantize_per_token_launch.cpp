@@ -25,7 +25,7 @@ int dtype_code(at::ScalarType t) {
     case at::kFloat: return PYFAST_F32;
     case at::kHalf: return PYFAST_F16;
     case at::kBFloat16: return PYFAST_BF16;
-    default: TORCH_CHECK(false, "x has dtype ", t, "; accepted: float32, float16, bfloat16");
+    default: PYFAST_CHECK(false, "x has dtype ", t, "; accepted: float32, float16, bfloat16");
   }
 }
 
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
   check_dtype(x_in, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   check_dim(x_in, "x", 2);
   const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(M <= 0x7fffffff, "x.size(0) = M is ", M,
+  PYFAST_CHECK(M <= 0x7fffffff, "x.size(0) = M is ", M,
               "; the CUDA kernel accepts M <= 2**31 - 1 (one thread block per row)");
   // The kernel reads rows at x + m * row_stride with unit stride along K.
   const bool rows_ok = x_in.stride(1) == 1 && (M <= 1 || x_in.stride(0) >= K);
@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
       x.const_data_ptr(), dtype_code(x.scalar_type()), M, K, row_stride,
       q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "pyfast_C::quantize_per_token CUDA launch failed: ",
+  PYFAST_CHECK(err == cudaSuccess, "pyfast_C::quantize_per_token CUDA launch failed: ",
               cudaGetErrorString(err));
   return {q, scale};
 }

@@ -38,7 +38,7 @@ at::Tensor sparse24_int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& co
                                     const at::Tensor& zeros, int64_t group_size,
                                     const std::optional<at::Tensor>& bias_in) {
   check_device(x_in, "x", at::kCUDA);
-  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+  PYFAST_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
               "x has dtype ", x_in.scalar_type(),
               "; the CUDA kernel sparse24_int4_mm_tc accepts float16, bfloat16 (float32 runs "
               "the reference through torch.ops.pyfast.sparse24_int4_mm_tc)");
@@ -59,18 +59,18 @@ at::Tensor sparse24_int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& co
   const int64_t M = x_in.size(0), K = x_in.size(1), N = scales.size(0);
   const int64_t G = check_int4_groups(
       group_size, K, 8, "the 2:4 + int4 format needs K % 8 == 0 (pyfast/formats.py)");
-  TORCH_CHECK(N <= 65535LL * 64, "scales.size(0) = N is ", N,
+  PYFAST_CHECK(N <= 65535LL * 64, "scales.size(0) = N is ", N,
               "; the CUDA kernel accepts N <= ", 65535LL * 64);
   check_size(scales, "scales", 1, G, "K / group_size (1 for group_size -1)");
   check_size(zeros, "zeros", 0, N, "scales.size(0) = N");
   check_size(zeros, "zeros", 1, G, "K / group_size (1 for group_size -1)");
   const int64_t T16 = (N + 15) / 16, K64 = (K + 63) / 64;
   const int64_t want_codes[4] = {T16, K64, 32, 2}, want_meta[3] = {T16, K64, 32};
-  TORCH_CHECK(codes_in.sizes() == at::IntArrayRef(want_codes), "codes_tc has shape ",
+  PYFAST_CHECK(codes_in.sizes() == at::IntArrayRef(want_codes), "codes_tc has shape ",
               codes_in.sizes(), "; for N = ", N, ", K = ", K, " it must be ",
               at::IntArrayRef(want_codes),
               " = (ceil(N/16), ceil(K/64), 32, 2), the shape repack_sparse24_int4_tc gives");
-  TORCH_CHECK(meta_in.sizes() == at::IntArrayRef(want_meta), "meta_tc has shape ",
+  PYFAST_CHECK(meta_in.sizes() == at::IntArrayRef(want_meta), "meta_tc has shape ",
               meta_in.sizes(), "; for N = ", N, ", K = ", K, " it must be ",
               at::IntArrayRef(want_meta),
               " = (ceil(N/16), ceil(K/64), 32), the shape repack_sparse24_int4_tc gives");
@@ -97,7 +97,7 @@ at::Tensor sparse24_int4_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& co
       x.scalar_type() == at::kHalf ? PYFAST_F16 : PYFAST_BF16, M, N, K,
       ws_bytes > 0 ? workspace.mutable_data_ptr<float>() : nullptr, ws_bytes, sms,
       c10::cuda::getCurrentCUDAStream(dev).stream());
-  TORCH_CHECK(err == cudaSuccess, "pyfast_C::sparse24_int4_mm_tc CUDA launch failed: ",
+  PYFAST_CHECK(err == cudaSuccess, "pyfast_C::sparse24_int4_mm_tc CUDA launch failed: ",
               cudaGetErrorString(err));
   return out;
 }

@@ -29,7 +29,7 @@ namespace {
 at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_in,
                                const at::Tensor& meta_in, const std::optional<at::Tensor>& bias_in) {
   check_device(x_in, "x", at::kCUDA);
-  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+  PYFAST_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
               "x has dtype ", x_in.scalar_type(),
               "; the CUDA kernel sparse24_mm_tc accepts float16, bfloat16 (float32 runs the "
               "reference through torch.ops.pyfast.sparse24_mm_tc)");
@@ -42,12 +42,12 @@ at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_
   check_dim(meta_in, "meta_tc", 3);
 
   const int64_t M = x_in.size(0), K = x_in.size(1), N = values_in.size(0);
-  TORCH_CHECK(K % 4 == 0, "x.size(1) = K is ", K, "; 2:4 sparsity needs K % 4 == 0");
+  PYFAST_CHECK(K % 4 == 0, "x.size(1) = K is ", K, "; 2:4 sparsity needs K % 4 == 0");
   check_size(values_in, "values", 1, K / 2, "K / 2");
   check_size(meta_in, "meta_tc", 0, (N + 15) / 16, "ceil(N / 16)");
   check_size(meta_in, "meta_tc", 1, (K + 63) / 64, "ceil(K / 64)");
   check_size(meta_in, "meta_tc", 2, 32, "32 (lanes)");
-  TORCH_CHECK(N <= 65535LL * 64, "values.size(0) = N is ", N,
+  PYFAST_CHECK(N <= 65535LL * 64, "values.size(0) = N is ", N,
               "; the CUDA kernel accepts N <= ", 65535 * 64);
   const at::Tensor bias = float_bias(bias_in, x_in, N, "values.size(0) = N");
 
@@ -69,7 +69,7 @@ at::Tensor sparse24_mm_tc_cuda(const at::Tensor& x_in, const at::Tensor& values_
       x.scalar_type() == at::kHalf ? PYFAST_F16 : PYFAST_BF16, M, N, K,
       ws_bytes > 0 ? workspace.mutable_data_ptr<float>() : nullptr, ws_bytes, sms,
       c10::cuda::getCurrentCUDAStream(dev).stream());
-  TORCH_CHECK(err == cudaSuccess, "pyfast_C::sparse24_mm_tc CUDA launch failed: ",
+  PYFAST_CHECK(err == cudaSuccess, "pyfast_C::sparse24_mm_tc CUDA launch failed: ",
               cudaGetErrorString(err));
   return out;
 }
