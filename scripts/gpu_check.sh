@@ -6,7 +6,7 @@
 # build/) for the later steps on the same machine:
 #
 #   bash scripts/gpu_check.sh build   # pip install -e . with the CUDA kernels (PYFAST_CUDA=1)
-#   bash scripts/gpu_check.sh tests   # the cuda-marked tests (then: tests all = every test)
+#   bash scripts/gpu_check.sh tests   # the cuda-marked tests (tests cpu: the others, GPU hidden)
 #   bash scripts/gpu_check.sh diag    # the four error tests that crashed on the first GPU run,
 #                                     # without xdist, with a native backtrace
 #   bash scripts/gpu_check.sh bench   # the GPU bench, every op and backend
@@ -66,14 +66,20 @@ case "$step" in
   tests)
     need_gpu
     which=${2:-cuda}
-    marker=(-m cuda)
-    [ "$which" = all ] && marker=()
+    # cuda: the cuda-marked tests, on the GPU. cpu: every other test as CI runs it, with
+    # the GPU hidden (Triton's interpreter on CPU tensors; those tests create CPU tensors
+    # and Triton launches nothing on them where a GPU is visible).
+    case "$which" in
+      cuda) marker=(-m cuda); hide=() ;;
+      cpu) marker=(-m "not cuda"); hide=(env CUDA_VISIBLE_DEVICES=) ;;
+      *) echo "gpu_check: tests $which; accepted: cuda (default), cpu" >&2; exit 2 ;;
+    esac
     workers=()   # pytest-xdist where the image has it
     "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${PYTEST_WORKERS:-12}")
     # No -x: one run should report every failure. --timeout: a hung test fails alone.
     status=0
     PYFAST_TRITON_CONFIGS=${PYFAST_TRITON_CONFIGS:-few} PYFAST_TEST_LOG="$DEST/results.tsv" \
-      timeout "${PYFAST_GPU_TEST_SECONDS:-540}" "$PY" -m pytest tests "${marker[@]}" -q \
+      timeout "${PYFAST_GPU_TEST_SECONDS:-540}" "${hide[@]}" "$PY" -m pytest tests "${marker[@]}" -q \
       -p no:cacheprovider "${workers[@]}" --timeout 300 -rfE \
       --junitxml="$DEST/tests_$which.xml" > "$DEST/tests_$which.log" 2>&1 || status=$?
     tail -n 30 "$DEST/tests_$which.log"
@@ -116,7 +122,7 @@ except RuntimeError as e:
     "$PY" -m bench.run --device cuda --out "$DEST" "${@:2}" 2>&1 | tee "$DEST/bench.log" | tail -n 40
     ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh build | tests [cuda|all] | diag | bench [bench.run args]" >&2
+    echo "usage: bash scripts/gpu_check.sh build | tests [cuda|cpu] | diag | bench [bench.run args]" >&2
     exit 2
     ;;
 esac
