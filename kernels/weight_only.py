@@ -353,6 +353,10 @@ def _check_config(config: Dict, group_size: Optional[int] = None, k: int = 0) ->
     allowed = need | {"num_warps", "num_stages"}
     if not need <= config.keys() or not config.keys() <= allowed:
         raise ValueError(f"config {config} must give {sorted(need)} (and may give num_warps, num_stages)")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):  # tl.arange takes powers of two only
+        v = config[key]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config {key} = {v!r} must be a power of two")
     if not 1 <= config["SPLIT_K"] <= MAX_SPLIT_K:
         raise ValueError(f"config SPLIT_K = {config['SPLIT_K']} must be in 1..{MAX_SPLIT_K}")
     if group_size is not None and k > group_size and group_size % config["BLOCK_K"]:
@@ -449,6 +453,9 @@ def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size
     gs = k if group_size == -1 else group_size
     if config is not None:
         _check_config(config, gs, k)
+        if config["BLOCK_K"] < 32:  # two dots of BLOCK_K / 2, and tl.dot needs K >= 16 on a GPU
+            raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be at least 32 for int4_mm "
+                             "(the tile's even and odd k make two dots of BLOCK_K / 2)")
     one_group = k <= gs  # G == 1: scales[:, 0] is a per-channel scale for the epilogue
 
     def kernel_args(bias_arg, ws, split, stride_ws):

@@ -126,8 +126,10 @@ def test_split_k_is_deterministic():
 
 
 @pytest.mark.parametrize("config,match", [
-    (_cfg(16, 32, 24, 1), "BLOCK_K = 24 must be a multiple of 16"),
+    (_cfg(16, 32, 24, 1), "BLOCK_K = 24 must be a power of two"),
+    (_cfg(16, 32, 8, 1), "BLOCK_K = 8 must be a multiple of 16"),
     (_cfg(16, 32, 32, 9), "SPLIT_K = 9 must be in 1..8"),
+    (_cfg(16, 48, 32, 1), "BLOCK_N = 48 must be a power of two"),
     ({"BLOCK_M": 16}, "must give")])
 def test_bad_config_is_refused(config, match):
     x, values, meta, b, _ = make_case(3, 64, 7, torch.float16, False)

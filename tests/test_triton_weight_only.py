@@ -159,6 +159,15 @@ def test_int4_mm_rejects_a_k_tile_across_groups():
         wo.int4_mm(x, packed, scales, zeros, 32, None, config=_cfg(16, 32, 64, 1))
 
 
+@pytest.mark.parametrize("config,match", [
+    (_cfg(16, 32, 16, 1), "BLOCK_K = 16 must be at least 32 for int4_mm"),
+    (_cfg(16, 24, 32, 1), "BLOCK_N = 24 must be a power of two")])
+def test_int4_mm_rejects_bad_tiles(config, match):
+    x, packed, scales, zeros, _ = _int4_inputs(3, 7, 128, 32, True, torch.float16, False)
+    with pytest.raises(ValueError, match=match):
+        wo.int4_mm(x, packed, scales, zeros, 32, None, config=config)
+
+
 def test_split_k_is_deterministic():
     x, w, s, b = _int8_inputs(2, 130, 256, torch.float32, True)
     config = _cfg(16, 64, 32, 8)
