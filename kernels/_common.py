@@ -1,6 +1,13 @@
 """Small @triton.jit helpers shared by the kernels of pyfast.kernels."""
+import os
+
 import triton
 import triton.language as tl
+
+# Inline PTX where the kernels run on a GPU; Triton's interpreter (TRITON_INTERPRET=1,
+# the CPU tests) cannot run inline assembly, so there the same values come from plain
+# Triton arithmetic (int4_minus_zero below).
+ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") != "1")
 
 
 @triton.jit
@@ -54,6 +61,71 @@ def nibbles_minus_zero(p, shift, zero, dtype: tl.constexpr):
         return bits.to(tl.bfloat16, bitcast=True) - (zero + 128).to(tl.bfloat16)
     else:
         return (q.to(tl.int32) - zero).to(dtype)
+
+
+# One instance of the PTX below dequantizes 4 packed bytes (8 int4 values). Triton packs
+# the 4 uint8 elements into one 32-bit register, element i in byte i ($4), and each
+# 16-bit output's 4 elements into two registers, element 2r in the low half of register r
+# (tl.inline_asm_elementwise, "pack"). $5, $6 hold -(magic + zero) of the 4 elements.
+#   prmt.b32 t, $4, 0, 0x4140   t = [byte 0, 0, byte 1, 0]: bytes 0, 1 in 16-bit lanes
+#                               (PTX ISA, "prmt": selector nibble i picks result byte
+#                               i from the 8 bytes {b, a}; 4 is byte 0 of the zero)
+#   lop3.b32 u, t, 0x000F000F, MAGIC, 0xEA   u = (t & 0x000F000F) | MAGIC: the low nibble
+#                               of each lane in the mantissa of 1024.0 / 128.0, i.e. the
+#                               16-bit floats magic + q (0xEA: the truth table of (a & b) | c)
+#   fma.rn.{f16x2,bf16x2} d, u, ONE, nz      d = (magic + q) - (magic + zero) = q - zero,
+#                               exact (integers the format holds), so the rounding is moot;
+#                               fma, not sub: sub.bf16x2 needs sm_90, fma.rn.bf16x2 sm_80
+#   shr.b32 t, t, 4             the high nibbles, then the same lop3 and fma.
+# 4 prmt + 4 shr + 8 lop3 + 8 fma per 16 values. Plain Triton arithmetic on uint8 tensors
+# instead unpacks every byte into a register of its own and packs the 16-bit results
+# back into pairs for the tensor cores: one prmt per value each way (118 PRMT against 38
+# in the split-K int4_mm loop on sm_90, 363 SASS instructions per iteration against 255).
+_INT4_PTX = """
+{
+.reg .b32 t0, t1, u0, u1, one;
+mov.b32 one, ONE;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 u0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 u1, t1, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TYPE $0, u0, one, $5;
+fma.rn.TYPE $1, u1, one, $6;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+lop3.b32 u0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 u1, t1, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TYPE $2, u0, one, $5;
+fma.rn.TYPE $3, u1, one, $6;
+}
+"""
+INT4_PTX_F16 = tl.constexpr(_INT4_PTX.replace("TYPE", "f16x2").replace("MAGIC", "0x64006400")
+                            .replace("ONE", "0x3C003C00"))
+INT4_PTX_BF16 = tl.constexpr(_INT4_PTX.replace("TYPE", "bf16x2").replace("MAGIC", "0x43004300")
+                             .replace("ONE", "0x3F803F80"))
+
+
+@triton.jit
+def int4_minus_zero(p, zero, dtype: tl.constexpr):
+    """(low, high): q - zero in `dtype`, exactly, for the low nibbles (q = p & 0xF) and the
+    high nibbles (q = p >> 4) of the uint8 tensor p; zero: int32 zero points 0..15,
+    broadcastable to p. float16 / bfloat16 on a GPU: the inline PTX above, 4 bytes per
+    instance; otherwise (float32, the interpreter) nibbles_minus_zero on each nibble."""
+    if ASM and dtype == tl.float16:
+        nz = tl.broadcast_to((-1024 - zero).to(tl.float16), p.shape)
+        low, high = tl.inline_asm_elementwise(
+            INT4_PTX_F16, "=r,=r,=r,=r,r,r,r", [p, nz], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4)
+    elif ASM and dtype == tl.bfloat16:
+        nz = tl.broadcast_to((-128 - zero).to(tl.bfloat16), p.shape)
+        low, high = tl.inline_asm_elementwise(
+            INT4_PTX_BF16, "=r,=r,=r,=r,r,r,r", [p, nz], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=4)
+    else:
+        pw = p.to(tl.uint16)
+        low = nibbles_minus_zero(pw, 0, zero, dtype)
+        high = nibbles_minus_zero(pw, 4, zero, dtype)
+    return low, high
 
 
 CONFIGS_ENV = "PYFAST_TRITON_CONFIGS"

@@ -191,24 +191,42 @@ def w8a8_mm(x, w_int8, w_scale, bias):
     return int8_mm(q, w_int8, q_scale, w_scale, bias, x.dtype)
 
 
+# The JIT specializes a launch on contiguous, aligned tensors: strides equal to 1 become
+# constexpr 1, and pointers and sizes divisible by 16 get a divisibility hint. The specs
+# compile that specialization (without it every load is a scalar ld.global.b8 and the
+# PTX checked is not the kernel that runs).
+_UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_as", "stride_bs", "stride_bias", "stride_on")
+_DIVISIBLE_16 = ("a_ptr", "b_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "out_ptr",
+                 "N", "K", "stride_am", "stride_bn", "stride_om")
+
+
 def _spec(name, out_ty, has_bias, bm, bn, bk, num_warps, num_stages):
+    signature = {
+        "a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+        "bias_ptr": "*fp32", "out_ptr": f"*{out_ty}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "stride_am": "i32", "stride_ak": "i32", "stride_bn": "i32", "stride_bk": "i32",
+        "stride_as": "i32", "stride_bs": "i32", "stride_bias": "i32",
+        "stride_om": "i32", "stride_on": "i32",
+        "HAS_BIAS": "constexpr", "INTERPRET": "constexpr", "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+    }
+    signature.update({a: "constexpr" for a in _UNIT_STRIDES})
+    arg_index = _int8_mm_kernel.arg_names.index
     return {
         "name": name,
         "kernel": _int8_mm_kernel,
-        "signature": {
-            "a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-            "bias_ptr": "*fp32", "out_ptr": f"*{out_ty}",
-            "M": "i32", "N": "i32", "K": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_bn": "i32", "stride_bk": "i32",
-            "stride_as": "i32", "stride_bs": "i32", "stride_bias": "i32",
-            "stride_om": "i32", "stride_on": "i32",
-        },
+        "signature": {a: signature[a] for a in _int8_mm_kernel.arg_names},
         "constexprs": {"HAS_BIAS": has_bias, "INTERPRET": False,
-                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                       **{a: 1 for a in _UNIT_STRIDES}},
+        "attrs": {(arg_index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE_16},
         "num_warps": num_warps, "num_stages": num_stages,
         # int8 tensor-core MMA (Triton 3.7.1's exact spelling on sm_80; wgmma ... s32.s8.s8 on sm_90)
         "expect": {80: "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32",
                    90: "wgmma.mma_async.sync.aligned"},
+        # the int8 tiles load as 16-byte vectors (cp.async), not byte by byte
+        "limits": {"ld.global.b8": 0},
     }
 
 

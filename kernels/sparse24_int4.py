@@ -22,7 +22,7 @@ rounded to 16 bits and every rounding is a float32 one until the final cast -- t
 reference's weight, (q - zero) * scale in float32, times x. The tile is k-major like
 int4_mm's, so the per-row zero points and scales lie along its second axis.
     codes [BLOCK_K/4, BLOCK_N]  byte per group  -> c0 = (b & 15) - z, c1 = (b >> 4) - z
-                                (kept values only; _common.nibbles_minus_zero)
+                                (kept values only; _common.int4_minus_zero)
     meta  [BLOCK_K/8, BLOCK_N]  each byte loaded once, repeated for its two groups
                                 in registers, shifted by 4 (j % 2)
                                 -> idx0 = bits 0-1, idx1 = bits 2-3
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset, nibbles_minus_zero
+from ._common import config_subset, int4_minus_zero
 from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
                           _group_params, _int4_spec, _interpreted_bf16, _k_block_range,
                           _launch, _store_partial, _tile_ids)
@@ -122,7 +122,7 @@ def _sparse24_int4_mm_kernel(
         # The weight tile is built k-major, [BLOCK_K, BLOCK_N] like int4_mm's, so that
         # the per-row zero points and scales run along the tile's second axis.
         codes = tl.load(p_cols + j[:, None] * stride_pk, mask=(j[:, None] < K_PACKED) & mask_n,
-                        other=0).to(tl.uint16)                           # [QK, BLOCK_N]
+                        other=0)                                         # [QK, BLOCK_N] uint8
         # Each meta byte is loaded once, [QK / 2, BLOCK_N], and repeated for its two
         # groups in registers. (Loading byte j // 2 per group instead made every meta
         # load a scalar ld.global.b8: the addresses repeat, so nothing vectorises.)
@@ -139,8 +139,9 @@ def _sparse24_int4_mm_kernel(
                                        stride_zn, stride_zg, stride_sn, stride_sg, g)
             z = z[None, :]
         # The kept values only (a quarter of the dense tile) are dequantized, in x's dtype.
-        c0 = nibbles_minus_zero(codes, 0, z, x.dtype)[:, None, :]       # [QK, 1, BLOCK_N]
-        c1 = nibbles_minus_zero(codes, 4, z, x.dtype)[:, None, :]
+        c0, c1 = int4_minus_zero(codes, z, x.dtype)                     # [QK, BLOCK_N] each
+        c0 = c0[:, None, :]                                              # [QK, 1, BLOCK_N]
+        c1 = c1[:, None, :]
         idx0 = (meta & 3)[:, None, :]
         idx1 = ((meta >> 2) & 3)[:, None, :]
         # Broadcast over p and one reshape (not tl.join: see kernels/sparse24.py).
@@ -204,14 +205,14 @@ def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, ze
 
 # --- ahead-of-time compile specs (tests/test_triton_ptx.py; see weight_only.py) -------------
 
-def _ptx_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1):
+def _ptx_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1, num_warps=4):
     return _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k,
-                      kernel=_sparse24_int4_mm_kernel, with_meta=True)
+                      kernel=_sparse24_int4_mm_kernel, with_meta=True, num_warps=num_warps)
 
 
 PTX_SPECS = [
     _ptx_spec("sparse24_int4_mm_fp16_grouped", "fp16", False, 64, 128, 64),
-    _ptx_spec("sparse24_int4_mm_bf16_grouped", "bf16", False, 128, 128, 32),
+    _ptx_spec("sparse24_int4_mm_bf16_grouped", "bf16", False, 128, 128, 32, num_warps=8),
     _ptx_spec("sparse24_int4_mm_fp16_per_channel", "fp16", True, 64, 128, 64),
     _ptx_spec("sparse24_int4_mm_bf16_grouped_splitk", "bf16", False, 16, 64, 128, split_k=8),
 ]

@@ -16,7 +16,9 @@ in registers, tile by tile, right before the tensor-core `tl.dot`:
   is split in registers into its even and odd columns, and the tile's product is
   two dots of half the depth. q - zero is an integer in [-15, 15], exact in
   float16 and bfloat16, made without int -> float conversions
-  (_common.nibbles_minus_zero); the scale multiplies AFTER the dots, in float32:
+  (_common.int4_minus_zero: on the GPU inline PTX on packed registers, 4 bytes
+  per instance, in Triton's arithmetic elsewhere); the scale multiplies AFTER the
+  dots, in float32:
       acc += (dot(x_even, q_low - zero) + dot(x_odd, q_high - zero)) * scale[g]
                                    (BLOCK_K divides group_size, so a K tile lies in one group)
   or, for one group per row (group_size = -1, or = K), once in the epilogue like
@@ -61,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset, nibbles_minus_zero
+from ._common import config_subset, int4_minus_zero
 
 Tensor = torch.Tensor
 
@@ -257,11 +259,24 @@ def _int4_mm_kernel(
     mask_n1 = offs_n < N
     mask_n = mask_n1[None, :]
 
+    first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
     if ONE_GROUP:  # the zero point of the row, loaded once
         zero = tl.load(zero_ptr + offs_n * stride_zn, mask=mask_n1, other=0).to(tl.int32)
+    else:
+        # Group g of the first K block. Its scale is loaded one block ahead (loop-carried)
+        # so that a cache miss overlaps a block's work; the scales are plain loads, which
+        # Triton does not pipeline (they feed no dot operand). The zero point is loaded in
+        # its block: 32 groups share a 32-byte sector, so after a row's first group it
+        # comes from L1, and loading it ahead too made Triton convert the whole dequantized
+        # tile through shared memory (STS/LDS per value, sm_90 bf16 split-K spec) instead
+        # of the zero vector. A counter replaces the division k0 // GROUP_SIZE.
+        blocks_per_group = GROUP_SIZE // BLOCK_K   # BLOCK_K divides GROUP_SIZE here
+        g = tl.minimum(first // blocks_per_group, (K - 1) // GROUP_SIZE)  # empty split: in bounds
+        left = blocks_per_group - first % blocks_per_group  # blocks of group g from `first`
+        scale_next = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n1,
+                             other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
     for kb in range(first, last):
         k0 = kb * BLOCK_K
         k = k0 + offs_k
@@ -276,20 +291,26 @@ def _int4_mm_kernel(
         # ld.global.b8, outside the pipeline: the kernel the H100 run measured.)
         b = k0 // 2 + offs_b
         p = tl.load(p_cols + b[:, None] * stride_pk, mask=(b[:, None] < K_PACKED) & mask_n, other=0)
-        p = p.to(tl.uint16)
         if ONE_GROUP:
-            acc = tl.dot(x_even, nibbles_minus_zero(p, 0, zero[None, :], x.dtype), acc,
-                         input_precision=INPUT_PRECISION)
-            acc = tl.dot(x_odd, nibbles_minus_zero(p, 4, zero[None, :], x.dtype), acc,
-                         input_precision=INPUT_PRECISION)
+            w_even, w_odd = int4_minus_zero(p, zero[None, :], x.dtype)
+            acc = tl.dot(x_even, w_even, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x_odd, w_odd, acc, input_precision=INPUT_PRECISION)
         else:
-            g = k0 // GROUP_SIZE  # the whole tile lies in group g
-            zero_g, scale_g = _group_params(zero_ptr, scale_ptr, offs_n, mask_n1,
-                                            stride_zn, stride_zg, stride_sn, stride_sg, g)
-            part = tl.dot(x_even, nibbles_minus_zero(p, 0, zero_g[None, :], x.dtype),
-                          input_precision=INPUT_PRECISION)
-            part = tl.dot(x_odd, nibbles_minus_zero(p, 4, zero_g[None, :], x.dtype), part,
-                          input_precision=INPUT_PRECISION)
+            # This block lies in group g (BLOCK_K divides group_size). Then the next
+            # block's scale: the same group, the next one, or past the last block the
+            # last group again (an in-bounds load, never used).
+            scale_g = scale_next
+            zero_g = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n1,
+                             other=0).to(tl.int32)
+            left -= 1
+            if left == 0:
+                g = tl.minimum(g + 1, (K - 1) // GROUP_SIZE)
+                left = blocks_per_group
+            scale_next = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n1,
+                                 other=0.0).to(tl.float32)
+            w_even, w_odd = int4_minus_zero(p, zero_g[None, :], x.dtype)
+            part = tl.dot(x_even, w_even, input_precision=INPUT_PRECISION)
+            part = tl.dot(x_odd, w_odd, part, input_precision=INPUT_PRECISION)
             acc += part * scale_g[None, :]
 
     if USE_WORKSPACE:
@@ -321,7 +342,10 @@ def _configs(small_m: bool, int4: bool) -> List[triton.Config]:
         return [_config(16, bn, bk, split) for bn, bk in tiles for split in (1, 2, 4, 8)]
     # Prefill-like M: square-ish tiles; BLOCK_M >= 64 with 4 warps gives wgmma on sm_90.
     bk = (32, 64) if int4 else (64, 128)
-    return [_config(64, 128, bk[1], 1), _config(128, 128, bk[1], 1, stages=3),
+    # int4 keeps a second accumulator (`part`, scaled per group), so a 128 x 128 tile
+    # takes 8 warps: with 4, 2 x 128 float32 per thread spill (sm_90 SASS: 38 STL per
+    # K block, scripts/triton_sass.py).
+    return [_config(64, 128, bk[1], 1), _config(128, 128, bk[1], 1, warps=8 if int4 else 4, stages=3),
             _config(128, 64, bk[1], 1), _config(64, 64, bk[0], 1),
             _config(128, 128, bk[0], 1, warps=8, stages=3), _config(128, 256, bk[0], 1, warps=8, stages=3)]
 
@@ -505,7 +529,7 @@ def _int8_spec(name, ty, block_m, block_n, block_k, split_k=1):
 
 
 def _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1,
-               kernel=None, with_meta=False):
+               kernel=None, with_meta=False, num_warps=4):
     """A spec of _int4_mm_kernel, or of `kernel` with int4's arguments plus, when
     with_meta, a uint8 meta_ptr with strides (stride_mn, stride_mk): the 2:4 + int4
     kernel of kernels/sparse24_int4.py."""
@@ -527,12 +551,19 @@ def _int4_spec(name, ty, one_group, block_m, block_n, block_k, split_k=1,
     spec = _spec(name, kernel or _int4_mm_kernel, pointers, ints, unit, div16, {
         "HAS_BIAS": True, "ONE_GROUP": one_group, "USE_WORKSPACE": split_k > 1,
         "INPUT_PRECISION": "tf32",
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k})
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+        num_warps=num_warps)
     # Upper bounds on PTX instructions (tests/test_triton_ptx.py): the packed weights
-    # are not loaded byte by byte (what is left are the zero points' loads; a tile
-    # loaded per k had 64-80 ld.global.b8), and the nibbles reach float16/bfloat16
-    # without int -> float conversions (left: the zero points', at most 4).
-    spec["limits"] = {"ld.global.b8": 8, "cvt int->16-bit float": 4}
+    # are not loaded byte by byte (what is left are the zero points' loads, one per
+    # column a thread holds: up to 16 in the 8-warp 128 x 128 tile on sm_80; a weight
+    # tile loaded per k had 64-80 ld.global.b8), and the nibbles reach float16/bfloat16
+    # without int -> float conversions (left: the zero points', at most 4). And a lower
+    # bound: the nibbles go through _common.int4_minus_zero's inline PTX; in int4_mm no
+    # byte is unpacked into a 16-bit register of its own (shr.u16: 32 per tile before).
+    spec["limits"] = {"ld.global.b8": 16, "cvt int->16-bit float": 4}
+    if kernel is None:
+        spec["limits"]["shr.u16"] = 0
+    spec["minimums"] = {"int4 inline PTX": 1}
     return spec
 
 
@@ -542,7 +573,7 @@ PTX_SPECS = [
     _int8_spec("int8_weight_mm_fp16_splitk", "fp16", 16, 64, 128, split_k=4),
     _int8_spec("int8_weight_mm_bf16_splitk", "bf16", 16, 128, 128, split_k=8),
     _int4_spec("int4_mm_fp16_grouped", "fp16", False, 64, 128, 64),
-    _int4_spec("int4_mm_bf16_grouped", "bf16", False, 128, 128, 32),
+    _int4_spec("int4_mm_bf16_grouped", "bf16", False, 128, 128, 32, num_warps=8),
     _int4_spec("int4_mm_fp16_per_channel", "fp16", True, 64, 128, 64),
     _int4_spec("int4_mm_bf16_per_channel", "bf16", True, 64, 64, 32),
     _int4_spec("int4_mm_fp16_grouped_splitk", "fp16", False, 16, 128, 64, split_k=2),

@@ -40,9 +40,13 @@ for spec in mod.PTX_SPECS:
             ptx, error = "", f"{type(exc).__name__}: {exc}"
         expect = spec["expect"].get(arch)
         counts = {"ld.global.b8": ptx.count("ld.global.b8"),
-                  "cvt int->16-bit float": len(re.findall(r"cvt\.rn\.b?f16\.[su](?:8|16|32)\b", ptx))}
+                  "cvt int->16-bit float": len(re.findall(r"cvt\.rn\.b?f16\.[su](?:8|16|32)\b", ptx)),
+                  "shr.u16": ptx.count("shr.u16"),
+                  # _common.int4_minus_zero's PTX: its nibble mask, once per lop3
+                  "int4 inline PTX": ptx.count("0x000F000F")}
         print(json.dumps({"name": spec["name"], "arch": arch, "expect": expect, "error": error,
-                          "limits": spec.get("limits", {}), "counts": counts,
+                          "limits": spec.get("limits", {}), "minimums": spec.get("minimums", {}),
+                          "counts": counts,
                           "found": None if expect is None else (expect in ptx),
                           "fma_only": "fma.rn" in ptx and "mma" not in ptx}))
 """
@@ -74,12 +78,17 @@ def test_kernels_lower_to_tensor_core_instructions(compiled, module):
             assert r["counts"][what] <= most, (
                 f"{where}: {r['counts'][what]} PTX instructions of kind {what!r}, at most {most} "
                 "expected (see the spec's limits)")
+        for what, least in r["minimums"].items():
+            assert r["counts"][what] >= least, (
+                f"{where}: {r['counts'][what]} PTX instructions of kind {what!r}, at least {least} "
+                "expected (see the spec's minimums)")
 
 
 def test_limits_are_checked(compiled):
     """The int4 kernels carry instruction limits, and the counter finds the
-    instructions it counts: both limits are reached by some kernel on some arch."""
+    instructions it counts: every limited kind occurs in some kernel on some arch,
+    and the int4 kernels of 16-bit activations all embed the inline PTX."""
     rows = [r for mod in ("weight_only", "sparse24_int4") for r in compiled[mod]]
-    assert rows and all(r["limits"] for r in rows if "int4" in r["name"])
-    for what in ("ld.global.b8", "cvt int->16-bit float"):
+    assert rows and all(r["limits"] and r["minimums"] for r in rows if "int4" in r["name"])
+    for what in ("ld.global.b8", "cvt int->16-bit float", "shr.u16", "int4 inline PTX"):
         assert any(r["counts"][what] > 0 for r in rows), f"no kernel has any {what!r}: is the pattern right?"

@@ -24,7 +24,7 @@ from _helpers import (assert_near_exact, dequant_int4, dtype_id, rotated_product
                       strided, transposed)
 
 from pyfast.kernels import weight_only as wo
-from pyfast.kernels._common import nibbles_minus_zero
+from pyfast.kernels._common import int4_minus_zero, nibbles_minus_zero
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -140,9 +140,12 @@ def test_int8_weight_mm_split_k(m, config):
     _check_int8(wo.int8_weight_mm(x, w, s, b, config=config), x, w, s, b)
 
 
-@pytest.mark.parametrize("k,gs", [(256, 32), (256, 128), (130, -1)], ids=["g32", "g128", "per-channel"])
+@pytest.mark.parametrize("k,gs", [(256, 32), (256, 128), (128, 64), (130, -1)],
+                         ids=["g32", "g128", "g64-4-blocks", "per-channel"])
 @pytest.mark.parametrize("m,config", SPLITS)
 def test_int4_mm_split_k(m, config, k, gs):
+    """Splits that start inside a group (the scale loaded one block ahead follows the
+    group counter), and, for K = 128, splits with no K block at all."""
     x, packed, scales, zeros, b = _int4_inputs(m, 33, k, gs, False, torch.float32, True)
     _check_int4(wo.int4_mm(x, packed, scales, zeros, gs, b, config=config), x, packed, scales, zeros, gs, b)
 
@@ -234,11 +237,14 @@ def test_cuda_bfloat16_split_k(m, config):
     _check_int8(wo.int8_weight_mm(x, w, s, b, config=config), x, w, s, b)
 
 
-# --- the nibble dequantization (kernels/_common.py nibbles_minus_zero) ---------------------
+# --- the nibble dequantization (kernels/_common.py) -----------------------------------------
 #
 # The int4 kernels' tests above cannot check it for bfloat16 on CPU (the interpreter's
 # bfloat16 tl.dot is wrong), so it is checked alone here, without a dot, for every
-# byte, both nibbles, every zero point and every activation dtype.
+# byte, both nibbles, every zero point and every activation dtype. On a GPU,
+# int4_minus_zero runs its inline PTX (float16 / bfloat16), so the second test below is
+# the GPU check of that PTX; on CPU it runs the plain Triton arithmetic, and
+# tests/test_triton_int4_ptx.py checks the PTX text instruction by instruction.
 
 @triton.jit
 def _nibbles_kernel(p_ptr, z_ptr, out_ptr, SHIFT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
@@ -250,20 +256,49 @@ def _nibbles_kernel(p_ptr, z_ptr, out_ptr, SHIFT: tl.constexpr, R: tl.constexpr,
     tl.store(out_ptr + r * C + c, nibbles_minus_zero(p, SHIFT, z, out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _int4_pairs_kernel(p_ptr, z_ptr, low_ptr, high_ptr, R: tl.constexpr, C: tl.constexpr):
+    # p uint8 [R, C], z uint8 [C], low / high [R, C] of the dtype under test; contiguous.
+    r = tl.arange(0, R)[:, None]
+    c = tl.arange(0, C)[None, :]
+    p = tl.load(p_ptr + r * C + c)
+    z = tl.load(z_ptr + c).to(tl.int32)
+    low, high = int4_minus_zero(p, z, low_ptr.dtype.element_ty)
+    tl.store(low_ptr + r * C + c, low)
+    tl.store(high_ptr + r * C + c, high)
+
+
+def _every_byte_and_zero():
+    byte = torch.arange(256, dtype=torch.int32)[:, None]          # every byte ...
+    zero = torch.arange(16, dtype=torch.int32)                    # ... against every zero point
+    p = byte.expand(256, 16).to(torch.uint8).contiguous().to(DEVICE)
+    return byte, zero, p, zero.to(torch.uint8).to(DEVICE)
+
+
 @pytest.mark.parametrize("shift", [0, 4], ids=["low", "high"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_nibbles_minus_zero_is_exact(dtype, shift):
     """On a GPU for bfloat16 too. The interpreter converts int32 to bfloat16 wrongly and
     subtracts bfloat16 wrongly (128 - 128 gives 64 in Triton 3.7), so on CPU the
-    bfloat16 bit trick is checked by the next test, in torch."""
-    byte = torch.arange(256, dtype=torch.int32)[:, None]          # every byte ...
-    zero = torch.arange(16, dtype=torch.int32)                    # ... against every zero point
-    p = byte.expand(256, 16).to(torch.uint8).contiguous().to(DEVICE)
-    z = zero.to(torch.uint8).to(DEVICE)
+    bfloat16 bit trick is checked by the test after next, in torch."""
+    byte, zero, p, z = _every_byte_and_zero()
     out = torch.empty(256, 16, dtype=dtype, device=DEVICE)
     _nibbles_kernel[(1,)](p, z, out, SHIFT=shift, R=256, C=16)
     expected = ((byte >> shift) & 0xF) - zero[None, :]             # integers in [-15, 15]
     assert torch.equal(out.cpu().double(), expected.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int4_minus_zero_is_exact(dtype):
+    """Both nibbles of every byte against every zero point; on a GPU through the inline
+    PTX (4 bytes per instance, so the 16 zero points per row also check which element
+    of a pack meets which zero)."""
+    byte, zero, p, z = _every_byte_and_zero()
+    low = torch.empty(256, 16, dtype=dtype, device=DEVICE)
+    high = torch.empty_like(low)
+    _int4_pairs_kernel[(1,)](p, z, low, high, R=256, C=16)
+    assert torch.equal(low.cpu().double(), ((byte & 0xF) - zero[None, :]).double())
+    assert torch.equal(high.cpu().double(), ((byte >> 4) - zero[None, :]).double())
 
 
 @pytest.mark.parametrize("dtype,magic", [(torch.float16, 0x6400), (torch.bfloat16, 0x4300)],

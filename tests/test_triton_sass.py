@@ -1,0 +1,48 @@
+"""scripts/triton_sass.py: the loop finder on a made-up disassembly, and, compiled for
+sm_90 without a GPU, the split-K int4_mm loop's size as a regression bound (Triton is
+pinned, pyproject.toml). That loop took 363 SASS instructions per K block, 118 of them
+PRMT, when the nibbles were unpacked in plain Triton arithmetic; with the inline PTX of
+kernels/_common.py it takes 247 (README, "Performance")."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_sass.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import triton_sass  # noqa: E402
+
+FAKE = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/              @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/                   PRMT R3, R2, 0x4140, RZ ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_longest_loop_takes_backward_branches_only():
+    instrs, loop = triton_sass.longest_loop(FAKE)
+    assert len(instrs) == 8
+    assert [triton_sass.opcode(i) for i in loop] == ["IADD3", "PRMT", "BRA"]
+
+
+def test_split_k_int4_loop_stays_small():
+    # In a fresh interpreter without TRITON_INTERPRET (set for this test session when
+    # there is no GPU; interpreted kernels cannot be compiled), as test_triton_ptx does.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "weight_only", "--arch", "90",
+                           "--only", "int4_mm_fp16_grouped_splitk", "--dump"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loop = [line.strip() for line in proc.stdout.splitlines() if line.startswith("      ")]
+    ops = [triton_sass.opcode(i) for i in loop]
+    assert ops.count("HMMA.16816.F32") == 16          # BLOCK_M 16 x BLOCK_N 128 x BLOCK_K 64, 4 warps
+    assert len(ops) <= 280 and ops.count("PRMT") <= 48, (len(ops), ops.count("PRMT"))
