@@ -3,22 +3,27 @@
 W [N, K] is 2:4 sparse along K and stored as (values [N, K/2], meta uint8 [N, K/4])
 (pyfast/formats.py). The kernel reads only the compressed form -- half the weight
 values plus a byte per group of four, about 56% (fp16/bf16) or 53% (fp32) of the
-dense weight bytes -- and rebuilds each dense [BLOCK_K, BLOCK_N] tile in registers
-before a dense tensor-core `tl.dot`. At small M the matmul is bound by reading the
-weight, so reading fewer bytes is the whole win; the tensor cores do the zeros too
-(this is not the sparse-tensor-core mma.sp path, which needs another metadata
-layout and a repack op of its own).
+dense weight bytes -- and rebuilds the dense weight in registers for dense
+tensor-core `tl.dot`s. At small M the matmul is bound by reading the weight, so
+reading fewer bytes is the whole win; the tensor cores do the zeros too (this is not
+the sparse-tensor-core mma.sp path, which needs another metadata layout and a repack
+op of its own).
 
-Expansion of one tile, along the contiguous K axis of each weight row so the loads
-are 16-byte vectors (cp.async on sm_80+) and the shuffles stay inside a thread's
-registers:
-    v      [BLOCK_N, BLOCK_K/2]  loaded -> split into v0, v1 [BLOCK_N, BLOCK_K/4]
-                                           (the first / second kept value of a group)
-    meta   [BLOCK_N, BLOCK_K/4]  loaded -> idx0 = bits 0-1, idx1 = bits 2-3
-    w[n, g, p] = v0 if idx0 == p, v1 if idx1 == p, else 0    (broadcast over p = 0..3)
-    w reshaped to [BLOCK_N, BLOCK_K] (k = 4g + p), then acc += x_tile @ w.T.
+One K tile, k-major ([k, n]) so that the loads run along the contiguous K axis of
+each weight row (16-byte vectors, cp.async on sm_80+):
+    v      [BLOCK_K/2, BLOCK_N]  loaded -> v0, v1 [BLOCK_K/4, BLOCK_N]: the first /
+                                           second kept value of each group of 4
+    meta   [BLOCK_K/4, BLOCK_N]  loaded -> idx0 = bits 0-1, idx1 = bits 2-3
+    x      [BLOCK_M, BLOCK_K]    loaded -> x_p [BLOCK_M, BLOCK_K/4], p = 0..3: the
+                                           columns k = 4j + p, split in registers
+    w_p[j, n] = v0 if idx0 == p, v1 if idx1 == p, else 0
+    acc += x_0 @ w_0 + x_1 @ w_1 + x_2 @ w_2 + x_3 @ w_3      (four dots of BLOCK_K / 4)
 Both kept slots are tested at every position, so the kernel does not rely on
-idx0 < idx1.
+idx0 < idx1. Four dots of a quarter depth instead of one dense [BLOCK_K, BLOCK_N]
+tile: the dense tile had to be built by a broadcast over p and a reshape, which
+Triton lowered to one 16-bit shared-memory store per dense value and a reload (sm_90
+SASS of the split-K fp16 spec, scripts/triton_sass.py: 986 instructions per K block,
+64 STS.U16; now 592 and none).
 
 Tensor cores: fp16/bf16 -> mma.sync (sm_80), wgmma (sm_90, when BLOCK_M >= 64 and
 num_warps is a multiple of 4); float32 runs with input_precision="ieee" (no TF32)
@@ -93,7 +98,7 @@ def _sparse24_mm_kernel(
     HAS_BIAS: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,     # split-K path: partial sums to ws, no epilogue
     INPUT_PRECISION: tl.constexpr,   # "ieee" for float32 (no TF32); ignored for 16-bit inputs
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K % 4 == 0
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # >= 64 on a GPU
     SPLIT_K: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N)
@@ -107,10 +112,10 @@ def _sparse24_mm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # 64-bit row offsets: M * stride_xm or N * stride_vn may pass 2**31.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm      # [BLOCK_M, 1]
-    v_rows = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn      # [BLOCK_N, 1]
-    m_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_mn   # [BLOCK_N, 1]
+    v_cols = v_ptr + offs_n.to(tl.int64)[None, :] * stride_vn      # [1, BLOCK_N]
+    m_cols = meta_ptr + offs_n.to(tl.int64)[None, :] * stride_mn   # [1, BLOCK_N]
+    mask_n = mask_n[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
@@ -120,25 +125,28 @@ def _sparse24_mm_kernel(
         # and masking x, values and meta separately keeps them consistent.
         x = tl.load(x_rows + (k_start + offs_k)[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
-        v = tl.load(v_rows + (k_start // 2 + offs_h)[None, :] * stride_vk,
-                    mask=mask_n[:, None] & (offs_h[None, :] < (K - k_start) // 2), other=0.0)
-        meta = tl.load(m_rows + (k_start // 4 + offs_g)[None, :] * stride_mk,
-                       mask=mask_n[:, None] & (offs_g[None, :] < (K - k_start) // 4), other=0)
-
-        # Rebuild the dense [BLOCK_N, BLOCK_K] weight tile in registers: position p of
-        # group g gets v0 where idx0 == p, v1 where idx1 == p, else 0. Built with a
-        # broadcast over p and one reshape (not tl.join: sm_90's dot-operand hoisting
-        # aborts on a joined operand, "Illegal shared layout", in Triton 3.7).
-        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, QK, 2)))   # [BLOCK_N, QK] each
-        meta = meta.to(tl.int32)
-        idx0 = (meta & 3)[:, :, None]                          # [BLOCK_N, QK, 1]
-        idx1 = ((meta >> 2) & 3)[:, :, None]
-        pos = tl.arange(0, 4)[None, None, :]                   # [1, 1, 4]
-        w = tl.where(idx0 == pos, v0[:, :, None],
-                     tl.where(idx1 == pos, v1[:, :, None], 0.0).to(v0.dtype))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))                  # k = 4g + p
-
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        h = k_start // 2 + offs_h                                      # kept-value slot
+        v = tl.load(v_cols + h[:, None] * stride_vk, mask=(h[:, None] < K // 2) & mask_n, other=0.0)
+        j = k_start // 4 + offs_g                                      # group of 4
+        meta = tl.load(m_cols + j[:, None] * stride_mk, mask=(j[:, None] < K // 4) & mask_n,
+                       other=0).to(tl.int32)
+        # [2 QK, BLOCK_N] -> [QK, BLOCK_N, 2] -> the first and second kept values
+        v0, v1 = tl.split(tl.permute(tl.reshape(v, (QK, 2, BLOCK_N)), (0, 2, 1)))
+        idx0 = meta & 3
+        idx1 = (meta >> 2) & 3
+        # x's columns by position in the group: k = 4j + 2a + b -> [BLOCK_M, QK, a, b]
+        xb0, xb1 = tl.split(tl.reshape(x, (BLOCK_M, QK, 2, 2)))
+        x0, x2 = tl.split(xb0)
+        x1, x3 = tl.split(xb1)
+        zero = tl.zeros_like(v0)
+        acc = tl.dot(x0, tl.where(idx0 == 0, v0, tl.where(idx1 == 0, v1, zero)), acc,
+                     input_precision=INPUT_PRECISION)
+        acc = tl.dot(x1, tl.where(idx0 == 1, v0, tl.where(idx1 == 1, v1, zero)), acc,
+                     input_precision=INPUT_PRECISION)
+        acc = tl.dot(x2, tl.where(idx0 == 2, v0, tl.where(idx1 == 2, v1, zero)), acc,
+                     input_precision=INPUT_PRECISION)
+        acc = tl.dot(x3, tl.where(idx0 == 3, v0, tl.where(idx1 == 3, v1, zero)), acc,
+                     input_precision=INPUT_PRECISION)
 
     if USE_WORKSPACE:
         _store_partial(acc, offs_m, offs_n, M, N, ws_ptr, stride_ws, split_ptr, SPLIT_K)
@@ -167,9 +175,10 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor],
         return out
     if config is not None:
         _check_config(config)
-        if config["BLOCK_K"] % 16:
-            raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be a multiple of 16 "
-                             "(tl.dot's smallest K on the GPU; whole groups of 4)")
+        if config["BLOCK_K"] < 64:
+            raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be at least 64 (four dots "
+                             "of BLOCK_K / 4, one per position in a group of 4; tl.dot needs "
+                             "K >= 16 on a GPU)")
 
     def kernel_args(bias_arg, ws, split, stride_ws):
         return (x, values, meta, bias_arg, out, ws, split, m, n, k, stride_ws,

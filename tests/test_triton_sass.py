@@ -1,8 +1,7 @@
 """scripts/triton_sass.py: the loop finder on a made-up disassembly, and, compiled for
 sm_90 without a GPU, the split-K int4_mm loop's size as a regression bound (Triton is
-pinned, pyproject.toml). That loop took 363 SASS instructions per K block, 118 of them
-PRMT, when the nibbles were unpacked in plain Triton arithmetic; with the inline PTX of
-kernels/_common.py it takes 247 (README, "Performance")."""
+pinned, pyproject.toml), and the split-K sparse24_mm loop's likewise (README,
+"Performance"): 363 -> 247 and 986 -> 592 SASS instructions per K block."""
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_sass.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
+import pytest  # noqa: E402
 import triton_sass  # noqa: E402
 
 FAKE = """
@@ -34,15 +34,22 @@ def test_longest_loop_takes_backward_branches_only():
     assert [triton_sass.opcode(i) for i in loop] == ["IADD3", "PRMT", "BRA"]
 
 
-def test_split_k_int4_loop_stays_small():
+@pytest.mark.parametrize("module,spec,hmma,most,bounds", [
+    # 16 x 128 x 64 tile, 4 warps: 16 HMMA per K block; was 363 instructions, 118 PRMT
+    ("weight_only", "int4_mm_fp16_grouped_splitk", 16, 280, {"PRMT": 48}),
+    # 16 x 64 x 128 tile: 4 dots of K 32 per warp; was 986 instructions, 64 STS.U16
+    ("sparse24", "sparse24_mm_fp16_splitk", 16, 650, {"STS.U16": 0}),
+], ids=["int4_mm", "sparse24_mm"])
+def test_split_k_loops_stay_small(module, spec, hmma, most, bounds):
     # In a fresh interpreter without TRITON_INTERPRET (set for this test session when
     # there is no GPU; interpreted kernels cannot be compiled), as test_triton_ptx does.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "weight_only", "--arch", "90",
-                           "--only", "int4_mm_fp16_grouped_splitk", "--dump"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), module, "--arch", "90", "--only", spec,
+                           "--dump"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loop = [line.strip() for line in proc.stdout.splitlines() if line.startswith("      ")]
     ops = [triton_sass.opcode(i) for i in loop]
-    assert ops.count("HMMA.16816.F32") == 16          # BLOCK_M 16 x BLOCK_N 128 x BLOCK_K 64, 4 warps
-    assert len(ops) <= 280 and ops.count("PRMT") <= 48, (len(ops), ops.count("PRMT"))
+    assert ops.count("HMMA.16816.F32") == hmma
+    assert len(ops) <= most, len(ops)
+    for op, limit in bounds.items():
+        assert ops.count(op) <= limit, (op, ops.count(op))

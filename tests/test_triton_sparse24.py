@@ -103,10 +103,10 @@ def _cfg(block_m, block_n, block_k, split_k):
 
 # Fixed configs: split-K (workspace + reduction, also at M > SMALL_M), more splits than
 # K blocks (empty ranges), and one split (the fused epilogue).
-SPLITS = [pytest.param(3, _cfg(16, 32, 32, 1), id="M3-split1"),
-          pytest.param(3, _cfg(16, 64, 32, 3), id="M3-split3"),
-          pytest.param(1, _cfg(16, 32, 32, 8), id="M1-split8-empty-ranges"),
-          pytest.param(17, _cfg(16, 128, 16, 4), id="M17-split4-blockk16")]
+SPLITS = [pytest.param(3, _cfg(16, 32, 64, 1), id="M3-split1"),
+          pytest.param(3, _cfg(16, 64, 64, 3), id="M3-split3"),
+          pytest.param(1, _cfg(16, 32, 64, 8), id="M1-split8-empty-ranges"),
+          pytest.param(17, _cfg(16, 128, 64, 4), id="M17-split4")]
 
 
 @pytest.mark.parametrize("k", (100, 256))
@@ -119,7 +119,7 @@ def test_split_k_and_tiles(m, config, k):
 
 def test_split_k_is_deterministic():
     x, values, meta, b, _ = make_case(2, 256, 130, torch.float32, True)
-    config = _cfg(16, 64, 32, 8)
+    config = _cfg(16, 64, 64, 8)
     first = sparse24.sparse24_mm(x, values, meta, b, config=config)
     assert all(torch.equal(first, sparse24.sparse24_mm(x, values, meta, b, config=config))
                for _ in range(3))
@@ -127,9 +127,9 @@ def test_split_k_is_deterministic():
 
 @pytest.mark.parametrize("config,match", [
     (_cfg(16, 32, 24, 1), "BLOCK_K = 24 must be a power of two"),
-    (_cfg(16, 32, 8, 1), "BLOCK_K = 8 must be a multiple of 16"),
-    (_cfg(16, 32, 32, 9), "SPLIT_K = 9 must be in 1..8"),
-    (_cfg(16, 48, 32, 1), "BLOCK_N = 48 must be a power of two"),
+    (_cfg(16, 32, 32, 1), "BLOCK_K = 32 must be at least 64"),
+    (_cfg(16, 32, 64, 9), "SPLIT_K = 9 must be in 1..8"),
+    (_cfg(16, 48, 64, 1), "BLOCK_N = 48 must be a power of two"),
     ({"BLOCK_M": 16}, "must give")])
 def test_bad_config_is_refused(config, match):
     x, values, meta, b, _ = make_case(3, 64, 7, torch.float16, False)
