@@ -144,7 +144,8 @@ def _sparse24_int4_mm_kernel(
         c1 = c1[:, None, :]
         idx0 = (meta & 3)[:, None, :]
         idx1 = ((meta >> 2) & 3)[:, None, :]
-        # Broadcast over p and one reshape (not tl.join: see kernels/sparse24.py).
+        # Broadcast over p and one reshape (not tl.join: sm_90's dot-operand hoisting
+        # aborts on a joined operand, "Illegal shared layout", in Triton 3.7).
         w = tl.where(idx0 == pos, c0, tl.where(idx1 == pos, c1, 0.0).to(x.dtype))
         w = tl.reshape(w, (BLOCK_K, BLOCK_N))                           # k = 4j + p
         if ONE_GROUP:
