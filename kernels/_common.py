@@ -128,6 +128,44 @@ def int4_minus_zero(p, zero, dtype: tl.constexpr):
     return low, high
 
 
+# int8 -> float16 for 4 packed bytes ($2, element i in byte i) into two registers of two
+# halves ($0: elements 0, 1; $1: elements 2, 3), the same magic-number trick as above:
+#   xor.b32 t, $2, 0x80808080         each byte w becomes u = w + 128, 0..255 (two's complement)
+#   prmt.b32 u0, t, 0x64646464, 0x4140  [u_0, 0x64, u_1, 0x64]: the float16 1024 + u in each half
+#                                     (1024 = 0x6400; its ulp is 1 up to 2048, so exact)
+#   fma.rn.f16x2 $0, u0, one, -1152   (1024 + u) - 1152 = w, exact
+# 1 xor + 2 prmt + 2 fma per 4 values. Triton's own int8 -> float16 conversion is one
+# I2F.F16.S16 per value (a conversion, at a quarter of the integer rate on sm_80 / sm_90:
+# CUDA C++ Programming Guide, "Arithmetic Instructions") plus about 2 PRMT per value to
+# unpack the bytes and pack the halves (sm_90 SASS of the int8_weight_mm fp16 loop,
+# scripts/triton_sass.py). bfloat16 has no such trick in 16 bits (128 + u needs 9
+# significant bits, bfloat16 has 8), and Triton's conversion there is already bit logic.
+INT8_PTX_F16 = tl.constexpr("""
+{
+.reg .b32 t, u0, u1, one, bias;
+mov.b32 one, 0x3C003C00;
+mov.b32 bias, 0xE480E480;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 u0, t, 0x64646464, 0x4140;
+prmt.b32 u1, t, 0x64646464, 0x4342;
+fma.rn.f16x2 $0, u0, one, bias;
+fma.rn.f16x2 $1, u1, one, bias;
+}
+""")
+
+
+@triton.jit
+def int8_to_float(w, dtype: tl.constexpr):
+    """The int8 tensor w in `dtype`, exactly (every int8 is a float16 / bfloat16 / float32
+    value). float16 on a GPU: the inline PTX above, 4 values per instance; otherwise
+    Triton's conversion."""
+    if ASM and dtype == tl.float16:
+        return tl.inline_asm_elementwise(INT8_PTX_F16, "=r,=r,r", [w], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    else:
+        return w.to(dtype)
+
+
 CONFIGS_ENV = "PYFAST_TRITON_CONFIGS"
 
 

@@ -43,7 +43,9 @@ for spec in mod.PTX_SPECS:
                   "cvt int->16-bit float": len(re.findall(r"cvt\.rn\.b?f16\.[su](?:8|16|32)\b", ptx)),
                   "shr.u16": ptx.count("shr.u16"),
                   # _common.int4_minus_zero's PTX: its nibble mask, once per lop3
-                  "int4 inline PTX": ptx.count("0x000F000F")}
+                  "int4 inline PTX": ptx.count("0x000F000F"),
+                  # _common.int8_to_float's PTX: its float16 1024.0 exponent bytes, once per prmt
+                  "int8 inline PTX": ptx.count("0x64646464")}
         print(json.dumps({"name": spec["name"], "arch": arch, "expect": expect, "error": error,
                           "limits": spec.get("limits", {}), "minimums": spec.get("minimums", {}),
                           "counts": counts,
@@ -85,10 +87,12 @@ def test_kernels_lower_to_tensor_core_instructions(compiled, module):
 
 
 def test_limits_are_checked(compiled):
-    """The int4 kernels carry instruction limits, and the counter finds the
-    instructions it counts: every limited kind occurs in some kernel on some arch,
-    and the int4 kernels of 16-bit activations all embed the inline PTX."""
+    """The int4 kernels and the float16 int8 weight-only kernels carry instruction
+    limits, and the counter finds the instructions it counts: every limited kind occurs
+    in some kernel on some arch, and those kernels all embed their inline PTX."""
     rows = [r for mod in ("weight_only", "sparse24_int4") for r in compiled[mod]]
-    assert rows and all(r["limits"] and r["minimums"] for r in rows if "int4" in r["name"])
-    for what in ("ld.global.b8", "cvt int->16-bit float", "shr.u16", "int4 inline PTX"):
+    limited = [r for r in rows if "int4" in r["name"] or r["name"].startswith("int8_weight_mm_fp16")]
+    assert len(limited) >= 6 and all(r["limits"] and r["minimums"] for r in limited)
+    for what in ("ld.global.b8", "cvt int->16-bit float", "shr.u16", "int4 inline PTX",
+                 "int8 inline PTX"):
         assert any(r["counts"][what] > 0 for r in rows), f"no kernel has any {what!r}: is the pattern right?"

@@ -1,7 +1,8 @@
 """scripts/triton_sass.py: the loop finder on a made-up disassembly, and, compiled for
 sm_90 without a GPU, the split-K int4_mm loop's size as a regression bound (Triton is
 pinned, pyproject.toml), and the split-K sparse24_mm loop's likewise (README,
-"Performance"): 363 -> 247 and 986 -> 592 SASS instructions per K block."""
+"Performance"): 363 -> 247 and 986 -> 592 SASS instructions per K block; and the split-K
+float16 int8_weight_mm loop's, 338 -> 239."""
 import os
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def test_longest_loop_takes_backward_branches_only():
     ("weight_only", "int4_mm_fp16_grouped_splitk", 16, 280, {"PRMT": 48}),
     # 16 x 64 x 128 tile: 4 dots of K 32 per warp; was 986 instructions, 64 STS.U16
     ("sparse24", "sparse24_mm_fp16_splitk", 16, 650, {"STS.U16": 0}),
-], ids=["int4_mm", "sparse24_mm"])
+    # 16 x 64 x 128 tile: was 338 instructions, 64 I2F.F16.S16 and 112 PRMT
+    ("weight_only", "int8_weight_mm_fp16_splitk", 16, 260, {"I2F.F16.S16": 0, "PRMT": 32}),
+], ids=["int4_mm", "sparse24_mm", "int8_weight_mm"])
 def test_split_k_loops_stay_small(module, spec, hmma, most, bounds):
     # In a fresh interpreter without TRITON_INTERPRET (set for this test session when
     # there is no GPU; interpreted kernels cannot be compiled), as test_triton_ptx does.

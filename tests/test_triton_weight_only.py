@@ -24,7 +24,7 @@ from _helpers import (assert_near_exact, dequant_int4, dtype_id, rotated_product
                       strided, transposed)
 
 from pyfast.kernels import weight_only as wo
-from pyfast.kernels._common import int4_minus_zero, nibbles_minus_zero
+from pyfast.kernels._common import int4_minus_zero, int8_to_float, nibbles_minus_zero
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -244,7 +244,7 @@ def test_cuda_bfloat16_split_k(m, config):
 # byte, both nibbles, every zero point and every activation dtype. On a GPU,
 # int4_minus_zero runs its inline PTX (float16 / bfloat16), so the second test below is
 # the GPU check of that PTX; on CPU it runs the plain Triton arithmetic, and
-# tests/test_triton_int4_ptx.py checks the PTX text instruction by instruction.
+# tests/test_triton_inline_ptx.py checks the PTX text instruction by instruction.
 
 @triton.jit
 def _nibbles_kernel(p_ptr, z_ptr, out_ptr, SHIFT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
@@ -299,6 +299,24 @@ def test_int4_minus_zero_is_exact(dtype):
     _int4_pairs_kernel[(1,)](p, z, low, high, R=256, C=16)
     assert torch.equal(low.cpu().double(), ((byte & 0xF) - zero[None, :]).double())
     assert torch.equal(high.cpu().double(), ((byte >> 4) - zero[None, :]).double())
+
+
+@triton.jit
+def _int8_kernel(w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+    # w int8 [R, C], out [R, C] of the dtype under test; contiguous.
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(out_ptr + offs, int8_to_float(tl.load(w_ptr + offs), out_ptr.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int8_to_float_is_exact(dtype):
+    """Every int8 value in each of the 16 columns (so in every element slot of a pack of
+    4); on a GPU for float16 through int8_to_float's inline PTX, the check of that PTX."""
+    values = torch.arange(-128, 128, dtype=torch.int8)
+    w = torch.stack([values.roll(c) for c in range(16)], dim=1).contiguous()   # [256, 16]
+    out = torch.empty(256, 16, dtype=dtype, device=DEVICE)
+    _int8_kernel[(1,)](w.to(DEVICE), out, R=256, C=16)
+    assert torch.equal(out.cpu().double(), w.double())
 
 
 @pytest.mark.parametrize("dtype,magic", [(torch.float16, 0x6400), (torch.bfloat16, 0x4300)],

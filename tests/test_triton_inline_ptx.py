@@ -1,14 +1,17 @@
-"""The inline PTX of kernels/_common.py int4_minus_zero, run here instruction by
-instruction on CPU (the Triton interpreter cannot run inline assembly, and CI has no
-GPU; on a GPU tests/test_triton_weight_only.py test_int4_minus_zero_is_exact runs it).
+"""The inline PTX of kernels/_common.py (int4_minus_zero, int8_to_float), run here
+instruction by instruction on CPU (the Triton interpreter cannot run inline assembly,
+and CI has no GPU; on a GPU tests/test_triton_weight_only.py test_int4_minus_zero_is_exact
+and test_int8_to_float_is_exact run it).
 
 A small interpreter executes the PTX text itself, as the kernels embed it, for the
 instructions it uses (PTX ISA 8.x: mov.b32, prmt.b32 in its default mode, lop3.b32,
-shr.b32, fma.rn.f16x2 / fma.rn.bf16x2), with Triton's operand convention for
-tl.inline_asm_elementwise(pack=4): $4 holds the 4 uint8 elements, element i in byte i;
-$5, $6 the 4 16-bit -(magic + zero), element 2r in the low half of $(5 + r); the
-outputs $0, $1 (low nibbles) and $2, $3 (high nibbles) likewise. Every byte value in
-every element position, against a different zero point per element.
+xor.b32, shr.b32, fma.rn.f16x2 / fma.rn.bf16x2), with Triton's operand convention for
+tl.inline_asm_elementwise(pack=4): a 32-bit input holds 4 8-bit elements, element i in
+byte i, and a 16-bit input or output holds element 2r in the low half of its r-th
+register. int4: $4 holds the 4 uint8 elements; $5, $6 the 4 16-bit -(magic + zero);
+the outputs $0, $1 (low nibbles) and $2, $3 (high nibbles). int8: $2 holds the 4 int8
+elements, $0, $1 the float16 outputs. Every byte value in every element position (for
+int4 against a different zero point per element).
 """
 import re
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyfast.kernels._common import INT4_PTX_BF16, INT4_PTX_F16
+from pyfast.kernels._common import INT4_PTX_BF16, INT4_PTX_F16, INT8_PTX_F16
 
 MASK = 0xFFFFFFFF
 
@@ -70,6 +73,8 @@ def run_ptx(text, regs):
             regs[args[0]] = _prmt(val(args[1]), val(args[2]), val(args[3]))
         elif op == "lop3.b32":
             regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), val(args[4]))
+        elif op == "xor.b32":
+            regs[args[0]] = val(args[1]) ^ val(args[2])
         elif op == "shr.b32":
             regs[args[0]] = (val(args[1]) & MASK) >> val(args[2])
         elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
@@ -115,3 +120,26 @@ def test_emulator_catches_a_wrong_selector():
     regs = run_ptx(INT4_PTX_F16.value,
                    {"$4": 0x00000201, "$5": 0, "$6": 0})
     assert _halves_to_float(regs["$0"], "f16x2") == [1025.0, 1026.0]
+
+
+def test_int8_ptx_gives_the_int8_values_in_float16():
+    text = INT8_PTX_F16.value
+    assert set(re.findall(r"\$\d+", text)) == {"$0", "$1", "$2"}
+    checked = 0
+    for start in range(0, 256, 4):
+        for shift in range(4):                     # each byte value in each element slot
+            elems = [(start + ((i + shift) % 4)) & 0xFF for i in range(4)]
+            regs = run_ptx(text, {"$2": elems[0] | elems[1] << 8 | elems[2] << 16 | elems[3] << 24})
+            got = _halves_to_float(regs["$0"], "f16x2") + _halves_to_float(regs["$1"], "f16x2")
+            assert got == [e - 256 if e >= 128 else e for e in elems], elems   # two's complement
+            checked += 4
+    assert checked == 256 * 4
+
+
+def test_int8_emulation_is_not_vacuous():
+    """Bytes 0x80, 0xFF are -128, -1; without the xor (bytes taken as unsigned, offset by
+    128) the emulator gives 0, 127, which the check above would catch."""
+    regs = run_ptx(INT8_PTX_F16.value, {"$2": 0x0000FF80})
+    assert _halves_to_float(regs["$0"], "f16x2") == [-128.0, -1.0]
+    regs = run_ptx(INT8_PTX_F16.value.replace("0x80808080", "0x00000000"), {"$2": 0x0000FF80})
+    assert _halves_to_float(regs["$0"], "f16x2") == [0.0, 127.0]
