@@ -34,20 +34,27 @@ def tensor(name: str, t, *, dtypes=None, dim: Optional[int] = None, layout: str 
         )
 
 
-def size(name: str, t: torch.Tensor, axis: int, expected: int, why: str) -> None:
+# These checks run on every op call (a layer's forward included), so they build their
+# messages only when they fail: `why` of size() is formatted with why_args then.
+
+def size(name: str, t: torch.Tensor, axis: int, expected: int, why: str, *why_args) -> None:
     if t.shape[axis] != expected:
+        why = why.format(*why_args) if why_args else why
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}: dimension {axis} must be {expected} ({why})"
         )
 
 
 def same_device(**tensors: Optional[torch.Tensor]) -> None:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
+    first_name = first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t.device
+        elif t.device != first:
             raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                f"{name} is on {t.device} but {first_name} is on {first}; "
                 "all inputs must be on the same device"
             )
 
@@ -74,14 +81,19 @@ def out_dtype(d) -> torch.dtype:
     return d
 
 
+def int_arg(name: str, v) -> None:
+    """TypeError unless v is an int (not a bool, a float or a 0-d tensor)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+
+
 _PER_BYTE = {4: "two int4", 2: "four 2-bit", 1: "eight 1-bit"}
 
 
 def group_size(gs, k: int, *, k_name: str = "K (in_features)", bits: int = 4) -> int:
     """Checks a group size for `bits`-bit packing of K values per row; returns the
     group length (K itself for -1, per channel)."""
-    if isinstance(gs, bool) or not isinstance(gs, int):
-        raise TypeError(f"group_size must be an int, got {gs!r}")
+    int_arg("group_size", gs)
     if gs not in INT4_GROUP_SIZES:
         raise ValueError(
             f"group_size {gs} is not supported; accepted: 32, 64, 128 or -1 (per channel)"

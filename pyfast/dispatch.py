@@ -155,8 +155,10 @@ def _parse_env(value: str) -> Dict[str, str]:
 def _forced_for(op: str) -> Tuple[Optional[str], bool]:
     """(family, strict): strict when the op was named, not just the global '*'."""
     stack = getattr(_FORCED, "stack", None)
-    layers = list(stack) if stack else []
     env = os.environ.get("PYFAST_BACKEND", "")
+    if not stack and not env:   # the common case, on every op call: nothing forced
+        return None, False
+    layers = list(stack) if stack else []
     if env:
         layers.insert(0, _parse_env(env))
     for forced in reversed(layers):

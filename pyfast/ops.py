@@ -146,9 +146,11 @@ def _check_group_params(scales, zeros, n, k, group_size, groups):
     """scales float [N, G] and zeros uint8 [N, G] of int4_mm and sparse24_int4_mm."""
     chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+    if scales.shape == (n, groups) and zeros.shape == (n, groups):   # every call: one test
+        return
     for name, t in (("scales", scales), ("zeros", zeros)):
         chk.size(name, t, 0, n, "one row per output row N of packed")
-        chk.size(name, t, 1, groups, f"K / group_size = {k} / {group_size} groups")
+        chk.size(name, t, 1, groups, "K / group_size = {} / {} groups", k, group_size)
 
 
 def _check_int4_mm(x, packed, scales, zeros, group_size, bias=None):
@@ -177,16 +179,16 @@ def _check_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias=None):
     gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)", bits=bits)
     n, groups = packed.shape[0], k // gs
     chk.size("packed", packed, 1, k * bits // 8,
-             f"packed is [N, K*{bits}/8]: {8 // bits} {bits}-bit values per byte")
+             "packed is [N, K*{}/8]: {} {}-bit values per byte", bits, 8 // bits, bits)
     chk.tensor("scales", scales, dtypes=chk.FLOAT_DTYPES, dim=2)
     chk.tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
     for name, t in (("scales", scales), ("zeros", zeros)):
         chk.size(name, t, 0, n, "one row per output row N of packed")
-    chk.size("scales", scales, 1, groups, f"K / group_size = {k} / {group_size} groups")
+    chk.size("scales", scales, 1, groups, "K / group_size = {} / {} groups", k, group_size)
     if bits == 1:
         chk.size("zeros", zeros, 1, 0, "binary weights have no zero point: zeros is [N, 0]")
     else:
-        chk.size("zeros", zeros, 1, groups, f"K / group_size = {k} / {group_size} groups")
+        chk.size("zeros", zeros, 1, groups, "K / group_size = {} / {} groups", k, group_size)
     chk.bias(bias, n)
     chk.same_device(x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
 
@@ -280,7 +282,7 @@ def _check_tc_group_params(scales, zeros, k, gs, group_size) -> int:
     n = scales.shape[0]
     chk.size("zeros", zeros, 0, n, "one row per output row N (scales.shape[0])")
     for name, t in (("scales", scales), ("zeros", zeros)):
-        chk.size(name, t, 1, k // gs, f"K / group_size = {k} / {group_size} groups")
+        chk.size(name, t, 1, k // gs, "K / group_size = {} / {} groups", k, group_size)
     return n
 
 
@@ -614,11 +616,47 @@ for _op, _schema in SCHEMAS.items():
 
 
 # --- typed Python API ---------------------------------------------------------------
+#
+# The matmuls and quantize_per_token (_call) run on every forward of a layer. Their op
+# checks its own inputs (the dispatcher above, and the fake under torch.compile), so the
+# wrapper checks only the Python scalars first (group_size, bits, out_dtype): the schema
+# would convert some silently (group_size=True or a 0-d tensor to an int). A full check
+# here too cost a second pass over every argument on every call (about 3.5 us at
+# int4_mm); it runs only when the call fails, because the schema refuses a wrong Python
+# type (a NumPy x) with a RuntimeError before any check runs: the check, on the arguments
+# as the caller gave them, then raises the TypeError / ValueError that names the argument
+# in its place; if it finds nothing wrong, the op's own error is raised. The pack and
+# repack ops, run once per layer, check everything first (_call_checked): the schema
+# would turn symmetric=None into False.
+
+_OVERLOADS = {op: getattr(torch.ops.pyfast, op).default for op in SCHEMAS}
+
+
+def _call(op: str, *args):
+    try:
+        return _OVERLOADS[op](*args)
+    except (RuntimeError, TypeError, ValueError):
+        error = _check_error(op, args)
+        if error is None:
+            raise
+    raise error
+
+
+def _call_checked(op: str, *args):
+    CHECKS[op](*args)
+    return _OVERLOADS[op](*args)
+
+
+def _check_error(op: str, args: tuple) -> Optional[Exception]:
+    try:
+        CHECKS[op](*args)
+    except (TypeError, ValueError) as exc:
+        return exc
+    return None
 
 def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric dynamic int8 per row: x [M, K] -> (int8 [M, K], float32 scale [M])."""
-    _check_quantize_per_token(x)
-    return torch.ops.pyfast.quantize_per_token(x)
+    return _call("quantize_per_token", x)
 
 
 def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
@@ -642,8 +680,8 @@ def check_static_scale(name: str, scale: Tensor) -> None:
 def int8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
             bias: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """W8A8: (a [M,K] int8 @ b [N,K].T int8, int32 acc) * a_scale[:,None] * b_scale + bias."""
-    _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
-    return torch.ops.pyfast.int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    chk.out_dtype(out_dtype)
+    return _call("int8_mm", a, b, a_scale, b_scale, bias, out_dtype)
 
 
 def w8a8_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
@@ -652,98 +690,89 @@ def w8a8_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
     w_int8 [N,K] with w_scale [N] and bias [N]; out [M,N] in x.dtype. The same result
     as quantize_per_token followed by int8_mm (the reference is that composition);
     the CPU kernel quantizes x and runs the int8 GEMM in one call."""
-    _check_w8a8_mm(x, w_int8, w_scale, bias)
-    return torch.ops.pyfast.w8a8_mm(x, w_int8, w_scale, bias)
+    return _call("w8a8_mm", x, w_int8, w_scale, bias)
 
 
 def int8_weight_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor,
                    bias: Optional[Tensor] = None) -> Tensor:
     """Weight-only int8: x [M,K] @ (w_int8 [N,K] * w_scale[:,None]).T + bias, in x.dtype."""
-    _check_int8_weight_mm(x, w_int8, w_scale, bias)
-    return torch.ops.pyfast.int8_weight_mm(x, w_int8, w_scale, bias)
+    return _call("int8_weight_mm", x, w_int8, w_scale, bias)
 
 
 def pack_int4(w: Tensor, group_size: int = 128, symmetric: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """Group-wise int4: w [N,K] -> (packed uint8 [N,K/2], scales f32 [N,G], zeros u8 [N,G])."""
-    _check_pack_int4(w, group_size, symmetric)
-    return torch.ops.pyfast.pack_int4(w, group_size, symmetric)
+    return _call_checked("pack_int4", w, group_size, symmetric)
 
 
 def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
             group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
     """W4A16: x [M,K] @ dequant(packed, scales, zeros).T + bias, in x.dtype."""
-    _check_int4_mm(x, packed, scales, zeros, group_size, bias)
-    return torch.ops.pyfast.int4_mm(x, packed, scales, zeros, group_size, bias)
+    chk.int_arg("group_size", group_size)
+    return _call("int4_mm", x, packed, scales, zeros, group_size, bias)
 
 
 def pack_lowbit(w: Tensor, bits: int = 2, group_size: int = 128) -> Tuple[Tensor, Tensor, Tensor]:
     """int2 (bits 2, asymmetric) or binary (bits 1, XNOR-Net) group-wise:
     w [N,K] -> (packed u8 [N,K*bits/8], scales f32 [N,G], zeros u8 [N,G] or [N,0] for bits 1)."""
-    _check_pack_lowbit(w, bits, group_size)
-    return torch.ops.pyfast.pack_lowbit(w, bits, group_size)
+    return _call_checked("pack_lowbit", w, bits, group_size)
 
 
 def lowbit_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int = 2,
               group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
     """W2A16 / W1A16: x [M,K] @ dequant(packed, scales, zeros).T + bias, in x.dtype."""
-    _check_lowbit_mm(x, packed, scales, zeros, bits, group_size, bias)
-    return torch.ops.pyfast.lowbit_mm(x, packed, scales, zeros, bits, group_size, bias)
+    chk.lowbit_bits(bits)
+    chk.int_arg("group_size", group_size)
+    return _call("lowbit_mm", x, packed, scales, zeros, bits, group_size, bias)
 
 
 def sparse24_compress(w: Tensor) -> Tuple[Tensor, Tensor]:
     """2:4 along K: w [N,K] -> (values [N,K/2], meta uint8 [N,K/4]); error if not 2:4."""
-    _check_sparse24_compress(w)
-    return torch.ops.pyfast.sparse24_compress(w)
+    return _call_checked("sparse24_compress", w)
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x [M,K] @ W.T + bias with W the dense 2:4 matrix stored as (values, meta)."""
-    _check_sparse24_mm(x, values, meta, bias)
-    return torch.ops.pyfast.sparse24_mm(x, values, meta, bias)
+    return _call("sparse24_mm", x, values, meta, bias)
 
 
 def pack_sparse24_int4(w: Tensor, group_size: int = 128,
                        symmetric: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """2:4 + int4: w [N,K], already 2:4 along K (else ValueError naming the first bad
     group) -> (packed u8 [N,K/4], meta u8 [N,K/8], scales f32 [N,G], zeros u8 [N,G])."""
-    _check_pack_sparse24_int4(w, group_size, symmetric)
-    return torch.ops.pyfast.pack_sparse24_int4(w, group_size, symmetric)
+    return _call_checked("pack_sparse24_int4", w, group_size, symmetric)
 
 
 def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor,
                      group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
     """x [M,K] @ W.T + bias, W the dense 2:4 matrix whose kept values are int4 codes
     (pack_sparse24_int4); in x.dtype."""
-    _check_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
-    return torch.ops.pyfast.sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+    chk.int_arg("group_size", group_size)
+    return _call("sparse24_int4_mm", x, packed, meta, scales, zeros, group_size, bias)
 
 
 def repack_int4_tc(packed: Tensor) -> Tensor:
     """int4 packed uint8 [N, K/2] -> the same weight in the CUDA kernel's tensor-core
     fragment order (pyfast/layouts/int4_tc.py), for int4_mm_tc. Run once per layer."""
-    _check_repack_int4_tc(packed)
-    return torch.ops.pyfast.repack_int4_tc(packed)
+    return _call_checked("repack_int4_tc", packed)
 
 
 def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
                group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
     """int4_mm with the weight from repack_int4_tc; same result as int4_mm."""
-    _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
-    return torch.ops.pyfast.int4_mm_tc(x, w_tc, scales, zeros, group_size, bias)
+    chk.int_arg("group_size", group_size)
+    return _call("int4_mm_tc", x, w_tc, scales, zeros, group_size, bias)
 
 
 def repack_sparse24_tc(meta: Tensor) -> Tensor:
     """2:4 meta uint8 [N, K/4] -> the sparse-tensor-core metadata order of the CUDA
     kernel (pyfast/layouts/sparse24_tc.py), for sparse24_mm_tc. Run once per layer."""
-    _check_repack_sparse24_tc(meta)
-    return torch.ops.pyfast.repack_sparse24_tc(meta)
+    return _call_checked("repack_sparse24_tc", meta)
 
 
 def sparse24_mm_tc(x: Tensor, values: Tensor, meta_tc: Tensor,
                    bias: Optional[Tensor] = None) -> Tensor:
     """sparse24_mm with the metadata from repack_sparse24_tc; same result as sparse24_mm."""
-    _check_sparse24_mm_tc(x, values, meta_tc, bias)
-    return torch.ops.pyfast.sparse24_mm_tc(x, values, meta_tc, bias)
+    return _call("sparse24_mm_tc", x, values, meta_tc, bias)
 
 
 def repack_sparse24_int4_tc(packed: Tensor, meta: Tensor) -> Tuple[Tensor, Tensor]:
@@ -752,8 +781,7 @@ def repack_sparse24_int4_tc(packed: Tensor, meta: Tensor) -> Tuple[Tensor, Tenso
     sparse-tensor-core order of the CUDA kernel (pyfast/layouts/sparse24_int4_tc.py), for
     sparse24_int4_mm_tc. Exact; ValueError naming the first group whose meta nibble is not
     an ordered index pair. Run once per layer."""
-    _check_repack_sparse24_int4_tc(packed, meta)
-    return torch.ops.pyfast.repack_sparse24_int4_tc(packed, meta)
+    return _call_checked("repack_sparse24_int4_tc", packed, meta)
 
 
 def sparse24_int4_mm_tc(x: Tensor, codes_tc: Tensor, meta_tc: Tensor, scales: Tensor,
@@ -761,23 +789,21 @@ def sparse24_int4_mm_tc(x: Tensor, codes_tc: Tensor, meta_tc: Tensor, scales: Te
                         bias: Optional[Tensor] = None) -> Tensor:
     """sparse24_int4_mm with the weight from repack_sparse24_int4_tc (N = scales.shape[0]);
     same result as sparse24_int4_mm."""
-    _check_sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros, group_size, bias)
-    return torch.ops.pyfast.sparse24_int4_mm_tc(x, codes_tc, meta_tc, scales, zeros,
+    chk.int_arg("group_size", group_size)
+    return _call("sparse24_int4_mm_tc", x, codes_tc, meta_tc, scales, zeros,
                                                 group_size, bias)
 
 
 def repack_int8_vnni(w_int8: Tensor) -> Tensor:
     """int8 weight [N, K] -> the VNNI panel order of the CPU kernel (pyfast/layouts/
     int8_vnni.py), for w8a8_mm_vnni. Exact; run once per layer."""
-    _check_repack_int8_vnni(w_int8)
-    return torch.ops.pyfast.repack_int8_vnni(w_int8)
+    return _call_checked("repack_int8_vnni", w_int8)
 
 
 def w8a8_mm_vnni(x: Tensor, w_vnni: Tensor, w_scale: Tensor,
                  bias: Optional[Tensor] = None) -> Tensor:
     """w8a8_mm with the weight from repack_int8_vnni; the same result as w8a8_mm."""
-    _check_w8a8_mm_vnni(x, w_vnni, w_scale, bias)
-    return torch.ops.pyfast.w8a8_mm_vnni(x, w_vnni, w_scale, bias)
+    return _call("w8a8_mm_vnni", x, w_vnni, w_scale, bias)
 
 
 def int8_mm_vnni(a: Tensor, w_vnni: Tensor, a_scale: Tensor, w_scale: Tensor,
@@ -785,8 +811,8 @@ def int8_mm_vnni(a: Tensor, w_vnni: Tensor, a_scale: Tensor, w_scale: Tensor,
     """int8_mm with the weight from repack_int8_vnni (N = w_scale.shape[0]); the same
     result as int8_mm on the [N, K] weight. For activations quantized beforehand, as
     static int8 does (quantize_static, then this)."""
-    _check_int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, out_dtype)
-    return torch.ops.pyfast.int8_mm_vnni(a, w_vnni, a_scale, w_scale, bias, out_dtype)
+    chk.out_dtype(out_dtype)
+    return _call("int8_mm_vnni", a, w_vnni, a_scale, w_scale, bias, out_dtype)
 
 
 from . import _autograd  # noqa: E402  (needs the ops defined above)

@@ -1,6 +1,6 @@
 """Every error the ops raise: type, and a message that names the argument, what it
 got and what is accepted. Each case runs through the typed wrapper (pyfast.ops.*)
-and through the raw op (torch.ops.pyfast.*), whose dispatcher checks again.
+and through the raw op (torch.ops.pyfast.*), whose dispatcher runs the same checks.
 """
 import re
 from typing import Callable, NamedTuple, Optional
@@ -508,6 +508,50 @@ def test_raw_op_error(name):
 
 def test_every_op_has_error_cases():
     assert {c.op for c in CASES.values()} == set(ops.SCHEMAS)
+
+
+# --- what the schema would convert, and the wrappers' single check ---------------------------
+#
+# torch's schema turns some wrong Python values into valid ones (None or 1 into a bool, a
+# 0-d tensor into an int). The wrappers refuse them by name: the pack ops check every
+# argument first, the matmuls their Python scalars (pyfast/ops.py, "typed Python API").
+
+W = torch.randn(5, 64)
+PACKED = ops.pack_int4(W, 32, True)
+CONVERTED = {
+    "pack_int4-symmetric-None": (lambda: ops.pack_int4(W, 32, None), "symmetric must be a bool, got None"),
+    "pack_int4-symmetric-1": (lambda: ops.pack_int4(W, 32, 1), "symmetric must be a bool, got 1"),
+    "int4_mm-group-tensor": (lambda: ops.int4_mm(f32(3, 64), *PACKED, torch.tensor(32)),
+                             "group_size must be an int, got tensor(32)"),
+    "int4_mm_tc-group-float": (lambda: ops.int4_mm_tc(f32(3, 64), *PACKED, 32.0),
+                               "group_size must be an int, got 32.0"),
+    "lowbit_mm-bits-True": (lambda: ops.lowbit_mm(f32(3, 64), *INT2.values(), True, 32),
+                            "bits must be an int, got True"),
+    "int8_mm-out_dtype-int": (lambda: ops.int8_mm(i8(3, 64), i8(5, 64), f32(3), f32(5), None, 6),
+                              "out_dtype must be a torch.dtype, got 6"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERTED))
+def test_wrapper_refuses_what_the_schema_converts(name):
+    call, message = CONVERTED[name]
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call()
+
+
+def test_matmul_wrappers_leave_the_checks_to_the_op(monkeypatch):
+    """A valid int4_mm call through the wrapper runs the op's check once (in the
+    dispatcher), not the wrapper's too; an invalid one gets the wrapper's check, whose
+    error names the argument as the caller passed it."""
+    calls = []
+    original = ops.CHECKS["int4_mm"]
+    monkeypatch.setitem(ops.CHECKS, "int4_mm", lambda *a: calls.append(1) or original(*a))
+    x = f32(3, 64)
+    assert ops.int4_mm(x, *PACKED, 32).shape == (3, 5)
+    assert calls == []
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        ops.int4_mm(x.numpy(), *PACKED, 32)
+    assert calls == [1]
 
 
 # --- 2:4 data check: names the first offending row and group ----------------------------------

@@ -74,12 +74,17 @@ KERNELS = {
 
 
 def _built(op: str):
-    """supports(): a pyfast._C built from older sources may lack a kernel."""
+    """supports(): a pyfast._C built from older sources may lack a kernel. Asked on every
+    call that reaches this backend, answered once (the extension does not change while a
+    process runs)."""
+    answer = []
+
     def supports(*args) -> Optional[str]:
-        if _ext.load() and not hasattr(torch.ops.pyfast_C, op):
-            return (f"pyfast._C has no pyfast_C::{op} (built from older sources); "
-                    "rebuild with `pip install --no-build-isolation -e .`")
-        return None
+        if not answer:
+            missing = _ext.load() and not hasattr(torch.ops.pyfast_C, op)
+            answer.append(f"pyfast._C has no pyfast_C::{op} (built from older sources); "
+                          "rebuild with `pip install --no-build-isolation -e .`" if missing else None)
+        return answer[0]
     return supports
 
 

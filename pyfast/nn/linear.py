@@ -75,16 +75,19 @@ class _CompressedLinear(nn.Module):
             if buf is not None:
                 self._buffers[name] = memory.to_hugepages(buf)
 
+    # _flat / _unflat run on every forward: a 2-D x passes through both untouched (a
+    # reshape to its own shape still makes a new view, about 0.5 us each way).
     def _flat(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        dim = x.dim()
+        if dim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input [..., {self.in_features}], "
                              f"got shape {tuple(x.shape)}")
-        return x.reshape(-1, self.in_features)
+        return x if dim == 2 else x.reshape(-1, self.in_features)
 
     def _unflat(self, out: Tensor, x: Tensor) -> Tensor:
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
     def _check_linear(linear) -> None:
