@@ -18,7 +18,9 @@
 //     the vdpbf16ps kernel (weight_only_bf16dot.cpp) on bfloat16 x pairs. float32 x
 //     too when PyTorch allows bfloat16 inside float32 matmuls
 //     (fp32_matmul_allows_bf16: torch.set_float32_matmul_precision("medium")): x is
-//     rounded to bfloat16 once, the output stays float32.
+//     rounded to bfloat16 once, the output stays float32. Unless x (so rounded) holds a
+//     non-finite value or one of magnitude 2^116 or more (x_int4_bf16dot), which go on
+//     to the next rules.
 //   int4_mm, M = 1, active ISA avx512 (other dtypes, or bfloat16 x where the rule above
 //     does not apply): x in int8 slices and vpdpbusd (weight_only_slices.cpp), unless
 //     PYFAST_NO_INT8_SLICES is set or x has a value the slices cannot hold (non-finite,
@@ -231,8 +233,15 @@ void x_int4_small(const at::Tensor& x, XBlocks blocks, int64_t ld, float* xp) {
 
 // The bf16-dot int4 input (weight_only.h, int4_small_bf16dot) from bfloat16 x [M, K]
 // (any strides): xq [M, ld] bfloat16 pairs and xs [M, ld / 8] float32 lane sums, zero
-// padded to ld (a multiple of 128).
-void x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
+// padded to ld (a multiple of 128). False, and the call takes the next rule, when x holds
+// a value the kernel cannot take: it sums (128 + q) x over a lane of 8 k and subtracts
+// (128 + z) times the lane's x sum (weight_only_bf16dot.cpp), so an inf there gives
+// inf - inf = NaN where the reference gives +-inf, and an |x| from 2^116 up (float32 max
+// / 4096, against 2 x 8 x 143 for the two terms) can overflow a lane term although the
+// output is finite. NaN is refused with inf (one test on the exponent bits).
+constexpr uint16_t kBf16DotAbsBitsLimit = 0x7980;   // bfloat16 bits of 2^116
+
+bool x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
   const int64_t M = x.size(0), K = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
   auto value = [](uint16_t bits) {  // bfloat16 -> float32, exact
@@ -241,6 +250,7 @@ void x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
     std::memcpy(&f, &u, sizeof f);
     return f;
   };
+  uint16_t largest = 0;   // of |x|'s bits: for non-negative floats their order is the values'
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* xr = src + m * s0;
     for (int64_t k0 = 0; k0 < ld; k0 += 8) {  // lane i = (k0 % 128) / 8 of block k0 / 128
@@ -249,12 +259,14 @@ void x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
       for (int64_t p = 0; p < 8; ++p) {
         const int64_t k = k0 + p;
         const uint16_t bits = k < K ? xr[k * s1] : uint16_t{0};
+        largest = std::max<uint16_t>(largest, bits & 0x7FFF);
         xq[m * ld + b * 128 + 32 * (p % 4) + 2 * i + p / 4] = bits;
         sum += value(bits);
       }
       xs[m * (ld / 8) + k0 / 8] = sum;
     }
   }
+  return largest < kBf16DotAbsBitsLimit;
 }
 
 // Threads split N in units of 4 rows (the widest small-M tile).
@@ -367,15 +379,16 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     at::Tensor xq = at::empty({M, ld}, xb.options());
     at::Tensor xs = at::empty({M, ld / 8}, xb.options().dtype(at::kFloat));
     uint16_t* xqp = reinterpret_cast<uint16_t*>(xq.mutable_data_ptr<at::BFloat16>());
-    x_int4_bf16dot(xb, ld, xqp, xs.mutable_data_ptr<float>());
-    at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xs.options());
-    const float* xsp = xs.const_data_ptr<float>();
-    float* ap = acc.mutable_data_ptr<float>();
-    split_n(N, M * K, [&](int64_t n0, int64_t n1) {
-      int4_small_bf16dot(xqp, xsp, ld, M, w, n0, n1, ap, N);
-    });
-    finish_f32(acc, bp, out);
-    return out;
+    if (x_int4_bf16dot(xb, ld, xqp, xs.mutable_data_ptr<float>())) {
+      at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xs.options());
+      const float* xsp = xs.const_data_ptr<float>();
+      float* ap = acc.mutable_data_ptr<float>();
+      split_n(N, M * K, [&](int64_t n0, int64_t n1) {
+        int4_small_bf16dot(xqp, xsp, ld, M, w, n0, n1, ap, N);
+      });
+      finish_f32(acc, bp, out);
+      return out;
+    }  // else x has a non-finite or too large value: the rules below
   }
   if (M == 1 && isa == Isa::kAvx512 && int8_slices_enabled()) {
     // x in int8 slices (weight_only_slices.cpp) unless x cannot be represented.
