@@ -120,6 +120,41 @@ def test_half_precision_inputs_keep_dtype(cls, dtype):
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
 
 
+# Every layer with a float32 scale buffer, from a bias-free Linear of small weights (a row
+# of magnitude 2e-4: its int8 scale, about 1e-7, is subnormal in float16).
+SCALED = {
+    "int8": lambda lin: Int8Linear.from_linear(lin),
+    "int8-weight": lambda lin: Int8WeightOnlyLinear.from_linear(lin),
+    "int4": lambda lin: Int4Linear.from_linear(lin, group_size=64),
+    "2:4+int4": lambda lin: pyfast.nn.Sparse24Int4Linear.from_linear(lin, prune=True, group_size=64),
+    "int2": lambda lin: pyfast.nn.LowBitLinear.from_linear(lin, bits=2, group_size=64),
+    "static": lambda lin: pyfast.nn.StaticInt8Linear.from_linear(lin, torch.tensor([0.02])),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", list(SCALED))
+def test_cast_keeps_scales_float32(kind, dtype):
+    """model.to(dtype) leaves the scale buffers float32 and unrounded, so the cast layer
+    gives exactly what the uncast one gives on the same 16-bit x (before, the scales were
+    rounded to the dtype: 21% error in float16 here, and StaticInt8Linear refused its
+    bfloat16 input_scale)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(2e-4)
+    layer = SCALED[kind](lin)
+    scales = {n: b.clone() for n, b in layer.named_buffers() if "scale" in n}
+    assert scales and all(b.dtype == torch.float32 for b in scales.values())
+    cast = copy.deepcopy(layer).to(dtype)
+    for name, before in scales.items():
+        assert torch.equal(cast.get_buffer(name), before), name
+    x = torch.randn(3, 128).to(dtype)
+    assert torch.equal(cast(x), layer(x))
+    moved = cast.to("meta")
+    assert all(moved.get_buffer(n).dtype == torch.float32 for n in scales)
+
+
 def test_state_dict_holds_only_packed_tensors_and_int4_is_an_eighth():
     lin = _linear(4096, 256)
     layer = Int4Linear.from_linear(lin, group_size=128)

@@ -61,8 +61,27 @@ class _CompressedLinear(nn.Module):
             tensor = memory.to_hugepages(tensor)
         super().register_buffer(name, tensor, persistent)
 
+    # Scale buffers stay float32 through a cast of the model (model.half(), .to(bfloat16)),
+    # as the formats define them (pyfast/formats.py): in float16 a per-channel int8 scale
+    # of a weight row of magnitude 2e-4 is subnormal (21% output error after .half() in
+    # such a layer, against 0.26% for the dense layer), and quantize_static takes only a
+    # float32 scale. They go through nn.Module._apply viewed as int32, which a dtype cast
+    # leaves alone (Module.to casts floating-point tensors only) while a device move still
+    # moves them: converting back after the cast would keep the rounding. The packed
+    # weights are integers; the bias follows the cast.
+    _FLOAT32_BUFFERS = ("weight_scale", "scales", "input_scale")
+
     def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
+        kept = [n for n in self._FLOAT32_BUFFERS
+                if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.float32]
+        for name in kept:
+            self._buffers[name] = self._buffers[name].view(torch.int32)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name in kept:
+                if self._buffers[name].dtype == torch.int32:
+                    self._buffers[name] = self._buffers[name].view(torch.float32)
         self._place_buffers()
         return self
 
