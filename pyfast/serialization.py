@@ -228,16 +228,19 @@ def _adopt_float_dtypes(mod: nn.Module, listed: Dict[str, list]) -> None:
     lists. A model cast after compression (model.to(torch.bfloat16)) saves its layers'
     bias and scales in that dtype, while each layer's config still names the dtype the
     layer was built from; the file's dtype is the one to load. Names, shapes and integer
-    dtypes are left as built, so the check after this still refuses any other difference."""
-    for slots in (mod._buffers, mod._parameters):
-        for name, t in slots.items():
-            want = listed.get(name)
-            dtype = getattr(torch, want[0], None) if want else None
-            if (t is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
-                    or not t.is_floating_point() or t.dtype == dtype):
-                continue
-            cast = t.detach().to(dtype)
-            slots[name] = nn.Parameter(cast, t.requires_grad) if slots is mod._parameters else cast
+    dtypes are left as built, so the check after this still refuses any other difference.
+    The tensors of the module's children too (QuantConv2d keeps its own in `inner`)."""
+    for prefix, sub in mod.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        for slots in (sub._buffers, sub._parameters):
+            for name, t in slots.items():
+                want = listed.get(prefix + name)
+                dtype = getattr(torch, want[0], None) if want else None
+                if (t is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                        or not t.is_floating_point() or t.dtype == dtype):
+                    continue
+                cast = t.detach().to(dtype)
+                slots[name] = nn.Parameter(cast, t.requires_grad) if slots is sub._parameters else cast
 
 
 def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
