@@ -55,30 +55,56 @@ def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> O
     return None
 
 
+def positions(model: nn.Module, is_target: Callable[[nn.Module], bool]) -> Dict[int, list]:
+    """{id(module): (module, [every name it has in model])} for the modules is_target
+    selects, in model order. A module used at several places (weight sharing, as in
+    ALBERT, or Sequential(lin, act, lin)) has one entry and all its names:
+    named_modules() alone lists it once, under its first name."""
+    found: Dict[int, list] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if is_target(mod):
+            found.setdefault(id(mod), [mod, []])[1].append(name)
+    return found
+
+
+def replace_module(model: nn.Module, names: Iterable[str], new: nn.Module) -> None:
+    """Put `new` at every name of a module, so a shared layer stays shared."""
+    for name in names:
+        if name == "":
+            raise ValueError(f"model is itself an nn.{type(model).__name__}; wrap it in a "
+                             "container (e.g. nn.Sequential(layer)) so it can be replaced in place")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
 def _walk(model: nn.Module, include: Filter, exclude: Filter,
           convert: Callable[[str, nn.Module], Union[nn.Module, str, None]],
           is_target: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear)) -> nn.Module:
+    """convert(name, module) once per target module the filters select, its result put at
+    every place the module has. A shared module whose names the filters treat differently
+    is left as it is, with the reason."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inc = _matcher(include, "include", True)
     exc = _matcher(exclude, "exclude", False)
     parents = {id(c): m for m in model.modules() for c in m.children()}
     skipped: Dict[str, str] = dict(getattr(model, "pyfast_skipped", {}))
-    targets = [(n, m) for n, m in model.named_modules() if is_target(m)]
-    for name, mod in targets:
-        if not inc(name, mod) or exc(name, mod):
+    for mod, names in positions(model, is_target).values():
+        chosen = [n for n in names if inc(n, mod) and not exc(n, mod)]
+        if not chosen:
+            continue
+        name = names[0]
+        if len(chosen) < len(names):
+            skipped[name or "<root>"] = (
+                f"shared by {', '.join(names)}; include/exclude select only "
+                f"{', '.join(chosen)}, and converting it would change the others too")
             continue
         reason = _why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear) else None
         result = reason if reason is not None else convert(name, mod)
         if isinstance(result, str):
             skipped[name or "<root>"] = result
         elif result is not None and result is not mod:
-            if name == "":
-                raise ValueError(f"model is itself an nn.{type(mod).__name__}; wrap it in a "
-                                 "container (e.g. nn.Sequential(layer)) so it can be replaced "
-                                 "in place")
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, result)
+            replace_module(model, names, result)
             skipped.pop(name, None)
     model.pyfast_skipped = skipped
     if skipped:

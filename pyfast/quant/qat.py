@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
-from ..api import Filter, _int4_reason, _walk, check_quant_args, quantized_layer
+from ..api import (Filter, _int4_reason, _walk, check_quant_args, positions, quantized_layer,
+                   replace_module)
 from ..nn.conv import ConvGeometry, conv_padding, conv_unsupported_reason, im2col, \
     linear_from_weight
 from ..nn.linear import _dtype_from_name, _dtype_name
@@ -257,10 +258,10 @@ def convert_qat(model: nn.Module) -> nn.Module:
     if layers[0][0] == "":
         raise ValueError(f"model is itself a {type(model).__name__}; wrap it in a container "
                          "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+    shared = positions(model, lambda m: isinstance(m, (QATLinear, QATConv2d)))
     with torch.no_grad():
         for name, mod in layers:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, mod.to_pyfast())
+            replace_module(model, shared[id(mod)][1], mod.to_pyfast())
     return model
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import _progress
-from ..api import Filter, _walk
+from ..api import Filter, _walk, positions, replace_module
 from ..nn import QuantConv2d, StaticInt8Linear
 from ..nn import layout as _layout
 from ..nn.conv import conv_unsupported_reason
@@ -132,6 +132,7 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
     if "" in scales:
         raise ValueError(f"model is itself an nn.{type(model).__name__}; wrap it in a container "
                          "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+    shared = positions(model, lambda m: hasattr(m, _OBS))   # every name of each layer
     with torch.no_grad():
         for name, mod in layers:
             getattr(mod, _HOOK).remove()
@@ -143,8 +144,7 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
                     mod, lambda lin, s=scale: StaticInt8Linear.from_linear(lin, s, layout))
             else:
                 new = StaticInt8Linear.from_linear(mod, scale, layout)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            replace_module(model, shared[id(mod)][1], new)
     return model
 
 
