@@ -26,7 +26,7 @@ def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
     amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
     scale = safe_scale(amax, 127.0)
     q = torch.round(xf / scale[:, None]).nan_to_num_(0.0).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale   # contiguous whatever x's strides, as the fake says (ops.py)
 
 
 def safe_scale(span: Tensor, levels: float) -> Tensor:
@@ -53,7 +53,7 @@ def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     nan_row = torch.isnan(xf).any(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0], dtype=torch.bool)
     rows = torch.where(nan_row, torch.full_like(nan_row, float("nan"), dtype=torch.float32),
                        s.expand(xf.shape[0]))
-    return q, rows.contiguous()
+    return q.contiguous(), rows.contiguous()
 
 
 def int8_matmul_int32(a: Tensor, b: Tensor) -> Tensor:
@@ -125,7 +125,7 @@ def pack_int4(w: Tensor, group_size: int, symmetric: bool) -> Tuple[Tensor, Tens
 
 def pack_nibbles(q: Tensor) -> Tensor:
     """uint8 [N, K] with values 0..15 -> uint8 [N, K/2], low nibble = even k."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:

@@ -537,6 +537,24 @@ def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.pyfast, op).default, args)
 
 
+def _column_major(a):
+    return a.T.contiguous().T if isinstance(a, torch.Tensor) and a.dim() == 2 else a
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("op,args", [pytest.param(op, args, id=f"{op}-{i % 2}")
+                                     for i, (op, args) in enumerate(_opcheck_cases())])
+def test_opcheck_column_major_inputs(op, args, backend):
+    """The same with every 2-D input column-major, on the backend the rule picks and on
+    the reference: each output's strides must be the fake's (contiguous), or
+    torch.compile miscompiles views of it (pack_int4, and quantize_per_token /
+    quantize_static on the reference, kept their input's strides)."""
+    forced = pyfast.use_backend("reference") if backend == "reference" else pyfast.use_backend()
+    with forced:
+        torch.library.opcheck(getattr(torch.ops.pyfast, op).default,
+                              tuple(map(_column_major, args)))
+
+
 def test_every_op_has_an_opcheck_case():
     assert {op for op, _ in _opcheck_cases()} == set(ops.SCHEMAS) == set(dispatch.ops())
 
