@@ -6,7 +6,7 @@ custom op as if it were not there. Instead:
   values), so they get exact gradients, computed from the reference's
   dequantized weight in float32: this lets a user fine-tune around compressed
   layers (LoRA on a quantized base, 2:4 sparse fine-tuning);
-- quantize_per_token, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress,
+- quantize_per_token, quantize_static, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress,
   pack_sparse24_int4
   and the repack ops round or repack, so their true gradient is zero almost everywhere and useless:
   backward raises and says what to use instead. Forward passes with requires_grad inputs work.
@@ -173,6 +173,9 @@ def _setup_sparse24_int4_mm_tc(ctx, inputs, output):
 _NO_GRAD_ADVICE = {
     "quantize_per_token": "rounding has zero gradient; train in float, or with "
                           "fake quantization (straight-through), then convert",
+    "quantize_static": "rounding has zero gradient; calibrate the scale (pyfast.quant."
+                       "prepare_static / calibrate) or train with fake quantization "
+                       "(pyfast.quant.prepare_qat), then convert",
     "int8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "
                "('int8-weight'), which has exact input gradients, or train in float",
     "w8a8_mm": "W8A8 rounds its activations; use Int8WeightOnlyLinear "

@@ -113,3 +113,18 @@ def test_w8a8_forward_works_with_grad_but_backward_raises(layout):
     op = "w8a8_mm_vnni" if layout == "vnni" else "w8a8_mm"
     with pytest.raises(RuntimeError, match=f"pyfast.{op} has no gradient: W8A8 rounds"):
         y.sum().backward()
+
+
+def test_every_op_has_an_autograd_kernel():
+    """Each op has a gradient formula or a backward that raises: without an autograd
+    kernel PyTorch only warns and passes no gradient (quantize_static had none)."""
+    missing = [op for op in pyfast.ops.SCHEMAS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfast::{op}", "Autograd")]
+    assert not missing
+
+
+def test_quantize_static_backward_raises():
+    scale = torch.tensor([0.1], requires_grad=True)
+    _, rows = pyfast.ops.quantize_static(torch.randn(5, 64), scale)
+    with pytest.raises(RuntimeError, match="pyfast.quantize_static has no gradient"):
+        rows.sum().backward()
