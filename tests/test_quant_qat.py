@@ -80,6 +80,17 @@ def test_qat_conv_forward_is_the_converted_conv(method):
     assert float(conv.weight.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_qat_conv_takes_an_empty_batch(method):
+    """[0, C, H, W] gives [0, C_out, H_out, W_out], as nn.Conv2d and QuantConv2d do (the
+    int8 path's reshape to -1 columns failed on 0 elements)."""
+    conv = nn.Conv2d(4, 8, 3)   # K = 36, even for int4
+    qat = QATConv2d.from_conv(conv, method, -1)
+    out = qat(torch.randn(0, 4, 8, 8))
+    assert out.shape == conv(torch.randn(0, 4, 8, 8)).shape == (0, 8, 6, 6)
+    assert qat.to_pyfast()(torch.randn(0, 4, 8, 8)).shape == (0, 8, 6, 6)
+
+
 def _small_model():
     return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 2, stride=2),
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(),

@@ -198,7 +198,9 @@ class QATConv2d(_QATMixin, ConvGeometry):
             return out.squeeze(0) if unbatched else out
         cols = im2col(x4, self.kernel_size, self.stride, self.padding, self.dilation)
         rows = self.fake_input(cols.reshape(-1, self.in_features))
-        out = F.linear(rows, w2, self.bias).reshape(x4.shape[0], -1, self.out_channels)
+        # L = H_out * W_out spelled out: -1 cannot be inferred for an empty batch
+        out = F.linear(rows, w2, self.bias).reshape(x4.shape[0], size[0] * size[1],
+                                                    self.out_channels)
         return self._to_image(out, x4.shape[0], size, unbatched)
 
     def to_pyfast(self) -> nn.Module:
