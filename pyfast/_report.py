@@ -44,8 +44,9 @@ class BackendReport(list):
                  + "; ".join(f"{d}: {' > '.join(p)}" for d, p in dispatch.PRIORITY.items()),
                  *(f"  from M = {m}: {op} on {d}: {' > '.join(order)}"
                    for (op, d), (m, order) in dispatch.M_RULES.items()),
-                 "* = what a plain call runs (at small M)",
-                 f"{'op':<20}" + "".join(f"{d:<26}" for d in devices)]
+                 "* = what a plain call runs (at small M)"]
+        width = max([len("op"), *(len(r.op) for r in self)]) + 2   # the longest op name fits
+        lines.append(f"{'op':<{width}}" + "".join(f"{d:<26}" for d in devices))
         for op in dict.fromkeys(r.op for r in self):
             cells = []
             for d in devices:
@@ -53,7 +54,7 @@ class BackendReport(list):
                 usable = sorted((r for r in self if r.op == op and r.device == d and r.available),
                                 key=lambda r: order.index(r.family) if r.family in order else 99)
                 cells.append(" ".join(r.family + ("*" if r.default else "") for r in usable) or "-")
-            lines.append(f"{op:<20}" + "".join(f"{c:<26}" for c in cells))
+            lines.append(f"{op:<{width}}" + "".join(f"{c:<26}" for c in cells))
         why: dict = {}
         for r in self:
             if not r.available and r.source and not r.reason.startswith("kernel runs on"):

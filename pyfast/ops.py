@@ -207,7 +207,7 @@ def _check_sparse24_values(w):
         raise ValueError(
             f"w is not 2:4 sparse: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
             f"has {sum(v != 0 for v in vals)} nonzeros {vals}; each group of 4 along K may keep "
-            "at most 2 (prune it first, e.g. pyfast.sparsify or pyfast.prune_24)"
+            "at most 2 (prune it first: pyfast.sparsify, or pyfast.prune.n_m then prune.finish)"
         )
 
 

@@ -9,13 +9,14 @@ from . import _checks as chk
 def magnitude_24_mask(w: torch.Tensor) -> torch.Tensor:
     """Bool mask [N, K] keeping the 2 largest |w| of every group of 4 along K.
 
-    Ties go to the lower index (topk on a stable key), so the mask is deterministic.
+    Ties go to the lower index (a stable descending sort), so the mask is the same on
+    every device and run: a group of four equal |w| keeps positions 0 and 1.
     """
     chk.tensor("w", w, dim=2)
     chk.multiple_of_4("w.shape[1] (K)", w.shape[1])
     n, k = w.shape
     g = w.detach().abs().float().reshape(n, k // 4, 4)
-    idx = g.topk(2, dim=2).indices
+    idx = g.argsort(dim=2, descending=True, stable=True)[:, :, :2]
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True)
     return mask.reshape(n, k)
 

@@ -188,3 +188,12 @@ def test_quantize_lowbit_methods(method, group_size, bits, gs):
 def test_quantize_lowbit_rejects_bad_group_size():
     with pytest.raises(ValueError, match="group_size 48 is not supported"):
         pyfast.quantize(nn.Sequential(nn.Linear(64, 4)), "int2", group_size=48)
+
+
+def test_magnitude_24_mask_breaks_ties_by_lower_index():
+    """As its docstring says: equal |w| in a group keep the lower positions, on any
+    device (a stable sort; topk gave positions 2 and 3 for four equal values)."""
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, -2.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    assert magnitude_24_mask(w).tolist() == [[True, True, False, False,
+                                              False, True, True, False,
+                                              True, True, False, False]]

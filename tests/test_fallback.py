@@ -53,3 +53,15 @@ def test_reference_fallback_without_extension(how, prelude, env, reason):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr
+
+
+def test_report_columns_fit_the_longest_op_name():
+    """Every op row of the table has its name, then at least one space (the 20-column
+    name field ran repack_sparse24_int4_tc into its first cell)."""
+    import pyfast
+
+    report = pyfast.backends()
+    rows = [line for line in str(report).splitlines()
+            if line.split(" ", 1)[0] in {r.op for r in report}]
+    assert rows and all(len(line.split(" ", 1)) == 2 for line in rows)
+    assert any(line.startswith("repack_sparse24_int4_tc ") for line in rows)

@@ -154,8 +154,12 @@ def test_zero_or_nan_only_data_is_refused(name):
         obs.scale()
     nan = make_observer(name)
     nan.observe(torch.full((4,), float("nan")))
-    with pytest.raises(ValueError, match="observed only NaN/inf values over 1 batch"):
+    with pytest.raises(ValueError, match=r"observed only NaN/inf values \(4\) over 1 batch"):
         nan.scale()
+    empty = make_observer(name)
+    empty.observe(torch.zeros(0, 8))
+    with pytest.raises(ValueError, match=r"observed no values \(empty batches\) over 1 batch"):
+        empty.scale()
 
 
 def test_range_too_small_for_a_float32_scale():

@@ -71,7 +71,8 @@ class Observer(abc.ABC):
             raise ValueError(f"{type(self).__name__} has observed no data: calibrate first "
                              "(run pyfast.quant.calibrate(model, batches) or call observe(x))")
         if self.count == self.zeros:
-            what = ("only NaN/inf values" if self.count == 0 else
+            what = ("no values (empty batches)" if self.count == 0 and self.nonfinite == 0 else
+                    f"only NaN/inf values ({self.nonfinite})" if self.count == 0 else
                     f"only zeros ({self.zeros} zeros, {self.nonfinite} NaN/inf)")
             raise ValueError(f"{type(self).__name__} observed {what} over {self.batches} "
                              "batch(es): no positive range, so no int8 scale can be chosen; "
