@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .nn import Sparse24Int4Linear, Sparse24Linear, _CompressedLinear
+from . import reference
+from .layouts import int4_tc
+from .nn import Int4Linear, LowBitLinear, Sparse24Int4Linear, Sparse24Linear, _CompressedLinear
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,38 @@ def _dense_row(name: str, mod: nn.Module) -> LayerRow:
         w = mod.weight.detach()
     nbias = 0 if mod.bias is None else mod.bias.numel()
     nbytes = (w.numel() + nbias) * w.element_size()
-    zeros = float((w == 0).sum()) / max(w.numel(), 1)
+    zeros = _zero_fraction(w)
     masked = parametrize.is_parametrized(mod, "weight")
     cls = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
     fmt = f"dense {str(w.dtype).replace('torch.', '')}" + (", masked" if masked else "")
     return LayerRow(name, cls.__name__, fmt, w.numel() + nbias, nbytes, nbytes, zeros, w.numel())
+
+
+def _zero_fraction(w: Tensor) -> float:
+    """Fraction of zeros; NaN for a tensor without data (the meta device)."""
+    return float("nan") if w.is_meta else float((w == 0).sum()) / max(w.numel(), 1)
+
+
+def _nonzero_fraction(t: Tensor, total: int) -> float:
+    return float("nan") if t.is_meta else float((t != 0).sum()) / max(total, 1)
+
+
+def _effective_weight(layer: _CompressedLinear) -> Tensor:
+    """The weight whose zeros the sparsity column counts: the int8 codes (a zero code is a
+    zero weight), else the dequantized weight (int4 and low-bit: q == zero point), in
+    whatever layout the layer stores."""
+    if hasattr(layer, "weight_int8"):                        # Int8, Int8WeightOnly, Static
+        return layer.canonical_weight() if hasattr(layer, "canonical_weight") else layer.weight_int8
+    if isinstance(layer, Sparse24Int4Linear):
+        return layer.dequantized_weight()
+    if isinstance(layer, Int4Linear):
+        packed = (int4_tc.unrepack(layer.packed, layer.out_features, layer.in_features)
+                  if layer.layout == "tc" else layer.packed)
+        return reference.dequantize_int4(packed, layer.scales, layer.zeros, layer.group_size)
+    if isinstance(layer, LowBitLinear):
+        return reference.dequantize_lowbit(layer.packed, layer.scales, layer.zeros, layer.bits,
+                                           layer.group_size)
+    raise TypeError(f"no effective weight for {type(layer).__name__}")
 
 
 def _compressed_row(name: str, mod: nn.Module, inner: _CompressedLinear) -> LayerRow:
@@ -82,11 +111,9 @@ def _compressed_row(name: str, mod: nn.Module, inner: _CompressedLinear) -> Laye
     n, k = inner.out_features, inner.in_features
     params = n * k + (0 if inner.bias is None else n)
     if isinstance(inner, Sparse24Linear):
-        sparsity = 1.0 - float((inner.values != 0).sum()) / (n * k)
-    elif isinstance(inner, Sparse24Int4Linear):
-        sparsity = 1.0 - float((inner.dequantized_weight() != 0).sum()) / (n * k)
+        sparsity = 1.0 - _nonzero_fraction(inner.values, n * k)
     else:
-        sparsity = 0.0
+        sparsity = _zero_fraction(_effective_weight(inner))
     return LayerRow(name, type(mod).__name__, getattr(mod, "format", inner.format), params,
                     mod.dense_bytes(), mod.storage_bytes(), sparsity, n * k)
 

@@ -1,4 +1,5 @@
 """pyfast.prune reporting (pyfast.summary, prune.sparsity) and the training penalties."""
+import math
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import pyfast
-from pyfast import prune
+from pyfast import prune, quant
 
 
 from test_prune_masks import convnet, mlp  # noqa: E402  (the same small models)
@@ -79,3 +80,29 @@ def test_penalty_errors():
         prune.l1_penalty(mlp(), -1)
     with pytest.raises(ValueError, match="weight must be a float >= 0"):
         prune.slimming_penalty(mlp(), "big")
+
+
+@pytest.mark.parametrize("method", ["int8", "int8-weight", "int4", "static"])
+def test_quantized_layers_report_the_zeros_of_their_weight(method):
+    """A 50%-pruned layer stays 50% zeros once quantized (a zero weight is a zero int8
+    code, or an int4 code equal to its zero point); summary said 0.0% for every
+    quantized layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64))
+    prune.magnitude(model, 0.5)
+    prune.finish(model)
+    if method == "static":
+        quant.quantize_static(model, [torch.randn(4, 128)], progress=False)
+    else:
+        pyfast.quantize(model, method, **({"group_size": 32} if method == "int4" else {}))
+    row = pyfast.summary(model, print_table=False)[0]
+    assert row.sparsity == pytest.approx(0.5, abs=0.01), row
+    assert prune.sparsity(model)["0"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_summary_of_a_meta_model_has_no_sparsity_but_does_not_fail():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    rows = pyfast.summary(model, print_table=False)
+    assert len(rows) == 2 and all(math.isnan(r.sparsity) for r in rows)
+    assert rows[0].params == 64 * 32 + 32
