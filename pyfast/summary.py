@@ -1,9 +1,15 @@
 """pyfast.summary(model): one row per linear/conv layer, dense or compressed, and totals.
 
 Rows: every nn.Linear and nn.Conv2d (dense; a layer pruned with pyfast.prune masks
-shows the sparsity of its effective, masked weight), every pyfast layer, and every
-wrapper around one (QuantConv2d): the wrapper is the row and its inner layer is not
-listed again, so nothing is counted twice.
+shows the sparsity of its effective, masked weight), every pyfast layer, every wrapper
+around one (QuantConv2d), every QAT layer (float weights still: before == after), and
+every low-rank pair (LowRankLinear / LowRankConv2d). A wrapper or a pair is one row and
+its inner layers are not listed again, so nothing is counted twice.
+
+A low-rank row: params and "before" are those of the dense layer it stands for; "after"
+adds up what its two factors store now (dense, or quantized / pruned after factorizing);
+sparsity and `weights` count the factors' r (in + out) weights, which are what pruning
+them zeroes (the product of two factors is dense however sparse they are).
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .layouts import int4_tc
+from .lowrank.layers import LowRankConv2d, LowRankLinear
 from .nn import Int4Linear, LowBitLinear, Sparse24Int4Linear, Sparse24Linear, _CompressedLinear
+from .quant.qat import QATConv2d, QATLinear
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,8 @@ def _mib(n: int) -> str:
 
 
 def _dense_row(name: str, mod: nn.Module) -> LayerRow:
-    """nn.Linear / nn.Conv2d; a masked (parametrized) weight is read as the forward sees it."""
+    """nn.Linear / nn.Conv2d / QAT layer; a masked (parametrized) weight is read as the
+    forward sees it."""
     with torch.no_grad():
         w = mod.weight.detach()
     nbias = 0 if mod.bias is None else mod.bias.numel()
@@ -75,7 +84,11 @@ def _dense_row(name: str, mod: nn.Module) -> LayerRow:
     zeros = _zero_fraction(w)
     masked = parametrize.is_parametrized(mod, "weight")
     cls = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
-    fmt = f"dense {str(w.dtype).replace('torch.', '')}" + (", masked" if masked else "")
+    dtype = str(w.dtype).replace('torch.', '')
+    fmt = f"dense {dtype}" + (", masked" if masked else "")
+    if isinstance(mod, (QATLinear, QATConv2d)):     # "qat=int4 g128 sym" -> "QAT int4 g128 sym"
+        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+        fmt = f"QAT {mod._qat_repr()[4:]}, {short}"
     return LayerRow(name, cls.__name__, fmt, w.numel() + nbias, nbytes, nbytes, zeros, w.numel())
 
 
@@ -128,6 +141,49 @@ def _wrapped(mod: nn.Module):
     return inner[0] if len(inner) == 1 else None
 
 
+def _lowrank_row(name: str, mod: nn.Module) -> LayerRow:
+    """One row for a LowRankLinear / LowRankConv2d from the rows of its two factors."""
+    parts = [r for part in ("first", "second")
+             for r in _rows(getattr(mod, part).named_modules(prefix=f"{name}.{part}"))]
+    if isinstance(mod, LowRankLinear):
+        n, k = mod.out_features, mod.in_features
+    else:
+        kh, kw = mod.first.kernel_size
+        n, k = mod.out_channels, mod.in_channels * kh * kw
+    bias = parts[-1].params - parts[-1].weights     # second's row (the bias is there)
+    params = n * k + bias
+    # bytes per element of the dense layer: the factors' float dtype, whatever they are now
+    per = parts[0].bytes_before / parts[0].params
+    weights = sum(p.weights for p in parts)
+    zeros = sum(p.sparsity * p.weights for p in parts)
+    formats = list(dict.fromkeys(p.format for p in parts))
+    return LayerRow(name, type(mod).__name__, f"rank {mod.rank}: " + " + ".join(formats),
+                    params, round(params * per), sum(p.bytes_after for p in parts),
+                    zeros / weights, weights)
+
+
+def _rows(named_modules) -> "Summary":
+    """The rows of the layers among (name, module) pairs in named_modules() order, each
+    layer once."""
+    rows = Summary()
+    covered = []   # wrappers / pairs already listed: their inner layers are not listed again
+    for name, mod in named_modules:
+        if any(c == "" or name.startswith(c + ".") for c in covered):
+            continue
+        inner = _wrapped(mod)
+        if inner is not None:
+            rows.append(_compressed_row(name, mod, inner))
+            covered.append(name)
+        elif isinstance(mod, (LowRankLinear, LowRankConv2d)):
+            rows.append(_lowrank_row(name, mod))
+            covered.append(name)
+        elif isinstance(mod, _CompressedLinear):
+            rows.append(_compressed_row(name, mod, mod))
+        elif isinstance(mod, (nn.Linear, nn.Conv2d, QATLinear, QATConv2d)):
+            rows.append(_dense_row(name, mod))
+    return rows
+
+
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
     """Per-layer table: type, format, parameters, bytes before/after, sparsity, totals.
 
@@ -136,19 +192,7 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    rows = Summary()
-    covered = []   # wrappers already listed: their inner layers are not listed again
-    for name, mod in model.named_modules():
-        if any(c == "" or name.startswith(c + ".") for c in covered):
-            continue
-        inner = _wrapped(mod)
-        if inner is not None:
-            rows.append(_compressed_row(name, mod, inner))
-            covered.append(name)
-        elif isinstance(mod, _CompressedLinear):
-            rows.append(_compressed_row(name, mod, mod))
-        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
-            rows.append(_dense_row(name, mod))
+    rows = _rows(model.named_modules())
     rows.skipped = dict(getattr(model, "pyfast_skipped", {}))
     if print_table:
         print(rows)

@@ -106,3 +106,49 @@ def test_summary_of_a_meta_model_has_no_sparsity_but_does_not_fail():
     rows = pyfast.summary(model, print_table=False)
     assert len(rows) == 2 and all(math.isnan(r.sparsity) for r in rows)
     assert rows[0].params == 64 * 32 + 32
+
+
+def test_summary_lists_qat_layers_with_their_float_bytes():
+    """A model prepared for QAT listed no rows at all (QATLinear is not an nn.Linear)."""
+    net = convnet()
+    quant.prepare_qat(net, "int4", group_size=-1, symmetric=False)
+    rows = {r.name: r for r in pyfast.summary(net, print_table=False)}
+    assert set(rows) == {"0", "3"}
+    assert rows["0"].type == "QATConv2d" and rows["3"].type == "QATLinear"
+    assert rows["3"].format == "QAT int4 per-channel asym, fp32"
+    assert rows["3"].params == 8 * 16 * 4 + 4 and rows["3"].weights == 8 * 16 * 4
+    assert rows["3"].bytes_before == rows["3"].bytes_after == (8 * 16 * 4 + 4) * 4
+    net8 = quant.prepare_qat(mlp(), "int8")
+    assert {r.format for r in pyfast.summary(net8, print_table=False)} == {"QAT int8 W8A8, fp32"}
+
+
+def test_summary_lists_a_low_rank_pair_as_one_layer():
+    """It showed `first` and `second` as two dense layers and the saving as 1.00x."""
+    from pyfast import lowrank
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Conv2d(4, 16, 3, bias=False))
+    lowrank.factorize(net, rank=4)
+    s = pyfast.summary(net, print_table=False)
+    rows = {r.name: r for r in s}
+    assert set(rows) == {"0", "2"}
+    lin, conv = rows["0"], rows["2"]
+    assert (lin.type, lin.format) == ("LowRankLinear", "rank 4: dense float32")
+    assert lin.params == 64 * 48 + 48 and lin.bytes_before == lin.params * 4
+    assert lin.bytes_after == (4 * (64 + 48) + 48) * 4 and lin.weights == 4 * (64 + 48)
+    assert conv.type == "LowRankConv2d" and conv.params == 16 * 4 * 9
+    assert conv.bytes_after == 4 * (4 * 9 + 16) * 4
+    assert s.total_after < s.total_before
+    # compressing the factors afterwards: the row adds up what they store now
+    prune.magnitude(net, 0.5)
+    prune.finish(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyfast.quantize(net, "int8")
+    rows = {r.name: r for r in pyfast.summary(net, print_table=False)}
+    assert set(rows) == {"0", "2"}
+    assert rows["0"].format.startswith("rank 4: int8 W8A8")
+    assert rows["0"].bytes_after == (net[0].first.storage_bytes()
+                                     + net[0].second.storage_bytes())
+    assert rows["0"].bytes_before == (64 * 48 + 48) * 4
+    assert rows["0"].sparsity == pytest.approx(0.5, abs=0.02)
+    assert prune.sparsity(net)["0"] == pytest.approx(rows["0"].sparsity)
