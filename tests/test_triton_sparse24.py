@@ -63,6 +63,29 @@ def test_matches_reference(m, k, n, dtype):
     check(out, x, values, meta, b, w64, dtype, f"M={m} K={k} N={n} bias={bias}")
 
 
+# The 6 bytes (idx0 | idx1 << 2, idx0 < idx1) that formats.py allows; the kernel picks a
+# value for position p from the byte itself (position 0 only from v0, 3 only from v1).
+VALID_META = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=dtype_id)
+def test_every_index_pair_at_every_group(dtype):
+    """Each row holds every valid meta byte, in a different order per row, so each byte
+    meets each group (and each position of the K tile's quarters)."""
+    n, k = 18, 4 * 48
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.tensor(VALID_META, dtype=torch.uint8)
+    meta = torch.stack([codes[torch.randperm(6, generator=gen)].repeat(k // 24)
+                        for _ in range(n)])
+    values = torch.randn(n, k // 2, generator=gen).to(dtype)
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    w64 = reference.sparse24_decompress(values, meta).double()
+    assert {int(b) for b in meta.unique()} == set(VALID_META)
+    x, values, meta, w64 = (t.to(DEVICE) for t in (x, values, meta, w64))
+    out = sparse24.sparse24_mm(x, values, meta, None)
+    check(out, x, values, meta, None, w64, dtype, "every index pair")
+
+
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
 def test_bias_and_no_bias(dtype, bias):
