@@ -298,7 +298,10 @@ def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     tensors = load_file(os.fspath(path), device=str(device))
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:   # the layers check values their kernels assume (a 2:4 meta byte's idx0 < idx1)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{os.fspath(path)!r}: {exc}") from exc
     if missing or unexpected:
         raise ValueError(f"{os.fspath(path)!r} does not fit this model: missing from the file: "
                          f"{missing[:8]}; in the file but not in the model: {unexpected[:8]}")

@@ -226,3 +226,31 @@ def test_autocast_computes_in_x_dtype(method):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.float32 and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("layout", ["canonical", "tc"])
+@pytest.mark.parametrize("cls", ["Sparse24Linear", "Sparse24Int4Linear"])
+def test_load_state_dict_refuses_a_meta_byte_outside_the_format(cls, layout):
+    """The kernels assume idx0 < idx1 (pyfast/formats.py): load_state_dict checks it once,
+    in either layout, and names the first bad group; a valid state dict still loads."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8)
+    kind = getattr(pyfast.nn, cls)
+    make = lambda: (kind.from_linear(lin, prune=True, layout=layout) if cls == "Sparse24Linear"  # noqa: E731
+                    else kind.from_linear(lin, prune=True, group_size=32, layout=layout))
+    layer = make()
+    good = {k: v.clone() for k, v in make().state_dict().items()}
+    layer.load_state_dict(good)
+    canonical = make().repack("canonical")
+    sd = {k: v.clone() for k, v in canonical.state_dict().items()}
+    sd["meta"][1, 2] = 0x0B if cls == "Sparse24Linear" else 0xB4      # idx0 = 3 > idx1 = 2
+    if layout == "tc":   # the same corruption in the tensor-core image (the repack op
+        # itself refuses such meta, so the layout's pure-torch function makes the image)
+        from pyfast.layouts import sparse24_int4_tc, sparse24_tc
+        if cls == "Sparse24Linear":
+            sd["meta"] = sparse24_tc.repack_meta(sd["meta"])
+        else:
+            sd["packed"], sd["meta"] = sparse24_int4_tc.repack(sd["packed"], sd["meta"])
+    with pytest.raises(RuntimeError, match=r"at '': (unpack_nibbles\()?meta\)?\[1, [245]\] = 11 "
+                                           r"is not a 2:4 index pair"):
+        layer.load_state_dict(sd)

@@ -261,3 +261,23 @@ def test_manifest_lists_formats():
     assert man["modules"]["0"]["class"] == "pyfast.nn.linear.Int4Linear"
     assert man["modules"]["0"]["config"]["group_size"] == 128
     assert man["modules"]["2"]["class"] == "torch.nn.Linear"
+
+
+@pytest.mark.parametrize("how", ["2:4", "2:4+int4"])
+def test_refuses_a_2_4_meta_byte_outside_the_format(tmp_path, how):
+    """idx0 >= idx1 made each backend sum something different (the kernels rely on
+    the format); the file's meta is checked once, at load."""
+    torch.manual_seed(0)
+    model = _mlp()
+    pyfast.sparsify(model, "2:4", **({"values": "int4", "group_size": 64} if "int4" in how else {}))
+    path, bad = tmp_path / "m.safetensors", tmp_path / "bad.safetensors"
+    pyfast.save(model, path)
+    pyfast.load(_mlp(), path)                                   # the valid file loads
+
+    def corrupt(t):
+        t["2.meta"][3, 5] = 0x05 if how == "2:4" else 0x55     # idx0 = idx1 = 1
+    _rewrite(path, bad, edit_tensors=corrupt)
+    where = r"meta\[3, 5\] = 5" if how == "2:4" else r"unpack_nibbles\(meta\)\[3, 1[01]\] = 5"
+    with pytest.raises(ValueError, match=r"(?s)bad.safetensors.*at '2.': " + where
+                       + r" is not a 2:4 index pair"):
+        pyfast.load(_mlp(), bad)

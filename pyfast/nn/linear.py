@@ -89,6 +89,23 @@ class _CompressedLinear(nn.Module):
         super().__setstate__(state)
         self._place_buffers()
 
+    def _check_loaded_values(self) -> None:
+        """ValueError if a buffer holds values its format forbids (after load_state_dict)."""
+
+    # load_state_dict (and pyfast.load) are where packed data comes from outside pyfast:
+    # values that the kernels assume (a 2:4 meta byte's idx0 < idx1) are checked there
+    # once, not per call, and reported as load_state_dict reports a wrong shape.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) == errors and any(k.startswith(prefix) for k in state_dict):
+            try:
+                self._check_loaded_values()
+            except ValueError as exc:
+                error_msgs.append(f"{type(self).__name__} at {prefix!r}: {exc}")
+
     def _place_buffers(self) -> None:
         for name, buf in self._buffers.items():
             if buf is not None:
@@ -368,6 +385,12 @@ class Sparse24Linear(_CompressedLinear):
         cfg["dtype"] = _dtype_name(self.values.dtype)
         cfg["layout"] = self.layout
         return cfg
+
+    def _check_loaded_values(self) -> None:
+        if self.meta.device.type != "meta":
+            sparse24_tc.check_meta_values(self.meta if self.layout == "canonical" else
+                                          sparse24_tc.unrepack_meta(self.meta, self.out_features,
+                                                                    self.in_features))
 
     @torch.no_grad()
     def repack(self, layout: str = "auto") -> "Sparse24Linear":

@@ -81,6 +81,12 @@ class Sparse24Int4Linear(_Int4GroupLinear):
     def format(self) -> str:  # type: ignore[override]
         return self._int4_format("2:4 sparse + int4")
 
+    def _check_loaded_values(self) -> None:
+        if self.meta.device.type != "meta":
+            meta = self.meta if self.layout == "canonical" else sparse24_int4_tc.unrepack(
+                self.packed, self.meta, self.out_features, self.in_features)[1]
+            sparse24_int4_tc.check_meta_values(meta)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = False, group_size: int = 128,
                     symmetric: bool = True, layout: str = "auto") -> "Sparse24Int4Linear":
