@@ -9,9 +9,12 @@ custom op as if it were not there. Instead:
 - quantize_per_token, quantize_static, int8_mm(_vnni), w8a8_mm(_vnni), pack_int4, pack_lowbit, sparse24_compress,
   pack_sparse24_int4
   and the repack ops round or repack, so their true gradient is zero almost everywhere and useless:
-  backward raises and says what to use instead. Forward passes with requires_grad inputs work.
+  backward raises and says what to use instead. Forward passes with requires_grad inputs
+  work, eager and under torch.compile (the raise is an op of the backward, no_gradient).
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 
@@ -200,14 +203,37 @@ _NO_GRAD_ADVICE = {
 }
 
 
+# The backward of these ops is a call to pyfast::no_gradient, which raises when it runs,
+# not a Python raise: torch.compile traces the backward of every op whose input requires
+# grad (a LayerNorm before a W8A8 layer) while compiling the forward, and a raise there
+# failed the compile of a forward that eager mode runs. Traced, the op's fake returns a
+# gradient of the input's shape; run, it raises with the advice, as eager backward does.
+@torch.library.custom_op("pyfast::no_gradient", mutates_args=())
+def no_gradient(grads: List[Optional[torch.Tensor]], shape: List[int], dtype: torch.dtype,
+                op: str) -> torch.Tensor:
+    """Raise the RuntimeError of pyfast.<op>'s missing gradient. grads: all the output
+    gradients of the backward (all of them, for the data dependency: one may be zeros that
+    autograd made, which the compiler could hoist into the forward); shape, dtype: the
+    input's."""
+    raise RuntimeError(f"pyfast.{op} has no gradient: {_NO_GRAD_ADVICE[op]}")
+
+
+@no_gradient.register_fake
+def _(grads, shape, dtype, op):
+    return next(g for g in grads if g is not None).new_empty(shape, dtype=dtype)
+
+
 def _raising_backward(op: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"pyfast.{op} has no gradient: {_NO_GRAD_ADVICE[op]}")
+        return tuple(None if like is None or not needed else
+                     torch.ops.pyfast.no_gradient(list(grads), list(like[0]), like[1], op)
+                     for like, needed in zip(ctx.inputs, ctx.needs_input_grad))
     return backward
 
 
 def _no_setup(ctx, inputs, output):
-    return None
+    """(shape, dtype) of each tensor input, for the gradients no_gradient stands for."""
+    ctx.inputs = [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in inputs]
 
 
 def register() -> None:

@@ -128,3 +128,25 @@ def test_quantize_static_backward_raises():
     _, rows = pyfast.ops.quantize_static(torch.randn(5, 64), scale)
     with pytest.raises(RuntimeError, match="pyfast.quantize_static has no gradient"):
         rows.sum().backward()
+
+
+@pytest.mark.parametrize("method", ["int8", "static"])
+def test_compile_of_a_forward_whose_input_requires_grad(method):
+    """A LayerNorm in front makes the W8A8 layer's input require grad: torch.compile
+    traces the backward while compiling the forward, and the backward's Python raise
+    failed the compile of a forward that eager runs. Now the compiled forward runs and
+    its backward raises as eager's does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))
+    if method == "static":
+        pyfast.quant.quantize_static(model, [torch.randn(8, 64)], progress=False)
+    else:
+        pyfast.quantize(model, "int8")
+    x = torch.randn(4, 64)
+    y = torch.compile(model)(x)
+    assert y.requires_grad
+    torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
+    # static: quantize_static's or int8_mm's, whichever the compiled backward runs first
+    op = "(int8_mm|quantize_static)" if method == "static" else "w8a8_mm"
+    with pytest.raises(RuntimeError, match=f"pyfast.{op} has no gradient"):
+        y.sum().backward()
