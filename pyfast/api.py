@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from . import _checks as chk
+from . import _torch_fastpath
 from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
 from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason
@@ -75,6 +76,7 @@ def replace_module(model: nn.Module, names: Iterable[str], new: nn.Module) -> No
                              "container (e.g. nn.Sequential(layer)) so it can be replaced in place")
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+        _torch_fastpath.keep_off(model, name, new)
 
 
 def _walk(model: nn.Module, include: Filter, exclude: Filter,

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import _torch_fastpath
 from .nn.linear import _dtype_from_name
 
 FORMAT = "pyfast/1"
@@ -297,6 +298,7 @@ def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
                              "container (e.g. nn.Sequential) as pyfast.quantize requires")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+        _torch_fastpath.keep_off(model, name, new)
     tensors = load_file(os.fspath(path), device=str(device))
     try:   # the layers check values their kernels assume (a 2:4 meta byte's idx0 < idx1)
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
