@@ -107,8 +107,12 @@ def _describe(mod: nn.Module) -> Optional[Tuple[str, dict]]:
 
 
 def _tensor_specs(mod: nn.Module) -> Dict[str, list]:
-    return {k: [str(v.dtype).replace("torch.", ""), list(v.shape)]
-            for k, v in mod.state_dict().items()}
+    """The module's tensors, its children's included, unless the manifest records the
+    children on their own (children_recorded)."""
+    own = getattr(mod, "children_recorded", False)
+    tensors = ({k: v for k, v in [*mod._parameters.items(), *mod._buffers.items()] if v is not None}
+               if own else mod.state_dict())
+    return {k: [str(v.dtype).replace("torch.", ""), list(v.shape)] for k, v in tensors.items()}
 
 
 # --- save -----------------------------------------------------------------------------------------
@@ -133,7 +137,10 @@ def manifest(model: nn.Module) -> dict:
             continue
         cls_key, config = described
         modules[name] = {"class": cls_key, "config": config, "tensors": _tensor_specs(mod)}
-        if not cls_key.startswith("torch.nn."):
+        # A pyfast module rebuilds its children from its config (QuantConv2d's inner
+        # layer), except a pair whose factors may have been converted after it was
+        # made (LowRankLinear quantized): those children are recorded on their own.
+        if not cls_key.startswith("torch.nn.") and not getattr(mod, "children_recorded", False):
             covered.append(name)
     return {"format": FORMAT, "modules": modules,
             "skipped": dict(getattr(model, "pyfast_skipped", {}))}

@@ -148,7 +148,7 @@ def _lowrank_row(name: str, mod: nn.Module) -> LayerRow:
     if isinstance(mod, LowRankLinear):
         n, k = mod.out_features, mod.in_features
     else:
-        kh, kw = mod.first.kernel_size
+        kh, kw = mod.geometry["kernel_size"]
         n, k = mod.out_channels, mod.in_channels * kh * kw
     bias = parts[-1].params - parts[-1].weights     # second's row (the bias is there)
     params = n * k + bias

@@ -231,3 +231,61 @@ def test_errors():
         LowRankConv2d(3, 4, 0, 3)
     with pytest.raises(ValueError, match="in_features must be a positive int, got -2"):
         LowRankLinear(-2, 3, 1)
+
+
+# --- a workflow after factorize ---------------------------------------------------------------
+
+def _mixed(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10),
+                         nn.Unflatten(1, (1, 10, 1)), nn.Conv2d(1, 16, 3, padding=1),
+                         nn.Conv2d(16, 16, 3, padding=1))
+
+
+AFTER = {
+    "int8": lambda m: pyfast.quantize(m, "int8"),
+    "int4": lambda m: pyfast.quantize(m, "int4", group_size=-1),
+    "2:4": lambda m: pyfast.sparsify(m, "2:4"),
+    "qat": lambda m: pyfast.quant.prepare_qat(m, "int8"),
+    "qat, convert": lambda m: pyfast.quant.convert_qat(pyfast.quant.prepare_qat(m, "int8")),
+}
+
+
+@pytest.mark.parametrize("workflow", list(AFTER))
+def test_factors_converted_after_factorize_save_and_load(tmp_path, workflow):
+    """pyfast.save of a low-rank model whose factors were then quantized failed
+    ('Int8Linear' object has no attribute 'weight'): the pair read its factors' weight
+    for its config, and the manifest did not record converted factors."""
+    import warnings
+    model = _mixed()
+    factorize(model, rank=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AFTER[workflow](model)
+    assert type(model[0].first) is not nn.Linear or workflow == "2:4"
+    x = torch.randn(4, 64)
+    pyfast.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = _mixed()
+    loaded = pyfast.load(skeleton, tmp_path / "m.safetensors")
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_structured_pruning_inside_a_pair_keeps_its_sizes_true(tmp_path):
+    """Structured pruning shrank the factors (rank 16 -> 8, outputs 64 -> 32) while the
+    pair still said 64 / 64 / rank 16: its file would not load and summary counted the old
+    size. The pair's sizes are now read from its factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    factorize(model, rank=16)
+    x = torch.randn(4, 64)
+    pyfast.prune.structured(model, 0.5, example_input=x)
+    pair = model[0]
+    assert (pair.in_features, pair.rank, pair.out_features) == (64, pair.first.out_features, 32)
+    assert pair.pyfast_config()["out_features"] == 32
+    assert pyfast.summary(model, print_table=False)[0].params == 64 * 32 + 32
+    pyfast.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    torch.testing.assert_close(pyfast.load(skeleton, tmp_path / "m.safetensors")(x), model(x))

@@ -63,7 +63,45 @@ def _check_rank(rank, n: int, k: int) -> int:
     return rank
 
 
-class LowRankLinear(nn.Module):
+def _in_out(mod: nn.Module) -> Tuple[int, int]:
+    """(inputs, outputs) of a factor: features of a Linear / pyfast layer / QATLinear,
+    channels of a Conv2d / QuantConv2d / QATConv2d. Read from the factor, not stored on
+    the pair, so that a factor quantized, pruned or shrunk by structured pruning after
+    the factorization keeps the pair's sizes true."""
+    if hasattr(mod, "in_channels"):   # before in_features: QuantConv2d has both (K of im2col)
+        return mod.in_channels, mod.out_channels
+    return mod.in_features, mod.out_features
+
+
+def _float_dtype(mod: nn.Module) -> torch.dtype:
+    """The float dtype of a factor's weight, or of the dense weight a compressed factor
+    replaced (its inner layer's, for a QuantConv2d)."""
+    w = getattr(mod, "weight", None)
+    if isinstance(w, Tensor) and w.is_floating_point():
+        return w.dtype
+    inner = getattr(mod, "inner", None)
+    return _float_dtype(inner) if inner is not None else getattr(mod, "orig_dtype", torch.float32)
+
+
+class _LowRankPair(nn.Module):
+    """The sizes of first -> second, read from the factors (see _in_out)."""
+
+    first: nn.Module
+    second: nn.Module
+    # pyfast.save records the factors as modules of their own (serialization.manifest):
+    # from_config builds dense factors, and a quantized / QAT / 2:4 factor replaces one
+    children_recorded = True
+
+    @property
+    def rank(self) -> int:
+        return _in_out(self.first)[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _float_dtype(self.first)
+
+
+class LowRankLinear(_LowRankPair):
     """x -> second(first(x)): first = Linear(in, rank, bias=False), second = Linear(rank, out)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -72,9 +110,17 @@ class LowRankLinear(nn.Module):
         _positive_int("in_features", in_features)
         _positive_int("out_features", out_features)
         _check_rank(rank, out_features, in_features)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.has_bias = bias
         self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def in_features(self) -> int:
+        return _in_out(self.first)[0]
+
+    @property
+    def out_features(self) -> int:
+        return _in_out(self.second)[1]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int,
@@ -100,8 +146,7 @@ class LowRankLinear(nn.Module):
 
     def pyfast_config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.second.bias is not None,
-                "dtype": _dtype_name(self.first.weight.dtype)}
+                "rank": self.rank, "bias": self.has_bias, "dtype": _dtype_name(self.dtype)}
 
     @classmethod
     def from_config(cls, config: dict, device=None) -> "LowRankLinear":
@@ -111,7 +156,7 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.second.bias is not None}")
+                f"rank={self.rank}, bias={self.has_bias}")
 
 
 def conv_factorize_reason(conv: nn.Module) -> Optional[str]:
@@ -126,7 +171,7 @@ def conv_factorize_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(_LowRankPair):
     """x -> second(first(x)): first = Conv2d(C_in, rank, kernel, stride, padding, dilation,
     bias=False), second = Conv2d(rank, C_out, 1) with the bias. groups == 1 only."""
 
@@ -141,11 +186,25 @@ class LowRankConv2d(nn.Module):
             else (kernel_size, kernel_size)
         _check_rank(rank, out_channels, in_channels * kernel_size[0] * kernel_size[1])
         padding = tuple(padding) if isinstance(padding, list) else padding
-        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.has_bias = bias
         self.first = nn.Conv2d(in_channels, rank, kernel_size, _tuple(stride), padding,
                                _tuple(dilation), bias=False, padding_mode=padding_mode,
                                device=device, dtype=dtype)
         self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        # first's geometry as built: a QuantConv2d / QATConv2d put there later keeps it
+        # but spells padding as 4 sides and has no padding_mode
+        f = self.first
+        self.geometry = {"kernel_size": list(f.kernel_size), "stride": list(f.stride),
+                         "padding": f.padding if isinstance(f.padding, str) else list(f.padding),
+                         "dilation": list(f.dilation), "padding_mode": f.padding_mode}
+
+    @property
+    def in_channels(self) -> int:
+        return _in_out(self.first)[0]
+
+    @property
+    def out_channels(self) -> int:
+        return _in_out(self.second)[1]
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, usv: Optional[SVD] = None) -> "LowRankConv2d":
@@ -172,12 +231,9 @@ class LowRankConv2d(nn.Module):
         return self.second(self.first(x))
 
     def pyfast_config(self) -> dict:
-        f = self.first
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "rank": self.rank, "kernel_size": list(f.kernel_size), "stride": list(f.stride),
-                "padding": f.padding if isinstance(f.padding, str) else list(f.padding),
-                "dilation": list(f.dilation), "bias": self.second.bias is not None,
-                "padding_mode": f.padding_mode, "dtype": _dtype_name(f.weight.dtype)}
+                "rank": self.rank, **self.geometry, "bias": self.has_bias,
+                "dtype": _dtype_name(self.dtype)}
 
     @classmethod
     def from_config(cls, config: dict, device=None) -> "LowRankConv2d":
@@ -186,10 +242,10 @@ class LowRankConv2d(nn.Module):
                    device=device)
 
     def extra_repr(self) -> str:
-        f = self.first
+        g = self.geometry
         return (f"{self.in_channels}, {self.out_channels}, rank={self.rank}, "
-                f"kernel_size={f.kernel_size}, stride={f.stride}, padding={f.padding}, "
-                f"dilation={f.dilation}, bias={self.second.bias is not None}")
+                f"kernel_size={tuple(g['kernel_size'])}, stride={tuple(g['stride'])}, "
+                f"padding={g['padding']}, dilation={tuple(g['dilation'])}, bias={self.has_bias}")
 
 
 def _tuple(v):
