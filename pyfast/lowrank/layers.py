@@ -83,6 +83,11 @@ def _float_dtype(mod: nn.Module) -> torch.dtype:
     return _float_dtype(inner) if inner is not None else getattr(mod, "orig_dtype", torch.float32)
 
 
+def _size(factor: str, index: int) -> property:
+    """A read-only size of the pair: _in_out(self.<factor>)[index]."""
+    return property(lambda self: _in_out(getattr(self, factor))[index])
+
+
 class _LowRankPair(nn.Module):
     """The sizes of first -> second, read from the factors (see _in_out)."""
 
@@ -92,9 +97,7 @@ class _LowRankPair(nn.Module):
     # from_config builds dense factors, and a quantized / QAT / 2:4 factor replaces one
     children_recorded = True
 
-    @property
-    def rank(self) -> int:
-        return _in_out(self.first)[1]
+    rank = _size("first", 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,6 +106,8 @@ class _LowRankPair(nn.Module):
 
 class LowRankLinear(_LowRankPair):
     """x -> second(first(x)): first = Linear(in, rank, bias=False), second = Linear(rank, out)."""
+
+    in_features, out_features = _size("first", 0), _size("second", 1)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -113,14 +118,6 @@ class LowRankLinear(_LowRankPair):
         self.has_bias = bias
         self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    @property
-    def in_features(self) -> int:
-        return _in_out(self.first)[0]
-
-    @property
-    def out_features(self) -> int:
-        return _in_out(self.second)[1]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int,
@@ -175,6 +172,8 @@ class LowRankConv2d(_LowRankPair):
     """x -> second(first(x)): first = Conv2d(C_in, rank, kernel, stride, padding, dilation,
     bias=False), second = Conv2d(rank, C_out, 1) with the bias. groups == 1 only."""
 
+    in_channels, out_channels = _size("first", 0), _size("second", 1)
+
     def __init__(self, in_channels: int, out_channels: int, rank: int, kernel_size,
                  stride=1, padding=0, dilation=1, bias: bool = True,
                  padding_mode: str = "zeros", device=None,
@@ -197,14 +196,6 @@ class LowRankConv2d(_LowRankPair):
         self.geometry = {"kernel_size": list(f.kernel_size), "stride": list(f.stride),
                          "padding": f.padding if isinstance(f.padding, str) else list(f.padding),
                          "dilation": list(f.dilation), "padding_mode": f.padding_mode}
-
-    @property
-    def in_channels(self) -> int:
-        return _in_out(self.first)[0]
-
-    @property
-    def out_channels(self) -> int:
-        return _in_out(self.second)[1]
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, usv: Optional[SVD] = None) -> "LowRankConv2d":
