@@ -87,6 +87,13 @@ def int_arg(name: str, v) -> None:
         raise TypeError(f"{name} must be an int, got {v!r}")
 
 
+def bool_arg(name: str, v) -> bool:
+    """TypeError unless v is a bool (not 0/1, None or a string); returns v."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
 _PER_BYTE = {4: "two int4", 2: "four 2-bit", 1: "eight 1-bit"}
 
 

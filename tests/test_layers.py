@@ -254,3 +254,44 @@ def test_load_state_dict_refuses_a_meta_byte_outside_the_format(cls, layout):
     with pytest.raises(RuntimeError, match=r"at '': (unpack_nibbles\()?meta\)?\[1, [245]\] = 11 "
                                            r"is not a 2:4 index pair"):
         layer.load_state_dict(sd)
+
+
+def test_constructor_arguments_are_checked_like_the_others():
+    """Int4Linear took symmetric="no" as True and None as False, Sparse24Linear took
+    prune="yes", and from_int8 accepted a bias of the wrong size (refused at the first
+    forward only): each now raises as Sparse24Int4Linear / pyfast.quantize do."""
+    lin = nn.Linear(64, 8)
+    with pytest.raises(TypeError, match="symmetric must be a bool, got 'no'"):
+        pyfast.nn.Int4Linear.from_linear(lin, group_size=32, symmetric="no")
+    with pytest.raises(TypeError, match="symmetric must be a bool, got None"):
+        pyfast.nn.Int4Linear(64, 8, group_size=32, symmetric=None)
+    with pytest.raises(TypeError, match="prune must be a bool, got 'yes'"):
+        pyfast.nn.Sparse24Linear.from_linear(lin, prune="yes")
+    w = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\): dimension 0 must be 4"):
+        pyfast.nn.Int8Linear.from_int8(w, torch.ones(4), torch.ones(3))
+    with pytest.raises(ValueError, match="bias must be 1-D"):
+        pyfast.nn.Int8WeightOnlyLinear.from_int8(w, torch.ones(4), torch.ones(4, 1))
+    with pytest.raises(TypeError, match=r"dtype 'float16' is not supported; accepted: torch.float32"):
+        pyfast.nn.Sparse24Linear(64, 16, dtype="float16")
+
+
+@pytest.mark.parametrize("cast", ["double", "complex"])
+def test_a_cast_the_kernels_cannot_take_is_refused_before_anything_moves(cast):
+    """model.double() made a float64 bias (2:4: float64 values, a dtype the layer's own
+    constructor refuses), and every forward then failed naming the bias or the input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    pyfast.sparsify(model, "2:4", include="2")
+    x = torch.randn(3, 64)
+    before = model(x)
+    with pytest.raises(TypeError, match=r"Sparse24Linear cannot be cast to torch\.(float64|complex64): "
+                                        r"its kernels take float32, float16 or bfloat16"):
+        model.double() if cast == "double" else model.to(torch.complex64)
+    assert model[2].values.dtype == torch.float32 and model[2].bias.dtype == torch.float32
+    if cast == "complex":   # the modules before it were cast (.float() keeps complex)
+        return
+    model.float()
+    torch.testing.assert_close(model(x), before)
+    for c in (torch.float16, torch.bfloat16, torch.float32):
+        model.to(c)              # the casts the kernels take still work

@@ -72,6 +72,14 @@ class _CompressedLinear(nn.Module):
     _FLOAT32_BUFFERS = ("weight_scale", "scales", "input_scale")
 
     def _apply(self, fn, recurse: bool = True):
+        # Refuse a cast to a dtype the kernels do not take (model.double()), before any
+        # tensor moves: a float64 bias or 2:4 values made every later forward fail with
+        # a message about the bias or the input.
+        probe = fn(torch.empty(0, device=self._probe_device()))
+        if isinstance(probe, Tensor) and probe.dtype not in chk.FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__} cannot be cast to {probe.dtype}: its "
+                            "kernels take float32, float16 or bfloat16; accepted casts: "
+                            ".float(), .half(), .bfloat16(), .to(device)")
         kept = [n for n in self._FLOAT32_BUFFERS
                 if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.float32]
         for name in kept:
@@ -84,6 +92,10 @@ class _CompressedLinear(nn.Module):
                     self._buffers[name] = self._buffers[name].view(torch.float32)
         self._place_buffers()
         return self
+
+    def _probe_device(self) -> torch.device:
+        return next((t.device for t in self._buffers.values() if t is not None),
+                    torch.device("cpu"))
 
     def __setstate__(self, state) -> None:   # copy.deepcopy, pickle
         super().__setstate__(state)
@@ -190,6 +202,8 @@ class _Int8WeightLinear(_CompressedLinear):
         """From an already-quantized weight (e.g. torch's quantize_dynamic)."""
         chk.tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2)
         chk.scale_vector("w_scale", w_scale, w_int8.shape[0], "one scale per output row")
+        chk.bias(bias, w_int8.shape[0])
+        chk.same_device(w_int8=w_int8, w_scale=w_scale, bias=bias)
         n, k = w_int8.shape
         layer = cls(k, n, bias is not None, device=w_int8.device)
         layer.weight_int8.copy_(w_int8)
@@ -312,7 +326,7 @@ class Int4Linear(_Int4GroupLinear):
                  layout: str = "canonical"):
         super().__init__(in_features, out_features, bias, device)
         gs = chk.group_size(group_size, in_features, k_name="in_features")
-        self.group_size, self.symmetric = group_size, bool(symmetric)
+        self.group_size, self.symmetric = group_size, chk.bool_arg("symmetric", symmetric)
         self.layout = _layout.check(layout, allow_auto=False, accepted=_TC, what="Int4Linear")
         groups = in_features // gs
         # packed: canonical uint8 [N, K/2] (formats.py), or its repack_int4_tc image
@@ -336,7 +350,7 @@ class Int4Linear(_Int4GroupLinear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     group_size=group_size, symmetric=symmetric, device=w.device)
         layer.orig_dtype = w.dtype
-        packed, scales, zeros = torch.ops.pyfast.pack_int4(w, group_size, bool(symmetric))
+        packed, scales, zeros = torch.ops.pyfast.pack_int4(w, group_size, symmetric)
         layer.packed.copy_(packed)
         layer.scales.copy_(scales)
         layer.zeros.copy_(zeros)
@@ -368,7 +382,8 @@ class Sparse24Linear(_CompressedLinear):
                  dtype: torch.dtype = torch.float32, device=None, layout: str = "canonical"):
         chk.multiple_of_4("in_features", in_features)
         if dtype not in chk.FLOAT_DTYPES:
-            raise TypeError(f"dtype {dtype} is not supported; accepted: float32, float16, bfloat16")
+            raise TypeError(f"dtype {dtype!r} is not supported; accepted: torch.float32, "
+                            "torch.float16, torch.bfloat16")
         super().__init__(in_features, out_features, bias, device, bias_dtype=dtype)
         self.layout = _layout.check(layout, allow_auto=False, accepted=_TC,
                                     what="Sparse24Linear")
@@ -426,7 +441,7 @@ class Sparse24Linear(_CompressedLinear):
         cls._check_linear(linear)
         _layout.check(layout, accepted=_TC, what="Sparse24Linear")
         w = linear.weight.detach()
-        if prune:
+        if chk.bool_arg("prune", prune):
             w = w * magnitude_24_mask(w)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     dtype=w.dtype, device=w.device)

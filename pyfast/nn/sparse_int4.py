@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .. import _checks as chk
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
 from .. import reference
 from ..layouts import sparse24_int4_tc
@@ -61,8 +62,7 @@ class Sparse24Int4Linear(_Int4GroupLinear):
                  layout: str = "canonical"):
         super().__init__(in_features, out_features, bias, device)
         gs = _sparse24_int4_group(group_size, in_features, "in_features")
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        chk.bool_arg("symmetric", symmetric)
         self.layout = _layout.check(layout, allow_auto=False, accepted=_TC,
                                     what="Sparse24Int4Linear")
         self.group_size, self.symmetric = group_size, symmetric
@@ -95,8 +95,7 @@ class Sparse24Int4Linear(_Int4GroupLinear):
         kept values are then quantized round-to-nearest, int4's rule per group.
         layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
-        if not isinstance(prune, bool):
-            raise TypeError(f"prune must be a bool, got {prune!r}")
+        chk.bool_arg("prune", prune)
         _layout.check(layout, accepted=_TC, what="Sparse24Int4Linear")
         w = linear.weight.detach()
         if prune:
