@@ -31,13 +31,25 @@ QUANT_METHODS = ("int8", "int8-weight", "int4", "int2", "binary")
 _LOWBIT_BITS = {"int2": 2, "binary": 1}
 
 
+def _patterns(spec) -> Optional[list]:
+    """spec as a list of glob strings, or None if it is neither a string nor an
+    iterable of strings (an int, a list holding a non-string)."""
+    if isinstance(spec, str):
+        return [spec]
+    try:
+        patterns = list(spec)
+    except TypeError:       # not iterable: the caller names the argument
+        return None
+    return patterns if all(isinstance(p, str) for p in patterns) else None
+
+
 def _matcher(spec: Filter, arg: str, default: bool) -> Callable[[str, nn.Module], bool]:
     if spec is None:
         return lambda name, mod: default
     if callable(spec):
         return spec
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    if not all(isinstance(p, str) for p in patterns):
+    patterns = _patterns(spec)
+    if patterns is None:
         raise TypeError(f"{arg} must be a glob string, a list of them or a callable(name, module); "
                         f"got {spec!r}")
     return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -119,12 +131,39 @@ def check_quant_args(method: str, group_size: int, symmetric: bool,
                      methods=QUANT_METHODS) -> None:
     if method not in methods:
         raise ValueError(f"method {method!r} is not supported; accepted: {', '.join(methods)}")
+    if method in _LOWBIT_BITS or method == "int4":
+        chk.int_arg("group_size", group_size)   # before abs() below, which a str would break
     if method in _LOWBIT_BITS:
         chk.group_size(group_size, 8 * abs(group_size), bits=_LOWBIT_BITS[method])
     if method == "int4":
         chk.group_size(group_size, 2 * abs(group_size))  # validates the value itself
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+
+
+# Why a quantize method has no use for an argument; quantize refuses a value other than
+# the default for it rather than ignore it (prepare_qat does the same for int8).
+_NO_GROUP_SIZE = {"int8": "int8 weights have one scale per output channel",
+                  "int8-weight": "int8 weights have one scale per output channel"}
+# int2 is not here: its groups are always asymmetric, which symmetric=False asks for
+_NO_SYMMETRIC = {"int8": "int8 weights are always symmetric",
+                 "int8-weight": "int8 weights are always symmetric",
+                 "binary": "binary weights are a sign times a mean-|w| scale"}
+
+
+def _check_method_takes(method: str, group_size: Optional[int], symmetric) -> None:
+    """ValueError if group_size (None: not given) or symmetric (default True) is set for a
+    method that does not use it. Unknown methods pass: check_quant_args names them."""
+    if method not in QUANT_METHODS:     # a tuple test: an unhashable method gets there too
+        return
+    if group_size is not None and method in _NO_GROUP_SIZE:
+        raise ValueError(f"group_size={group_size!r}: method {method!r} does not take "
+                         f"group_size ({_NO_GROUP_SIZE[method]}); group_size applies to "
+                         "int4, int2 and binary")
+    if symmetric is not True and method in _NO_SYMMETRIC:
+        raise ValueError(f"symmetric={symmetric!r}: method {method!r} does not take "
+                         f"symmetric ({_NO_SYMMETRIC[method]}); symmetric=False applies to "
+                         "int4 (and int2, always asymmetric)")
 
 
 # The layouts each quantize method's layer can store (besides "auto").
@@ -186,7 +225,11 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     kernel where that kernel runs (int8: VNNI panels on an AVX-512 CPU; int4: tensor-core
     order on a GPU with the CUDA extension, float16/bfloat16), else canonical;
     "canonical"; or the method's own layout ("vnni" for int8, "tc" for int4).
+    group_size and symmetric are refused (ValueError) for a method that does not use
+    them: group_size for int8 / int8-weight, symmetric=False for int8, int8-weight and
+    binary (int2 groups are always asymmetric, so symmetric=False is what int2 does).
     """
+    _check_method_takes(method, group_size, symmetric)   # before group_size gets its default
     if group_size is None:
         group_size = -1 if method == "binary" else 128
     check_quant_args(method, group_size, symmetric)

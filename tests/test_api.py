@@ -63,6 +63,65 @@ def test_include_exclude_globs_and_callables():
         pyfast.quantize(Net(), "int8", include=[3])
 
 
+FILTER_ACCEPTED = r"must be a glob string, a list of them or a callable\(name, module\)"
+
+
+@pytest.mark.parametrize("arg", ["include", "exclude"])
+@pytest.mark.parametrize("call", [
+    lambda m, kw: pyfast.quantize(m, "int8", **kw),
+    lambda m, kw: pyfast.prune.magnitude(m, 0.5, **kw),
+    lambda m, kw: pyfast.prune.random(m, 0.5, **kw),
+    lambda m, kw: pyfast.prune.n_m(m, 2, 4, **kw),
+    lambda m, kw: pyfast.prune.custom(m, lambda n, mod, w: w != 0, **kw),
+    lambda m, kw: pyfast.prune.structured(m, 0.5, torch.randn(2, 128), **kw),
+], ids=["quantize", "magnitude", "random", "n_m", "custom", "structured"])
+def test_filter_that_is_not_iterable_is_named(call, arg):
+    """include=5 used to fail inside list(spec) with "'int' object is not iterable"."""
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
+    with pytest.raises(TypeError, match=f"{arg} {FILTER_ACCEPTED}; got 5"):
+        call(model, {arg: 5})
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: pyfast.quantize(m, "int4", group_size="32"),
+    lambda m: pyfast.quantize(m, "int2", group_size="32"),
+    lambda m: pyfast.sparsify(m, values="int4", group_size="32"),
+    lambda m: pyfast.quant.prepare_qat(m, "int4", group_size="32"),
+], ids=["quantize-int4", "quantize-int2", "sparsify-int4", "prepare_qat"])
+def test_group_size_of_the_wrong_type_is_named(call):
+    """group_size="32" used to fail inside abs() with "bad operand type for abs()"."""
+    with pytest.raises(TypeError, match="group_size must be an int, got '32'"):
+        call(nn.Sequential(nn.Linear(64, 8)))
+
+
+@pytest.mark.parametrize("method,kwargs,match", [
+    ("int8", dict(symmetric=False), "symmetric=False: method 'int8' does not take symmetric"),
+    ("int8-weight", dict(symmetric=False), "method 'int8-weight' does not take symmetric"),
+    ("binary", dict(symmetric=False), "method 'binary' does not take symmetric"),
+    ("int8", dict(group_size=32), "group_size=32: method 'int8' does not take group_size"),
+    ("int8-weight", dict(group_size=-1), "method 'int8-weight' does not take group_size"),
+    ("int8", dict(group_size=128), "method 'int8' does not take group_size"),
+])
+def test_quantize_refuses_arguments_the_method_does_not_take(method, kwargs, match):
+    """As prepare_qat refuses int8 with symmetric=False: an ignored argument would
+    quantize otherwise than the caller asked, silently."""
+    model = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=match):
+        pyfast.quantize(model, method, **kwargs)
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("int8", {}), ("int8", dict(symmetric=True)), ("int8-weight", {}), ("int2", {}),
+    ("int2", dict(group_size=32)), ("int2", dict(symmetric=False)), ("binary", dict(group_size=64)),
+    ("int4", dict(group_size=32, symmetric=False))])
+def test_quantize_takes_defaults_and_the_method_own_arguments(method, kwargs):
+    model = nn.Sequential(nn.Linear(128, 8))
+    pyfast.quantize(model, method, **kwargs)
+    assert type(model[0]) is not nn.Linear
+
+
 def test_multihead_attention_projection_is_left_alone():
     model = nn.Sequential(nn.MultiheadAttention(32, 4))
     with pytest.warns(UserWarning, match="inside nn.MultiheadAttention"):

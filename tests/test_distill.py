@@ -289,6 +289,65 @@ def test_pairs_dict_and_batch_list(digits, teacher):
     assert not student[2]._forward_hooks and not teacher[2]._forward_hooks
 
 
+def test_relation_skips_a_batch_too_small_for_it():
+    """A DataLoader without drop_last ends on a batch of 2 (66 = 32 + 32 + 2): RKD is
+    undefined there, so that batch trains on the other terms only, exactly as a
+    hand-written loop would, and history["relation"] counts it 0."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(20, 5), nn.Linear(20, 5)
+    x, y = torch.randn(66, 20), torch.randint(0, 5, (66,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    manual = copy.deepcopy(student).train()
+    opt = torch.optim.Adam(manual.parameters(), lr=1e-3)
+    relation_sum = 0.0
+    for xb, yb in loader:
+        s_logits, t_logits = manual(xb), teacher(xb).detach()
+        loss = 0.7 * response_loss(s_logits, t_logits) + 0.3 * F.cross_entropy(s_logits, yb)
+        if len(xb) >= 3:
+            relation = rkd_distance_loss(s_logits, t_logits)
+            loss = loss + relation
+            relation_sum += float(relation.detach()) * len(xb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out, history = distill(student, teacher, loader, epochs=1, lr=1e-3, relation="distance",
+                           progress=False)
+    for a, b in zip(out.state_dict().values(), manual.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    h = history[0]
+    assert h["relation"] == pytest.approx(relation_sum / 66, rel=1e-5)
+    assert h["loss"] == pytest.approx(0.7 * h["kd"] + 0.3 * h["ce"] + h["relation"], rel=1e-5)
+
+
+def test_relation_with_batches_all_too_small_fails_before_training(digits):
+    s, t = DigitsCNN(4), DigitsCNN(8)
+    before = copy.deepcopy(s.state_dict())
+    small = [(digits.x_train[i:i + 2], digits.y_train[i:i + 2]) for i in (0, 2)]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(digits.x_train[:8], digits.y_train[:8]), batch_size=2)
+    for data, kwargs, what in ((digits, dict(batch_size=2), "batch_size"),
+                               (loader, {}, "data.batch_size"),
+                               (small, {}, "the batches of data")):
+        with pytest.raises(ValueError, match=f"relation needs batches of at least 3 samples "
+                                             f".*but {what} gives at most 2"):
+            distill(s, t, data, epochs=1, lr=1e-3, relation="angle", progress=False, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in s.state_dict().items())
+    # batch sizes known only by running the data: the epoch is checked at its end
+    with pytest.raises(ValueError, match="no batch of epoch 0 had that many"):
+        distill(s, t, _Reiterable(small), epochs=1, lr=1e-3, relation="angle",
+                progress=False)
+
+
+class _Reiterable:
+    """A re-iterable of batches that is no list, tuple or DataLoader."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def test_distill_errors(digits):
     s, t = DigitsCNN(4), DigitsCNN(8)
     ok = dict(epochs=1, lr=1e-3, progress=False)

@@ -133,6 +133,48 @@ def test_workflow_errors():
     assert isinstance(zeros.fc1, nn.Linear) and hasattr(zeros.fc2, "_pyfast_observer")  # untouched
 
 
+def _no_observers(model):
+    return all(not m._forward_pre_hooks and not hasattr(m, "_pyfast_observer")
+               for m in model.modules())
+
+
+@pytest.mark.parametrize("batches, exc, match", [
+    ([torch.randn(4, 31)], RuntimeError, "shapes cannot be multiplied"),
+    ([], ValueError, "batches is empty"),
+    ([torch.zeros(4, 32)], ValueError, "layer '0': MinMaxObserver observed only zeros"),
+], ids=["wrong-width", "empty", "zeros"])
+def test_failed_quantize_static_leaves_the_model_as_it_was(batches, exc, match):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc, match=match):
+        quant.quantize_static(model, batches, progress=False)
+    assert _no_observers(model) and not hasattr(model, "pyfast_skipped")
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    x = torch.randn(4, 32)
+    quant.quantize_static(model, [x], progress=False)          # the retry works
+    assert isinstance(model[0], StaticInt8Linear) and isinstance(model[2], StaticInt8Linear)
+
+
+def test_failed_quantize_static_keeps_earlier_observers_and_skipped():
+    """Only what the failed call attached goes: a prepare_static the user made before
+    stays, and model.pyfast_skipped is as it was (the call added a skipped conv)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    quant.prepare_static(model, include="1")
+    for call in (lambda: quant.quantize_static(model, [torch.randn(2, 8)], progress=False),
+                 lambda: quant.prepare_static(model)):               # prepare_static alone too
+        with pytest.raises(ValueError, match="layer '1' already has an observer"):
+            call()
+        assert _no_observers(model[0]) and len(model[1]._forward_pre_hooks) == 1
+    convs = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
+    convs.pyfast_skipped = {"x": "earlier"}
+    with pytest.warns(UserWarning, match="0: groups=2"):
+        with pytest.raises(RuntimeError, match="channels"):
+            quant.quantize_static(convs, [torch.randn(1, 3, 8, 8)], progress=False)
+    assert _no_observers(convs) and convs.pyfast_skipped == {"x": "earlier"}
+
+
 # --- digits CNN: every observer, and save / load -----------------------------------------
 
 @pytest.fixture(scope="module")

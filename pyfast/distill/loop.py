@@ -27,6 +27,8 @@ from .losses import _check_temperature, check_alpha, response_loss, rkd_angle_lo
 
 Tensor = torch.Tensor
 RELATIONS = {"distance": rkd_distance_loss, "angle": rkd_angle_loss}
+# RKD compares pairs and triplets of samples: a batch of fewer has no relation to distill
+MIN_RELATION_BATCH = 3
 
 
 def _number(name: str, v, *, positive: bool) -> float:
@@ -58,6 +60,35 @@ def _check_data(data) -> None:
                         "DataLoader) or a Digits")
 
 
+def _known_batch_sizes(data, batch_size: int) -> Optional[Tuple[str, List[int]]]:
+    """(what was read, the batch sizes) where they are known without running the data:
+    a Digits (batch_size), a DataLoader (its batch_size; the last batch may be smaller)
+    or a list/tuple of (x, y) batches; None for any other iterable."""
+    if isinstance(data, Digits):
+        return "batch_size", [batch_size]
+    if isinstance(data, torch.utils.data.DataLoader):
+        return ("data.batch_size", [data.batch_size]) if data.batch_size is not None else None
+    if isinstance(data, (list, tuple)) and all(
+            isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], Tensor)
+            and b[0].dim() > 0 for b in data):
+        return "the batches of data", [len(b[0]) for b in data]
+    return None
+
+
+def _check_relation_batches(data, batch_size: int) -> None:
+    """ValueError before any update when no batch can hold a relation term. When only
+    some batches are too small (a DataLoader's last one), the loop skips the term there."""
+    known = _known_batch_sizes(data, batch_size)
+    if known is None:
+        return
+    what, sizes = known
+    if sizes and all(isinstance(n, int) and not isinstance(n, bool) and n < MIN_RELATION_BATCH
+                     for n in sizes):
+        raise ValueError(f"relation needs batches of at least {MIN_RELATION_BATCH} samples "
+                         f"(RKD compares pairs and triplets), but {what} gives at most "
+                         f"{max(sizes)}; use larger batches or relation=None")
+
+
 def _epoch(data, batch_size: int, seed: int):
     batches = data.batches(batch_size, seed=seed) if isinstance(data, Digits) else data
     for item in batches:
@@ -86,9 +117,16 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
     the shapes on the first batch) and closed at the end.
     relation: RKD term(s) on the logits, or on the outputs of relation_layer =
     (student layer name, teacher layer name) if given (any shapes, flattened per sample;
-    the widths may differ).
+    the widths may differ). RKD needs at least 3 samples a batch: a smaller batch (the
+    last one of a DataLoader without drop_last, of a Digits epoch) is trained without
+    the relation term, the other terms unchanged. When no batch can be that large (a
+    Digits batch_size, a DataLoader's batch_size or every batch of a list below 3), the
+    call raises ValueError before training; a batch iterable whose every batch of an
+    epoch turns out smaller raises ValueError at the end of that epoch.
     history: one dict a epoch, sample-weighted means of "loss", "ce", "kd" and, when
-    enabled, "feature" and "relation" (the weighted sum of the RKD terms' raw values).
+    enabled, "feature" and "relation" (the sum of the RKD terms' raw values, before
+    relation_weight; a batch trained without it counts 0, so "loss" stays the weighted
+    sum of the other entries).
     """
     _check_models(student, teacher)
     _check_data(data)
@@ -107,6 +145,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
     if relation_layer is not None and not kinds:
         raise ValueError(f"relation_layer={relation_layer!r} needs relation='distance', "
                          "'angle' or both")
+    if kinds:
+        _check_relation_batches(data, batch_size)
     if features is not None and not isinstance(features, (FeatureDistiller, dict)):
         raise TypeError(f"features must be None, a FeatureDistiller or a dict of layer pairs, "
                         f"got {type(features).__name__}")
@@ -142,7 +182,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
         bar = _progress.bar(range(epochs), desc="distill", progress=progress)
         for epoch in bar:
             sums: Dict[str, float] = {}
-            seen = 0
+            seen = related = 0
             for xb, yb in _epoch(data, batch_size, seed + epoch):
                 with torch.no_grad():
                     t_logits = teacher(xb)
@@ -153,11 +193,12 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
                 if features is not None:
                     parts["feature"] = features.loss()
                     loss = loss + feature_weight * parts["feature"]
-                if kinds:
+                if kinds and len(xb) >= MIN_RELATION_BATCH:
                     s_emb, t_emb = (s_logits, t_logits) if caps is None else (
                         caps[0].get(relation_layer[0]), caps[1].get(relation_layer[1]))
                     parts["relation"] = sum(RELATIONS[k](s_emb, t_emb) for k in kinds)
                     loss = loss + relation_weight * parts["relation"]
+                    related += len(xb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -167,6 +208,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
                 seen += len(xb)
             if seen == 0:
                 raise ValueError(f"data gave no batches in epoch {epoch}")
+            if kinds and related == 0:
+                raise ValueError(f"relation needs batches of at least {MIN_RELATION_BATCH} "
+                                 f"samples (RKD compares pairs and triplets), but no batch "
+                                 f"of epoch {epoch} had that many; use larger batches or "
+                                 "relation=None")
             sched.step()
             history.append({k: v / seen for k, v in sums.items()})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")

@@ -10,10 +10,13 @@ itself is not changed until convert), so any forward pass between prepare and
 convert calibrates: calibrate() is a convenience that runs the batches in eval mode
 without gradients and with a progress bar. Weights are quantized per output channel
 as in Int8Linear; the activation scale is the observer's (pyfast/quant/observers.py).
+A prepare_static or quantize_static call that raises takes off the observers it
+attached, so the model can be fixed and the call retried.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple, Union
+import contextlib
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,6 +36,38 @@ def _observed(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, _OBS)]
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _remove_observers(mods: Iterable[nn.Module]) -> None:
+    """Take the observer and its forward pre-hook off each module (undoes attach)."""
+    for mod in mods:
+        getattr(mod, _HOOK).remove()
+        delattr(mod, _HOOK)
+        delattr(mod, _OBS)
+
+
+@contextlib.contextmanager
+def _undone_on_error(model: nn.Module) -> Iterator[None]:
+    """If the body raises (Ctrl-C included), remove the observers it attached and restore
+    model.pyfast_skipped, then re-raise: a failed call leaves the model as it found it.
+    Observers that were there before (an earlier prepare_static) are kept."""
+    before = {id(m) for _, m in _observed(model)}
+    missing = object()
+    skipped = model.__dict__.get("pyfast_skipped", missing)
+    try:
+        yield
+    except BaseException:
+        _remove_observers(m for _, m in _observed(model) if id(m) not in before)
+        if skipped is missing:
+            model.__dict__.pop("pyfast_skipped", None)
+        else:
+            model.pyfast_skipped = skipped
+        raise
+
+
 def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
                    include: Filter = None, exclude: Filter = None, conv: bool = True,
                    **observer_kwargs) -> nn.Module:
@@ -42,7 +77,11 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
     observer: "minmax", "moving_average", "percentile", "mse" or an Observer subclass;
     observer_kwargs go to it (momentum=, percentile=, bins=). Layers that cannot be
     converted later are skipped now, with the reason in model.pyfast_skipped.
+    If it raises (a layer already observed, a bad include / exclude), no observer of
+    this call stays attached. There is no public undo yet: convert_static(model)
+    consumes the observers, or start from a fresh model.
     """
+    _check_model(model)
     make_observer(observer, **observer_kwargs)   # fail early on a bad name / argument
     if not isinstance(conv, bool):
         raise TypeError(f"conv must be a bool, got {conv!r}")
@@ -64,7 +103,8 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
     def is_target(mod: nn.Module) -> bool:
         return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
 
-    return _walk(model, include, exclude, attach, is_target)
+    with _undone_on_error(model):
+        return _walk(model, include, exclude, attach, is_target)
 
 
 def _hook(module: nn.Module, args: Tuple) -> None:
@@ -85,8 +125,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: Optional[bool] =
     """Run `batches` (tensors x, or (x, y, ...) tuples whose x is used) through a
     prepared model in eval mode without gradients, so its observers see them.
     The training mode is restored afterwards. Returns model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not _observed(model):
         raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
                          "before calibrate")
@@ -115,8 +154,7 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
 
     Raises ValueError (naming the layer) if an observer has no data or no usable range;
     then nothing is converted."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     _layout.check(layout, accepted=("canonical", "vnni"), what="convert_static")
     layers = _observed(model)
     if not layers:
@@ -135,9 +173,7 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
     shared = positions(model, lambda m: hasattr(m, _OBS))   # every name of each layer
     with torch.no_grad():
         for name, mod in layers:
-            getattr(mod, _HOOK).remove()
-            delattr(mod, _HOOK)
-            delattr(mod, _OBS)
+            _remove_observers([mod])
             scale = scales[name].to(mod.weight.device)
             if isinstance(mod, nn.Conv2d):
                 new = QuantConv2d.from_conv(
@@ -153,12 +189,19 @@ def quantize_static(model: nn.Module, batches: Iterable, observer: Union[str, ty
                     progress: Optional[bool] = None, layout: str = "auto",
                     **observer_kwargs) -> nn.Module:
     """prepare_static + calibrate + convert_static(model, layout) in one call; in place,
-    returns model."""
+    returns model.
+
+    If any step raises (a batch the model cannot run, no batches, an observer with no
+    usable range), the observers and hooks this call attached are removed and
+    model.pyfast_skipped is restored before the error propagates, so the model is as
+    it was and the call can be retried."""
+    _check_model(model)
     _layout.check(layout, accepted=("canonical", "vnni"), what="quantize_static")
-    prepare_static(model, observer, include=include, exclude=exclude, conv=conv,
-                   **observer_kwargs)
-    calibrate(model, batches, progress=progress)
-    return convert_static(model, layout)
+    with _undone_on_error(model):
+        prepare_static(model, observer, include=include, exclude=exclude, conv=conv,
+                       **observer_kwargs)
+        calibrate(model, batches, progress=progress)
+        return convert_static(model, layout)
 
 
 __all__ = ["prepare_static", "calibrate", "convert_static", "quantize_static"]
