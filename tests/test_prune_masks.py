@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 import pyfast
-from pyfast import prune
+from pyfast import prune, quant
 from pyfast.nn import QuantConv2d, Sparse24Linear
+from pyfast.quant import QATConv2d, QATLinear
 from pyfast.sparsity import is_24, magnitude_24_mask
 
 
@@ -182,6 +183,33 @@ def test_n_m_skips_layers_with_the_reason():
     assert "left as is: 0: input size 6" in str(pyfast.summary(net, print_table=False))
 
 
+def test_2_4_breaks_ties_as_magnitude_24_mask():
+    """Equal |w| go to the lower index, as magnitude_24_mask's stable sort does (topk
+    kept [0, 0, 1, 1, 0, 0, 1, 1] for the first row)."""
+    w = torch.tensor([[1., 1, 1, 1, -1, 1, -1, 1],
+                      [2, 1, 1, 2, 0, 0, 0, 3],
+                      [-3, 3, 0.5, -3, 0, 0, 0, 0]])
+    net = nn.Sequential(nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+    prune.n_m(net, 2, 4)
+    expected = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0],
+                             [1, 0, 0, 1, 1, 0, 0, 1],
+                             [1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(prune.get_mask(net[0]), expected)
+    assert torch.equal(magnitude_24_mask(w), expected)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (5, 8), (1, 2)])
+def test_n_m_ties_go_to_the_lower_index(n, m):
+    net = nn.Sequential(nn.Linear(3 * m, 5))
+    with torch.no_grad():
+        net[0].weight.fill_(-0.25)                          # every |w| equal
+    prune.n_m(net, n, m)
+    expected = (torch.arange(3 * m) % m < n).expand(5, -1)  # the first n of each group
+    assert torch.equal(prune.get_mask(net[0]), expected)
+
+
 @pytest.mark.parametrize("n,m,err,msg", [(4, 4, ValueError, "n:m = 4:4 is not supported"),
                                          (0, 4, ValueError, "n:m = 0:4"),
                                          (1, 1, ValueError, "n:m = 1:1"),
@@ -251,3 +279,56 @@ def test_finish_to_sparse24_leaves_non_24_layers_dense_with_the_reason():
     assert type(net[2]) is nn.Linear and zeros(net[2]) == 48
     assert type(net[4]) is nn.Linear                   # never masked: not touched, not listed
     assert set(net.pyfast_skipped) == {"2"}
+
+
+# --- QAT layers are prunable ----------------------------------------------------------------
+
+def _inner_weight(layer):
+    """The weight [N, K] a converted layer multiplies by, read through its forward:
+    layer(I) - layer(0) (an exact 0 wherever the stored weight is 0: 0 + b - b)."""
+    lin = layer.inner if isinstance(layer, QuantConv2d) else layer
+    k = lin.in_features
+    with torch.no_grad():
+        return (lin(torch.eye(k)) - lin(torch.zeros(1, k))).T
+
+
+@pytest.mark.parametrize("method,kw", [("int8", {}), ("int4", {"group_size": -1}),
+                                       ("int4", {"group_size": -1, "symmetric": False})])
+def test_qat_layers_are_pruned_and_convert_with_their_zeros(method, kw):
+    """prepare_qat then prune: QATLinear / QATConv2d get masks as Linear / Conv2d do (they
+    were left dense, sparsity 0.0, with no reason), the masks survive QAT training, and
+    convert_qat quantizes the masked weights, so the zeros stay."""
+    net = convnet()                       # Conv2d K = 36, Linear K = 128
+    quant.prepare_qat(net, method, **kw)
+    prune.magnitude(net, 0.5)
+    assert isinstance(net[0], QATConv2d) and isinstance(net[3], QATLinear)
+    assert prune.sparsity(net).overall == 0.5 and getattr(net, "pyfast_skipped", {}) == {}
+    masks = {i: prune.get_mask(net[i]).clone() for i in (0, 3)}
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-2)
+    x, y = torch.randn(16, 4, 4, 4), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for i, mask in masks.items():
+        assert bool((net[i].parametrizations.weight.original.detach()[~mask] == 0).all())
+    with torch.no_grad():
+        fake = net(x)
+    quant.convert_qat(net)
+    for i, mask in masks.items():
+        assert bool((_inner_weight(net[i])[~mask.reshape(mask.shape[0], -1)] == 0).all())
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), fake, rtol=1e-4, atol=1e-5)
+
+
+def test_finish_makes_qat_masks_permanent_and_keeps_the_qat_layers():
+    net = convnet()
+    quant.prepare_qat(net, "int8")
+    prune.n_m(net, 2, 4)
+    with pytest.warns(UserWarning, match="3: QATLinear: mask made permanent, stays a QAT layer"):
+        prune.finish(net, to_sparse24=True)   # no 2:4 QAT format: convert_qat quantizes it
+    assert type(net[0]) is QATConv2d and type(net[3]) is QATLinear
+    assert isinstance(net[3].weight, nn.Parameter) and is_24(net[3].weight.detach())
+    assert set(net.pyfast_skipped) == {"0", "3"}
+    quant.convert_qat(net)
+    assert is_24(_inner_weight(net[3])) and is_24(_inner_weight(net[0]))

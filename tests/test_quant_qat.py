@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import pyfast
-from pyfast import quant
+from pyfast import prune, quant
 from pyfast.digits import DigitsCNN, accuracy, load_digits, train
 from pyfast.nn import Int4Linear, Int8Linear, QuantConv2d
 from pyfast.quant import QATConv2d, QATLinear
@@ -156,6 +157,76 @@ def test_errors():
     assert type(model[1]) is nn.Linear and "1" in model.pyfast_skipped
     with pytest.raises(TypeError, match="conv must be a bool"):
         quant.prepare_qat(_small_model(), "int8", conv=1)
+
+
+# --- QAT of a pruned model -----------------------------------------------------------------
+
+def _masks(model):
+    return {n: prune.get_mask(m).clone() for n, m in model.named_modules() if prune.is_masked(m)}
+
+
+from test_prune_masks import _inner_weight as _stored_weight  # noqa: E402
+
+
+@pytest.mark.parametrize("method,kw", [("int8", {}), ("int4", {"group_size": 32}),
+                                       ("int4", {"group_size": -1, "symmetric": False})])
+def test_qat_of_a_pruned_model_keeps_the_masks(method, kw):
+    """prune then prepare_qat: each QAT layer keeps its layer's mask (it raised TypeError:
+    from_linear assigned the computed, masked weight as a Parameter), so pruned weights
+    stay 0 through QAT training, and convert_qat gives what pyfast.quantize gives for the
+    same masked layers (it quantizes the masked weight too), zeros included."""
+    torch.manual_seed(0)
+    model = _small_model()
+    prune.magnitude(model, 0.5)
+    masks = _masks(model)
+    stored = model[5].parametrizations.weight.original
+    plain = list(model)                       # the masked float layers, sharing the Parameters
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)      # built before prepare_qat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # int4: conv0's K = 18 is skipped (both ways)
+        quant.prepare_qat(model, method, **kw)
+    assert isinstance(model[5], QATLinear) and isinstance(model[2], QATConv2d)
+    assert _masks(model).keys() == masks.keys()
+    assert model[5].parametrizations.weight.original is stored   # the optimizer's Parameter
+    before = stored.detach().clone()
+    x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 5, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not torch.equal(stored.detach(), before)                  # QAT trained it
+    for name, mask in masks.items():
+        assert bool((model.get_submodule(name).weight.detach()[~mask] == 0).all())
+    with torch.no_grad():
+        fake = model(x)
+    quant.convert_qat(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = pyfast.quantize(copy.deepcopy(nn.Sequential(*plain)), method, **kw)
+    assert [type(m).__name__ for m in model.modules()] == \
+        [type(m).__name__ for m in direct.modules()]
+    a, b = model.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for i in (2, 5, 7):
+        mask = masks[str(i)]
+        assert bool((_stored_weight(model[i])[~mask.reshape(mask.shape[0], -1)] == 0).all())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fake, rtol=1e-4, atol=1e-5)
+
+
+def test_parametrizations_qat_cannot_carry_over_are_skipped_with_the_reason():
+    """weight_norm (two tensors) and orthogonal (right_inverse) cannot be re-registered on
+    the QAT layer's stored Parameter; only a mask-like one-tensor chain can."""
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(),
+                          parametrizations.orthogonal(nn.Linear(8, 8)), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match="0: its weight has the parametrizations _WeightNorm"):
+        quant.prepare_qat(model, "int8")
+    assert set(model.pyfast_skipped) == {"0", "2"}
+    assert "_Orthogonal, which QAT cannot carry over" in model.pyfast_skipped["2"]
+    assert isinstance(model[3], QATLinear)
+    with pytest.raises(ValueError, match="cannot prepare this ParametrizedLinear for QAT: its "
+                                         "weight has the parametrizations _WeightNorm"):
+        QATLinear.from_linear(model[0])
 
 
 # --- QAT on digits -------------------------------------------------------------------------

@@ -88,3 +88,54 @@ def test_filters_that_select_every_name_convert_it():
     pyfast.quantize(model, "int8", include="blocks.*")
     assert all(isinstance(b, pyfast.nn.Int8Linear) and b is model.blocks[0] for b in model.blocks)
     assert type(model.head) is nn.Linear
+
+
+# --- pruning masks follow the same rule ----------------------------------------------------
+
+PRUNE = {
+    "magnitude": lambda m, **f: prune.magnitude(m, 0.5, **f),
+    "magnitude-global": lambda m, **f: prune.magnitude(m, 0.5, scope="global", **f),
+    "random": lambda m, **f: prune.random(m, 0.5, **f),
+    "n_m": lambda m, **f: prune.n_m(m, 2, 4, **f),
+    "custom": lambda m, **f: prune.custom(m, lambda name, mod, w: w > 0, **f),
+}
+
+
+@pytest.mark.parametrize("filters", [{"exclude": "blocks.1"}, {"include": "blocks.2"}],
+                         ids=["exclude-one-name", "include-a-later-name"])
+@pytest.mark.parametrize("how", list(PRUNE))
+def test_pruning_filters_that_split_a_shared_layer_leave_it_with_the_reason(how, filters):
+    """A mask on a shared layer changes every place, so a filter that selects only some
+    of its names leaves it unmasked, with the reason, as quantize does. Before, the
+    first name decided alone: exclude="blocks.1" pruned all three places and
+    include="blocks.2" silently pruned nothing."""
+    model = Shared()
+    with pytest.warns(UserWarning, match="shared by blocks.0, blocks.1, blocks.2"):
+        PRUNE[how](model, **filters)
+    assert not prune.is_masked(model.blocks[0])
+    assert all(block is model.blocks[0] for block in model.blocks)
+    assert set(model.pyfast_skipped) == {"blocks.0"}
+    assert "pruning it would change the others too" in model.pyfast_skipped["blocks.0"]
+    assert prune.is_masked(model.head) == ("exclude" in filters)
+
+
+@pytest.mark.parametrize("how", list(PRUNE))
+def test_pruning_a_shared_layer_masks_it_once_for_every_place(how):
+    model = Shared()
+    with pytest.warns(UserWarning, match="shared by"):
+        PRUNE[how](model, include="blocks.2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # every name selected: nothing skipped
+        PRUNE[how](model, include="blocks.*")
+    shared = model.blocks[0]
+    assert prune.is_masked(shared) and all(block is shared for block in model.blocks)
+    assert not prune.is_masked(model.head)
+    assert model.pyfast_skipped == {}           # the earlier reason is gone
+    assert model(torch.randn(2, 64)).shape == (2, 8)
+
+
+def test_global_pruning_counts_a_shared_layer_once():
+    model = Shared()
+    prune.magnitude(model, 0.5, scope="global")
+    s = prune.sparsity(model)
+    assert s.weights == 64 * 64 + 8 * 64 and s.zeros == s.weights // 2

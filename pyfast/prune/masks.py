@@ -16,6 +16,13 @@ finish(model) removes the parametrizations and leaves `weight` a plain Parameter
 holding the masked values; finish(model, to_sparse24=True) also turns each masked
 layer whose weight is exactly 2:4 into a Sparse24Linear (a Conv2d into a
 QuantConv2d around one, on the flattened [C_out, C_in*kh*kw] weight).
+
+The prunable layers are nn.Linear, nn.Conv2d and the QAT layers of pyfast.quant
+(QATLinear, QATConv2d: their float weight is a Parameter of the same shape, and
+convert_qat quantizes the masked weight, so the zeros survive the conversion).
+A layer used at several places (weight sharing) is pruned once, under its first
+name, and its mask applies at every place; include/exclude that select only some of
+its names leave it as it is, with the reason, as pyfast.quantize does.
 """
 from __future__ import annotations
 
@@ -26,13 +33,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..api import Filter, _matcher, _walk
+from ..api import Filter, _matcher, _walk, positions
 from ..nn import QuantConv2d, Sparse24Linear
 from ..nn.conv import conv_unsupported_reason
+from ..quant.qat import QATConv2d, QATLinear
 from ..sparsity import is_24
 
 Tensor = torch.Tensor
-PRUNABLE = (nn.Linear, nn.Conv2d)
+QAT_LAYERS = (QATLinear, QATConv2d)
+PRUNABLE = (nn.Linear, nn.Conv2d) + QAT_LAYERS
 
 
 class WeightMask(nn.Module):
@@ -54,17 +63,34 @@ def check_model(model) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
-def targets(model: nn.Module, include: Filter = None,
-            exclude: Filter = None) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every nn.Linear / nn.Conv2d the filters select, in model order.
+def select(model: nn.Module, include: Filter = None,
+           exclude: Filter = None) -> Tuple[List[Tuple[str, nn.Module]], Dict[str, str]]:
+    """(layers, skipped): (name, module) of every prunable layer the filters select, in
+    model order, and the reason for each shared layer they select only in part.
 
     include/exclude: glob(s) on module names or a callable(name, module) -> bool,
-    as in pyfast.quantize (pyfast/api.py)."""
+    as in pyfast.quantize (pyfast/api.py). A layer used at several places is one
+    entry under its first name, and only if the filters select all of its names:
+    its mask changes every place, so selecting some of them cannot be honoured."""
     check_model(model)
     inc = _matcher(include, "include", True)
     exc = _matcher(exclude, "exclude", False)
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, PRUNABLE) and inc(n, m) and not exc(n, m)]
+    layers: List[Tuple[str, nn.Module]] = []
+    skipped: Dict[str, str] = {}
+    for mod, names in positions(model, lambda m: isinstance(m, PRUNABLE)).values():
+        chosen = [n for n in names if inc(n, mod) and not exc(n, mod)]
+        if len(chosen) == len(names):
+            layers.append((names[0], mod))
+        elif chosen:
+            skipped[names[0]] = (f"shared by {', '.join(names)}; include/exclude select only "
+                                 f"{', '.join(chosen)}, and pruning it would change the others too")
+    return layers, skipped
+
+
+def targets(model: nn.Module, include: Filter = None,
+            exclude: Filter = None) -> List[Tuple[str, nn.Module]]:
+    """The layers of select(model, include, exclude), without the reasons."""
+    return select(model, include, exclude)[0]
 
 
 def _mask_param(module: nn.Module) -> Optional[WeightMask]:
@@ -111,9 +137,11 @@ def effective_weight(module: nn.Module) -> Tensor:
         return module.weight.detach()
 
 
-def record_skipped(model: nn.Module, skipped: Dict[str, str], done: List[str]) -> None:
+def record_skipped(model: nn.Module, skipped: Dict[str, str], done: List[str],
+                   stacklevel: int = 3) -> None:
     """Merge reasons into model.pyfast_skipped (shown by pyfast.summary) and warn once,
-    as pyfast.quantize does; layers handled in this call (`done`) leave the list."""
+    as pyfast.quantize does; layers handled in this call (`done`) leave the list.
+    stacklevel: as warnings.warn's, counted from the caller (3: its caller's caller)."""
     merged = dict(getattr(model, "pyfast_skipped", {}))
     for name in done:
         merged.pop(name or "<root>", None)
@@ -121,11 +149,14 @@ def record_skipped(model: nn.Module, skipped: Dict[str, str], done: List[str]) -
     model.pyfast_skipped = merged
     if skipped:
         warnings.warn("pyfast.prune left these layers as they were: "
-                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
+                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=stacklevel)
 
 
 def _sparse24(name: str, mod: nn.Module):
     """The 2:4 layer for a finished (unmasked) Linear/Conv2d, or why it stays dense."""
+    if isinstance(mod, QAT_LAYERS):   # no 2:4 QAT format: convert_qat quantizes it, zeros kept
+        return (f"{type(mod).__name__}: mask made permanent, stays a QAT layer "
+                "(pyfast.quant.convert_qat quantizes it with its zeros)")
     w = mod.weight.detach()
     flat = w.reshape(w.shape[0], -1)
     if flat.shape[1] % 4:
@@ -144,7 +175,8 @@ def finish(model: nn.Module, to_sparse24: bool = False) -> nn.Module:
     parametrization and its mask are removed). to_sparse24=True then replaces each
     masked nn.Linear whose weight is exactly 2:4 by Sparse24Linear.from_linear, and
     each such nn.Conv2d by a QuantConv2d with a Sparse24Linear inside; masked layers
-    that are not 2:4 stay dense and are listed in model.pyfast_skipped with the reason.
+    that are not 2:4 stay dense, and masked QAT layers stay QAT layers, listed in
+    model.pyfast_skipped with the reason.
     """
     check_model(model)
     if not isinstance(to_sparse24, bool):

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..api import Filter, _matcher
+from ..api import Filter, _matcher, positions, replace_module
 from .graph import Plan, analyze, plain_type
 from .masks import apply_mask, check_model, effective_weight, get_mask, record_skipped
 from .unstructured import check_amount
@@ -107,11 +107,6 @@ def _rebuild(mod: nn.Module, out_idx: Optional[Tensor], in_idx: Optional[Tensor]
     return new.train(mod.training)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
 def structured(model: nn.Module, amount: float, example_input, *, criterion: str = "l1",
                scope: Optional[str] = None, include: Filter = None,
                exclude: Filter = None) -> nn.Module:
@@ -156,8 +151,12 @@ def structured(model: nn.Module, amount: float, example_input, *, criterion: str
             out_idx[bn] = k
         for consumer, group in chosen[name].consumers:
             in_idx[consumer] = _expand(k, group)
+    # a module registered under several names (an alias, called once) is replaced at every
+    # name, so no place keeps the old, unsliced module
+    names = {id(m): n for m, n in positions(model, lambda m: True).values()}
     for name in list(dict.fromkeys(list(out_idx) + list(in_idx))):
-        _replace(model, name, _rebuild(modules[name], out_idx.get(name), in_idx.get(name)))
+        mod = modules[name]
+        replace_module(model, names[id(mod)], _rebuild(mod, out_idx.get(name), in_idx.get(name)))
     record_skipped(model, skipped, list(keep))
     return model
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..api import Filter
-from .masks import apply_mask, effective_weight, get_mask, record_skipped, targets
+from .masks import apply_mask, effective_weight, get_mask, record_skipped, select
 
 Tensor = torch.Tensor
 SCOPES = ("layer", "global")
@@ -52,7 +52,7 @@ def _keep_top(scores: Tensor, n_prune: int) -> Tensor:
 
 
 def _prune_by_scores(model: nn.Module, layers: List[Tuple[str, nn.Module]], scores: List[Tensor],
-                     amount: float, scope: str) -> nn.Module:
+                     amount: float, scope: str, skipped: Dict[str, str]) -> nn.Module:
     if scope == "layer":
         for (name, mod), s in zip(layers, scores):
             apply_mask(mod, _keep_top(s, round(amount * s.numel())), name)
@@ -61,7 +61,7 @@ def _prune_by_scores(model: nn.Module, layers: List[Tuple[str, nn.Module]], scor
         keep = _keep_top(flat, round(amount * flat.numel()))
         for (name, mod), part in zip(layers, keep.split([s.numel() for s in scores])):
             apply_mask(mod, part.reshape(mod.weight.shape), name)
-    record_skipped(model, {}, [n for n, _ in layers])
+    record_skipped(model, skipped, [n for n, _ in layers], stacklevel=4)   # the user's call
     return model
 
 
@@ -76,9 +76,9 @@ def magnitude(model: nn.Module, amount: float, scope: str = "layer", *,
     amount = check_amount(amount)
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r} is not supported; accepted: {', '.join(SCOPES)}")
-    layers = targets(model, include, exclude)
+    layers, skipped = select(model, include, exclude)
     return _prune_by_scores(model, layers, [_scores(m, effective_weight(m).abs()) for _, m in layers],
-                            amount, scope)
+                            amount, scope, skipped)
 
 
 def random(model: nn.Module, amount: float, seed: int = 0, *, include: Filter = None,
@@ -89,9 +89,9 @@ def random(model: nn.Module, amount: float, seed: int = 0, *, include: Filter = 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
-    layers = targets(model, include, exclude)
+    layers, skipped = select(model, include, exclude)
     scores = [_scores(m, torch.rand(m.weight.shape, generator=gen)) for _, m in layers]
-    return _prune_by_scores(model, layers, scores, amount, "layer")
+    return _prune_by_scores(model, layers, scores, amount, "layer", skipped)
 
 
 def custom(model: nn.Module, fn: Callable[[str, nn.Module, Tensor], Tensor], *,
@@ -100,15 +100,22 @@ def custom(model: nn.Module, fn: Callable[[str, nn.Module, Tensor], Tensor], *,
     targeted layer; weight is the current (masked) weight, detached. In place."""
     if not callable(fn):
         raise TypeError(f"fn must be a callable(name, module, weight) -> bool mask, got {fn!r}")
-    layers = targets(model, include, exclude)
+    layers, skipped = select(model, include, exclude)
     for name, mod in layers:
         mask = fn(name, mod, effective_weight(mod))
         if not isinstance(mask, Tensor):
             raise TypeError(f"fn returned {type(mask).__name__} for layer {name!r}; it must "
                             "return a bool torch.Tensor of the weight's shape")
         apply_mask(mod, mask, name)
-    record_skipped(model, {}, [n for n, _ in layers])
+    record_skipped(model, skipped, [n for n, _ in layers])
     return model
+
+
+def _top_n(groups: Tensor, n: int) -> Tensor:
+    """Indices of the n highest scores of each group (last dim); ties go to the lower index
+    (a stable descending sort), the rule of magnitude_24_mask, so the mask is the same on
+    every device and run. topk would leave ties in an unspecified order."""
+    return groups.argsort(dim=-1, descending=True, stable=True)[..., :n]
 
 
 def check_n_m(n, m) -> None:
@@ -126,22 +133,22 @@ def n_m(model: nn.Module, n: int = 2, m: int = 4, *, include: Filter = None,
     each output row keep the n largest |w| (Mishra et al. 2021, "Accelerating Sparse
     Deep Neural Networks", 2:4 on Ampere). Groups run along the input dimension: K of
     a Linear weight [N, K], the flattened C_in*kh*kw of a Conv2d weight [O, C_in, kh, kw]
-    (what im2col multiplies). 2:4 gives exactly pyfast.sparsity.magnitude_24_mask.
+    (what im2col multiplies). Equal |w| go to the lower index, so 2:4 gives exactly
+    pyfast.sparsity.magnitude_24_mask.
     Layers whose input size is not a multiple of m are left alone, with the reason in
     model.pyfast_skipped and a warning. In place; returns model.
     """
     check_n_m(n, m)
-    skipped: Dict[str, str] = {}
+    layers, skipped = select(model, include, exclude)
     done = []
-    for name, mod in targets(model, include, exclude):
+    for name, mod in layers:
         w = effective_weight(mod)
         rows, k = w.shape[0], w[0].numel()
         if k % m:
             skipped[name] = f"input size {k} is not a multiple of m={m} ({n}:{m} pruning)"
             continue
         groups = _scores(mod, w.abs()).reshape(rows, k // m, m)
-        idx = groups.topk(n, dim=2).indices      # the same rule as magnitude_24_mask
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, _top_n(groups, n), True)
         apply_mask(mod, keep.reshape(w.shape), name)
         done.append(name)
     record_skipped(model, skipped, done)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import reference
 from ..api import (Filter, _int4_reason, _walk, check_quant_args, positions, quantized_layer,
@@ -68,6 +69,44 @@ def fake_quant_int4(w: Tensor, group_size: int, symmetric: bool) -> Tensor:
     packed, scales, zeros = torch.ops.pyfast.pack_int4(w.detach(), group_size, symmetric)
     fake = reference.dequantize_int4(packed, scales, zeros, group_size)
     return _STE.apply(w, fake.to(w.dtype))
+
+
+def _parametrization_reason(mod: nn.Module):
+    """None if QAT can carry mod's weight over, else why not. A parametrized weight (a
+    pyfast.prune mask) is carried over by registering the same modules on the QAT layer's
+    stored Parameter, which is exact only for one-tensor parametrizations without
+    right_inverse (registering would apply right_inverse to the stored value again)."""
+    if not parametrize.is_parametrized(mod, "weight"):
+        return None
+    chain = mod.parametrizations.weight
+    if chain.is_tensor and not any(hasattr(p, "right_inverse") for p in chain):
+        return None
+    return (f"its weight has the parametrizations {', '.join(type(p).__name__ for p in chain)}, "
+            "which QAT cannot carry over; accepted: pyfast.prune masks and other one-tensor "
+            "parametrizations without right_inverse (remove the others first with "
+            "torch.nn.utils.parametrize.remove_parametrizations)")
+
+
+def _share_params(layer: nn.Module, source: nn.Module) -> None:
+    """Give layer source's weight and bias Parameters (no copy: an optimizer built before
+    prepare_qat still holds them).
+
+    A weight masked by pyfast.prune is a torch parametrization: source.weight is then the
+    computed original * mask, not a Parameter. layer takes the stored Parameter
+    (parametrizations.weight.original) and the same parametrization modules, so it stays
+    masked: pruned weights stay 0 while training, and convert_qat quantizes the masked
+    weight, as pyfast.quantize and quantize_static do for a masked layer."""
+    reason = _parametrization_reason(source)
+    if reason is not None:
+        raise ValueError(f"cannot prepare this {type(source).__name__} for QAT: {reason}")
+    layer.bias = source.bias
+    if not parametrize.is_parametrized(source, "weight"):
+        layer.weight = source.weight
+        return
+    chain = source.parametrizations.weight
+    layer.weight = chain.original
+    for p in chain:   # in order: weight = p_n(...p_1(original))
+        parametrize.register_parametrization(layer, "weight", p)
 
 
 class _QATMixin:
@@ -119,10 +158,10 @@ class QATLinear(_QATMixin, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str = "int8", group_size: int = 128,
                     symmetric: bool = True) -> "QATLinear":
-        """Shares linear's weight and bias Parameters (no copy)."""
+        """Shares linear's weight and bias Parameters (no copy), and its pruning mask."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     method, group_size, symmetric, device="meta", dtype=linear.weight.dtype)
-        layer.weight, layer.bias = linear.weight, linear.bias
+        _share_params(layer, linear)
         return layer
 
     def pyfast_config(self) -> dict:
@@ -168,14 +207,14 @@ class QATConv2d(_QATMixin, ConvGeometry):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, method: str = "int8", group_size: int = 128,
                   symmetric: bool = True) -> "QATConv2d":
-        """Shares conv's weight and bias Parameters (no copy)."""
+        """Shares conv's weight and bias Parameters (no copy), and its pruning mask."""
         reason = conv_unsupported_reason(conv)
         if reason is not None:
             raise ValueError(f"cannot prepare this Conv2d for QAT: {reason}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv_padding(conv), conv.dilation, conv.bias is not None, method,
                     group_size, symmetric, device="meta", dtype=conv.weight.dtype)
-        layer.weight, layer.bias = conv.weight, conv.bias
+        _share_params(layer, conv)
         return layer
 
     def pyfast_config(self) -> dict:
@@ -222,7 +261,9 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
     """Replace each target nn.Linear (and nn.Conv2d, unless conv=False) by QATLinear /
     QATConv2d, in place; returns model. method "int8" (W8A8) or "int4" (group_size
     32/64/128/-1, symmetric or not). Layers the format cannot take are skipped with
-    the reason in model.pyfast_skipped, exactly as pyfast.quantize would skip them."""
+    the reason in model.pyfast_skipped, exactly as pyfast.quantize would skip them.
+    A layer masked by pyfast.prune keeps its mask: pruned weights stay 0 through QAT,
+    and convert_qat quantizes the masked weight (pyfast.quantize does the same)."""
     check_quant_args(method, group_size, symmetric, QAT_METHODS)
     if method == "int8" and symmetric is not True:
         raise ValueError(f"symmetric={symmetric!r}: int8 is always symmetric; "
@@ -231,6 +272,9 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
         raise TypeError(f"conv must be a bool, got {conv!r}")
 
     def convert(name: str, mod: nn.Module):
+        why = _parametrization_reason(mod)   # a prune mask carries over; weight_norm cannot
+        if why is not None:
+            return why
         if isinstance(mod, nn.Conv2d):
             reason = conv_unsupported_reason(mod) or (
                 _int4_reason(mod.weight[0].numel(), group_size, "in_channels*kh*kw")
