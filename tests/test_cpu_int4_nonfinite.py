@@ -79,3 +79,24 @@ def test_very_large_finite_bfloat16_x(isa, m, scale_exp):
     assert torch.isfinite(want).all() and torch.isfinite(out).all()
     err = (out.float() - want).abs().max()
     assert err <= 2.0 ** -7 * want.abs().max(), (err, want.abs().max())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_subnormal_bfloat16_x(isa, m, symmetric):
+    """vdpbf16ps takes subnormal inputs as zero while the kernel's float lane sums kept
+    them: outputs were 30-3000x the true ones (about 1e-36), of either sign. Such x now
+    takes the next rule: within bfloat16's rounding of the reference (plus 2^-126: the
+    bfloat16 conversion flushes subnormal outputs), or 0 where PyTorch's own bfloat16
+    F.linear on the dequantized weight flushes the subnormal x too (the panels' GEMM)."""
+    gen = torch.Generator().manual_seed(3)
+    packed, scales, zeros = reference.pack_int4(torch.randn(N, K, generator=gen), 64, symmetric)
+    x = (torch.randn(m, K, generator=gen) * 1e-39).to(torch.bfloat16)
+    assert (x.float().abs() < 2.0 ** -126).all() and (x != 0).any()
+    out = OPS.int4_mm(x, packed, scales, zeros, 64, None).float()
+    want = reference.int4_mm(x.float(), packed, scales, zeros, 64, None)
+    torch_bf16 = torch.nn.functional.linear(
+        x, reference.dequantize_int4(packed, scales, zeros, 64).to(torch.bfloat16)).float()
+    ok = (out - want).abs() <= 2.0 ** -7 * want.abs().max() + 2.0 ** -126
+    ok |= (out == 0) & (torch_bf16 == 0)
+    assert ok.all(), (out[~ok][:4], want[~ok][:4])

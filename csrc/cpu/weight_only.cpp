@@ -19,8 +19,8 @@
 //     too when PyTorch allows bfloat16 inside float32 matmuls
 //     (fp32_matmul_allows_bf16: torch.set_float32_matmul_precision("medium")): x is
 //     rounded to bfloat16 once, the output stays float32. Unless x (so rounded) holds a
-//     non-finite value or one of magnitude 2^116 or more (x_int4_bf16dot), which go on
-//     to the next rules.
+//     non-finite value, one of magnitude 2^116 or more, or a subnormal one
+//     (x_int4_bf16dot), which go on to the next rules.
 //   int4_mm, M = 1, active ISA avx512 (other dtypes, or bfloat16 x where the rule above
 //     does not apply): x in int8 slices and vpdpbusd (weight_only_slices.cpp), unless
 //     PYFAST_NO_INT8_SLICES is set or x has a value the slices cannot hold (non-finite,
@@ -238,7 +238,10 @@ void x_int4_small(const at::Tensor& x, XBlocks blocks, int64_t ld, float* xp) {
 // (128 + z) times the lane's x sum (weight_only_bf16dot.cpp), so an inf there gives
 // inf - inf = NaN where the reference gives +-inf, and an |x| from 2^116 up (float32 max
 // / 4096, against 2 x 8 x 143 for the two terms) can overflow a lane term although the
-// output is finite. NaN is refused with inf (one test on the exponent bits).
+// output is finite. NaN is refused with inf (one test on the exponent bits). So is a
+// subnormal x: vdpbf16ps takes subnormal inputs as zero (Intel SDM vol. 2, VDPBF16PS:
+// "DAZ" regardless of MXCSR) while the float lane sum keeps them, so the two terms no
+// longer cancel (outputs 30-3000x the true ones, of either sign).
 constexpr uint16_t kBf16DotAbsBitsLimit = 0x7980;   // bfloat16 bits of 2^116
 
 bool x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
@@ -251,6 +254,7 @@ bool x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
     return f;
   };
   uint16_t largest = 0;   // of |x|'s bits: for non-negative floats their order is the values'
+  bool subnormal = false;
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* xr = src + m * s0;
     for (int64_t k0 = 0; k0 < ld; k0 += 8) {  // lane i = (k0 % 128) / 8 of block k0 / 128
@@ -260,13 +264,14 @@ bool x_int4_bf16dot(const at::Tensor& x, int64_t ld, uint16_t* xq, float* xs) {
         const int64_t k = k0 + p;
         const uint16_t bits = k < K ? xr[k * s1] : uint16_t{0};
         largest = std::max<uint16_t>(largest, bits & 0x7FFF);
+        subnormal |= (bits & 0x7F80) == 0 && (bits & 0x7F) != 0;
         xq[m * ld + b * 128 + 32 * (p % 4) + 2 * i + p / 4] = bits;
         sum += value(bits);
       }
       xs[m * (ld / 8) + k0 / 8] = sum;
     }
   }
-  return largest < kBf16DotAbsBitsLimit;
+  return largest < kBf16DotAbsBitsLimit && !subnormal;
 }
 
 // Threads split N in units of 4 rows (the widest small-M tile).
