@@ -295,3 +295,19 @@ def test_a_cast_the_kernels_cannot_take_is_refused_before_anything_moves(cast):
     torch.testing.assert_close(model(x), before)
     for c in (torch.float16, torch.bfloat16, torch.float32):
         model.to(c)              # the casts the kernels take still work
+
+
+@pytest.mark.parametrize("cls", ["Int4Linear", "Sparse24Int4Linear"])
+def test_load_state_dict_refuses_a_zero_point_outside_int4(cls):
+    """The CPU 2:4 + int4 kernels assume zeros in 0..15 (pyfast/formats.py) and summed
+    something else than the reference for 16 or more: checked once at load."""
+    torch.manual_seed(0)
+    layer = getattr(pyfast.nn, cls).from_linear(
+        nn.Linear(64, 8), group_size=32, symmetric=False,
+        **({"prune": True} if cls == "Sparse24Int4Linear" else {}), layout="canonical")
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd)
+    sd["zeros"][5, 1] = 16
+    with pytest.raises(RuntimeError, match=r"zeros\[5, 1\] = 16 is not an int4 zero point; "
+                                           r"accepted: 0..15"):
+        layer.load_state_dict(sd)

@@ -312,6 +312,15 @@ class _Int4GroupLinear(_CompressedLinear):
         return {**super().pyfast_config(), "group_size": self.group_size,
                 "symmetric": self.symmetric, "layout": self.layout}
 
+    def _check_loaded_values(self) -> None:
+        """zeros must be int4 zero points, 0..15 (formats.py): the CPU 2:4 + int4 kernels
+        take q - zero in 4-bit arithmetic and gave other sums than the reference."""
+        z = self.zeros
+        if z.device.type != "meta" and z.numel() and int(z.max()) > 15:
+            r, c = (int(i) for i in (z > 15).nonzero()[0])
+            raise ValueError(f"zeros[{r}, {c}] = {int(z[r, c])} is not an int4 zero point; "
+                             "accepted: 0..15 (pyfast/formats.py)")
+
     def _int4_format(self, what: str) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         tc = ", tensor-core layout" if self.layout == "tc" else ""

@@ -82,6 +82,7 @@ class Sparse24Int4Linear(_Int4GroupLinear):
         return self._int4_format("2:4 sparse + int4")
 
     def _check_loaded_values(self) -> None:
+        super()._check_loaded_values()
         if self.meta.device.type != "meta":
             meta = self.meta if self.layout == "canonical" else sparse24_int4_tc.unrepack(
                 self.packed, self.meta, self.out_features, self.in_features)[1]
