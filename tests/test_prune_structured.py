@@ -283,3 +283,26 @@ def test_structured_argument_errors():
         prune.structured(net, 1.0, x)
     with pytest.raises(TypeError, match="example_input must be a torch.Tensor or a tuple"):
         prune.structured(net, 0.5, [x])
+
+
+class _Aliased(nn.Module):
+    """b registered under two names (b and c), called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.c = self.b
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.c(torch.relu(self.a(x)))))
+
+
+def test_a_module_registered_under_two_names_is_replaced_at_both(_quiet):
+    """Only the first name got the sliced layer; the other kept the old one, and the
+    forward then failed on mismatched shapes."""
+    torch.manual_seed(0)
+    model, x = _Aliased(), torch.randn(2, 8)
+    prune.structured(model, 0.5, example_input=x)
+    assert model.b is model.c and model.a.out_features == model.b.in_features < 16
+    assert model(x).shape == (2, 3)
