@@ -91,6 +91,13 @@ def replace_module(model: nn.Module, names: Iterable[str], new: nn.Module) -> No
         _torch_fastpath.keep_off(model, name, new)
 
 
+def shared_reason(names, chosen, doing: str) -> str:
+    """Why a module shared by `names` is left as it is when the filters select only
+    `chosen` of them (every workflow: converting or pruning it changes every place)."""
+    return (f"shared by {', '.join(names)}; include/exclude select only {', '.join(chosen)}, "
+            f"and {doing} it would change the others too")
+
+
 def _walk(model: nn.Module, include: Filter, exclude: Filter,
           convert: Callable[[str, nn.Module], Union[nn.Module, str, None]],
           is_target: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear)) -> nn.Module:
@@ -109,9 +116,7 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
             continue
         name = names[0]
         if len(chosen) < len(names):
-            skipped[name or "<root>"] = (
-                f"shared by {', '.join(names)}; include/exclude select only "
-                f"{', '.join(chosen)}, and converting it would change the others too")
+            skipped[name or "<root>"] = shared_reason(names, chosen, "converting")
             continue
         reason = _why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear) else None
         result = reason if reason is not None else convert(name, mod)

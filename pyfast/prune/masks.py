@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..api import Filter, _matcher, _walk, positions
+from ..api import Filter, _matcher, _walk, positions, shared_reason
 from ..nn import QuantConv2d, Sparse24Linear
 from ..nn.conv import conv_unsupported_reason
 from ..quant.qat import QATConv2d, QATLinear
@@ -82,8 +82,7 @@ def select(model: nn.Module, include: Filter = None,
         if len(chosen) == len(names):
             layers.append((names[0], mod))
         elif chosen:
-            skipped[names[0]] = (f"shared by {', '.join(names)}; include/exclude select only "
-                                 f"{', '.join(chosen)}, and pruning it would change the others too")
+            skipped[names[0]] = shared_reason(names, chosen, "pruning")
     return layers, skipped
 
 
