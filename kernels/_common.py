@@ -166,6 +166,42 @@ def int8_to_float(w, dtype: tl.constexpr):
         return w.to(dtype)
 
 
+
+@triton.jit
+def sparse24_dots(acc, x, v0, v1, meta, BLOCK_M: tl.constexpr, QK: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """acc + x @ W for one K tile of a 2:4 sparse weight W [4 QK, BLOCK_N] (k-major),
+    given compressed: four dots of depth QK, one per position p in the groups of 4.
+
+    x    [BLOCK_M, 4 QK]  the tile's dense columns, k = 4j + p
+    v0   [QK, BLOCK_N]    the first kept value of group j, in x's dtype
+    v1   [QK, BLOCK_N]    the second
+    meta [QK, BLOCK_N]    group j's 2:4 nibble: bits 0-1 idx0, bits 2-3 idx1, bits 4-7
+                          ZERO (any integer dtype)
+    Position p of group j holds v0 if idx0 == p, v1 if idx1 == p, else 0. The format's
+    idx0 < idx1 (formats.py; a nibble is one of 6) means position 0 can only hold v0 and
+    position 3 only v1, and the tests are on the nibble itself (p = 1 takes v1 only for
+    0b0100, p = 2 takes v0 only for 0b1110): 6 selects instead of 8 and no shifts. A
+    nibble outside the format gives an unspecified sum, as on the other backends.
+    Four dots of a quarter depth instead of one dense [4 QK, BLOCK_N] tile: building the
+    dense tile takes a broadcast over p and a reshape, which Triton lowers to one 16-bit
+    shared-memory store per dense value and a reload (kernels/sparse24.py). On a GPU
+    tl.dot needs QK >= 16."""
+    # x's columns by position in the group: k = 4j + 2a + b -> [BLOCK_M, QK, a, b]
+    xb0, xb1 = tl.split(tl.reshape(x, (BLOCK_M, QK, 2, 2)))
+    x0, x2 = tl.split(xb0)
+    x1, x3 = tl.split(xb1)
+    # the nested selects are in the order that spilled least on sm_80 / sm_90
+    zero = tl.zeros_like(v0)
+    lo = meta & 3
+    acc = tl.dot(x0, tl.where(lo == 0, v0, zero), acc, input_precision=INPUT_PRECISION)
+    acc = tl.dot(x1, tl.where(meta == 4, v1, tl.where(lo == 1, v0, zero)), acc,
+                 input_precision=INPUT_PRECISION)
+    acc = tl.dot(x2, tl.where((meta & 12) == 8, v1, tl.where(meta == 14, v0, zero)), acc,
+                 input_precision=INPUT_PRECISION)
+    acc = tl.dot(x3, tl.where(meta >= 12, v1, zero), acc, input_precision=INPUT_PRECISION)
+    return acc
+
 CONFIGS_ENV = "PYFAST_TRITON_CONFIGS"
 
 

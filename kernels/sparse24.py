@@ -24,14 +24,13 @@ tile had to be built by a broadcast over p and a reshape, which Triton lowered t
 spec, scripts/triton_sass.py: 986 instructions per K block, 64 STS.U16; then 592 and
 none).
 
-The selection relies on the format's idx0 < idx1 and zero bits 4-7 (formats.py; a
-meta byte is one of 6): position 0 can only hold v0 and position 3 only v1, and the
-tests are on the byte itself (p = 1 takes v1 only for the byte 0b0100, p = 2 takes v0
-only for 0b1110), so 6 selects instead of 8 and no shifts. Against testing both slots
-at every position, over every autotune config's sm_80 and sm_90 SASS: the main loop
-is 5-20% shorter, except the 128 x 256 8-warp tile on sm_80, which spills registers
-either way (about 2400 local loads/stores; 2% longer). A byte outside the format gives
-an unspecified sum, as on the other backends.
+The dots and the selection are _common.sparse24_dots (shared with sparse24_int4_mm); it
+relies on the format's idx0 < idx1 and zero bits 4-7 (formats.py; a meta byte is one of
+6) to test the byte itself, 6 selects instead of 8 and no shifts. Against testing both
+slots at every position, over every autotune config's sm_80 and sm_90 SASS: the main
+loop is 5-20% shorter, except the 128 x 256 8-warp tile on sm_80, which spills
+registers either way (about 2400 local loads/stores; 2% longer). A byte outside the
+format gives an unspecified sum, as on the other backends.
 
 Tensor cores: fp16/bf16 -> mma.sync (sm_80), wgmma (sm_90, when BLOCK_M >= 64 and
 num_warps is a multiple of 4); float32 runs with input_precision="ieee" (no TF32)
@@ -51,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset
+from ._common import config_subset, sparse24_dots
 from .weight_only import (SMALL_M, _check_config, _epilogue_store, _k_block_range, _launch,
                           _store_partial, _tile_ids)
 
@@ -140,20 +139,7 @@ def _sparse24_mm_kernel(
                        other=0)
         # [2 QK, BLOCK_N] -> [QK, BLOCK_N, 2] -> the first and second kept values
         v0, v1 = tl.split(tl.permute(tl.reshape(v, (QK, 2, BLOCK_N)), (0, 2, 1)))
-        # x's columns by position in the group: k = 4j + 2a + b -> [BLOCK_M, QK, a, b]
-        xb0, xb1 = tl.split(tl.reshape(x, (BLOCK_M, QK, 2, 2)))
-        x0, x2 = tl.split(xb0)
-        x1, x3 = tl.split(xb1)
-        # w_p by the meta byte (module docstring): the nested selects are in the order
-        # that spilled least on sm_80 / sm_90
-        zero = tl.zeros_like(v0)
-        lo = meta & 3
-        acc = tl.dot(x0, tl.where(lo == 0, v0, zero), acc, input_precision=INPUT_PRECISION)
-        acc = tl.dot(x1, tl.where(meta == 4, v1, tl.where(lo == 1, v0, zero)), acc,
-                     input_precision=INPUT_PRECISION)
-        acc = tl.dot(x2, tl.where((meta & 12) == 8, v1, tl.where(meta == 14, v0, zero)), acc,
-                     input_precision=INPUT_PRECISION)
-        acc = tl.dot(x3, tl.where(meta >= 12, v1, zero), acc, input_precision=INPUT_PRECISION)
+        acc = sparse24_dots(acc, x, v0, v1, meta, BLOCK_M, QK, INPUT_PRECISION)
 
     if USE_WORKSPACE:
         _store_partial(acc, offs_m, offs_n, M, N, ws_ptr, stride_ws, split_ptr, SPLIT_K)

@@ -13,23 +13,32 @@ The kernel reads about 3 bits per dense weight plus the scales (0.77x int4_mm's 
 at group 128, 0.19x fp16's): at small M, where the matmul is bound by reading the
 weight, that is the whole point.
 
-Each dense [BLOCK_K, BLOCK_N] tile is rebuilt in registers with int4_mm's integer
-trick (kernels/weight_only.py): the tile holds q - zero, an integer in [-15, 15]
-that is exact in float16/bfloat16, where a kept value sits, and 0 elsewhere; the
-scale multiplies the float32 dot AFTER it (BLOCK_K divides the group, so a K tile
-lies in one group), or once in the epilogue for one group per row. So no weight is
-rounded to 16 bits and every rounding is a float32 one until the final cast -- the
-reference's weight, (q - zero) * scale in float32, times x. The tile is k-major like
-int4_mm's, so the per-row zero points and scales lie along its second axis.
+Each K tile multiplies the kept values, dequantized in registers with int4_mm's integer
+trick (kernels/weight_only.py): q - zero, an integer in [-15, 15] that is exact in
+float16/bfloat16; the scale multiplies the float32 dot AFTER it (BLOCK_K divides the
+group, so a K tile lies in one group), or once in the epilogue for one group per row.
+So no weight is rounded to 16 bits and every rounding is a float32 one until the final
+cast -- the reference's weight, (q - zero) * scale in float32, times x. Loads are
+k-major like int4_mm's, so the per-row zero points and scales lie along their second
+axis.
     codes [BLOCK_K/4, BLOCK_N]  byte per group  -> c0 = (b & 15) - z, c1 = (b >> 4) - z
                                 (kept values only; _common.int4_minus_zero)
     meta  [BLOCK_K/8, BLOCK_N]  each byte loaded once, repeated for its two groups
-                                in registers, shifted by 4 (j % 2)
-                                -> idx0 = bits 0-1, idx1 = bits 2-3
-    w[j, p, n] = c0 if idx0 == p, c1 if idx1 == p, else 0   (broadcast over p = 0..3)
-Every load is contiguous along k (16-byte vectors where the alignment allows).
-Both slots are tested at every position, so no meta byte can make the kernel read
-outside its tile; a byte that breaks the format (idx0 >= idx1) gives unspecified sums.
+                                in registers, shifted by 4 (j % 2) -> group j's nibble
+Then, for BLOCK_K >= 64, sparse24_mm's four dots of depth BLOCK_K / 4, one per position
+p in the groups (_common.sparse24_dots: position p of group j holds c0 or c1 or 0, as
+its nibble says, the format's idx0 < idx1 used to save selects); sm_80 / sm_90 SASS of
+every autotune config, against the dense tile below: loops 8-48% shorter, and on the
+mma.sync tiles no 16-bit shared-memory store per dense value (wgmma tiles read the
+weight from shared memory either way); the float16 grouped 128 x 64 and 128 x 128
+tiles gained 4-41 spill instructions (up to 19 in the loop; scripts/triton_sass.py,
+ahead of time, not timed). For BLOCK_K = 16 or 32
+(the only K tiles for group size 32; four dots would be below tl.dot's K = 16) the dense
+[BLOCK_K, BLOCK_N] tile, broadcast over p:
+    w[j, p, n] = c0 if idx0 == p, c1 if idx1 == p, else 0   -> one tl.dot
+Every load is contiguous along k (16-byte vectors where the alignment allows). No meta
+byte can make the kernel read outside its tile; a nibble that breaks the format
+(idx0 >= idx1) gives unspecified sums, as on the other backends.
 
 Tensor cores, split-K at M <= SMALL_M (deterministic, no atomics), the workspace and
 its reduction kernel, the configs and the launcher are int4_mm's (weight_only.py):
@@ -45,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset, int4_minus_zero
+from ._common import config_subset, int4_minus_zero, sparse24_dots
 from .weight_only import (_KEY, _check_config, _configs, _epilogue_store, _fits_groups,
                           _group_params, _int4_spec, _interpreted_bf16, _k_block_range,
                           _launch, _store_partial, _tile_ids)
@@ -119,8 +128,8 @@ def _sparse24_int4_mm_kernel(
         # K tail: K % 8 == 0, so a group (and a meta byte) is wholly inside K or
         # wholly outside; masked groups read code 0 and meta 0, and meet x = 0.
         x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
-        # The weight tile is built k-major, [BLOCK_K, BLOCK_N] like int4_mm's, so that
-        # the per-row zero points and scales run along the tile's second axis.
+        # Codes and meta are loaded k-major, [groups, BLOCK_N] like int4_mm's tile, so
+        # that the per-row zero points and scales run along their second axis.
         codes = tl.load(p_cols + j[:, None] * stride_pk, mask=(j[:, None] < K_PACKED) & mask_n,
                         other=0)                                         # [QK, BLOCK_N] uint8
         # Each meta byte is loaded once, [QK / 2, BLOCK_N], and repeated for its two
@@ -128,9 +137,8 @@ def _sparse24_int4_mm_kernel(
         # load a scalar ld.global.b8: the addresses repeat, so nothing vectorises.)
         b = k0 // 8 + offs_b
         meta = tl.load(m_cols + b[:, None] * stride_mk, mask=(b[:, None] < K_PACKED // 2) & mask_n,
-                       other=0).to(tl.int32)
+                       other=0)
         meta = tl.reshape(tl.broadcast_to(meta[:, None, :], (QK // 2, 2, BLOCK_N)), (QK, BLOCK_N))
-        meta = meta >> meta_shift                                        # [QK, BLOCK_N]
         if ONE_GROUP:
             z = zero[None, :]
         else:
@@ -140,18 +148,29 @@ def _sparse24_int4_mm_kernel(
             z = z[None, :]
         # The kept values only (a quarter of the dense tile) are dequantized, in x's dtype.
         c0, c1 = int4_minus_zero(codes, z, x.dtype)                     # [QK, BLOCK_N] each
-        c0 = c0[:, None, :]                                              # [QK, 1, BLOCK_N]
-        c1 = c1[:, None, :]
-        idx0 = (meta & 3)[:, None, :]
-        idx1 = ((meta >> 2) & 3)[:, None, :]
-        # Broadcast over p and one reshape (not tl.join: sm_90's dot-operand hoisting
-        # aborts on a joined operand, "Illegal shared layout", in Triton 3.7).
-        w = tl.where(idx0 == pos, c0, tl.where(idx1 == pos, c1, 0.0).to(x.dtype))
-        w = tl.reshape(w, (BLOCK_K, BLOCK_N))                           # k = 4j + p
-        if ONE_GROUP:
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        # ONE_GROUP: the dots add into acc; else into a fresh tile, scaled after.
+        into = acc if ONE_GROUP else tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if QK >= 16:
+            # Four dots of depth QK, one per position in the groups (sparse24_mm's,
+            # _common.sparse24_dots): no dense tile. The nibbles stay uint8 (as int32 the
+            # loops were about 15% longer, sm_80 / sm_90 SASS).
+            nib = (meta >> meta_shift.to(tl.uint8)) & 15                 # [QK, BLOCK_N]
+            part = sparse24_dots(into, x, c0, c1, nib, BLOCK_M, QK, INPUT_PRECISION)
         else:
-            part = tl.dot(x, w, input_precision=INPUT_PRECISION)
+            # BLOCK_K = 16 or 32 (group size 32), too shallow for four dots on a GPU
+            # (tl.dot's K >= 16): the dense tile, by a broadcast over the position p and
+            # one reshape (not tl.join: sm_90's dot-operand hoisting aborts on a joined
+            # operand, "Illegal shared layout", in Triton 3.7).
+            meta = meta.to(tl.int32) >> meta_shift
+            idx0 = (meta & 3)[:, None, :]
+            idx1 = ((meta >> 2) & 3)[:, None, :]
+            w = tl.where(idx0 == pos, c0[:, None, :],
+                         tl.where(idx1 == pos, c1[:, None, :], 0.0).to(x.dtype))
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N))                       # k = 4j + p
+            part = tl.dot(x, w, into, input_precision=INPUT_PRECISION)
+        if ONE_GROUP:
+            acc = part
+        else:
             acc += part * scale_g[None, :]
 
     if USE_WORKSPACE:

@@ -1,8 +1,9 @@
 """scripts/triton_sass.py: the loop finder on a made-up disassembly, and, compiled for
 sm_90 without a GPU, the split-K int4_mm loop's size as a regression bound (Triton is
 pinned, pyproject.toml), and the split-K sparse24_mm loop's likewise (README,
-"Performance"): 363 -> 247 and 986 -> 592 SASS instructions per K block; and the split-K
-float16 int8_weight_mm loop's, 338 -> 239."""
+"Performance"): 363 -> 247 and 986 -> 592 SASS instructions per K block; the split-K
+float16 int8_weight_mm loop's, 338 -> 239; and the split-K bfloat16 sparse24_int4_mm
+loop's, 1031 -> 660."""
 import os
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def test_longest_loop_takes_backward_branches_only():
     ("sparse24", "sparse24_mm_fp16_splitk", 16, 540, {"STS.U16": 0, "SEL": 130}),
     # 16 x 64 x 128 tile: was 338 instructions, 64 I2F.F16.S16 and 112 PRMT
     ("weight_only", "int8_weight_mm_fp16_splitk", 16, 260, {"I2F.F16.S16": 0, "PRMT": 32}),
-], ids=["int4_mm", "sparse24_mm", "int8_weight_mm"])
+    # 16 x 64 x 128 tile, bfloat16: was 1031 instructions with 64 STS.U16 (the dense tile
+    # built through shared memory); now four dots of K 32 (_common.sparse24_dots), 660
+    ("sparse24_int4", "sparse24_int4_mm_bf16_grouped_splitk", 16, 700, {"STS.U16": 0, "SEL": 130}),
+], ids=["int4_mm", "sparse24_mm", "int8_weight_mm", "sparse24_int4_mm"])
 def test_split_k_loops_stay_small(module, spec, hmma, most, bounds):
     # In a fresh interpreter without TRITON_INTERPRET (set for this test session when
     # there is no GPU; interpreted kernels cannot be compiled), as test_triton_ptx does.
@@ -53,7 +57,7 @@ def test_split_k_loops_stay_small(module, spec, hmma, most, bounds):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loop = [line.strip() for line in proc.stdout.splitlines() if line.startswith("      ")]
     ops = [triton_sass.opcode(i) for i in loop]
-    assert ops.count("HMMA.16816.F32") == hmma
+    assert sum(op.startswith("HMMA.16816.F32") for op in ops) == hmma   # .BF16 for bfloat16
     assert len(ops) <= most, len(ops)
     for op, limit in bounds.items():
         assert ops.count(op) <= limit, (op, ops.count(op))

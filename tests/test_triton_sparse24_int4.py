@@ -132,6 +132,57 @@ def test_split_k_and_tiles(m, config, k, gs):
     _check(out, *args[:5], gs, b, str(config))
 
 
+
+# BLOCK_K >= 64 (16 groups and more per K tile) takes the kernel's four-dot path, one
+# dot per position in the groups (_common.sparse24_dots); BLOCK_K = 16 and 32 build the
+# dense tile. The interpreter's own config has BLOCK_K = 32, so these name the tiles.
+FOUR_DOTS = [pytest.param(3, _cfg(16, 32, 64, 1), id="M3-bk64-split1"),
+             pytest.param(1, _cfg(16, 64, 128, 8), id="M1-bk128-split8-empty-ranges"),
+             pytest.param(17, _cfg(32, 64, 64, 3), id="M17-bk64-split3"),
+             pytest.param(20, _cfg(32, 32, 128, 1), id="M20-bk128")]
+
+
+FOUR_DOT_SHAPES = [pytest.param(m, config, k, gs, id=f"{cid}-{kid}")
+                   for m, config, cid in ((p.values[0], p.values[1], p.id) for p in FOUR_DOTS)
+                   for k, gs, kid in ((256, 128, "g128"), (512, 64, "g64"), (136, -1, "per-channel-tail"))
+                   if gs == -1 or gs % config["BLOCK_K"] == 0]   # a K tile lies in one group
+
+
+@pytest.mark.parametrize("m,config,k,gs", FOUR_DOT_SHAPES)
+def test_four_dot_tiles(m, config, k, gs):
+    for symmetric in (True, False):
+        args = _inputs(m, 33, k, gs, symmetric, torch.float32, True)
+        x, packed, meta, scales, zeros, b = args
+        out = s24i4.sparse24_int4_mm(x, packed, meta, scales, zeros, gs, b, config=config)
+        _check(out, *args[:5], gs, b, f"{config} symmetric={symmetric}")
+
+
+VALID_NIBBLES = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)   # idx0 | idx1 << 2, idx0 < idx1
+
+
+@pytest.mark.parametrize("block_k", [32, 64, 128], ids=lambda b: f"bk{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_every_index_pair_at_every_group(dtype, block_k):
+    """Each row holds every valid 2:4 nibble, in a different order per row, so each nibble
+    meets each group, both halves of a meta byte and each position of the four dots;
+    codes, zero points and scales random (group 128, so every BLOCK_K fits a group)."""
+    n, k, gs = 18, 4 * 96, 128
+    gen = torch.Generator().manual_seed(8)
+    nib = torch.tensor(VALID_NIBBLES, dtype=torch.uint8)
+    nibbles = torch.stack([nib[torch.randperm(6, generator=gen)].repeat(k // 24)
+                           for _ in range(n)])                                  # [N, K/4]
+    meta = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)                           # [N, K/8]
+    packed = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, generator=gen)
+    zeros = torch.randint(0, 16, (n, k // gs), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // gs, generator=gen) + 0.1
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    assert {int(v) for v in (meta & 15).unique()} == set(VALID_NIBBLES)
+    assert {int(v) for v in (meta >> 4).unique()} == set(VALID_NIBBLES)
+    x, packed, meta, scales, zeros = (t.to(DEVICE) for t in (x, packed, meta, scales, zeros))
+    out = s24i4.sparse24_int4_mm(x, packed, meta, scales, zeros, gs, None,
+                                 config=_cfg(16, 32, block_k, 1))
+    _check(out, x, packed, meta, scales, zeros, gs, None, f"every index pair, BLOCK_K {block_k}")
+
 def test_split_k_is_deterministic():
     x, packed, meta, scales, zeros, b = _inputs(2, 130, 256, 64, False, torch.float32, True)
     config = _cfg(16, 64, 32, 8)
@@ -186,20 +237,24 @@ def test_bfloat16_on_cpu_is_refused_and_upcast_instead():
     _check(out, x, packed, meta, scales, zeros, 32, b)
 
 
+@pytest.mark.parametrize("block_k", [None, 64], ids=["autotuned", "four-dots"])
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_nonfinite_x_reaches_output(kind, dtype):
+def test_nonfinite_x_reaches_output(kind, dtype, block_k):
     """An inf / NaN in x at a column some weight rows pruned: NaN in those rows' outputs,
     as the reference's dense product gives (0 * inf); the kernel expands the kept codes
-    into a dense tile with zeros before tl.dot, so it multiplies the pruned positions.
-    M = 1 and 3 take the split-K path, 17 the fused epilogue."""
+    with zeros at the pruned positions before tl.dot (a dense tile, or the four dots'
+    selects), so it multiplies them. M = 1 and 3 take the split-K path, 17 the fused
+    epilogue."""
     gen = torch.Generator().manual_seed(22)
+    gs = 32 if block_k is None else 64
+    config = None if block_k is None else _cfg(16, 32, block_k, 2)
     w = weight_pruning_col(33, 128, torch.float32, gen)
-    args = [t.to(DEVICE) for t in ops.pack_sparse24_int4(w, 32, True)]
+    args = [t.to(DEVICE) for t in ops.pack_sparse24_int4(w, gs, True)]
     for m in (1, 3, 17):
         x = x_with_nonfinite(m, 128, kind, dtype, gen).to(DEVICE)
-        out = s24i4.sparse24_int4_mm(x, *args, 32, None)
-        want = reference.sparse24_int4_mm(x, *args, 32, None)
+        out = s24i4.sparse24_int4_mm(x, *args, gs, None, config=config)
+        want = reference.sparse24_int4_mm(x, *args, gs, None)
         assert_same_nonfinite(out.cpu(), want.cpu(), kind, f"{DEVICE} M={m} {dtype} {kind}")
 
 
@@ -216,9 +271,11 @@ def test_cuda_sparse24_int4_mm(m, dtype, gs):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m,config", SPLITS)
-def test_cuda_bfloat16_split_k(m, config):
-    args = _inputs(m, 33, 256, 32, True, torch.bfloat16, True, device="cuda")
+@pytest.mark.parametrize("m,config,gs", [pytest.param(*p.values, 32, id=p.id) for p in SPLITS]
+                         + [pytest.param(*p.values, 128, id=p.id) for p in FOUR_DOTS])
+def test_cuda_bfloat16_split_k(m, config, gs):
+    """Every named tile in bfloat16: SPLITS (dense tiles, group 32), FOUR_DOTS (group 128)."""
+    args = _inputs(m, 33, 256, gs, True, torch.bfloat16, True, device="cuda")
     x, packed, meta, scales, zeros, b = args
-    out = s24i4.sparse24_int4_mm(x, packed, meta, scales, zeros, 32, b, config=config)
-    _check(out, *args[:5], 32, b, str(config))
+    out = s24i4.sparse24_int4_mm(x, packed, meta, scales, zeros, gs, b, config=config)
+    _check(out, *args[:5], gs, b, str(config))
