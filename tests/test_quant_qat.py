@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import parametrizations
 
 import pyfast
@@ -228,6 +229,59 @@ def test_parametrizations_qat_cannot_carry_over_are_skipped_with_the_reason():
                                          "weight has the parametrizations _WeightNorm"):
         QATLinear.from_linear(model[0])
 
+
+
+def test_qat_of_a_model_pruned_with_torch_prune_keeps_the_masks():
+    """torch.nn.utils.prune (weight = weight_orig * weight_mask by a pre-hook; prepare_qat
+    raised TypeError on it): the QAT layer takes weight_orig, the Parameter an optimizer
+    holds, and the mask as a pyfast.prune mask, on a Linear and a Conv2d; pruned weights
+    stay 0 through training and convert_qat gives what pyfast.quantize gives."""
+    torch.manual_seed(1)
+    model = _small_model()
+    torch_prune.l1_unstructured(model[5], "weight", amount=0.5)
+    torch_prune.random_unstructured(model[2], "weight", amount=0.3)
+    torch_prune.l1_unstructured(model[5], "weight", amount=0.2)      # a PruningContainer
+    masks = {i: model[i].weight_mask.bool().clone() for i in (2, 5)}
+    orig5 = model[5].weight_orig
+    x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 5, (16,))
+    before = orig5.detach().clone()
+    plain = nn.Sequential(*model)      # the torch-pruned layers, sharing weight_orig
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    quant.prepare_qat(model, "int8")
+    assert isinstance(model[5], QATLinear) and isinstance(model[2], QATConv2d)
+    assert model[5].parametrizations.weight.original is orig5
+    for i in (2, 5):
+        assert torch.equal(prune.get_mask(model[i]), masks[i])
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for i in (2, 5):
+        assert bool((model[i].weight.detach()[~masks[i]] == 0).all())
+    assert not torch.equal(orig5.detach(), before * masks[5])           # trained
+    with torch.no_grad():
+        fake = model(x)
+    with torch.no_grad():
+        plain(x)                       # the pre-hooks recompute weight = weight_orig * mask
+        for i in (2, 5):
+            torch_prune.remove(plain[i], "weight")
+    direct = pyfast.quantize(plain, "int8")
+    quant.convert_qat(model)
+    a, b = model.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fake, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_prune_on_the_bias_or_a_non_binary_mask_is_skipped_with_the_reason():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+    torch_prune.l1_unstructured(model[0], "bias", amount=0.5)
+    torch_prune.custom_from_mask(model[2], "weight", torch.full((8, 8), 0.5))
+    with pytest.warns(UserWarning, match="0: torch.nn.utils.prune pruned its bias"):
+        quant.prepare_qat(model, "int8")
+    assert set(model.pyfast_skipped) == {"0", "2"}
+    assert "weight_mask holds values other than 0 and 1" in model.pyfast_skipped["2"]
+    assert isinstance(model[3], QATLinear)
 
 # --- QAT on digits -------------------------------------------------------------------------
 

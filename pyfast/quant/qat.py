@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 from .. import reference
 from ..api import (Filter, _int4_reason, _walk, check_quant_args, positions, quantized_layer,
@@ -71,11 +72,31 @@ def fake_quant_int4(w: Tensor, group_size: int, symmetric: bool) -> Tensor:
     return _STE.apply(w, fake.to(w.dtype))
 
 
+def _torch_pruned(mod: nn.Module):
+    """The names of mod's tensors pruned with torch.nn.utils.prune (its forward pre-hooks)."""
+    return [h._tensor_name for h in mod._forward_pre_hooks.values()
+            if isinstance(h, torch_prune.BasePruningMethod)]
+
+
 def _parametrization_reason(mod: nn.Module):
     """None if QAT can carry mod's weight over, else why not. A parametrized weight (a
     pyfast.prune mask) is carried over by registering the same modules on the QAT layer's
     stored Parameter, which is exact only for one-tensor parametrizations without
-    right_inverse (registering would apply right_inverse to the stored value again)."""
+    right_inverse (registering would apply right_inverse to the stored value again). A
+    weight pruned with torch.nn.utils.prune (weight = weight_orig * weight_mask, by a
+    forward pre-hook) is carried over as a pyfast.prune mask when its mask is 0/1."""
+    pruned = _torch_pruned(mod)
+    if pruned:
+        if pruned != ["weight"]:
+            return (f"torch.nn.utils.prune pruned its {', '.join(sorted(set(pruned)))}; QAT "
+                    "carries over a mask on the weight only (make the others permanent "
+                    "first with torch.nn.utils.prune.remove(module, name))")
+        mask = mod.weight_mask
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            return ("its torch.nn.utils.prune weight_mask holds values other than 0 and 1, "
+                    "which a pruning mask cannot carry (make it permanent first with "
+                    "torch.nn.utils.prune.remove(module, 'weight'))")
+        return None
     if not parametrize.is_parametrized(mod, "weight"):
         return None
     chain = mod.parametrizations.weight
@@ -95,11 +116,18 @@ def _share_params(layer: nn.Module, source: nn.Module) -> None:
     computed original * mask, not a Parameter. layer takes the stored Parameter
     (parametrizations.weight.original) and the same parametrization modules, so it stays
     masked: pruned weights stay 0 while training, and convert_qat quantizes the masked
-    weight, as pyfast.quantize and quantize_static do for a masked layer."""
+    weight, as pyfast.quantize and quantize_static do for a masked layer. A weight pruned
+    with torch.nn.utils.prune gives its weight_orig Parameter and its mask, as a
+    pyfast.prune mask (which also sets the pruned entries of weight_orig to 0)."""
     reason = _parametrization_reason(source)
     if reason is not None:
         raise ValueError(f"cannot prepare this {type(source).__name__} for QAT: {reason}")
     layer.bias = source.bias
+    if _torch_pruned(source):
+        from ..prune.masks import apply_mask   # (pyfast.prune imports this module)
+        layer.weight = source.weight_orig
+        apply_mask(layer, source.weight_mask != 0, type(source).__name__)
+        return
     if not parametrize.is_parametrized(source, "weight"):
         layer.weight = source.weight
         return
@@ -262,8 +290,9 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
     QATConv2d, in place; returns model. method "int8" (W8A8) or "int4" (group_size
     32/64/128/-1, symmetric or not). Layers the format cannot take are skipped with
     the reason in model.pyfast_skipped, exactly as pyfast.quantize would skip them.
-    A layer masked by pyfast.prune keeps its mask: pruned weights stay 0 through QAT,
-    and convert_qat quantizes the masked weight (pyfast.quantize does the same)."""
+    A layer masked by pyfast.prune or torch.nn.utils.prune keeps its mask (as a
+    pyfast.prune mask): pruned weights stay 0 through QAT, and convert_qat quantizes the
+    masked weight (pyfast.quantize does the same)."""
     check_quant_args(method, group_size, symmetric, QAT_METHODS)
     if method == "int8" and symmetric is not True:
         raise ValueError(f"symmetric={symmetric!r}: int8 is always symmetric; "
