@@ -297,6 +297,58 @@ def test_a_cast_the_kernels_cannot_take_is_refused_before_anything_moves(cast):
         model.to(c)              # the casts the kernels take still work
 
 
+@pytest.mark.parametrize("kind", list(SCALED))
+def test_moves_and_casts_keep_trainable_scales(kind):
+    """Scales being fine-tuned (requires_grad) stay the optimizer's tensors through a
+    no-op move and a 16-bit cast: _apply's int32 views made fresh buffers without
+    requires_grad, so the optimizer's tensors were orphaned and training silently stopped."""
+    torch.manual_seed(0)
+    layer = SCALED[kind](nn.Linear(128, 16, bias=False))
+    names = [n for n, b in layer.named_buffers() if "scale" in n]
+    scales = [layer.get_buffer(n).requires_grad_() for n in names]
+    opt = torch.optim.SGD(scales, lr=0.1)
+    layer.to("cpu").to(torch.bfloat16).float()
+    assert all(layer.get_buffer(n) is s for n, s in zip(names, scales))
+    before = [s.detach().clone() for s in scales]
+    if kind in ("int8", "static"):   # W8A8: no gradient through the int8 matmul; just stay
+        return
+    layer(torch.randn(4, 128)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(layer.get_buffer(n), b) for n, b in zip(names, before))
+
+
+def test_a_moved_trainable_scale_stays_trainable():
+    layer = SCALED["int4"](nn.Linear(128, 16, bias=False)).to("meta")
+    layer.scales.requires_grad_()
+    moved = layer.to_empty(device="cpu")
+    assert moved.scales.dtype == torch.float32 and moved.scales.requires_grad
+
+
+@pytest.mark.parametrize("kind", list(SCALED))
+def test_type_casting_the_integer_codes_is_refused(kind):
+    """module.type(torch.float32), a no-op on a float model, cast the int8 codes to float
+    and the float32 scales (int32 views in _apply) to their bit patterns: the layer was
+    destroyed for good. Refused before anything moves."""
+    layer = SCALED[kind](nn.Linear(128, 16, bias=False))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match=r"cannot cast its integer codes to torch\.float32"):
+        layer.type(torch.float32)
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype
+               for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), float("inf"), -0.5])
+def test_load_state_dict_refuses_a_static_scale_that_is_not_positive_and_finite(value):
+    """from_linear refuses these; a loaded one gave the bias alone (0) or NaN outputs."""
+    layer = SCALED["static"](nn.Linear(128, 16))
+    sd = layer.state_dict()
+    sd["input_scale"] = torch.tensor([value])
+    fresh = pyfast.nn.StaticInt8Linear(128, 16)
+    with pytest.raises(RuntimeError, match=r"StaticInt8Linear at '': input_scale must be a "
+                                           r"positive finite float32"):
+        fresh.load_state_dict(sd)
+
+
 @pytest.mark.parametrize("cls", ["Int4Linear", "Sparse24Int4Linear"])
 def test_load_state_dict_refuses_a_zero_point_outside_int4(cls):
     """The CPU 2:4 + int4 kernels assume zeros in 0..15 (pyfast/formats.py) and summed

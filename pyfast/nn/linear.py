@@ -74,22 +74,38 @@ class _CompressedLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # Refuse a cast to a dtype the kernels do not take (model.double()), before any
         # tensor moves: a float64 bias or 2:4 values made every later forward fail with
-        # a message about the bias or the input.
-        probe = fn(torch.empty(0, device=self._probe_device()))
+        # a message about the bias or the input. And refuse a cast of the integer codes
+        # (model.type(torch.float32) casts every tensor): it destroyed the layer for good.
+        device = self._probe_device()
+        probe = fn(torch.empty(0, device=device))
         if isinstance(probe, Tensor) and probe.dtype not in chk.FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__} cannot be cast to {probe.dtype}: its "
                             "kernels take float32, float16 or bfloat16; accepted casts: "
                             ".float(), .half(), .bfloat16(), .to(device)")
-        kept = [n for n in self._FLOAT32_BUFFERS
-                if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.float32]
-        for name in kept:
-            self._buffers[name] = self._buffers[name].view(torch.int32)
+        probe = fn(torch.empty(0, dtype=torch.int8, device=device))
+        if isinstance(probe, Tensor) and probe.dtype != torch.int8:
+            raise TypeError(f"{type(self).__name__} cannot cast its integer codes to "
+                            f"{probe.dtype} (e.g. module.type(dtype) casts every tensor); "
+                            "accepted casts: .float(), .half(), .bfloat16(), .to(dtype), "
+                            ".to(device), which leave integer tensors alone")
+        # The float32 buffers (scales) stay float32 through .half() / .to(dtype): they go
+        # through fn as int32 views, which those casts leave alone. A view is a new tensor
+        # object without requires_grad, so where fn returned the view itself (no move), the
+        # original tensor is put back: an optimizer fine-tuning the scales keeps them.
+        kept = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS
+                if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.float32}
+        views = {n: t.view(torch.int32) for n, t in kept.items()}
+        self._buffers.update(views)
         try:
             super()._apply(fn, recurse)
         finally:
-            for name in kept:
-                if self._buffers[name].dtype == torch.int32:
-                    self._buffers[name] = self._buffers[name].view(torch.float32)
+            for name, original in kept.items():
+                now = self._buffers[name]
+                if now is views[name]:
+                    self._buffers[name] = original
+                elif now.dtype == torch.int32:
+                    self._buffers[name] = now.view(torch.float32).requires_grad_(
+                        original.requires_grad)
         self._place_buffers()
         return self
 

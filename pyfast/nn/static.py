@@ -64,6 +64,14 @@ class StaticInt8Linear(_Int8LayoutLinear):
         layer.input_scale.copy_(input_scale.detach().reshape(1).to(layer.input_scale.device))
         return layer.repack(layout)
 
+    def _check_loaded_values(self) -> None:
+        """input_scale must be positive and finite, as from_linear requires: the
+        quantize_static op does not check it per call (a scale of 0 gave the bias alone,
+        NaN or inf gave NaN)."""
+        super()._check_loaded_values()
+        if self.input_scale.device.type != "meta":
+            ops.check_static_scale("input_scale", self.input_scale)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = self._flat(x)
         q, s = torch.ops.pyfast.quantize_static(x2, self.input_scale)
