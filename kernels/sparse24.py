@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from ._common import config_subset, sparse24_dots
-from .weight_only import (SMALL_M, _check_config, _epilogue_store, _k_block_range, _launch,
-                          _store_partial, _tile_ids)
+from .weight_only import (SMALL_M, _check_config, _epilogue_store, _interpreted_bf16,
+                          _k_block_range, _launch, _store_partial, _tile_ids)
 
 Tensor = torch.Tensor
 
@@ -151,6 +151,11 @@ def _sparse24_mm_kernel(
 _TUNED = {small: triton.autotune(config_subset(_configs(small)), key=["M", "N", "K"])(
               _sparse24_mm_kernel)
           for small in (True, False)}
+
+
+def supports_sparse24_mm(x, values, meta, bias=None) -> Optional[str]:
+    """bfloat16 on CPU (the interpreter) is refused, as int4_mm's: it returned garbage."""
+    return _interpreted_bf16(x)
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], *,

@@ -1,6 +1,7 @@
 """pyfast.backends(): what runs where on this machine, and why not."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -44,7 +45,7 @@ class BackendReport(list):
                  + "; ".join(f"{d}: {' > '.join(p)}" for d, p in dispatch.PRIORITY.items()),
                  *(f"  from M = {m}: {op} on {d}: {' > '.join(order)}"
                    for (op, d), (m, order) in dispatch.M_RULES.items()),
-                 "* = what a plain call runs (at small M)"]
+                 "* = what a plain call runs (at small M)", *self._forcing()]
         width = max([len("op"), *(len(r.op) for r in self)]) + 2   # the longest op name fits
         lines.append(f"{'op':<{width}}" + "".join(f"{d:<26}" for d in devices))
         for op in dict.fromkeys(r.op for r in self):
@@ -65,6 +66,14 @@ class BackendReport(list):
                 lines.append(f"  {fam} on {dev} ({', '.join(op_names)}): {reason}")
         lines += ["notes:", *(f"  {n}" for n in self.notes())]
         return "\n".join(lines)
+
+    @staticmethod
+    def _forcing() -> List[str]:
+        """The header line naming what forces backends now, if anything does."""
+        env = os.environ.get("PYFAST_BACKEND", "")
+        said = ([f"PYFAST_BACKEND={env!r}"] if env else []) + [
+            f"use_backend {forced}" for forced in dispatch._FORCED.get()]
+        return ["forced now (the * follows it): " + "; ".join(said)] if said else []
 
     def reference_only(self) -> List[str]:
         """Ops that have no compiled kernel at all (only the pure-torch reference)."""
@@ -102,11 +111,16 @@ def backends() -> BackendReport:
     """Every op x backend family x device: usable here or the reason why not.
 
     "DEFAULT" marks what a plain call on that device runs (for inputs that every
-    kernel accepts; a kernel's own `supports` check can still pass a call on).
+    kernel accepts; a kernel's own `supports` check can still pass a call on): the
+    forced backend where PYFAST_BACKEND or use_backend forces one (a call raises if
+    it cannot run), else the first usable in the device's priority order.
     """
     report = BackendReport()
     for op in dispatch.ops():
         table = dispatch.kernels(op)
+        forced, strict = dispatch._forced_for(op)
+        if not strict and forced not in table:   # use_backend("x") skips ops without an x
+            forced = None
         for device, order in dispatch.PRIORITY.items():
             rows = []
             for family in dispatch.FAMILIES:
@@ -117,11 +131,14 @@ def backends() -> BackendReport:
                     reason = f"kernel runs on {'/'.join(backend.devices)} only"
                 else:
                     reason = dispatch.unavailable_reason(family, device)
-                if reason is None and family not in order:
+                if reason is None and family not in order and family != forced:
                     reason = "used only when forced on this device"
                 rows.append((family, reason, backend.source if backend else ""))
             usable = [f for f, reason, _ in rows if reason is None]
-            first = min(usable, key=order.index) if usable else None
+            if forced is not None:   # dispatch.choose's rule 1 (an error if it cannot run)
+                first = forced
+            else:
+                first = min(usable, key=order.index) if usable else None
             report.extend(BackendStatus(op, f, device, reason, f == first, src)
                           for f, reason, src in rows)
     return report

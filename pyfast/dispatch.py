@@ -18,12 +18,11 @@ The rule, for an op called on a tensor of device type D:
 """
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import functools
 import os
-import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,7 +85,10 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
-_FORCED = threading.local()
+# The use_backend blocks in force, innermost last: a tuple per context (a thread, an
+# asyncio task), so concurrent tasks do not see each other's blocks.
+_FORCED: contextvars.ContextVar[Tuple[Dict[str, str], ...]] = contextvars.ContextVar(
+    "pyfast_forced_backends", default=())
 
 
 class BackendUnavailableError(RuntimeError):
@@ -140,10 +142,10 @@ def _why_not(backend: Optional[Backend], device_type: str, args) -> Optional[str
 
 @functools.lru_cache(maxsize=16)   # read on every call; parsed once per distinct value
 def _parse_env(value: str) -> Dict[str, str]:
-    """PYFAST_BACKEND="reference" or "int8_mm=cpp,int4_mm=reference"."""
+    """PYFAST_BACKEND="reference" or "int8_mm=cpp, int4_mm = reference"."""
     forced: Dict[str, str] = {}
     for part in filter(None, (p.strip() for p in value.split(","))):
-        op, _, fam = part.rpartition("=")
+        op, _, fam = (t.strip() for t in part.rpartition("="))
         if fam not in FAMILIES:
             raise ValueError(f"PYFAST_BACKEND names backend {fam!r}; accepted: {', '.join(FAMILIES)}")
         if op and op not in _REGISTRY.kernels:
@@ -154,13 +156,11 @@ def _parse_env(value: str) -> Dict[str, str]:
 
 def _forced_for(op: str) -> Tuple[Optional[str], bool]:
     """(family, strict): strict when the op was named, not just the global '*'."""
-    stack = getattr(_FORCED, "stack", None)
+    blocks = _FORCED.get()
     env = os.environ.get("PYFAST_BACKEND", "")
-    if not stack and not env:   # the common case, on every op call: nothing forced
+    if not blocks and not env:   # the common case, on every op call: nothing forced
         return None, False
-    layers = list(stack) if stack else []
-    if env:
-        layers.insert(0, _parse_env(env))
+    layers = ((_parse_env(env),) if env else ()) + blocks
     for forced in reversed(layers):
         if op in forced:
             return forced[op], True
@@ -169,32 +169,55 @@ def _forced_for(op: str) -> Tuple[Optional[str], bool]:
     return None, False
 
 
-@contextlib.contextmanager
-def use_backend(family: Optional[str] = None, **per_op: str) -> Iterator[None]:
-    """Force backends inside a `with` block (this thread only).
+_IN_COMPILE = ("pyfast.use_backend inside a torch.compile'd function would only hold while "
+               "Dynamo traces it; put the with block around the compiled call instead")
+
+
+def _not_traced(fn):
+    """fn as a graph break for Dynamo (with fullgraph=True an error giving _IN_COMPILE)."""
+    try:
+        return torch.compiler.disable(fn, reason=_IN_COMPILE)
+    except TypeError:   # torch before 2.7: no reason=
+        return torch.compiler.disable(fn)
+
+
+class use_backend:
+    """Force backends inside a `with` block (this thread, or this asyncio task, only).
 
     use_backend("reference")            every op that has a reference kernel uses it
     use_backend("triton")               ops with a Triton kernel must use it (error if it
                                         cannot run the call); ops without one follow the rule
     use_backend(int8_mm="cpp")          int8_mm must use the C++ kernel
-    """
-    forced: Dict[str, str] = {}
-    if family is not None:
-        forced["*"] = family
-    forced.update(per_op)
-    for op, fam in forced.items():
-        if fam not in FAMILIES:
-            raise ValueError(f"backend {fam!r} for {op!r} is not one of {', '.join(FAMILIES)}")
-        if op != "*" and op not in _REGISTRY.kernels:
-            raise ValueError(f"use_backend got unknown op {op!r}; ops: {', '.join(ops())}")
-    stack = getattr(_FORCED, "stack", None)
-    if stack is None:
-        stack = _FORCED.stack = []
-    stack.append(forced)
-    try:
-        yield
-    finally:
-        stack.pop()
+
+    Outside the function that torch.compile compiles, not inside it: Dynamo would run
+    the block's entry and exit while tracing, and the compiled code would run the
+    default kernels, so inside a compiled function it raises (a graph break, or an error
+    with fullgraph=True). A block removes only its own entry on exit, so a generator
+    that leaves its block after its caller entered another one leaves the caller's."""
+
+    def __init__(self, family: Optional[str] = None, **per_op: str) -> None:
+        forced: Dict[str, str] = {}
+        if family is not None:
+            forced["*"] = family
+        forced.update(per_op)
+        for op, fam in forced.items():
+            if fam not in FAMILIES:
+                raise ValueError(f"backend {fam!r} for {op!r} is not one of {', '.join(FAMILIES)}")
+            if op != "*" and op not in _REGISTRY.kernels:
+                raise ValueError(f"use_backend got unknown op {op!r}; ops: {', '.join(ops())}")
+        self._forced = forced
+        self._entered: List[Dict[str, str]] = []   # this object's entries, if re-entered
+
+    @_not_traced
+    def __enter__(self) -> None:
+        entry = dict(self._forced)   # a new object per entry: removed by identity on exit
+        self._entered.append(entry)
+        _FORCED.set(_FORCED.get() + (entry,))
+
+    @_not_traced
+    def __exit__(self, *exc) -> None:
+        entry = self._entered.pop()
+        _FORCED.set(tuple(f for f in _FORCED.get() if f is not entry))
 
 
 # --- the rule ---------------------------------------------------------------------

@@ -663,7 +663,8 @@ def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric int8 with one calibrated scale: x [M, K] -> (int8 [M, K], float32 [M]).
 
     The [M] scales are `scale` repeated (NaN for a row holding a NaN), ready for int8_mm.
-    scale must be positive and finite; this wrapper checks it (one host sync), the op
+    scale must be positive and finite; this wrapper checks it (one host sync; not on
+    meta tensors or while torch.compile traces), the op
     itself does not, so a layer checks its scale once when it is made."""
     _check_quantize_static(x, scale)
     check_static_scale("scale", scale)
@@ -671,6 +672,11 @@ def quantize_static(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def check_static_scale(name: str, scale: Tensor) -> None:
+    # Not on meta tensors (no value) nor while torch.compile traces (reading the value on
+    # the host would be a data-dependent guard): a layer checks its scale when it is made
+    # or loaded, so compiled layers are covered.
+    if scale.device.type == "meta" or torch.compiler.is_compiling():
+        return
     value = float(scale.detach().reshape(-1)[0])
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"{name} must be a positive finite float32, got {value} "

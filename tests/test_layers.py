@@ -212,6 +212,10 @@ def test_layer_input_errors():
     with pytest.raises(TypeError, match="values are torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float16))
     assert layer.to(torch.float16)(torch.randn(2, 8, dtype=torch.float16)).dtype == torch.float16
+    for bad in (torch.float64, torch.int64):   # advice to call layer.to(bad) would be refused
+        with pytest.raises(TypeError, match=rf"input has dtype {bad}; accepted: float32, "
+                                            "float16, bfloat16"):
+            layer(torch.ones(2, 8, dtype=bad))
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "2:4"])

@@ -128,6 +128,18 @@ def test_quantize_static_rejects_bad_scale(bad):
         ops.quantize_static(torch.randn(2, 4), torch.tensor([bad]))
 
 
+def test_quantize_static_wrapper_on_meta_and_compiled():
+    """The wrapper's host read of the scale failed on meta tensors (Tensor.item) and under
+    torch.compile(fullgraph=True) (a data-dependent guard); it is skipped there."""
+    x, scale = torch.randn(3, 8), torch.tensor([0.05])
+    q, s = ops.quantize_static(x.to("meta"), scale.to("meta"))
+    assert q.shape == (3, 8) and q.dtype == torch.int8 and s.shape == (3,)
+    torch._dynamo.reset()
+    got = torch.compile(ops.quantize_static, fullgraph=True)(x, scale)
+    for g, e in zip(got, ops.quantize_static(x, scale)):
+        assert torch.equal(g, e)
+
+
 # --- int8_mm -----------------------------------------------------------------------------
 
 def _int8(shape, device):

@@ -168,6 +168,18 @@ def test_bfloat16_weights_upcast():
     check(out, x, values, meta, b, w64, torch.bfloat16, "bf16 via float32")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="Triton runs CPU tensors only in the interpreter")
+def test_bfloat16_on_cpu_is_refused():
+    """Forced onto the interpreter, bfloat16 gave garbage (1e10 where the reference gives
+    about 1); like the other Triton ops, the backend now says it cannot take it."""
+    x, values, meta, b, _ = make_case(3, 100, 33, torch.bfloat16, True, device="cpu")
+    assert "bfloat16" in sparse24.supports_sparse24_mm(x, values, meta, b)
+    assert sparse24.supports_sparse24_mm(x.half(), values.half(), meta, b.half()) is None
+    with pytest.raises(pyfast.BackendUnavailableError, match="interpreter"):
+        with pyfast.use_backend(sparse24_mm="triton"):
+            torch.ops.pyfast.sparse24_mm(x, values, meta, b)
+
+
 def test_float32_is_not_tf32():
     """input_precision='ieee': float32 stays float32-accurate (TF32 keeps 10 bits)."""
     x, values, meta, b, w64 = make_case(17, 256, 33, torch.float32, False)

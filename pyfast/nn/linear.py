@@ -479,6 +479,8 @@ class Sparse24Linear(_CompressedLinear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = self._flat(x)
         if x2.dtype != self.values.dtype:
+            if x2.dtype not in chk.FLOAT_DTYPES:   # layer.to(x.dtype) would be refused too
+                chk.tensor("input", x2, dtypes=chk.FLOAT_DTYPES)
             raise TypeError(f"input has dtype {x2.dtype} but this layer's values are "
                             f"{self.values.dtype}; call layer.to({x2.dtype}) or cast the input")
         op = torch.ops.pyfast.sparse24_mm_tc if self.layout == "tc" else torch.ops.pyfast.sparse24_mm

@@ -1,0 +1,122 @@
+"""Forcing backends (pyfast/dispatch.py use_backend, PYFAST_BACKEND) where the state is
+not one thread's plain with-blocks: asyncio tasks, generators, torch.compile, and what
+pyfast.backends() reports while a backend is forced."""
+import asyncio
+
+import pytest
+import torch
+
+import pyfast
+from pyfast import dispatch
+from test_ops import _spy_on
+
+OP = "quantize_per_token"
+
+
+def _chosen(op=OP):
+    return dispatch.choose(op, "cpu", (torch.randn(2, 4),)).family
+
+
+def test_asyncio_tasks_do_not_see_each_others_blocks():
+    """Two tasks in one thread, each inside its own block across an await: the forcing
+    was a per-thread list, so a task read the other's block (the top of the list) and
+    left by popping the other's."""
+    if dispatch.unavailable_reason("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    seen = {}
+
+    async def main():
+        b_entered, a_done = asyncio.Event(), asyncio.Event()
+
+        async def a():
+            with pyfast.use_backend(**{OP: "reference"}):
+                await b_entered.wait()
+                seen["a"] = _chosen()
+            a_done.set()
+
+        async def b():
+            with pyfast.use_backend(**{OP: "cpp"}):
+                b_entered.set()
+                await a_done.wait()
+                seen["b"] = _chosen()
+
+        await asyncio.gather(a(), b())
+
+    asyncio.run(main())
+    assert seen == {"a": "reference", "b": "cpp"}
+
+
+def test_a_generator_leaving_its_block_keeps_the_callers():
+    def gen():
+        with pyfast.use_backend(**{OP: "cuda"}):
+            yield
+
+    g = gen()
+    next(g)                                   # the generator's block is entered
+    with pyfast.use_backend(**{OP: "reference"}):
+        g.close()                             # ... and left inside the caller's block
+        assert _chosen() == "reference"
+    assert _chosen() == pyfast.backends().default(OP, "cpu")
+
+
+def test_one_object_entered_twice():
+    force = pyfast.use_backend(**{OP: "reference"})
+    with force:
+        with force:
+            assert _chosen() == "reference"
+        assert _chosen() == "reference"
+    assert _chosen() == pyfast.backends().default(OP, "cpu")
+
+
+def _compiled_case():
+    x = torch.randn(3, 64)
+    w = torch.randint(-5, 5, (8, 64), dtype=torch.int8)
+    s = torch.rand(8)
+
+    def f(x):
+        with pyfast.use_backend("reference"):
+            return torch.ops.pyfast.w8a8_mm(x, w, s)
+    return f, x
+
+
+def test_use_backend_inside_a_compiled_function_is_not_dropped(monkeypatch):
+    """Dynamo ran the block's entry and exit while tracing, so the compiled code ran the
+    default kernel; now the block is a graph break and holds at run time."""
+    calls = _spy_on(monkeypatch, "w8a8_mm", "reference")
+    torch._dynamo.reset()
+    f, x = _compiled_case()
+    out = torch.compile(f)(x)
+    assert calls == ["reference"]
+    torch.testing.assert_close(out, f(x), rtol=0, atol=0)
+
+
+def test_use_backend_inside_a_fullgraph_compile_is_an_error():
+    torch._dynamo.reset()
+    f, x = _compiled_case()
+    with pytest.raises(Exception, match="put the with block around the compiled call"):
+        torch.compile(f, fullgraph=True)(x)
+
+
+def test_the_report_follows_what_is_forced(monkeypatch):
+    """backends() marked the priority order's first with * while a forced backend ran."""
+    assert "forced now" not in str(pyfast.backends())
+    with pyfast.use_backend(**{OP: "reference"}):
+        report = pyfast.backends()
+        assert report.default(OP, "cpu") == "reference" == _chosen()
+        assert "forced now (the * follows it): use_backend {'quantize_per_token': " \
+               "'reference'}" in str(report)
+    monkeypatch.setenv("PYFAST_BACKEND", "reference")
+    report = pyfast.backends()
+    assert report.default(OP, "cpu") == "reference" == _chosen()
+    assert "PYFAST_BACKEND='reference'" in str(report)
+    # a global force skips ops without that family (as choose does)
+    monkeypatch.setenv("PYFAST_BACKEND", "triton")
+    assert "triton" not in dispatch.kernels("pack_int4")
+    assert pyfast.backends().default("pack_int4", "cpu") == \
+        dispatch.choose("pack_int4", "cpu", (torch.randn(4, 32), 32, True)).family
+
+
+def test_env_var_takes_spaces_around_the_equals_sign(monkeypatch):
+    monkeypatch.setenv("PYFAST_BACKEND", " int8_mm = reference , quantize_per_token= reference ")
+    assert _chosen() == "reference"
+    assert dispatch._forced_for("int8_mm") == ("reference", True)
