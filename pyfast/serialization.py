@@ -10,7 +10,10 @@ and the name, dtype and shape of each of its tensors.
 `load(model, path)` takes the model as built by its own code (its skeleton,
 best built under `torch.device("meta")` so no float weight is ever allocated),
 rebuilds each module of the manifest from its config on the meta device, checks
-that the manifest and the tensors agree, then assigns the file's tensors. Nothing
+that the manifest and the tensors agree and that each rebuilt module can stand where
+the skeleton has its layer (same kind and geometry; same or, after structured
+pruning, smaller sizes), then swaps them in and assigns the file's tensors, all or
+nothing: a refused file leaves the model as it was. Nothing
 is unpickled: the manifest is JSON and classes are looked up in a fixed registry
 (pyfast's layers, and a few torch layers rebuilt from their sizes), never
 imported by name from the file.
@@ -23,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from . import _torch_fastpath
 from .nn.linear import _dtype_from_name
@@ -96,9 +100,13 @@ def _key(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_pyfast_layer(mod: nn.Module) -> bool:
+    return _has_protocol(type(mod)) and type(mod).__module__.startswith(f"{__package__}.")
+
+
 def _describe(mod: nn.Module) -> Optional[Tuple[str, dict]]:
     """(class key, config) for a module the manifest records, else None."""
-    if _has_protocol(type(mod)) and type(mod).__module__.startswith(f"{__package__}."):
+    if _is_pyfast_layer(mod):
         return _key(type(mod)), mod.pyfast_config()
     for key, cls in _TORCH.items():
         if type(mod) is cls:
@@ -118,12 +126,24 @@ def _tensor_specs(mod: nn.Module) -> Dict[str, list]:
 # --- save -----------------------------------------------------------------------------------------
 
 def _check_saveable(model: nn.Module) -> None:
+    """Refuse masks that are not finished: the file would hold the mask and the unmasked
+    tensor under other names (weight_orig, weight_mask, parametrizations.weight.original)
+    than the model's, and would then fit no skeleton."""
     for name, mod in model.named_modules():
         if getattr(mod, "parametrizations", None):
             raise ValueError(
                 f"module {name or '<root>'!r} still has parametrizations "
                 f"({', '.join(mod.parametrizations.keys())}), e.g. pruning masks: make them "
                 "permanent first (pyfast.prune.finish(model)), then save")
+        masked = [h._tensor_name for h in mod._forward_pre_hooks.values()
+                  if isinstance(h, torch_prune.BasePruningMethod)]
+        if masked:
+            raise ValueError(
+                f"module {name or '<root>'!r} ({type(mod).__name__}) still has a "
+                f"torch.nn.utils.prune mask on {', '.join(masked)} ({masked[0]}_orig and "
+                f"{masked[0]}_mask): make it permanent first with "
+                f"torch.nn.utils.prune.remove(module, {masked[0]!r}) (or pyfast.swap(model) "
+                "for an nn.Linear), then save")
 
 
 def manifest(model: nn.Module) -> dict:
@@ -182,7 +202,8 @@ def save(model: nn.Module, path, *, metadata: Optional[Dict[str, str]] = None) -
 # --- load -----------------------------------------------------------------------------------------
 
 def read_manifest(path) -> dict:
-    """The manifest of a pyfast file (ValueError if the file has none)."""
+    """The manifest of a pyfast file; ValueError if the file has none or if it is not
+    the structure pyfast.save writes (a hand-edited or corrupt manifest)."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -190,11 +211,58 @@ def read_manifest(path) -> dict:
     if _MANIFEST_KEY not in meta:
         raise ValueError(f"{os.fspath(path)!r} has no pyfast manifest: it was not written by "
                          "pyfast.save (a plain safetensors file loads with load_state_dict)")
-    man = json.loads(meta[_MANIFEST_KEY])
+    try:
+        man = json.loads(meta[_MANIFEST_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{os.fspath(path)!r}: its pyfast manifest is not valid JSON "
+                         f"({err})") from err
+    if not isinstance(man, dict):
+        raise ValueError(f"{os.fspath(path)!r}: its pyfast manifest is a JSON "
+                         f"{type(man).__name__}; pyfast.save writes an object")
     if man.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} has manifest format {man.get('format')!r}; "
                          f"this pyfast reads {FORMAT!r}")
+    _check_manifest_structure(path, man)
     return man
+
+
+_ENTRY_FORM = "{'class': str, 'config': {...}, 'tensors': {name: [dtype, [sizes]]}}"
+
+
+def _check_manifest_structure(path, man: dict) -> None:
+    modules = man.get("modules")
+    if not isinstance(modules, dict):
+        raise ValueError(f"{os.fspath(path)!r}: manifest 'modules' is {_short(modules)}; "
+                         "accepted: an object mapping module names to " + _ENTRY_FORM)
+    for name, entry in modules.items():
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise ValueError(f"{os.fspath(path)!r}: manifest entry for module {name!r}: "
+                             f"{problem}; accepted: {_ENTRY_FORM}")
+    skipped = man.get("skipped", {})
+    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
+        raise ValueError(f"{os.fspath(path)!r}: manifest 'skipped' is {_short(skipped)}; "
+                         "accepted: an object mapping layer names to reasons (strings)")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _entry_problem(entry) -> Optional[str]:
+    """What is wrong with one manifest entry's structure, or None."""
+    if not isinstance(entry, dict):
+        return f"it is {_short(entry)}"
+    for key, kind in (("class", str), ("config", dict), ("tensors", dict)):
+        if not isinstance(entry.get(key), kind):
+            return f"{key!r} is {_short(entry.get(key))}"
+    for tname, spec in entry["tensors"].items():
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list)
+                and all(type(d) is int and d >= 0 for d in spec[1])):
+            return f"tensor {tname!r} is {_short(spec)}, not [dtype, [sizes]]"
+    return None
 
 
 def _file_specs(path) -> Dict[str, list]:
@@ -251,7 +319,7 @@ def _adopt_float_dtypes(mod: nn.Module, listed: Dict[str, list]) -> None:
                 slots[name] = nn.Parameter(cast, t.requires_grad) if slots is sub._parameters else cast
 
 
-def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
+def _build(path, name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
     cls_key = entry["class"]
     if cls_key in _TORCH:
         build = _torch_from_config(_TORCH[cls_key])
@@ -260,53 +328,143 @@ def _build(name: str, entry: dict, registry: Dict[str, type]) -> nn.Module:
     else:
         raise ValueError(f"module {name!r}: class {cls_key!r} is not a pyfast layer or a torch "
                          "layer pyfast rebuilds; accepted: " + ", ".join(sorted([*_TORCH, *registry])))
-    mod = build(entry["config"], device="meta")
+    try:
+        mod = build(entry["config"], device="meta")
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"{os.fspath(path)!r}: module {name!r} ({cls_key}) cannot be built "
+                         f"from its config {entry['config']}: {err}") from err
     _adopt_float_dtypes(mod, entry["tensors"])
     built = _tensor_specs(mod)
     if built != entry["tensors"]:
-        raise ValueError(f"module {name!r} ({cls_key}): its config {entry['config']} gives tensors "
-                         f"{built}, but the manifest lists {entry['tensors']}: manifest and tensors "
-                         "disagree")
+        raise ValueError(f"{os.fspath(path)!r}: module {name!r} ({cls_key}): its config "
+                         f"{entry['config']} gives tensors {built}, but the manifest lists "
+                         f"{entry['tensors']}: manifest and tensors disagree")
     return mod
 
 
 def _same_structure(old: nn.Module, entry: dict) -> bool:
+    """Whether the skeleton's module takes the file's tensors as it is. A torch layer that
+    differs only in dtype does: load_state_dict(assign=True) gives it the file's tensors
+    (and dtype) while the module object, its hooks and requires_grad flags stay."""
     described = _describe(old)
-    return described is not None and described[0] == entry["class"] and \
-        described[1] == entry["config"]
+    if described is None or described[0] != entry["class"]:
+        return False
+    if entry["class"] in _TORCH:
+        return _without(described[1], "dtype") == _without(entry["config"], "dtype")
+    return described[1] == entry["config"]
 
 
-def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
-    """Rebuild model's compressed layers from a pyfast.save file and load every tensor.
+def _without(config: dict, *keys: str) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
 
-    model: the architecture as its code builds it; build it under
-    `with torch.device("meta"):` so that no float weight is allocated. Returns model,
-    on `device`. Raises ValueError if the manifest and tensors disagree, if the file
-    names a class outside the registry, or if a tensor of the model is not in the file.
-    """
-    from safetensors.torch import load_file
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    man = read_manifest(path)
-    _check_agreement(path, man, _file_specs(path))
+# --- which skeleton modules a file's module may replace ------------------------------------------
+
+_SIZES = {"linear": ("in_features", "out_features"), "conv": ("in_channels", "out_channels"),
+          "BatchNorm1d": ("num_features",), "BatchNorm2d": ("num_features",)}
+
+
+def _layer_kind(mod: nn.Module) -> Optional[str]:
+    """"linear", "conv", "BatchNorm1d/2d", or None for a module no compression replaces."""
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return "BatchNorm1d" if isinstance(mod, nn.BatchNorm1d) else "BatchNorm2d"
+    if not isinstance(mod, (nn.Linear, nn.Conv2d)) and not _is_pyfast_layer(mod):
+        return None
+    if hasattr(mod, "in_channels"):   # before in_features: QuantConv2d has both (K of im2col)
+        return "conv"
+    return "linear" if hasattr(mod, "in_features") else None
+
+
+def _settings(mod: nn.Module, kind: str) -> dict:
+    """What a replacement must keep besides the sizes: a torch layer's whole config (less
+    sizes and dtype), else a conv's geometry (LowRankConv2d keeps it in `geometry`)."""
+    if type(mod) in _TORCH.values():
+        return _without(_torch_config(mod), "dtype", *_SIZES[kind])
+    if kind != "conv":
+        return {}
+    geo = getattr(mod, "geometry", None) or {k: getattr(mod, k) for k in
+                                             ("kernel_size", "stride", "dilation")}
+    return {**{k: list(geo[k]) for k in ("kernel_size", "stride", "dilation")},
+            "groups": getattr(mod, "groups", 1)}
+
+
+def _fit_problem(old: nn.Module, new: nn.Module) -> Optional[str]:
+    """Why `new` (from the file) cannot stand where the skeleton has `old`, or None.
+    Compressions replace a layer by one made from it, with its sizes; structured
+    pruning (pyfast.prune.structured) only removes channels, so a smaller size fits."""
+    kind, new_kind = _layer_kind(old), _layer_kind(new)
+    if kind is None:
+        return f"{type(old).__name__} is not a layer that a compression replaces"
+    if kind != new_kind:
+        return f"the model's layer is {kind}, the file's {new_kind or type(new).__name__}"
+    old_set, new_set = _settings(old, kind), _settings(new, kind)
+    differ = {k: (old_set[k], new_set[k]) for k in old_set.keys() & new_set.keys()
+              if old_set[k] != new_set[k]}
+    if differ:
+        return "settings differ (model, file): " + ", ".join(f"{k} {v[0]} vs {v[1]}"
+                                                              for k, v in sorted(differ.items()))
+    larger = [f"{k} {getattr(new, k)} > {getattr(old, k)}" for k in _SIZES[kind]
+              if getattr(new, k) > getattr(old, k)]
+    return ("the file's layer is larger: " + ", ".join(larger)) if larger else None
+
+
+def _check_fits(path, name: str, old: nn.Module, new: nn.Module, cls_key: str) -> None:
+    problem = _fit_problem(old, new)
+    if problem is not None:
+        raise ValueError(
+            f"{os.fspath(path)!r} does not fit this model at module {name!r}: the model has "
+            f"{type(old).__name__}({old.extra_repr()}), the file {cls_key} ({new.extra_repr()}); "
+            f"{problem}. pyfast.load replaces an nn.Linear / nn.Conv2d / BatchNorm or pyfast "
+            "layer only by a layer of the same kind and geometry, with the same sizes or "
+            "smaller ones (structured pruning)")
+
+
+# --- load: every replacement built and checked first, then swapped in all or nothing --------------
+
+def _outer(planned: Dict[str, nn.Module], name: str) -> Optional[str]:
+    return next((p for p in planned if name.startswith(p + ".")), None)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, new)
+
+
+def _current(model: nn.Module, planned: Dict[str, nn.Module], name: str) -> nn.Module:
+    """The module at `name` once the planned replacements are in."""
+    outer = _outer(planned, name)
+    try:
+        if outer is None:
+            return model.get_submodule(name)
+        return planned[outer].get_submodule(name[len(outer) + 1:])
+    except AttributeError as exc:
+        raise ValueError(f"the file has module {name!r} but the model has no such "
+                         f"submodule ({exc})") from exc
+
+
+def _plan(model: nn.Module, path, man: dict) -> Dict[str, nn.Module]:
+    """The replacement for each name of the model, built and checked, the model untouched.
+    A module under a replacement (a low-rank pair's quantized factor) goes into it."""
     registry = _pyfast_classes()
+    planned: Dict[str, nn.Module] = {}
     for name, entry in man["modules"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"the file has module {name!r} but the model has no such "
-                             f"submodule ({exc})") from exc
+        old = _current(model, planned, name)
         if _same_structure(old, entry):
             continue
-        new = _build(name, entry, registry)
         if name == "":
             raise ValueError("the file's root module is a compressed layer; wrap it in a "
                              "container (e.g. nn.Sequential) as pyfast.quantize requires")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-        _torch_fastpath.keep_off(model, name, new)
-    tensors = load_file(os.fspath(path), device=str(device))
+        new = _build(path, name, entry, registry)
+        _check_fits(path, name, old, new, entry["class"])
+        outer = _outer(planned, name)
+        if outer is None:
+            planned[name] = new
+        else:
+            _set_submodule(planned[outer], name[len(outer) + 1:], new)
+    return planned
+
+
+def _assign(model: nn.Module, path, tensors: Dict[str, Tensor]) -> None:
     try:   # the layers check values their kernels assume (a 2:4 meta byte's idx0 < idx1)
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:
@@ -319,6 +477,50 @@ def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
     if still_meta:
         raise ValueError(f"after loading, these tensors have no data (they are not saved in "
                          f"the file, e.g. non-persistent buffers of a meta skeleton): {still_meta[:8]}")
+
+
+def _snapshot(model: nn.Module) -> list:
+    """Each module's child, parameter and buffer slots: what swapping modules in and
+    load_state_dict(assign=True) change (they put new objects there, never write into
+    the old tensors)."""
+    return [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+
+def _restore(snapshot: list) -> None:
+    for mod, *saved in snapshot:
+        for slots, old in zip((mod._modules, mod._parameters, mod._buffers), saved):
+            slots.clear()
+            slots.update(old)
+
+
+def load(model: nn.Module, path, *, device="cpu") -> nn.Module:
+    """Rebuild model's compressed layers from a pyfast.save file and load every tensor.
+
+    model: the architecture as its code builds it; build it under
+    `with torch.device("meta"):` so that no float weight is allocated. Returns model,
+    on `device`. Raises ValueError if the manifest and tensors disagree, if the file
+    names a class outside the registry, if a module of the file cannot stand where the
+    model has another (another kind, geometry or larger sizes), or if a tensor of the
+    model is not in the file; a refused file leaves the model as it was.
+    """
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    man = read_manifest(path)
+    _check_agreement(path, man, _file_specs(path))
+    planned = _plan(model, path, man)
+    tensors = load_file(os.fspath(path), device=str(device))
+    before = _snapshot(model)
+    try:
+        for name, new in planned.items():
+            _set_submodule(model, name, new)
+        _assign(model, path, tensors)
+    except BaseException:
+        _restore(before)   # all or nothing: a half-loaded live model would be broken
+        raise
+    for name, new in planned.items():
+        _torch_fastpath.keep_off(model, name, new)
     model.pyfast_skipped = dict(man.get("skipped", {}))
     return model.to(device)
 

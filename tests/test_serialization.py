@@ -117,17 +117,23 @@ def test_reshaped_torch_layers_are_rebuilt(tmp_path):
     assert loaded.pyfast_skipped == {"4": "kept for accuracy"}
 
 
+def _conv_bn(channels):
+    return nn.Sequential(nn.Conv2d(3, channels, (3, 1), stride=2, padding=(1, 0), bias=False),
+                         nn.BatchNorm2d(channels), nn.Flatten(), nn.Linear(channels * 16, 2))
+
+
 def test_conv_and_batchnorm_are_rebuilt(tmp_path):
+    """Fewer channels than the skeleton (as pyfast.prune.structured leaves them): the
+    Conv2d, BatchNorm2d and Linear are rebuilt with the file's sizes."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 5, (3, 1), stride=2, padding=(1, 0), bias=False),
-                          nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 4 * 4, 2))
+    model = _conv_bn(5)
     model(torch.randn(4, 3, 8, 8))            # running stats move away from their defaults
     model.eval()
     pyfast.save(model, tmp_path / "m.safetensors")
     with torch.device("meta"):
-        skeleton = nn.Sequential(nn.Conv2d(3, 9, 3), nn.BatchNorm2d(9), nn.Flatten(),
-                                 nn.Linear(7, 2))
+        skeleton = _conv_bn(9)
     loaded = pyfast.load(skeleton, tmp_path / "m.safetensors").eval()
+    assert loaded[0].out_channels == 5 and loaded[1].num_features == 5
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model(x))
 
@@ -281,3 +287,196 @@ def test_refuses_a_2_4_meta_byte_outside_the_format(tmp_path, how):
     with pytest.raises(ValueError, match=r"(?s)bad.safetensors.*at '2.': " + where
                        + r" is not a 2:4 index pair"):
         pyfast.load(_mlp(), bad)
+
+
+# --- load checks that each module of the file fits the skeleton's --------------------------------
+
+def _two_linears():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+class _ConvAndEmbedding(nn.Module):
+    """Another architecture with modules named "0" and "2" (as _two_linears's)."""
+
+    def __init__(self, first: nn.Module):
+        super().__init__()
+        self.add_module("0", first)
+        self.add_module("2", nn.Embedding(50, 10))
+
+
+def _file_of(tmp_path, model):
+    path = tmp_path / "file.safetensors"
+    pyfast.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("file_model,skeleton,msg", [
+    (lambda: pyfast.quantize(_two_linears(), "int8"),
+     lambda: _ConvAndEmbedding(nn.Conv2d(3, 8, 3)),
+     r"module '0': the model has Conv2d\(3, 8, kernel_size=\(3, 3\).*the file "
+     r"pyfast.nn.linear.Int8Linear \(in_features=32.*the model's layer is conv, the "
+     r"file's linear"),
+    (lambda: pyfast.quantize(_two_linears(), "int8"),
+     lambda: _ConvAndEmbedding(nn.Linear(32, 64)),
+     r"module '2': the model has Embedding\(50, 10\).*Embedding is not a layer that a "
+     r"compression replaces"),
+    (lambda: _mlp(32, 64, 10), lambda: _mlp(8, 16, 3),
+     r"module '0': the model has Linear\(in_features=8, out_features=16.*the file "
+     r"torch.nn.Linear.*larger: in_features 32 > 8, out_features 64 > 16"),
+    (lambda: pyfast.quantize(_mlp(32, 64, 10), "int4", group_size=32), lambda: _mlp(32, 48, 10),
+     r"module '0'.*Int4Linear.*larger: out_features 64 > 48"),
+    (lambda: _conv_bn(5), lambda: nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)),
+     r"module '0'.*settings differ \(model, file\): bias True vs False, kernel_size \[3, 3\] "
+     r"vs \[3, 1\], padding \[0, 0\] vs \[1, 0\], stride \[1, 1\] vs \[2, 2\]"),
+    (lambda: pyfast.quantize(_conv_net(), "int8"),
+     lambda: nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10)),
+     r"module '0'.*QuantConv2d.*kernel_size \[5, 5\] vs \[3, 3\]"),
+    (lambda: _conv_bn(5), lambda: nn.Sequential(_conv_bn(5)[0], nn.BatchNorm1d(5)),
+     r"module '1'.*the model's layer is BatchNorm1d, the file's BatchNorm2d"),
+], ids=["conv-for-linear", "embedding", "larger-linear", "larger-int4", "conv-geometry",
+        "quantconv-geometry", "batchnorm-kind"])
+def test_refuses_a_module_the_file_cannot_replace(tmp_path, file_model, skeleton, msg):
+    """load rebuilt any module of the file over whatever the skeleton had at that name
+    (a Conv2d and an Embedding became Int8Linear; an 8->16->3 MLP became 32->64->10)."""
+    torch.manual_seed(0)
+    path = _file_of(tmp_path, file_model())
+    with torch.device("meta"):
+        model = skeleton()
+    with pytest.raises(ValueError, match=r"file.safetensors' does not fit this model at " + msg):
+        pyfast.load(model, path)
+
+
+@pytest.mark.parametrize("skeleton", [lambda: _mlp(32, 64, 10),
+                                      lambda: pyfast.quantize(_mlp(32, 64, 10), "int8")])
+def test_a_compressed_layer_replaces_a_layer_of_its_sizes(tmp_path, skeleton):
+    torch.manual_seed(0)
+    model = pyfast.quantize(_mlp(32, 64, 10), "int4", group_size=32)
+    loaded = pyfast.load(skeleton(), _file_of(tmp_path, model))
+    assert isinstance(loaded[0], pyfast.nn.Int4Linear)
+    x = torch.randn(3, 32)
+    assert torch.equal(loaded(x), model(x))
+
+
+def _live_int8_file(tmp_path):
+    torch.manual_seed(0)
+    return _file_of(tmp_path, pyfast.quantize(_mlp(32, 16, 4), "int8"))
+
+
+def _with_extra_layer(tmp_path, live):
+    live.add_module("5", nn.Linear(4, 4))      # refused once the layers are rebuilt
+    return _live_int8_file(tmp_path)
+
+
+def _with_unknown_second_class(tmp_path, live):
+    bad = tmp_path / "bad.safetensors"        # refused while building layer "2"
+    _rewrite(_live_int8_file(tmp_path), bad, edit_manifest=lambda m: m["modules"]["2"].update(
+        {"class": "pyfast.nn.linear.FutureLinear"}))
+    return bad
+
+
+def _with_bad_value(tmp_path, live):
+    torch.manual_seed(0)                      # refused by load_state_dict (a 2:4 meta byte)
+    path, bad = _file_of(tmp_path, pyfast.sparsify(_mlp(32, 16, 4), "2:4")), tmp_path / "bad.st"
+    _rewrite(path, bad, edit_tensors=lambda t: t["2.meta"].__setitem__((3, 1), 0x05))
+    return bad
+
+
+@pytest.mark.parametrize("refused_file", [_with_extra_layer, _with_unknown_second_class,
+                                          _with_bad_value])
+def test_a_refused_load_leaves_the_model_as_it_was(tmp_path, refused_file):
+    """Modules were swapped in one at a time: a file refused later left the live model
+    with meta-device layers that fail on every call."""
+    torch.manual_seed(2)
+    live = _mlp(32, 16, 4)
+    path = refused_file(tmp_path, live)
+    modules = dict(live.named_modules())
+    state = live.state_dict(keep_vars=True)
+    x = torch.randn(2, 32)
+    want = live(x)
+    with pytest.raises(ValueError):
+        pyfast.load(live, path)
+    assert dict(live.named_modules()).items() == modules.items()
+    after = live.state_dict(keep_vars=True)
+    assert after.keys() == state.keys() and all(after[k] is state[k] for k in state)
+    assert torch.equal(live(x), want)
+
+
+def test_a_file_of_another_dtype_keeps_the_skeletons_modules(tmp_path):
+    """A float16 file replaced the float32 skeleton's nn.Linear objects (their config names
+    the dtype), losing hooks, frozen flags and outside references to them."""
+    torch.manual_seed(0)
+    model = _mlp(16, 16, 4).half()
+    path = _file_of(tmp_path, model)
+    skeleton = _mlp(16, 16, 4)
+    first, calls = skeleton[0], []
+    first.register_forward_hook(lambda *args: calls.append(1))
+    first.requires_grad_(False)
+    loaded = pyfast.load(skeleton, path)
+    assert loaded[0] is first
+    assert first.weight.dtype == torch.float16 and torch.equal(first.weight, model[0].weight)
+    assert not first.weight.requires_grad and not first.bias.requires_grad
+    x = torch.randn(2, 16, dtype=torch.float16)
+    assert torch.equal(loaded(x), model(x)) and calls == [1]
+
+
+# --- malformed manifests -----------------------------------------------------------------------
+
+def _write_manifest(src, out, text):
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out), metadata={"pyfast_manifest": text})
+
+
+def _edited(edit):
+    def text(man):
+        edit(man)
+        return json.dumps(man)
+    return text
+
+
+@pytest.mark.parametrize("make_text,msg", [
+    (lambda man: "{not json", "its pyfast manifest is not valid JSON"),
+    (lambda man: "[]", "its pyfast manifest is a JSON list; pyfast.save writes an object"),
+    (_edited(lambda m: m.pop("modules")), "manifest 'modules' is None; accepted: an object"),
+    (_edited(lambda m: m.update(modules=[1])), r"manifest 'modules' is \[1\]; accepted"),
+    (_edited(lambda m: m["modules"].update({"0": "x"})),
+     r"entry for module '0': it is 'x'; accepted: \{'class': str"),
+    (_edited(lambda m: m["modules"]["0"].pop("config")), r"module '0': 'config' is None"),
+    (_edited(lambda m: m["modules"]["0"]["tensors"].update(packed="x")),
+     r"module '0': tensor 'packed' is 'x', not \[dtype, \[sizes\]\]"),
+    (_edited(lambda m: m["modules"]["0"]["tensors"].update(packed=["uint8", [-1]])),
+     r"module '0': tensor 'packed' is \['uint8', \[-1\]\]"),
+    (_edited(lambda m: m.update(skipped=[1, 2])), r"manifest 'skipped' is \[1, 2\]; accepted"),
+    (_edited(lambda m: m["modules"]["0"]["config"].update(bogus=1)),
+     r"module '0' \(pyfast.nn.linear.Int4Linear\) cannot be built from its config .*'bogus': "
+     r"1\}: .*unexpected keyword argument 'bogus'"),
+    (_edited(lambda m: m["modules"]["2"].update({"class": "pyfast.nn.linear.Int8Linear"})),
+     r"module '2' \(pyfast.nn.linear.Int8Linear\) cannot be built from its config"),
+    (_edited(lambda m: m["modules"]["0"]["config"].update(orig_dtype="Tensor")),
+     r"module '0' .* cannot be built from its config .*unknown dtype name 'Tensor'"),
+], ids=["not-json", "list", "no-modules", "modules-list", "entry-str", "no-config",
+        "tensor-spec-str", "negative-size", "skipped-list", "unknown-config-key", "wrong-class",
+        "bad-dtype-name"])
+def test_refuses_a_malformed_manifest(int4_file, tmp_path, make_text, msg):
+    """A hand-edited or corrupt manifest gave raw AttributeError / KeyError / TypeError."""
+    with safe_open(str(int4_file), framework="pt") as f:
+        man = json.loads(f.metadata()["pyfast_manifest"])
+    bad = tmp_path / "bad.safetensors"
+    _write_manifest(int4_file, bad, make_text(man))
+    with pytest.raises(ValueError, match=r"bad.safetensors'?:? .*" + msg):
+        pyfast.load(_skeleton(), bad)
+
+
+def test_refuses_torch_prune_masks(tmp_path):
+    """A torch.nn.utils.prune mask was saved as weight_orig / weight_mask, and the file
+    then fitted no model ("missing from the file: ['0.weight']")."""
+    torch.manual_seed(0)
+    model = _mlp(16, 8, 4)
+    torch.nn.utils.prune.l1_unstructured(model[2], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"module '2' \(Linear\) still has a "
+                       r"torch.nn.utils.prune mask on weight \(weight_orig and weight_mask\).*"
+                       r"torch.nn.utils.prune.remove\(module, 'weight'\).*pyfast.swap\(model\)"):
+        pyfast.save(model, tmp_path / "m.safetensors")
+    torch.nn.utils.prune.remove(model[2], "weight")
+    loaded = pyfast.load(_mlp(16, 8, 4), _file_of(tmp_path, model))
+    assert torch.equal(loaded[2].weight, model[2].weight)
