@@ -3,8 +3,11 @@
 Each function walks the model, replaces every eligible layer by the pyfast
 layer for the format, and never converts a layer the kernels cannot take: it
 is left as it is, and the reason is kept in `model.pyfast_skipped` (shown by
-pyfast.summary) and reported once in a warning. quantize also takes nn.Conv2d
-(groups 1, zero padding) as a QuantConv2d: im2col + the same pyfast layer.
+pyfast.summary) and reported once in a warning. So is a layer that is already a pyfast
+layer (compressed, or prepared for QAT) unless it is what the call makes anyway, and a
+call whose include / exclude select no layer warns, naming the model's layers.
+quantize also takes nn.Conv2d (groups 1, zero padding) as a QuantConv2d: im2col + the
+same pyfast layer.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import prune as torch_prune
 
 from . import _checks as chk
@@ -21,7 +25,7 @@ from . import _torch_fastpath
 from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
 from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason
-from .nn.linear import _Int8LayoutLinear
+from .nn.linear import _CompressedLinear, _Int8LayoutLinear
 from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
 from .nn.sparse_int4 import Sparse24Int4Linear, unsupported_reason as s24i4_unsupported
 from .sparsity import is_24, magnitude_24_mask
@@ -55,8 +59,19 @@ def _matcher(spec: Filter, arg: str, default: bool) -> Callable[[str, nn.Module]
     return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _lazy_reason(mod: nn.Module) -> Optional[str]:
+    """Why an nn.LazyLinear / nn.LazyConv2d cannot be converted yet: its weight has no
+    shape until the first forward (converting it would fail on in_features 0)."""
+    if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
+        return f"uninitialized lazy layer ({type(mod).__name__}); run a forward first"
+    return None
+
+
 def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """None if a plain dense nn.Linear that a pyfast layer can stand in for."""
+    lazy = _lazy_reason(mod)   # first: the checks below read its (shapeless) weight
+    if lazy is not None:
+        return lazy
     if isinstance(parent, nn.MultiheadAttention):
         return "inside nn.MultiheadAttention, which reads .weight directly"
     if type(mod).forward is not nn.Linear.forward:
@@ -98,38 +113,144 @@ def shared_reason(names, chosen, doing: str) -> str:
             f"and {doing} it would change the others too")
 
 
+# A float layer of each kind that pyfast layers stand in for. A walk's is_target is asked
+# about them to learn which kinds it converts (quantize: both; sparsify, GPTQ: nn.Linear;
+# swap and prune.finish: neither, they convert particular layers only), so that it
+# reports the pyfast layers of those kinds only. On the meta device: never computed with.
+_KINDS = {"nn.Linear": nn.Linear(1, 1, device="meta"),
+          "nn.Conv2d": nn.Conv2d(1, 1, 1, device="meta")}
+
+
+def _qat_types() -> tuple:
+    # imported here: pyfast.quant.qat imports this module
+    from .quant.qat import QATConv2d, QATLinear
+    return QATLinear, QATConv2d
+
+
+def _kind(mod: nn.Module) -> Optional[str]:
+    """The _KINDS key of the float layer a pyfast layer stands in for (a compressed layer,
+    QuantConv2d, a QAT layer), None for any other module. A low-rank pair is none: its
+    factors are layers of their own, which quantize converts."""
+    qat_linear, qat_conv = _qat_types()
+    if isinstance(mod, (QuantConv2d, qat_conv)):
+        return "nn.Conv2d"
+    if isinstance(mod, (_CompressedLinear, qat_linear)):
+        return "nn.Linear"
+    return None
+
+
+def _inside(name: str, outer: set) -> bool:
+    """Whether a proper prefix of module name `name` is in `outer`."""
+    parts = name.split(".")
+    return name != "" and any(".".join(parts[:i]) in outer for i in range(len(parts)))
+
+
+def _pyfast_positions(model: nn.Module, is_target: Callable[[nn.Module], bool]) -> Dict[int, list]:
+    """positions() of the pyfast layers of a kind the walk converts, outermost only (a
+    QuantConv2d's inner layer is part of it), but for the targets: those the walk
+    converts itself (prune.finish converts masked QAT layers)."""
+    walked = _walked_kinds(is_target)
+    found = positions(model, lambda m: _kind(m) is not None)
+    outer = {n for _, names in found.values() for n in names}
+    kept = {}
+    for key, (mod, names) in found.items():
+        names = [n for n in names if not _inside(n, outer)]
+        if names and _kind(mod) in walked and not is_target(mod):
+            kept[key] = [mod, names]
+    return kept
+
+
+def _already_reason(mod: nn.Module) -> str:
+    """Why a walk leaves a pyfast layer as it is: it has no float weight left to convert."""
+    if isinstance(mod, _qat_types()):
+        return (f"QAT layer ({type(mod).__name__}, {mod._qat_repr()}); "
+                "pyfast.quant.convert_qat(model) makes it its pyfast layer")
+    return (f"already compressed ({type(mod).__name__}, {mod.format}); pyfast does not "
+            "compress a layer twice: start from the float model to compress it another way")
+
+
+def _walked_kinds(is_target: Callable[[nn.Module], bool]) -> list:
+    """The _KINDS keys of the float layers a walk converts."""
+    return [kind for kind, probe in _KINDS.items() if is_target(probe)]
+
+
+def _nothing_selected(include: Filter, exclude: Filter, names: list, what: str) -> str:
+    """The warning of a walk that selected no layer: the model has none of `what`, or
+    include/exclude (a typo?) select none of `names`."""
+    if not names:
+        return f"pyfast found no {what} in the model; nothing was converted"
+    given = " and ".join(f"{arg}={spec!r}" for arg, spec in
+                         (("include", include), ("exclude", exclude)) if spec is not None)
+    shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    verb = "select" if include is not None and exclude is not None else "selects"
+    return (f"{given} {verb} none of the model's {len(names)} {what} ({shown}); "
+            "nothing was converted")
+
+
 def _walk(model: nn.Module, include: Filter, exclude: Filter,
           convert: Callable[[str, nn.Module], Union[nn.Module, str, None]],
-          is_target: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear)) -> nn.Module:
+          is_target: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear),
+          already: Optional[Callable[[nn.Module], bool]] = None,
+          what: Optional[str] = None) -> nn.Module:
     """convert(name, module) once per target module the filters select, its result put at
     every place the module has. A shared module whose names the filters treat differently
-    is left as it is, with the reason."""
+    is left as it is, with the reason. So is a pyfast layer of a kind of layer the walk
+    converts (an Int8Linear, a QuantConv2d, a QAT layer) that the filters select, unless
+    already(layer) says it is what this call makes. If the filters select no layer, a
+    warning says so, naming the model's `what` (default: the kinds of layer it converts)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inc = _matcher(include, "include", True)
     exc = _matcher(exclude, "exclude", False)
-    parents = {id(c): m for m in model.modules() for c in m.children()}
+
+    def select(mod: nn.Module, names: list) -> list:
+        return [n for n in names if inc(n, mod) and not exc(n, mod)]
+
+    targets = positions(model, is_target)
+    done = _pyfast_positions(model, is_target)      # before the walk adds pyfast layers
     skipped: Dict[str, str] = dict(getattr(model, "pyfast_skipped", {}))
-    for mod, names in positions(model, is_target).values():
-        chosen = [n for n in names if inc(n, mod) and not exc(n, mod)]
+    selected = _convert_selected(model, targets, select, convert, skipped)
+    for mod, names in done.values():
+        chosen = select(mod, names)
+        selected = selected or bool(chosen)
+        if chosen and not (already is not None and already(mod)):
+            skipped[chosen[0] or "<root>"] = _already_reason(mod)
+    model.pyfast_skipped = skipped
+    if not selected:
+        found = [names[0] for _, names in [*targets.values(), *done.values()]]
+        kinds = _walked_kinds(is_target)
+        what = what or (f"{' / '.join(kinds)} layers" if kinds else "layers this call converts")
+        warnings.warn(_nothing_selected(include, exclude, found, what), stacklevel=3)
+    if skipped:
+        warnings.warn("pyfast left these layers as they were: "
+                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
+    return model
+
+
+def _convert_selected(model: nn.Module, targets: Dict[int, list], select, convert,
+                      skipped: Dict[str, str]) -> bool:
+    """_walk's conversion of its targets, the reasons for those left put in skipped;
+    whether the filters (select) chose any."""
+    parents = {id(c): m for m in model.modules() for c in m.children()}
+    selected = False
+    for mod, names in targets.values():
+        chosen = select(mod, names)
         if not chosen:
             continue
+        selected = True
         name = names[0]
         if len(chosen) < len(names):
             skipped[name or "<root>"] = shared_reason(names, chosen, "converting")
             continue
-        reason = _why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear) else None
+        reason = (_why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear)
+                  else _lazy_reason(mod))
         result = reason if reason is not None else convert(name, mod)
         if isinstance(result, str):
             skipped[name or "<root>"] = result
         elif result is not None and result is not mod:
             replace_module(model, names, result)
             skipped.pop(name, None)
-    model.pyfast_skipped = skipped
-    if skipped:
-        warnings.warn("pyfast left these layers as they were: "
-                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
-    return model
+    return selected
 
 
 def check_quant_args(method: str, group_size: int, symmetric: bool,
@@ -156,19 +277,23 @@ _NO_SYMMETRIC = {"int8": "int8 weights are always symmetric",
                  "binary": "binary weights are a sign times a mean-|w| scale"}
 
 
+def _not_taken(arg: str, value, call: str, why: str, applies: str) -> ValueError:
+    """The error for an argument that `call` has no use for, rather than ignore it."""
+    return ValueError(f"{arg}={value!r}: {call} does not take {arg} ({why}); "
+                      f"{arg} applies to {applies}")
+
+
 def _check_method_takes(method: str, group_size: Optional[int], symmetric) -> None:
     """ValueError if group_size (None: not given) or symmetric (default True) is set for a
     method that does not use it. Unknown methods pass: check_quant_args names them."""
     if method not in QUANT_METHODS:     # a tuple test: an unhashable method gets there too
         return
     if group_size is not None and method in _NO_GROUP_SIZE:
-        raise ValueError(f"group_size={group_size!r}: method {method!r} does not take "
-                         f"group_size ({_NO_GROUP_SIZE[method]}); group_size applies to "
+        raise _not_taken("group_size", group_size, f"method {method!r}", _NO_GROUP_SIZE[method],
                          "int4, int2 and binary")
     if symmetric is not True and method in _NO_SYMMETRIC:
-        raise ValueError(f"symmetric={symmetric!r}: method {method!r} does not take "
-                         f"symmetric ({_NO_SYMMETRIC[method]}); symmetric=False applies to "
-                         "int4 (and int2, always asymmetric)")
+        raise _not_taken("symmetric", symmetric, f"method {method!r}", _NO_SYMMETRIC[method],
+                         "int4 (int2 is always asymmetric)")
 
 
 # The layouts each quantize method's layer can store (besides "auto").
@@ -233,6 +358,9 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     group_size and symmetric are refused (ValueError) for a method that does not use
     them: group_size for int8 / int8-weight, symmetric=False for int8, int8-weight and
     binary (int2 groups are always asymmetric, so symmetric=False is what int2 does).
+    A layer that is already a pyfast layer is kept as it is: silently if it has the
+    format asked for (e.g. GPTQ's Int4Linear, when quantize then converts the convs),
+    else with the reason in model.pyfast_skipped (compress the float model instead).
     """
     _check_method_takes(method, group_size, symmetric)   # before group_size gets its default
     if group_size is None:
@@ -249,31 +377,58 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     def is_target(mod: nn.Module) -> bool:
         return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
 
+    def already(mod: nn.Module) -> bool:   # e.g. GPTQ's Int4Linear, then quantize the convs
+        return _quant_args_of(mod) == _quant_args(method, group_size, symmetric)
+
     with torch.no_grad():
-        return _walk(model, include, exclude, convert, is_target)
+        return _walk(model, include, exclude, convert, is_target, already)
+
+
+def _quant_args(method: str, group_size: Optional[int], symmetric) -> tuple:
+    """quantize's arguments that decide the format of its layers, the others as None."""
+    return (method, None if method in _NO_GROUP_SIZE else group_size,
+            symmetric if method == "int4" else None)
+
+
+def _quant_args_of(layer: nn.Module) -> Optional[tuple]:
+    """_quant_args of the quantize call that makes `layer` (QuantConv2d: its inner layer),
+    None for a layer quantize does not make."""
+    if isinstance(layer, QuantConv2d):
+        layer = layer.inner
+    kind = type(layer)      # exact: a StaticInt8Linear is an Int8Linear quantize does not make
+    if kind is Int4Linear:
+        return _quant_args("int4", layer.group_size, layer.symmetric)
+    if kind is LowBitLinear:
+        return _quant_args("int2" if layer.bits == 2 else "binary", layer.group_size, True)
+    method = {Int8Linear: "int8", Int8WeightOnlyLinear: "int8-weight"}.get(kind)
+    return None if method is None else _quant_args(method, None, True)
 
 
 SPARSE_VALUES = (None, "int4")
 
 
 def sparsify(model: nn.Module, pattern: str = "2:4", *, values: Optional[str] = None,
-             group_size: int = 128, symmetric: bool = True, include: Filter = None,
+             group_size: Optional[int] = None, symmetric: bool = True, include: Filter = None,
              exclude: Filter = None, layout: str = "auto") -> nn.Module:
     """Magnitude 2:4 pruning of each nn.Linear weight, in place; returns model.
 
     values: None keeps the kept weights in the layer's float dtype (Sparse24Linear);
     "int4" also quantizes them, group-wise int4 with group_size (32, 64, 128 or -1,
-    groups of dense columns) and symmetric as in quantize (Sparse24Int4Linear, about
-    3 bits per weight). Layers whose in_features the format cannot take are skipped
-    with the reason. layout: as in quantize ("tc": the order of the
-    sparse-tensor-core kernel, sparse24_mm_tc's metadata, or with values="int4"
-    sparse24_int4_mm_tc's codes and metadata)."""
+    groups of dense columns; None means 128) and symmetric as in quantize
+    (Sparse24Int4Linear, about 3 bits per weight). group_size and symmetric=False are
+    refused (ValueError) without values="int4", which alone uses them. Layers whose
+    in_features the format cannot take are skipped with the reason. layout: as in
+    quantize ("tc": the order of the sparse-tensor-core kernel, sparse24_mm_tc's
+    metadata, or with values="int4" sparse24_int4_mm_tc's codes and metadata)."""
     if pattern != "2:4":
         raise ValueError(f"pattern {pattern!r} is not supported; accepted: '2:4'")
     if values not in SPARSE_VALUES:
         raise ValueError(f"values {values!r} is not supported; accepted: None (float "
                          "values) or 'int4'")
     _layout.check(layout, accepted=("canonical", "tc"), what="sparsify")
+    _check_values_take(values, group_size, symmetric)
+    if group_size is None:
+        group_size = 128
     if values == "int4":
         check_quant_args("int4", group_size, symmetric)
 
@@ -286,8 +441,27 @@ def sparsify(model: nn.Module, pattern: str = "2:4", *, values: Optional[str] = 
             return f"in_features {lin.in_features} is not a multiple of 4 (2:4)"
         return Sparse24Linear.from_linear(lin, prune=True, layout=layout)
 
+    def already(mod: nn.Module) -> bool:    # what this call makes: left without a note
+        if values is None:
+            return type(mod) is Sparse24Linear
+        return (type(mod) is Sparse24Int4Linear
+                and (mod.group_size, mod.symmetric) == (group_size, symmetric))
+
     with torch.no_grad():
-        return _walk(model, include, exclude, convert)
+        return _walk(model, include, exclude, convert, already=already)
+
+
+def _check_values_take(values: Optional[str], group_size: Optional[int], symmetric) -> None:
+    """As _check_method_takes for sparsify: float values (values=None) quantize nothing."""
+    if values is not None:
+        return
+    why = "the kept weights stay in the layer's float dtype"
+    if group_size is not None:
+        raise _not_taken("group_size", group_size, "sparsify with values=None", why,
+                         "values='int4'")
+    if symmetric is not True:
+        raise _not_taken("symmetric", symmetric, "sparsify with values=None", why,
+                         "values='int4'")
 
 
 _TC_LAYERS = (Int4Linear, Sparse24Linear, Sparse24Int4Linear)   # layouts "canonical", "tc"
@@ -374,7 +548,9 @@ def swap(model: nn.Module, *, include: Filter = None, exclude: Filter = None) ->
         return Sparse24Linear.from_linear(mod)
 
     with torch.no_grad():
-        return _walk(model, include, exclude, convert, is_target)
+        return _walk(model, include, exclude, convert, is_target,
+                     what="layers pruned by torch.nn.utils.prune or quantized by torch.ao "
+                          "quantize_dynamic")
 
 
 __all__ = ["quantize", "sparsify", "swap", "magnitude_24_mask"]
