@@ -67,6 +67,13 @@ def _lazy_reason(mod: nn.Module) -> Optional[str]:
     return None
 
 
+def torch_pruned(mod: nn.Module) -> list:
+    """The names of mod's tensors pruned with torch.nn.utils.prune (its forward pre-hooks
+    recompute name = name_orig * name_mask)."""
+    return [h._tensor_name for h in mod._forward_pre_hooks.values()
+            if isinstance(h, torch_prune.BasePruningMethod)]
+
+
 def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """None if a plain dense nn.Linear that a pyfast layer can stand in for."""
     lazy = _lazy_reason(mod)   # first: the checks below read its (shapeless) weight
@@ -538,8 +545,7 @@ def swap(model: nn.Module, *, include: Filter = None, exclude: Filter = None) ->
         if dyn_types and isinstance(mod, dyn_types):
             return _from_dynamic_quantized(mod)
         mask = getattr(mod, "weight_mask", None)
-        for pname in [h._tensor_name for h in mod._forward_pre_hooks.values()
-                      if isinstance(h, torch_prune.BasePruningMethod)]:
+        for pname in torch_pruned(mod):
             torch_prune.remove(mod, pname)   # weight = weight_orig * mask, permanently
         if mask is None:
             return "pruned, but not its weight; masks made permanent, layer stays dense"

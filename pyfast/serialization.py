@@ -26,9 +26,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from . import _torch_fastpath
+from .api import torch_pruned
 from .nn.linear import _dtype_from_name
 
 FORMAT = "pyfast/1"
@@ -135,8 +135,7 @@ def _check_saveable(model: nn.Module) -> None:
                 f"module {name or '<root>'!r} still has parametrizations "
                 f"({', '.join(mod.parametrizations.keys())}), e.g. pruning masks: make them "
                 "permanent first (pyfast.prune.finish(model)), then save")
-        masked = [h._tensor_name for h in mod._forward_pre_hooks.values()
-                  if isinstance(h, torch_prune.BasePruningMethod)]
+        masked = torch_pruned(mod)
         if masked:
             raise ValueError(
                 f"module {name or '<root>'!r} ({type(mod).__name__}) still has a "

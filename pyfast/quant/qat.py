@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils import prune as torch_prune
 
 from .. import reference
 from ..api import (Filter, _int4_reason, _walk, check_quant_args, positions, quantized_layer,
-                   replace_module)
+                   replace_module, torch_pruned)
 from ..nn.conv import ConvGeometry, conv_padding, conv_unsupported_reason, im2col, \
     linear_from_weight
 from ..nn.linear import _dtype_from_name, _dtype_name
@@ -72,12 +71,6 @@ def fake_quant_int4(w: Tensor, group_size: int, symmetric: bool) -> Tensor:
     return _STE.apply(w, fake.to(w.dtype))
 
 
-def _torch_pruned(mod: nn.Module):
-    """The names of mod's tensors pruned with torch.nn.utils.prune (its forward pre-hooks)."""
-    return [h._tensor_name for h in mod._forward_pre_hooks.values()
-            if isinstance(h, torch_prune.BasePruningMethod)]
-
-
 def _parametrization_reason(mod: nn.Module):
     """None if QAT can carry mod's weight over, else why not. A parametrized weight (a
     pyfast.prune mask) is carried over by registering the same modules on the QAT layer's
@@ -85,7 +78,7 @@ def _parametrization_reason(mod: nn.Module):
     right_inverse (registering would apply right_inverse to the stored value again). A
     weight pruned with torch.nn.utils.prune (weight = weight_orig * weight_mask, by a
     forward pre-hook) is carried over as a pyfast.prune mask when its mask is 0/1."""
-    pruned = _torch_pruned(mod)
+    pruned = torch_pruned(mod)
     if pruned:
         if pruned != ["weight"]:
             return (f"torch.nn.utils.prune pruned its {', '.join(sorted(set(pruned)))}; QAT "
@@ -123,7 +116,7 @@ def _share_params(layer: nn.Module, source: nn.Module) -> None:
     if reason is not None:
         raise ValueError(f"cannot prepare this {type(source).__name__} for QAT: {reason}")
     layer.bias = source.bias
-    if _torch_pruned(source):
+    if torch_pruned(source):
         from ..prune.masks import apply_mask   # (pyfast.prune imports this module)
         layer.weight = source.weight_orig
         apply_mask(layer, source.weight_mask != 0, type(source).__name__)
