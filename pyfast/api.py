@@ -7,7 +7,9 @@ pyfast.summary) and reported once in a warning. So is a layer that is already a 
 layer (compressed, or prepared for QAT) unless it is what the call makes anyway, and a
 call whose include / exclude select no layer warns, naming the model's layers.
 quantize also takes nn.Conv2d (groups 1, zero padding) as a QuantConv2d: im2col + the
-same pyfast layer.
+same pyfast layer. A layer with a forward (pre-)hook its pyfast layer would not run, or
+whose weight Parameter another module holds too (tied weights), is left with the reason;
+one pruned with torch.nn.utils.prune converts from the weight its pre-hook computes.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import prune as torch_prune
 
@@ -24,9 +27,9 @@ from . import _checks as chk
 from . import _torch_fastpath
 from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear
 from .nn import layout as _layout
-from .nn.conv import conv_unsupported_reason
+from .nn.conv import conv_unsupported_reason, hooks_reason
 from .nn.linear import _CompressedLinear, _Int8LayoutLinear
-from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
+from .nn.lowbit import LowBitLinear
 from .nn.sparse_int4 import Sparse24Int4Linear, unsupported_reason as s24i4_unsupported
 from .sparsity import is_24, magnitude_24_mask
 
@@ -67,11 +70,47 @@ def _lazy_reason(mod: nn.Module) -> Optional[str]:
     return None
 
 
+def _pruning_methods(mod: nn.Module) -> list:
+    return [h for h in mod._forward_pre_hooks.values()
+            if isinstance(h, torch_prune.BasePruningMethod)]
+
+
 def torch_pruned(mod: nn.Module) -> list:
     """The names of mod's tensors pruned with torch.nn.utils.prune (its forward pre-hooks
     recompute name = name_orig * name_mask)."""
-    return [h._tensor_name for h in mod._forward_pre_hooks.values()
-            if isinstance(h, torch_prune.BasePruningMethod)]
+    return [h._tensor_name for h in _pruning_methods(mod)]
+
+
+def refresh_pruned(mod: nn.Module) -> None:
+    """Recompute mod's tensors pruned with torch.nn.utils.prune as its pre-hooks do before
+    each forward (name = name_orig * name_mask, by the pruning method's apply_mask). After
+    load_state_dict they hold the old values until the next forward; a conversion reads
+    them, and must see what the float model computes."""
+    for method in _pruning_methods(mod):
+        setattr(mod, method._tensor_name, method.apply_mask(mod))
+
+
+def _param_holders(model: nn.Module) -> Dict[int, list]:
+    """{id(Parameter): [(its name in model, the module holding it)]}: a tied Parameter
+    (an lm_head sharing an embedding's weight) has several holders."""
+    holders: Dict[int, list] = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((f"{name}.{pname}".lstrip("."), mod))
+    return holders
+
+
+def _tied_reason(mod: nn.Module, holders: Dict[int, list]) -> Optional[str]:
+    """Why a layer whose Parameter another module holds too is left as it is: its pyfast
+    layer would hold a copy of its own, silently untying them."""
+    for pname, p in mod._parameters.items():
+        others = [n for n, m in holders.get(id(p), []) if m is not mod] if p is not None else []
+        if others:
+            return (f"its {pname} is tied to {', '.join(others)} (the same Parameter), which "
+                    "a pyfast layer would untie; to compress it anyway, untie it first: "
+                    f"layer.{pname} = nn.Parameter(layer.{pname}.detach().clone())")
+    return None
 
 
 def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
@@ -83,6 +122,9 @@ def _why_not_linear(name: str, mod: nn.Module, parent: Optional[nn.Module]) -> O
         return "inside nn.MultiheadAttention, which reads .weight directly"
     if type(mod).forward is not nn.Linear.forward:
         return f"{type(mod).__name__} overrides nn.Linear.forward"
+    hooked = hooks_reason(mod)
+    if hooked is not None:
+        return hooked
     if mod.weight.dtype not in chk.FLOAT_DTYPES:
         return f"weight dtype {mod.weight.dtype} is not float32/float16/bfloat16"
     if mod.weight.device.type not in ("cpu", "cuda"):
@@ -224,8 +266,10 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
             skipped[chosen[0] or "<root>"] = _already_reason(mod)
     model.pyfast_skipped = skipped
     if not selected:
-        found = [names[0] for _, names in [*targets.values(), *done.values()]]
         kinds = _walked_kinds(is_target)
+        counted = tuple(type(_KINDS[k]) for k in kinds) or nn.Module  # only those `what` names
+        found = [names[0] for mod, names in targets.values() if isinstance(mod, counted)]
+        found += [names[0] for _, names in done.values()]
         what = what or (f"{' / '.join(kinds)} layers" if kinds else "layers this call converts")
         warnings.warn(_nothing_selected(include, exclude, found, what), stacklevel=3)
     if skipped:
@@ -239,6 +283,7 @@ def _convert_selected(model: nn.Module, targets: Dict[int, list], select, conver
     """_walk's conversion of its targets, the reasons for those left put in skipped;
     whether the filters (select) chose any."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
+    holders = _param_holders(model)
     selected = False
     for mod, names in targets.values():
         chosen = select(mod, names)
@@ -250,7 +295,9 @@ def _convert_selected(model: nn.Module, targets: Dict[int, list], select, conver
             skipped[name or "<root>"] = shared_reason(names, chosen, "converting")
             continue
         reason = (_why_not_linear(name, mod, parents.get(id(mod))) if isinstance(mod, nn.Linear)
-                  else _lazy_reason(mod))
+                  else _lazy_reason(mod) or hooks_reason(mod)) or _tied_reason(mod, holders)
+        if reason is None:
+            refresh_pruned(mod)
         result = reason if reason is not None else convert(name, mod)
         if isinstance(result, str):
             skipped[name or "<root>"] = result
@@ -312,13 +359,13 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
     """The pyfast layer for an nn.Linear or nn.Conv2d (QuantConv2d around the same
     layer), or the reason it cannot be converted. Used by quantize and by
     pyfast.quant.convert_qat, so both give exactly the same layers."""
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, _ConvNd):    # Conv1d, Conv3d, ConvTranspose*: the reason
         reason = conv_unsupported_reason(mod)
         if reason is not None:
             return reason
         k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
         why = (_int4_reason(k, group_size, "in_channels*kh*kw") if method == "int4" else
-               lowbit_unsupported(k, _LOWBIT_BITS[method], group_size)
+               _lowbit_reason(k, _LOWBIT_BITS[method], group_size, "in_channels*kh*kw")
                if method in _LOWBIT_BITS else None)
         return why or QuantConv2d.from_conv(
             mod, lambda lin: quantized_layer(lin, method, group_size, symmetric, layout))
@@ -328,10 +375,19 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
         return Int8WeightOnlyLinear.from_linear(mod)
     if method in _LOWBIT_BITS:
         bits = _LOWBIT_BITS[method]
-        return lowbit_unsupported(mod.in_features, bits, group_size) or \
+        return _lowbit_reason(mod.in_features, bits, group_size, "in_features") or \
             LowBitLinear.from_linear(mod, bits=bits, group_size=group_size)
     return _int4_reason(mod.in_features, group_size, "in_features") or \
         Int4Linear.from_linear(mod, group_size=group_size, symmetric=symmetric, layout=layout)
+
+
+def _lowbit_reason(k: int, bits: int, group_size: int, what: str) -> Optional[str]:
+    """pyfast.nn.lowbit.unsupported_reason with K named `what` (a conv's in_channels*kh*kw)."""
+    try:
+        chk.group_size(group_size, k, k_name=what, bits=bits)
+    except ValueError as exc:
+        return f"{exc} ({'int2' if bits == 2 else 'binary'})"
+    return None
 
 
 def _int4_reason(k: int, group_size: int, what: str) -> Optional[str]:
@@ -356,8 +412,9 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     callable(name, module) -> bool. Layers whose in_features the format cannot
     take (int4: not a multiple of group_size) are skipped with the reason.
     conv: also quantize nn.Conv2d as QuantConv2d (im2col + the same layer, with
-    in_features = C_in*kh*kw); grouped convs and non-zero padding modes are skipped
-    with the reason. conv=False leaves every Conv2d alone.
+    in_features = C_in*kh*kw); grouped convs, non-zero padding modes and the other
+    convs (Conv1d, Conv3d, ConvTranspose*) are skipped with the reason. conv=False
+    leaves every conv alone.
     layout (pyfast/nn/layout.py): "auto" stores each weight in the order of its fast
     kernel where that kernel runs (int8: VNNI panels on an AVX-512 CPU; int4: tensor-core
     order on a GPU with the CUDA extension, float16/bfloat16), else canonical;
@@ -382,7 +439,8 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
         return quantized_layer(mod, method, group_size, symmetric, layout)
 
     def is_target(mod: nn.Module) -> bool:
-        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
+        # every conv: those that are not an nn.Conv2d are skipped with the reason
+        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, _ConvNd))
 
     def already(mod: nn.Module) -> bool:   # e.g. GPTQ's Int4Linear, then quantize the convs
         return _quant_args_of(mod) == _quant_args(method, group_size, symmetric)
@@ -534,16 +592,20 @@ def swap(model: nn.Module, *, include: Filter = None, exclude: Filter = None) ->
       Sparse24Linear; any other mask is made permanent (prune.remove) and the
       layer stays dense.
     - torch.ao.quantization.quantize_dynamic qint8 Linear becomes Int8Linear.
+    A pruned module that is not an nn.Linear keeps its mask, with the reason.
     """
     dyn_types = _dynamic_linear_types()
 
-    def is_target(mod: nn.Module) -> bool:
-        return (bool(dyn_types) and isinstance(mod, dyn_types)) or (
-            isinstance(mod, nn.Linear) and torch_prune.is_pruned(mod))
+    def is_target(mod: nn.Module) -> bool:   # any pruned module: others get the reason
+        return (bool(dyn_types) and isinstance(mod, dyn_types)) or bool(torch_pruned(mod))
 
     def convert(name: str, mod: nn.Module):
         if dyn_types and isinstance(mod, dyn_types):
             return _from_dynamic_quantized(mod)
+        if not isinstance(mod, nn.Linear):
+            return (f"{type(mod).__name__} pruned with torch.nn.utils.prune: swap converts "
+                    "nn.Linear only; its mask is left as it is (torch.nn.utils.prune.remove("
+                    f"module, {torch_pruned(mod)[0]!r}) makes it permanent)")
         mask = getattr(mod, "weight_mask", None)
         for pname in torch_pruned(mod):
             torch_prune.remove(mod, pname)   # weight = weight_orig * mask, permanently

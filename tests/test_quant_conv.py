@@ -129,6 +129,70 @@ def test_quantize_converts_convs_skips_with_reasons_and_opts_out():
         pyfast.quantize(kept, "int8", conv="no")
 
 
+def _memory_format(t):
+    if t.is_contiguous():
+        return "contiguous"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "other"
+
+
+def test_output_has_the_memory_format_torch_conv_gives():
+    """It was channels_last-strided for every input, so x.view(B, -1) after it failed."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    qat = pyfast.quant.QATConv2d.from_conv(copy.deepcopy(conv), "int8")
+    for q in (QuantConv2d.from_conv(conv, Int8WeightOnlyLinear.from_linear), qat):
+        y = q(x)
+        assert _memory_format(y) == "contiguous"
+        assert y.view(2, -1).shape == (2, 8 * 36)                     # LeNet-style flatten
+        assert _memory_format(q(x[0])) == "contiguous"                 # unbatched
+    q = QuantConv2d.from_conv(conv, Int8WeightOnlyLinear.from_linear)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _memory_format(q(cl)) == _memory_format(conv(cl)) == "channels_last"
+    assert torch.equal(q(cl), q(x))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    net[1] = type("ViewFlatten", (nn.Module,), {"forward": lambda self, t: t.view(t.shape[0], -1)})()
+    pyfast.quantize(net, "int8")
+    assert net(x).shape == (2, 2)
+
+
+def test_conv_subclass_overriding_conv_forward_is_left_with_the_reason():
+    class WSConv2d(nn.Conv2d):          # weight standardization: changes the weight it uses
+        def _conv_forward(self, x, w, b):
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    model = nn.Sequential(WSConv2d(3, 4, 3))
+    with pytest.warns(UserWarning, match=r"0: WSConv2d overrides nn.Conv2d._conv_forward"):
+        pyfast.quantize(model, "int8-weight")
+    assert type(model[0]) is WSConv2d
+    with pytest.raises(ValueError, match="overrides nn.Conv2d._conv_forward"):
+        QuantConv2d.from_conv(WSConv2d(3, 4, 3), Int8Linear.from_linear)
+
+
+def test_int2_conv_skip_names_the_conv_k():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))                 # K = 27
+    with pytest.warns(UserWarning, match=r"0: in_channels\*kh\*kw = 27 must be a multiple of 4"):
+        pyfast.quantize(model, "int2")
+    assert "in_features" not in model.pyfast_skipped["0"]
+
+
+def test_other_conv_kinds_are_left_with_the_reason():
+    """Conv1d, Conv3d and ConvTranspose2d were left without a note or a warning."""
+    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Conv3d(2, 2, 3), nn.ConvTranspose2d(4, 4, 3),
+                          nn.Flatten(), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"0: Conv1d: pyfast compresses nn.Conv2d only \(im2col\); "
+                                         r"1: Conv3d: .*; 2: ConvTranspose2d: pyfast compresses"):
+        pyfast.quantize(model, "int8")
+    assert set(model.pyfast_skipped) == {"0", "1", "2"} and isinstance(model[4], Int8Linear)
+    assert type(model[0]) is nn.Conv1d and type(model[2]) is nn.ConvTranspose2d
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyfast.quantize(nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(2, 2)), "int8", conv=False)
+    # the filter warning counts only the nn.Linear / nn.Conv2d layers it names
+    with pytest.warns(UserWarning, match="pyfast found no nn.Linear / nn.Conv2d layers in the model"):
+        pyfast.quantize(nn.Sequential(nn.Conv1d(4, 4, 3)), "int8", include="nothing")
+
+
 @pytest.mark.parametrize("make", [Int8Linear.from_linear, Int8WeightOnlyLinear.from_linear,
                                   lambda lin: Int4Linear.from_linear(lin, 32, symmetric=False),
                                   lambda lin: StaticInt8Linear.from_linear(lin, torch.tensor([0.03]))],
@@ -165,6 +229,13 @@ def test_errors():
         QuantConv2d(3, 4, 3, stride=0, inner=Int8Linear(27, 4))
     with pytest.raises(ValueError, match="padding must be an int >= 0"):
         QuantConv2d(3, 4, 3, padding=(1, 2, 3), inner=Int8Linear(27, 4))
+    with pytest.raises(TypeError, match=r"input has dtype torch.int64; accepted: float32, "
+                                        r"float16, bfloat16"):
+        q(torch.randint(0, 5, (2, 3, 5, 5)))
+    padded = QuantConv2d.from_conv(nn.Conv2d(3, 4, 1, padding=1), Int8Linear.from_linear)
+    with pytest.raises(ValueError, match=r"input has spatial size 0x5 \(shape \(2, 3, 0, 5\)\); "
+                                         "H and W must be > 0"):
+        padded(torch.randn(2, 3, 0, 5))      # padding would make the output 3x7
     cfg = q.pyfast_config()
     cfg["inner"]["class"] = "os.system"
     with pytest.raises(ValueError, match="inner layer class 'os.system' is not a pyfast layer"):

@@ -323,3 +323,19 @@ def test_qat_int4_on_digits_beats_rtn():
 def test_int8_qat_model_is_int8linear_after_convert():
     model = quant.convert_qat(quant.prepare_qat(_small_model(), "int8"))
     assert isinstance(model[5], Int8Linear) and isinstance(model[0].inner, Int8Linear)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_qat_conv_output_has_the_memory_format_torch_conv_gives(method):
+    """The int8 QATConv2d builds its output from im2col rows: it came back contiguous for a
+    channels_last input, which nn.Conv2d (and the int4 path, a real conv) returns
+    channels_last; a contiguous input gives a contiguous output (x.view(B, -1) works)."""
+    conv = nn.Conv2d(32, 8, 2, padding=1)   # K = 128: one int4 group
+    qat = QATConv2d.from_conv(copy.deepcopy(conv), method)
+    x = torch.randn(2, 32, 5, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert qat(x).is_contiguous() and qat(x).view(2, -1).shape == (2, 8 * 36)
+    assert conv(cl).is_contiguous(memory_format=torch.channels_last)
+    y = qat(cl)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, qat(x))

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .. import _checks as chk
 from .linear import _CompressedLinear
@@ -27,12 +28,39 @@ Tensor = torch.Tensor
 Pair = Tuple[int, int]
 
 
+# The modules of the forward (pre-)hooks pyfast attaches itself and takes off again:
+# pyfast.quant.prepare_static's input observers (convert_static consumes them) and GPTQ's
+# Hessian hook (on one layer while the calibration batches run).
+_OWN_HOOK_MODULES = ("pyfast.quant.static", "pyfast.quant.gptq")
+
+
+def hooks_reason(mod: nn.Module) -> Optional[str]:
+    """None unless mod has a forward hook or forward pre-hook that a pyfast layer standing
+    in for it would not run (spectral_norm's, a user's). Those of torch.nn.utils.prune
+    pass (a conversion reads the weight they compute), and so do pyfast's own."""
+    for kind, hooks in (("forward pre-hook", mod._forward_pre_hooks),
+                        ("forward hook", mod._forward_hooks)):
+        for hook in hooks.values():
+            where = getattr(hook, "__module__", None)
+            if isinstance(hook, torch_prune.BasePruningMethod) or where in _OWN_HOOK_MODULES:
+                continue
+            what = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+            return (f"has a {kind} {where}.{what}, which a pyfast layer would not run: "
+                    "remove it first (its handle's .remove(); torch.nn.utils."
+                    "remove_spectral_norm / remove_weight_norm for those) or exclude the layer")
+    return None
+
+
 def conv_unsupported_reason(conv: nn.Module) -> Optional[str]:
     """None if QuantConv2d can stand in for this nn.Conv2d, else why not (for skipping)."""
     if not isinstance(conv, nn.Conv2d):
-        return f"{type(conv).__name__} is not an nn.Conv2d"
-    if type(conv).forward is not nn.Conv2d.forward:
-        return f"{type(conv).__name__} overrides nn.Conv2d.forward"
+        return f"{type(conv).__name__}: pyfast compresses nn.Conv2d only (im2col)"
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(conv), method) is not getattr(nn.Conv2d, method):
+            return f"{type(conv).__name__} overrides nn.Conv2d.{method}"
+    hooked = hooks_reason(conv)
+    if hooked is not None:
+        return hooked
     if conv.groups != 1:
         return (f"groups={conv.groups} (grouped/depthwise conv): pyfast quantizes Conv2d as "
                 "im2col + one matmul, which needs groups == 1")
@@ -135,24 +163,33 @@ class ConvGeometry(nn.Module):
 
     def _batched(self, x: Tensor) -> Tuple[Tensor, bool, Pair]:
         """(x as [B, C, H, W], whether it was unbatched, (H_out, W_out)); checks x."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        chk.tensor("input", x, dtypes=chk.FLOAT_DTYPES)
         unbatched = x.dim() == 3
         x4 = x.unsqueeze(0) if unbatched else x
         if x4.dim() != 4 or x4.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input [B, {self.in_channels}, H, W] "
                              f"or [{self.in_channels}, H, W], got shape {tuple(x.shape)}")
         h, w = x4.shape[2:]
+        if h == 0 or w == 0:
+            raise ValueError(f"input has spatial size {h}x{w} (shape {tuple(x.shape)}); "
+                             "H and W must be > 0")
         size = self.output_size(h, w)
         if size[0] <= 0 or size[1] <= 0:
             raise ValueError(f"input of spatial size {h}x{w} is smaller than the (dilated) "
                              f"kernel {self.kernel_size} with padding {self.padding}")
         return x4, unbatched, size
 
-    def _to_image(self, rows: Tensor, n: int, size: Pair, unbatched: bool) -> Tensor:
-        """rows [B, L, C_out] -> [B, C_out, H_out, W_out] (or [C_out, H_out, W_out])."""
-        out = rows.transpose(1, 2).reshape(n, self.out_channels, *size)
-        return out.squeeze(0) if unbatched else out
+    def _to_image(self, rows: Tensor, n: int, size: Pair, unbatched: bool,
+                  like: Optional[Tensor] = None) -> Tensor:
+        """rows [B, L, C_out] -> [B, C_out, H_out, W_out] (or [C_out, H_out, W_out]) in the
+        memory format torch's conv gives for input `like` ([B, C_in, H, W]; None: a
+        contiguous one): channels_last for a channels_last input, else contiguous."""
+        out = rows.transpose(1, 2).reshape(n, self.out_channels, *size)   # channels_last
+        if unbatched:
+            return out.squeeze(0).contiguous()
+        keep = like is not None and not like.is_contiguous() and \
+            like.is_contiguous(memory_format=torch.channels_last)
+        return out if keep else out.contiguous()
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -225,7 +262,7 @@ class QuantConv2d(ConvGeometry):
     def forward(self, x: Tensor) -> Tensor:
         x4, unbatched, size = self._batched(x)
         cols = im2col(x4, self.kernel_size, self.stride, self.padding, self.dilation)
-        return self._to_image(self.inner(cols), x4.shape[0], size, unbatched)
+        return self._to_image(self.inner(cols), x4.shape[0], size, unbatched, like=x4)
 
     def extra_repr(self) -> str:
         return f"{self._geometry_repr()}, format={self.format}"

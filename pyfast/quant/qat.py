@@ -261,7 +261,7 @@ class QATConv2d(_QATMixin, ConvGeometry):
         # L = H_out * W_out spelled out: -1 cannot be inferred for an empty batch
         out = F.linear(rows, w2, self.bias).reshape(x4.shape[0], size[0] * size[1],
                                                     self.out_channels)
-        return self._to_image(out, x4.shape[0], size, unbatched)
+        return self._to_image(out, x4.shape[0], size, unbatched, like=x4)
 
     def to_pyfast(self) -> nn.Module:
         """The QuantConv2d pyfast.quantize makes from the current float weights."""
