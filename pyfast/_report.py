@@ -34,6 +34,15 @@ class BackendReport(list):
         return [r for r in self if r.op == op]
 
     def default(self, op: str, device: str) -> str:
+        """The family a plain call of op on device type `device` ("cpu", "cuda") runs."""
+        for arg, value, accepted in (("op", op, dict.fromkeys(r.op for r in self)),
+                                     ("device", device, dict.fromkeys(r.device for r in self))):
+            if not isinstance(value, str):
+                raise TypeError(f"BackendReport.default: {arg} must be a str, got "
+                                f"{type(value).__name__}")
+            if value not in accepted:
+                raise ValueError(f"BackendReport.default: {arg} {value!r} is not in the report; "
+                                 f"accepted: {', '.join(map(str, accepted))}")
         return next(r.family for r in self if r.op == op and r.device == device and r.default)
 
     def __str__(self) -> str:
@@ -47,15 +56,31 @@ class BackendReport(list):
                    for (op, d), (m, order) in dispatch.M_RULES.items()),
                  "* = what a plain call runs (at small M)", *self._forcing()]
         width = max([len("op"), *(len(r.op) for r in self)]) + 2   # the longest op name fits
-        lines.append(f"{'op':<{width}}" + "".join(f"{d:<26}" for d in devices))
+        # a forced backend that cannot run here is still what a call takes (and raises):
+        # its row is the default but not available; it gets "*!" and a footnote
+        stuck = [r for r in self if r.default and not r.available]
+        table = []
         for op in dict.fromkeys(r.op for r in self):
             cells = []
             for d in devices:
                 order = dispatch.PRIORITY[d]
                 usable = sorted((r for r in self if r.op == op and r.device == d and r.available),
                                 key=lambda r: order.index(r.family) if r.family in order else 99)
-                cells.append(" ".join(r.family + ("*" if r.default else "") for r in usable) or "-")
-            lines.append(f"{op:<{width}}" + "".join(f"{c:<26}" for c in cells))
+                cells.append(" ".join([r.family + ("*" if r.default else "") for r in usable]
+                                      + [r.family + "*!" for r in stuck
+                                         if (r.op, r.device) == (op, d)]) or "-")
+            table.append((op, cells))
+        cell_width = max([26, *(len(c) + 2 for _, cells in table for c in cells)])
+        lines.append(f"{'op':<{width}}" + "".join(f"{d:<{cell_width}}" for d in devices))
+        lines += [f"{op:<{width}}" + "".join(f"{c:<{cell_width}}" for c in cells)
+                  for op, cells in table]
+        if stuck:
+            lines.append("*! = forced but cannot run here; calls raise:")
+            raising: dict = {}
+            for r in stuck:
+                raising.setdefault((r.family, r.device, r.reason), []).append(r.op)
+            lines += [f"  {fam} on {dev} ({', '.join(op_names)}): {reason}"
+                      for (fam, dev, reason), op_names in raising.items()]
         why: dict = {}
         for r in self:
             if not r.available and r.source and not r.reason.startswith("kernel runs on"):
@@ -71,8 +96,8 @@ class BackendReport(list):
     def _forcing() -> List[str]:
         """The header line naming what forces backends now, if anything does."""
         env = os.environ.get("PYFAST_BACKEND", "")
-        said = ([f"PYFAST_BACKEND={env!r}"] if env else []) + [
-            f"use_backend {forced}" for forced in dispatch._FORCED.get()]
+        said = ([f"PYFAST_BACKEND={env!r}"] if dispatch._parse_env(env) else []) + [
+            f"use_backend {forced}" for forced in dispatch._FORCED.get() if forced]
         return ["forced now (the * follows it): " + "; ".join(said)] if said else []
 
     def reference_only(self) -> List[str]:

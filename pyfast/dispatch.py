@@ -142,15 +142,23 @@ def _why_not(backend: Optional[Backend], device_type: str, args) -> Optional[str
 
 @functools.lru_cache(maxsize=16)   # read on every call; parsed once per distinct value
 def _parse_env(value: str) -> Dict[str, str]:
-    """PYFAST_BACKEND="reference" or "int8_mm=cpp, int4_mm = reference"."""
+    """PYFAST_BACKEND="reference" or "int8_mm=cpp, int4_mm = reference"; blank entries
+    are ignored, so a blank value forces nothing ({}). Two entries giving one op (or, with
+    no op, every op) different backends are an error; repeating an entry is not."""
     forced: Dict[str, str] = {}
+    given: Dict[str, str] = {}   # op or "*" -> the entry that set it, for the error
     for part in filter(None, (p.strip() for p in value.split(","))):
         op, _, fam = (t.strip() for t in part.rpartition("="))
         if fam not in FAMILIES:
             raise ValueError(f"PYFAST_BACKEND names backend {fam!r}; accepted: {', '.join(FAMILIES)}")
         if op and op not in _REGISTRY.kernels:
             raise ValueError(f"PYFAST_BACKEND names unknown op {op!r}; ops: {', '.join(ops())}")
-        forced[op or "*"] = fam
+        key = op or "*"
+        if forced.get(key, fam) != fam:
+            what = f"op {op!r}" if op else "every op"
+            raise ValueError(f"PYFAST_BACKEND gives {what} two backends: {given[key]!r} and "
+                             f"{part!r}; accepted: one backend per op (and one for every op)")
+        forced[key], given[key] = fam, part
     return forced
 
 

@@ -120,3 +120,82 @@ def test_env_var_takes_spaces_around_the_equals_sign(monkeypatch):
     monkeypatch.setenv("PYFAST_BACKEND", " int8_mm = reference , quantize_per_token= reference ")
     assert _chosen() == "reference"
     assert dispatch._forced_for("int8_mm") == ("reference", True)
+
+
+# --- the report while a forced backend cannot run, and PYFAST_BACKEND edge values ---------
+
+def _op_rows(text):
+    """{op: {device: the families in its cell}} of the backends() table."""
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("op "))
+    starts = [head.index(f" {d} ") + 1 for d in dispatch.PRIORITY] + [None]
+    return {line.split()[0]: {d: line[a:b].split()
+                              for d, a, b in zip(dispatch.PRIORITY, starts, starts[1:])}
+            for line in lines if line.split(" ", 1)[0] in dispatch.ops()}
+
+
+def _stars(cells):
+    """{device: the families of its cell marked * or *!}"""
+    return {d: [f for f in fams if "*" in f] for d, fams in cells.items()}
+
+
+def test_a_forced_backend_that_cannot_run_is_marked_on_its_row():
+    """The row showed no * at all (the forced family was not among the usable ones) while
+    the header said 'the * follows it' and every call raised."""
+    assert "*!" not in str(pyfast.backends())
+    with pyfast.use_backend(**{OP: "cuda"}):        # its cuda kernel runs on cuda only
+        with pytest.raises(pyfast.BackendUnavailableError, match="runs on cuda, not cpu"):
+            _chosen()
+        text = str(pyfast.backends())
+    assert _stars(_op_rows(text)[OP])["cpu"] == ["cuda*!"], text
+    assert "*! = forced but cannot run here; calls raise:" in text
+    assert f"  cuda on cpu ({OP}): kernel runs on cuda only" in text
+
+
+def test_every_row_marks_one_backend_per_device_under_a_global_force(monkeypatch):
+    monkeypatch.setenv("PYFAST_BACKEND", "cuda")
+    text = str(pyfast.backends())
+    for op, cells in _op_rows(text).items():      # what a call takes: one per device
+        assert all(len(marked) == 1 for marked in _stars(cells).values()), (op, text)
+    assert _stars(_op_rows(text)["int8_mm"])["cpu"] == ["cuda*!"], text
+
+
+@pytest.mark.parametrize("value", [" , ", ",", "  "])
+def test_a_blank_env_value_is_not_shown_as_forcing(monkeypatch, value):
+    monkeypatch.setenv("PYFAST_BACKEND", value)
+    assert dispatch._parse_env(value) == {}
+    assert "forced now" not in str(pyfast.backends())
+    with pyfast.use_backend():                      # an empty block forces nothing either
+        assert "forced now" not in str(pyfast.backends())
+
+
+@pytest.mark.parametrize("value,first,second,what", [
+    ("int8_mm=reference,int8_mm=cpp", "int8_mm=reference", "int8_mm=cpp", "op 'int8_mm'"),
+    ("reference, int8_mm=cpp, cpp", "reference", "cpp", "every op"),
+])
+def test_env_var_giving_one_op_two_backends_raises(monkeypatch, value, first, second, what):
+    """The last entry won silently."""
+    monkeypatch.setenv("PYFAST_BACKEND", value)
+    with pytest.raises(ValueError, match=rf"PYFAST_BACKEND gives {what} two backends: "
+                                         rf"'{first}' and '{second}'; accepted: one backend"):
+        _chosen()
+    with pytest.raises(ValueError, match="two backends"):
+        pyfast.backends()
+
+
+def test_env_var_repeating_an_entry_is_accepted(monkeypatch):
+    monkeypatch.setenv("PYFAST_BACKEND", "int8_mm=reference, int8_mm = reference,reference")
+    assert dispatch._forced_for("int8_mm") == ("reference", True)
+    assert _chosen() == "reference"
+
+
+@pytest.mark.parametrize("args,match", [
+    (("conv2d", "cpu"), r"op 'conv2d' is not in the report; accepted: int4_mm, "),
+    ((OP, "mps"), r"device 'mps' is not in the report; accepted: cpu, cuda"),
+])
+def test_report_default_names_a_bad_argument(args, match):
+    """A bare StopIteration came out."""
+    with pytest.raises(ValueError, match="BackendReport.default: " + match):
+        pyfast.backends().default(*args)
+    with pytest.raises(TypeError, match="device must be a str, got int"):
+        pyfast.backends().default(OP, 0)

@@ -26,6 +26,11 @@ with pyfast.use_backend("reference"):
 assert torch.equal(layer(x), expected)          # the plain call ran the reference
 try:
     with pyfast.use_backend(w8a8_mm="cpp"):     # the op Int8Linear calls
+        forced = str(pyfast.backends())         # the table marks it: forced, cannot run
+        row = next(line for line in forced.splitlines() if line.startswith("w8a8_mm "))
+        assert "cpp*!" in row.split(), forced
+        notes = forced.split("*! = forced but cannot run here")[1].splitlines()
+        assert any(n.startswith("  cpp on cpu (w8a8_mm): ") and REASON in n for n in notes), forced
         layer(x)
 except pyfast.BackendUnavailableError as exc:
     assert "backend 'cpp' was forced" in str(exc) and REASON in str(exc), exc
