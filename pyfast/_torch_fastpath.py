@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from torch import nn
 
+# (module type, the attribute keep_off sets, the value that turns the fast path off)
+FLAGS = ((nn.TransformerEncoderLayer, "activation_relu_or_gelu", 0),
+         (nn.TransformerEncoder, "use_nested_tensor", False))
+
 
 def keep_off(model: nn.Module, name: str, new: nn.Module) -> None:
     """After `new` was put at `name` in model: turn the fast path off in every
@@ -24,7 +28,6 @@ def keep_off(model: nn.Module, name: str, new: nn.Module) -> None:
     parts = name.split(".")[:-1]
     for i in range(len(parts) + 1):
         mod = model.get_submodule(".".join(parts[:i]))
-        if isinstance(mod, nn.TransformerEncoderLayer):
-            mod.activation_relu_or_gelu = 0
-        elif isinstance(mod, nn.TransformerEncoder):
-            mod.use_nested_tensor = False
+        for cls, attr, off in FLAGS:
+            if isinstance(mod, cls):
+                setattr(mod, attr, off)

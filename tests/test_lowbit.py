@@ -199,6 +199,34 @@ def test_layer_save_load_protocol(tmp_path, bits):
     assert isinstance(loaded[0], LowBitLinear) and torch.equal(loaded(x), model(x))
 
 
+def test_load_refuses_int2_zero_points_above_3(tmp_path):
+    """As from_quantized (and Int4Linear's load with zero points above 15): a file with
+    int2 zero points outside 0..3 is refused by load_state_dict and pyfast.load, naming
+    the layer and the value, and leaves the layer as it was."""
+    layer = LowBitLinear.from_linear(nn.Linear(64, 8), 2, 32)
+    bad = layer.state_dict()
+    bad["zeros"] = bad["zeros"].clone()
+    bad["zeros"][1, 0] = 200
+    fresh = LowBitLinear(64, 8, bits=2, group_size=32)
+    want = re.escape("LowBitLinear at '': zeros holds 200 at (1, 0); accepted: integers 0..3")
+    with pytest.raises(RuntimeError, match=want):
+        fresh.load_state_dict(bad)
+    good = nn.Sequential(layer)
+    pyfast.save(good, tmp_path / "ok.safetensors")
+    good[0].zeros[1, 0] = 4
+    pyfast.save(good, tmp_path / "bad.safetensors")
+    skeleton = nn.Sequential(nn.Linear(64, 8))
+    want = re.escape("LowBitLinear at '0.': zeros holds 4 at (1, 0)")
+    with pytest.raises(ValueError, match=want):
+        pyfast.load(skeleton, tmp_path / "bad.safetensors")
+    assert type(skeleton[0]) is nn.Linear                    # a refused file changes nothing
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(64, 8))
+    pyfast.load(skeleton, tmp_path / "ok.safetensors")        # 0..3 loads, meta skeleton too
+    binary = LowBitLinear.from_linear(nn.Linear(64, 8), 1, 32)
+    LowBitLinear(64, 8, bits=1, group_size=32).load_state_dict(binary.state_dict())
+
+
 def test_from_quantized_matches_the_codes():
     q = torch.randint(0, 4, (5, 64))
     scales, zeros = torch.rand(5, 2) + 0.1, torch.randint(0, 4, (5, 2))

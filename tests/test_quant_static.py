@@ -1,6 +1,7 @@
 """Calibrated static int8: StaticInt8Linear, prepare_static / calibrate / convert_static,
 and the digits CNN with every observer."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -131,6 +132,86 @@ def test_workflow_errors():
     with pytest.raises(ValueError, match="layer 'fc1': MinMaxObserver observed only zeros"):
         quant.convert_static(zeros)
     assert isinstance(zeros.fc1, nn.Linear) and hasattr(zeros.fc2, "_pyfast_observer")  # untouched
+
+
+class _WithAuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(32, 8)
+        self.aux_head = nn.Linear(32, 8)        # never called by forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_layer_no_batch_reached_is_left_with_the_reason():
+    """It was refused with 'calibrate first' although calibrate had run: now it is left as
+    it is, with the reason, as gptq_quantize leaves such a layer; the others convert."""
+    model = _WithAuxHead()
+    x = torch.randn(4, 32)
+    with pytest.warns(UserWarning, match=r"aux_head: no calibration batch reached it .* "
+                                         "calibrate on inputs that reach it"):
+        quant.quantize_static(model, [x], progress=False)
+    assert isinstance(model.body, StaticInt8Linear) and type(model.aux_head) is nn.Linear
+    assert "no calibration batch reached it" in model.pyfast_skipped["aux_head"]
+    assert _no_observers(model)
+    model.aux_head(x)                                     # a plain Linear again, no hook
+    with pytest.raises(ValueError, match="observed no data"):   # no layer saw data at all
+        quant.convert_static(quant.prepare_static(_WithAuxHead()))
+
+
+@pytest.mark.parametrize("kwargs, warning", [
+    (dict(include="blocks.*"), "include='blocks.*' selects none of the model's 2 nn.Linear / "
+                               "nn.Conv2d layers"),
+    (dict(exclude="*"), "exclude='*' selects none of the model's 2"),
+    (dict(conv=False, include="0"), "include='0' selects none"),
+], ids=["include", "exclude", "conv-off"])
+def test_filters_selecting_nothing_warn_and_return_the_model_unchanged(kwargs, warning):
+    """As pyfast.quantize: a warning, and the model back as it was (it said 'call
+    prepare_static', which quantize_static had just called)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    with pytest.warns(UserWarning, match=re.escape(warning)):
+        out = quant.quantize_static(model, [torch.randn(2, 2, 8, 8)], progress=False, **kwargs)
+    assert out is model and _no_observers(model)
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear
+
+
+def test_only_unconvertible_layers_are_skipped_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2))
+    with pytest.warns(UserWarning, match="0: groups=2"):
+        quant.quantize_static(model, [torch.randn(1, 2, 8, 8)], progress=False)
+    assert type(model[0]) is nn.Conv2d and "0" in model.pyfast_skipped and _no_observers(model)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(32, 8), nn.Conv2d(3, 4, 3)], ids=["linear", "conv"])
+def test_prepare_static_refuses_a_bare_layer_up_front(layer):
+    """convert_static cannot replace the model itself: say so before calibration, with no
+    observer or hook left on the layer."""
+    kind = type(layer).__name__
+    with pytest.raises(ValueError, match=f"model is itself an nn.{kind}; wrap it in a container"):
+        quant.prepare_static(layer)
+    assert _no_observers(layer)
+    model = quant.prepare_static(nn.Sequential(layer))       # the fix the message gives
+    assert hasattr(model[0], "_pyfast_observer")
+
+
+def test_one_tensor_is_one_batch():
+    """A bare tensor [B, ...] is one batch, as gptq_quantize takes it; it used to be
+    iterated row by row (B unbatched forwards: another moving-average scale, a CNN
+    failing on unbatched images)."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    base = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    a = quant.quantize_static(copy.deepcopy(base), [x], observer="moving_average", progress=False)
+    b = quant.quantize_static(copy.deepcopy(base), x, observer="moving_average", progress=False)
+    assert torch.equal(a[0].input_scale, b[0].input_scale)
+    assert torch.equal(a[2].input_scale, b[2].input_scale)
+    prepared = quant.prepare_static(copy.deepcopy(base))
+    quant.calibrate(prepared, x, progress=False)
+    assert prepared[0]._pyfast_observer.batches == 1
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    quant.quantize_static(cnn, torch.randn(16, 3, 8, 8), progress=False)
+    assert isinstance(cnn[3], StaticInt8Linear) and isinstance(cnn[0], QuantConv2d)
 
 
 def _no_observers(model):

@@ -119,6 +119,12 @@ class LowBitLinear(_CompressedLinear):
             layer.orig_dtype = bias.dtype
         return layer
 
+    def _check_loaded_values(self) -> None:
+        """int2 zero points must be 0..3, as from_quantized requires (formats.py): other
+        values gave weights outside the int2 grid (load_state_dict / pyfast.load)."""
+        if self.bits == 2 and self.zeros.device.type != "meta":
+            _check_codes("zeros", self.zeros, 3)
+
     def forward(self, x: Tensor) -> Tensor:
         out = torch.ops.pyfast.lowbit_mm(self._flat(x), self.packed, self.scales, self.zeros,
                                          self.bits, self.group_size, self.bias)

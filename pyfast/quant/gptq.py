@@ -24,15 +24,16 @@ quantized (Conv2d is not: pyfast has no compressed conv layer).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .. import _checks as chk
-from .. import _progress, reference
-from ..api import Filter, _matcher, _walk, _why_not_linear
+from .. import _progress, _torch_fastpath, reference
+from ..api import Filter, _matcher, _walk, _why_not_linear, positions, replace_module
 from ..nn import Int4Linear, LowBitLinear
 
 Tensor = torch.Tensor
@@ -40,7 +41,8 @@ GPTQ_BITS = (4, 2)
 
 
 def _check_options(bits, group_size, symmetric, damp, block_size, act_order) -> None:
-    if isinstance(bits, bool) or bits not in GPTQ_BITS:
+    chk.int_arg("bits", bits)        # 4.0 == 4 would pass the test below
+    if bits not in GPTQ_BITS:
         raise ValueError(f"bits {bits!r} is not supported by GPTQ; accepted: 4 (Int4Linear) "
                          "or 2 (LowBitLinear, int2)")
     chk.group_size(group_size, 4 * abs(group_size) if isinstance(group_size, int) else 0,
@@ -72,7 +74,9 @@ def gptq_weight(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: i
     the quantized weight is (q - zeros) * scales group-wise (formats.py). act_order
     quantizes the columns by decreasing H_ii; the groups are then fixed up front from the
     original weights ("static groups" of the GPTQ code), since their columns are no longer
-    quantized together.
+    quantized together. Inputs that were always 0 (H_ii = 0) get a zero weight; the
+    damping is damp * mean(H_ii) over the other inputs, so the result is the same for
+    H and c * H (inputs X and sqrt(c) * X).
     """
     _check_options(bits, group_size, symmetric, damp, block_size, act_order)
     chk.tensor("weight", weight, dtypes=chk.FLOAT_DTYPES, dim=2)
@@ -87,8 +91,15 @@ def gptq_weight(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: i
     maxq, groups = 2 ** bits - 1, k // gs
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone().to(w.device)
-    dead = torch.diag(h) == 0              # inputs that were always 0: weight irrelevant
-    h[dead, dead] = 1
+    if not bool(h.isfinite().all()):
+        raise ValueError("hessian holds NaN or infinite values; GPTQ needs a finite H "
+                         "(from finite calibration inputs)")
+    # Inputs that were always 0 (dead ReLU units, padding): their weight is irrelevant.
+    # They get the live inputs' mean diagonal, so that mean(diag H), and with it the
+    # damping, scales with H: the result is the same for inputs X and c * X.
+    dead = torch.diag(h) == 0
+    live = torch.diag(h)[~dead]
+    h[dead, dead] = live.mean() if live.numel() else 1.0
     w[:, dead] = 0
     static = act_order or group_size == -1
     if static:
@@ -105,7 +116,7 @@ def gptq_weight(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: i
         chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
     if int(info) != 0 or not bool(chol.isfinite().all()):
         raise ValueError(f"H + damp * mean(diag H) * I is not positive definite (damp = {damp}); "
-                         "raise damp or calibrate on more (and finite) data")
+                         "raise damp or calibrate on more data")
     group_of = perm // gs                  # group of each (permuted) column
     q = torch.zeros_like(w)
     for i1 in range(0, k, block_size):
@@ -194,14 +205,19 @@ def gptq_quantize(model: nn.Module, batches, bits: int = 4, group_size: int = 12
     """Replace nn.Linear layers of `model` by GPTQ-quantized ones, in place; returns model.
 
     batches: calibration inputs, an iterable of tensors or (x, y) tuples (x is fed to
-    the model; kept in a list, since every layer runs them again), or one tensor.
+    the model; kept in a list, since every layer runs them again), or one tensor, which
+    is one batch (as in pyfast.quant.calibrate).
     bits 4 -> Int4Linear (symmetric or not), bits 2 -> LowBitLinear (int2, asymmetric);
-    group_size 32/64/128/-1; damp: fraction of mean(diag H) added to H's diagonal;
+    group_size 32/64/128/-1; damp: fraction of mean(diag H) added to H's diagonal
+    (the mean over inputs that are not always 0, so scaling the inputs changes nothing);
     block_size: columns per lazy batch update (a multiple of group_size unless act_order);
     act_order: quantize columns by decreasing H_ii. include/exclude as pyfast.quantize.
     Layers whose in_features the format cannot take, or that no calibration batch
     reaches, stay as they are, with the reason in model.pyfast_skipped. The model runs
-    in eval mode during calibration (its mode is restored).
+    in eval mode during calibration (its mode is restored). If a layer fails (e.g. H not
+    positive definite, NaN inputs) or the run is interrupted (Ctrl-C), the layers already
+    quantized are put back as they were and model.pyfast_skipped is restored before the
+    error propagates: the model is as it was, and the call can be retried.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -229,6 +245,11 @@ def gptq_quantize(model: nn.Module, batches, bits: int = 4, group_size: int = 12
         h, rows = collect_hessian(model, lin, inputs)
         if rows == 0:
             return "no calibration batch reached it (GPTQ needs its inputs)"
+        if not bool(h.isfinite().all()):
+            raise ValueError(f"the calibration inputs of layer {name!r} contain NaN/inf (or "
+                             "values whose squares overflow float32), so its Hessian "
+                             "2 X^T X / rows is not finite and no damp can help; calibrate "
+                             "on finite data")
         try:
             q, scales, zeros = gptq_weight(lin.weight, h, bits=bits, group_size=group_size,
                                            symmetric=symmetric, damp=damp,
@@ -240,9 +261,37 @@ def gptq_quantize(model: nn.Module, batches, bits: int = 4, group_size: int = 12
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _restored_on_error(model):
             return _walk(model, include, exclude, convert,
                          is_target=lambda m: isinstance(m, nn.Linear))
     finally:
         model.train(was_training)
         bar.close()
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """If the body raises (Ctrl-C included), put every nn.Linear back at each of its
+    names, restore model.pyfast_skipped and the Transformer fast-path flags that putting
+    a pyfast layer in turned off, then re-raise: the model is as it was found."""
+    linears = positions(model, lambda m: isinstance(m, nn.Linear))
+    fast_path = [(m, attr, getattr(m, attr)) for m in model.modules()
+                 for cls, attr, _ in _torch_fastpath.FLAGS
+                 if isinstance(m, cls) and hasattr(m, attr)]
+    missing = object()
+    skipped = model.__dict__.get("pyfast_skipped", missing)
+    try:
+        yield
+    except BaseException:
+        for lin, names in linears.values():
+            for name in names:
+                if name and model.get_submodule(name) is not lin:
+                    replace_module(model, [name], lin)
+        for mod, attr, value in fast_path:
+            setattr(mod, attr, value)
+        if skipped is missing:
+            model.__dict__.pop("pyfast_skipped", None)
+        else:
+            model.pyfast_skipped = skipped
+        raise
+

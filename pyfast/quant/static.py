@@ -16,6 +16,7 @@ attached, so the model can be fixed and the call retried.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import torch
@@ -77,6 +78,8 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
     observer: "minmax", "moving_average", "percentile", "mse" or an Observer subclass;
     observer_kwargs go to it (momentum=, percentile=, bins=). Layers that cannot be
     converted later are skipped now, with the reason in model.pyfast_skipped.
+    A model that is itself an nn.Linear / nn.Conv2d is refused (ValueError): convert
+    could not replace it in place; wrap it in a container (nn.Sequential(layer)).
     If it raises (a layer already observed, a bad include / exclude), no observer of
     this call stays attached. There is no public undo yet: convert_static(model)
     consumes the observers, or start from a fresh model.
@@ -91,6 +94,10 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
             reason = conv_unsupported_reason(mod)
             if reason is not None:
                 return reason
+        if name == "":
+            raise ValueError(f"model is itself an nn.{type(mod).__name__}; wrap it in a "
+                             "container (e.g. nn.Sequential(layer)) so that convert_static "
+                             "can replace it in place")
         if hasattr(mod, _OBS):
             raise ValueError(f"layer {name!r} already has an observer: prepare_static was "
                              "called twice; convert_static(model) first, or start from a fresh "
@@ -121,14 +128,18 @@ def _input_of(batch) -> Tensor:
                     f"with a tensor first, got {type(batch).__name__}")
 
 
-def calibrate(model: nn.Module, batches: Iterable, *, progress: Optional[bool] = None) -> nn.Module:
-    """Run `batches` (tensors x, or (x, y, ...) tuples whose x is used) through a
-    prepared model in eval mode without gradients, so its observers see them.
+def calibrate(model: nn.Module, batches: Union[Tensor, Iterable], *,
+              progress: Optional[bool] = None) -> nn.Module:
+    """Run `batches` (an iterable of tensors x, or of (x, y, ...) tuples whose x is
+    used) through a prepared model in eval mode without gradients, so its observers
+    see them. One tensor is one batch (as in gptq_quantize), not an iterable of rows.
     The training mode is restored afterwards. Returns model."""
     _check_model(model)
     if not _observed(model):
         raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
                          "before calibrate")
+    if isinstance(batches, Tensor):
+        batches = [batches]          # one batch: iterating would run it row by row
     was_training = model.training
     model.eval()
     seen = 0
@@ -152,8 +163,10 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
     layout: "canonical", "vnni" or "auto" (pyfast/nn/layout.py: "auto" stores the weight
     in VNNI order where the C++ CPU kernel runs at the AVX-512 level).
 
-    Raises ValueError (naming the layer) if an observer has no data or no usable range;
-    then nothing is converted."""
+    A layer that no calibration batch reached (while others were) is left as it is, as
+    gptq_quantize leaves it: its observer is removed and the reason goes into
+    model.pyfast_skipped, with a warning. Raises ValueError (naming the layer) if no layer
+    saw data, or an observer has no usable range; then nothing is converted."""
     _check_model(model)
     _layout.check(layout, accepted=("canonical", "vnni"), what="convert_static")
     layers = _observed(model)
@@ -161,15 +174,28 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
         raise ValueError("model has no observers: call pyfast.quant.prepare_static(model) "
                          "and calibrate(model, batches) before convert_static")
     scales = {}
+    unreached = [(name, mod) for name, mod in layers if getattr(mod, _OBS).batches == 0]
+    if len(unreached) == len(layers):
+        unreached = []      # no layer saw data: calibrate was not run (the error below)
+    layers = [(name, mod) for name, mod in layers if (name, mod) not in unreached]
     for name, mod in layers:
         obs: Observer = getattr(mod, _OBS)
         try:
             scales[name] = obs.scale()
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from exc
-    if "" in scales:
+    if "" in scales:   # prepare_static refuses it; an observer attached by hand
         raise ValueError(f"model is itself an nn.{type(model).__name__}; wrap it in a container "
                          "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+    if unreached:
+        _remove_observers([mod for _, mod in unreached])
+        why = ("no calibration batch reached it (the model's forward did not call it), so "
+               "it has no activation range: calibrate on inputs that reach it")
+        skipped = {**model.__dict__.get("pyfast_skipped", {}),
+                   **{name: why for name, _ in unreached}}
+        model.pyfast_skipped = skipped
+        warnings.warn("pyfast left these layers as they were: "
+                      + "; ".join(f"{n}: {why}" for n, _ in unreached), stacklevel=2)
     shared = positions(model, lambda m: hasattr(m, _OBS))   # every name of each layer
     with torch.no_grad():
         for name, mod in layers:
@@ -184,12 +210,17 @@ def convert_static(model: nn.Module, layout: str = "auto") -> nn.Module:
     return model
 
 
-def quantize_static(model: nn.Module, batches: Iterable, observer: Union[str, type] = "minmax",
+def quantize_static(model: nn.Module, batches: Union[Tensor, Iterable],
+                    observer: Union[str, type] = "minmax",
                     *, include: Filter = None, exclude: Filter = None, conv: bool = True,
                     progress: Optional[bool] = None, layout: str = "auto",
                     **observer_kwargs) -> nn.Module:
     """prepare_static + calibrate + convert_static(model, layout) in one call; in place,
-    returns model.
+    returns model. batches as calibrate: an iterable of batches, or one tensor (one batch).
+
+    As pyfast.quantize: if include / exclude select no layer (or the model has none),
+    a warning says so and the model is returned unchanged; layers that cannot be
+    converted are left as they are, with the reason in model.pyfast_skipped.
 
     If any step raises (a batch the model cannot run, no batches, an observer with no
     usable range), the observers and hooks this call attached are removed and
@@ -200,6 +231,8 @@ def quantize_static(model: nn.Module, batches: Iterable, observer: Union[str, ty
     with _undone_on_error(model):
         prepare_static(model, observer, include=include, exclude=exclude, conv=conv,
                        **observer_kwargs)
+        if not _observed(model):      # nothing selected or convertible: _walk warned
+            return model
         calibrate(model, batches, progress=progress)
         return convert_static(model, layout)
 
