@@ -5,8 +5,10 @@ made once per layer shape (`Layer`) in every format, each as a list of copies fo
 rotation (bench/timing.py); activations once per cell (`Cell`).
 
 Correctness: a pyfast row's first output is compared once with the reference
-backend's output for the same inputs (`pyfast.use_backend(op="reference")`); a torch
-baseline's output is spot-checked on a few columns against a float64 product.
+backend's output for the same inputs (`pyfast.use_backend(op="reference")`): same
+shape, same dtype, values within tolerance; a torch baseline's output is checked for
+its shape and spot-checked on a few columns against a float64 product. A check returns
+(status, error) or, when it has something to say, (status, error, note).
 """
 from __future__ import annotations
 
@@ -110,18 +112,40 @@ class Layer:
     torch_hugepages: bool = False   # TORCH_FORMATS placed like pyfast's too (make_layer)
 
     def copies(self) -> Dict[str, int]:
-        return {name: len(getattr(self, name)) for name in
-                ("dense", "half", "int8", "int8_kn", "int8_nk", "int4", "sparse24", "sparse24_int4",
-                 "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni")}
+        return {name: len(getattr(self, name)) for name in LAYER_FORMATS}
+
+
+LAYER_FORMATS = ("dense", "half", "int8", "int8_kn", "int8_nk", "int4", "sparse24",
+                 "sparse24_int4", "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni")
 
 
 TORCH_FORMATS = ("dense", "half", "int8_kn", "int8_nk")   # the torch baselines' weights
+# The formats each row reads (and rotates through at small M): make_layer makes copies of
+# these only, and bench.run sizes its memory cap by their number.
+BASELINE_FORMATS = ("dense", "half", "int8", "int8_kn", "int8_nk")   # baseline_cases
+CPU_BASELINE_FORMATS = ("int8", "int8_nk", "int4")                   # cpu_baselines.py
+OP_FORMATS = {"quantize_per_token": (), "int8_mm": ("int8",), "int8_mm_vnni": ("int8_vnni",),
+              "w8a8_mm": ("int8",), "w8a8_mm_vnni": ("int8_vnni",), "int8_weight_mm": ("int8",),
+              "int4_mm": ("int4",), "sparse24_mm": ("sparse24",),
+              "sparse24_int4_mm": ("sparse24_int4",), "int4_mm_tc": ("int4_tc",),
+              "sparse24_mm_tc": ("sparse24_tc",), "sparse24_int4_mm_tc": ("sparse24_int4_tc",),
+              "w8a8_e2e": ("int8",), "w8a8_static_e2e": ("int8_vnni",)}
+
+
+def formats_used(ops, cpu_baselines: bool) -> Tuple[str, ...]:
+    """The Layer formats that the rows of `ops`, the torch baselines and (cpu_baselines)
+    the CPU baselines read, in Layer.copies() order."""
+    used = set(BASELINE_FORMATS) | (set(CPU_BASELINE_FORMATS) if cpu_baselines else set())
+    used |= {f for op in ops for f in OP_FORMATS[op]}
+    return tuple(f for f in LAYER_FORMATS if f in used)
 
 
 def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: torch.dtype,
-               copies_for: Callable[[int], int], torch_hugepages: bool = False) -> Layer:
+               copies_for: Callable[[int], int], torch_hugepages: bool = False,
+               rotate_formats: Optional[Tuple[str, ...]] = None) -> Layer:
     """Random weight ~ N(0, 1/K), packed with the reference kernels; copies_for(bytes of
-    one copy) says how many copies of each format to keep. The pyfast formats' copies
+    one copy) says how many copies of each format in rotate_formats (default: all) to
+    keep; the other formats get one copy (no row reads them). The pyfast formats' copies
     are placed as a pyfast layer places its buffers (pyfast/memory.py); the torch
     baselines' weights (TORCH_FORMATS) are PyTorch's own tensors, placed so too only
     with torch_hugepages."""
@@ -143,7 +167,8 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
                "sparse24_int4": sparse_int4,
                "int4_tc": int4_tc, "sparse24_tc": sparse_tc,
                "sparse24_int4_tc": sparse_int4_tc, "int8_vnni": int8_vnni}
-    return Layer(k, n, **{name: _copies(v, copies_for(_size(v)),
+    rotate = LAYER_FORMATS if rotate_formats is None else rotate_formats
+    return Layer(k, n, **{name: _copies(v, copies_for(_size(v)) if name in rotate else 1,
                                         torch_hugepages or name not in TORCH_FORMATS)
                           for name, v in formats.items()}, torch_hugepages=torch_hugepages)
 
@@ -183,6 +208,10 @@ class Cell:
     def copies(self, fmt: Optional[str]) -> int:
         return len(getattr(self.layer, fmt)) if (fmt and self.rotate) else 1
 
+    def weight_bytes(self, fmt: Optional[str]) -> int:
+        """Bytes of one copy of the weight in fmt (0 for a row without a weight)."""
+        return _size(getattr(self.layer, fmt)[0]) if fmt else 0
+
     def reference(self, op: str, run: Callable[[int], Any]) -> Any:
         """The reference backend's output on copy 0, computed once per op and cell."""
         if op not in self._oracle:
@@ -201,10 +230,11 @@ class Case:
     copies: int
     flops: Optional[int]
     bytes: int
-    check: Callable[[Any], Tuple[str, Optional[float]]]   # first output -> (status, error)
+    check: Callable[[Any], tuple]            # first output -> (status, error[, note])
     force: Dict[str, str] = field(default_factory=dict)   # use_backend(**force) while timing
     default: bool = False                                 # what a plain call runs here
     note: str = ""
+    weight_bytes: Optional[int] = None  # one copy of the weight the row reads (rotation)
 
 
 def forced_ops(op: str) -> Tuple[str, ...]:
@@ -223,30 +253,57 @@ def _status(err: float, tol: float) -> str:
     return "ok" if err <= tol else "MISMATCH"      # NaN <= tol is False
 
 
-def compare_to(ref: Any, out_dtype: torch.dtype) -> Callable[[Any], Tuple[str, float]]:
+def _describe(t: Any) -> str:
+    if isinstance(t, Tensor):
+        return f"{SHORT.get(t.dtype, str(t.dtype).replace('torch.', ''))}{list(t.shape)}"
+    return type(t).__name__
+
+
+def unlike(out: Any, ref: Tensor, what: str = "output") -> Optional[str]:
+    """Why out cannot stand for ref (not a tensor, another shape or dtype), else None."""
+    if isinstance(out, Tensor) and out.shape == ref.shape and out.dtype == ref.dtype:
+        return None
+    return f"{what} is {_describe(out)}, the reference's {_describe(ref)}"
+
+
+def compare_to(ref: Any, out_dtype: torch.dtype) -> Callable[[Any], tuple]:
+    """out against the reference's output: same shape and dtype, values within tolerance."""
     def check(out):
+        why = unlike(out, ref)
+        if why:
+            return "MISMATCH", None, why
         err = relative_error(out, ref)
         return _status(err, tolerance(out_dtype)), err
     return check
 
 
-def compare_quantized(ref: Tuple[Tensor, Tensor]) -> Callable[[Any], Tuple[str, float]]:
-    """quantize_per_token: q within 1 step of the reference (x/scale vs x*(1/scale) can
-    round differently at .5), scales within 1e-5 relative. Error reported: max |q diff|."""
+def compare_quantized(ref: Tuple[Tensor, Tensor]) -> Callable[[Any], tuple]:
+    """quantize_per_token: q and scales of the reference's shapes and dtypes, q within 1
+    step of the reference (x/scale vs x*(1/scale) can round differently at .5), scales
+    within 1e-5 relative. Error reported: max |q diff|."""
     def check(out):
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            return "MISMATCH", None, f"output is {type(out).__name__}, not (q, scale)"
         q, s = out
+        why = unlike(q, ref[0], "q") or unlike(s, ref[1], "scale")
+        if why:
+            return "MISMATCH", None, why
         q_err = float((q.int() - ref[0].int()).abs().max()) if q.numel() else 0.0
         s_err = relative_error(s, ref[1])
         return ("ok" if q_err <= 1 and s_err <= 1e-5 else "MISMATCH"), q_err
     return check
 
 
-def spot_check(x: Tensor, w: Tensor, tol: float) -> Callable[[Any], Tuple[str, float]]:
-    """Baselines: 8 output columns against x.double() @ w[cols].double().T."""
+def spot_check(x: Tensor, w: Tensor, tol: float) -> Callable[[Any], tuple]:
+    """Baselines: an output of shape [M, N], 8 of its columns against
+    x.double() @ w[cols].double().T."""
     cols = torch.linspace(0, w.shape[0] - 1, 8, device=w.device).long()
     ref = x.double() @ w[cols].double().T
+    shape = (x.shape[0], w.shape[0])
 
     def check(out):
+        if not isinstance(out, Tensor) or tuple(out.shape) != shape:
+            return "MISMATCH", None, f"output is {_describe(out)}, expected shape {list(shape)}"
         err = relative_error(out[:, cols], ref)
         return _status(err, tol), err
     return check
@@ -264,18 +321,20 @@ def baseline_cases(cell: Cell) -> List[Case]:
     return [
         Case("F.linear", "torch", "f32", lambda i: F.linear(cell.x32, cell.pick("dense", i)),
              cell.copies("dense"), flops, lin(cell.x32, w0),
-             spot_check(cell.x32, w0, tolerance(torch.float32)), note="dense baseline"),
+             spot_check(cell.x32, w0, tolerance(torch.float32)), note="dense baseline",
+             weight_bytes=nbytes(w0)),
         Case("F.linear", "torch", half, lambda i: F.linear(cell.xh, cell.pick("half", i)),
              cell.copies("half"), flops, lin(cell.xh, h0),
-             spot_check(cell.xh, h0, tolerance(cell.half_dtype)), note="dense baseline"),
+             spot_check(cell.xh, h0, tolerance(cell.half_dtype)), note="dense baseline",
+             weight_bytes=nbytes(h0)),
         Case("torch._int_mm", "torch", "i8->i32",
              lambda i: torch._int_mm(cell.a, cell.pick("int8_nk", i).t()),
              cell.copies("int8_nk"), flops, int_mm_bytes, spot_check(cell.a, q0, 0.0),
-             note="b = w.t(): [K,N] view, column-major"),
+             note="b = w.t(): [K,N] view, column-major", weight_bytes=nbytes(q0)),
         Case("torch._int_mm", "torch", "i8->i32",
              lambda i: torch._int_mm(cell.a, cell.pick("int8_kn", i)),
              cell.copies("int8_kn"), flops, int_mm_bytes, spot_check(cell.a, q0, 0.0),
-             note="b = [K,N] contiguous copy"),
+             note="b = [K,N] contiguous copy", weight_bytes=nbytes(q0)),
     ]
 
 
@@ -455,7 +514,7 @@ def pyfast_cases(op: str, cell: Cell, requested: Optional[List[str]]
             note = ", ".join(f"{o}={f}" for o, f in zip(TWO_OP_ROWS[op], chosen))
         cases.append(Case(op, label, dtype, call, cell.copies(fmt), flops, nbytes_moved,
                           _oracle_check(op, cell, call, out_dtype, is_reference),
-                          force, chosen == default, note))
+                          force, chosen == default, note, cell.weight_bytes(fmt)))
     return cases, skipped
 
 

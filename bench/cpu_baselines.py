@@ -7,19 +7,19 @@
                        (optional: pip install torchao; never a pyfast dependency)
 
 Each is built from the layer's own weight copies, so the rotation at small M is the
-same as for the pyfast rows. Rows that cannot be built say why in the bench output.
+same as for the pyfast rows. Rows that cannot be built (e.g. int4pack with N not a
+multiple of 16) are skipped, and the bench output and result file say why.
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import warnings
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .cases import TOL, Case, Cell, nbytes, spot_check
+from .cases import Case, Cell, nbytes, spot_check
 from .shapes import INT4_GROUP_SIZE
 
 
@@ -48,6 +48,23 @@ def _pick(cell: Cell, objs: list, i: int):
     return objs[i % len(objs)] if cell.rotate else objs[0]
 
 
+BUILD_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
+
+
+def _build(name: str, cell: Cell, key: str, fmt: str, build: Callable[[int], object],
+           skipped: List[Tuple[str, str]]) -> Optional[list]:
+    """_per_copy, or None with (name, why) added to skipped when torch cannot build it
+    for this shape (its own limits, e.g. int4pack needs N % 16 == 0)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # torch.ao.quantization is deprecated
+            return _per_copy(cell, key, fmt, build)
+    except BUILD_ERRORS as exc:
+        skipped.append((name, f"cannot be built for K={cell.layer.k} N={cell.layer.n}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+        return None
+
+
 def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
     if cell.device != "cpu":
         return [], []
@@ -56,23 +73,26 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
     out32, out16 = 4 * m * n, 2 * m * n
     cases, skipped = [], []
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # torch.ao.quantization is deprecated
-        dyn = _per_copy(cell, "dyn", "int8", lambda i: torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(_linear_from(_dense(cell, i))), {nn.Linear}, dtype=torch.qint8))
-    cases.append(Case("quantize_dynamic", "torch.ao", "f32->i8->f32",
-                      lambda i: _pick(cell, dyn, i)(cell.x32), _n(cell, dyn), flops,
-                      nbytes(cell.x32) + n * k + out32, spot_check(cell.x32, w0, 0.05),
-                      note="W8A8 dynamic, deprecated upstream"))
+    dyn = _build("quantize_dynamic", cell, "dyn", "int8",
+                 lambda i: torch.ao.quantization.quantize_dynamic(
+                     nn.Sequential(_linear_from(_dense(cell, i))), {nn.Linear}, dtype=torch.qint8),
+                 skipped)
+    if dyn is not None:
+        cases.append(Case("quantize_dynamic", "torch.ao", "f32->i8->f32",
+                          lambda i: _pick(cell, dyn, i)(cell.x32), _n(cell, dyn), flops,
+                          nbytes(cell.x32) + n * k + out32, spot_check(cell.x32, w0, 0.05),
+                          note="W8A8 dynamic, deprecated upstream", weight_bytes=n * k))
 
     # int8_nk: PyTorch's own int8 tensor, not pyfast's placed copy (cases.make_layer)
-    i8 = _per_copy(cell, "int8pack", "int8_nk", lambda i: (
-        cell.layer.int8_nk[i], cell.layer.int8[i % len(cell.layer.int8)][1].to(torch.bfloat16)))
+    i8 = _build("int8pack", cell, "int8pack", "int8_nk", lambda i: (
+        cell.layer.int8_nk[i], cell.layer.int8[i % len(cell.layer.int8)][1].to(torch.bfloat16)),
+        skipped)
     xb = cell.x32.to(torch.bfloat16)
-    cases.append(Case("torch._weight_int8pack_mm", "torch", "bf16.w8",
-                      lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), _n(cell, i8), flops,
-                      nbytes(xb) + n * k + 2 * n + out16, spot_check(xb, w0, 0.05),
-                      note="int8 weight-only, bf16 x"))
+    if i8 is not None:
+        cases.append(Case("torch._weight_int8pack_mm", "torch", "bf16.w8",
+                          lambda i: torch._weight_int8pack_mm(xb, *_pick(cell, i8, i)), _n(cell, i8),
+                          flops, nbytes(xb) + n * k + 2 * n + out16, spot_check(xb, w0, 0.05),
+                          note="int8 weight-only, bf16 x", weight_bytes=n * k + 2 * n))
 
     def int4pack(i):
         packed, scales, zeros = cell.layer.int4[i]
@@ -81,12 +101,15 @@ def cpu_baseline_cases(cell: Cell) -> Tuple[List[Case], List[Tuple[str, str]]]:
         # torch dequantizes (q - 8) * scale + zero; pyfast's symmetric pack is (q - 8) * scale
         sz = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=2).to(torch.bfloat16)
         return b, sz.contiguous()
-    i4 = _per_copy(cell, "int4pack", "int4", int4pack)
-    cases.append(Case("torch._weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
-                      lambda i: torch._weight_int4pack_mm_for_cpu(
-                          xb, _pick(cell, i4, i)[0], INT4_GROUP_SIZE, _pick(cell, i4, i)[1]),
-                      _n(cell, i4), flops, nbytes(xb) + n * k // 2 + 4 * n * k // INT4_GROUP_SIZE + out16,
-                      spot_check(xb, w0, 0.2), note="int4 weight-only, bf16 x"))
+    i4 = _build("int4pack", cell, "int4pack", "int4", int4pack, skipped)
+    i4_bytes = n * k // 2 + 4 * n * k // INT4_GROUP_SIZE
+    if i4 is not None:
+        cases.append(Case("torch._weight_int4pack_mm_for_cpu", "torch", f"bf16.w4g{INT4_GROUP_SIZE}",
+                          lambda i: torch._weight_int4pack_mm_for_cpu(
+                              xb, _pick(cell, i4, i)[0], INT4_GROUP_SIZE, _pick(cell, i4, i)[1]),
+                          _n(cell, i4), flops, nbytes(xb) + i4_bytes + out16,
+                          spot_check(xb, w0, 0.2), note="int4 weight-only, bf16 x",
+                          weight_bytes=i4_bytes))
 
     torchao_cases, why = _torchao_cases(cell, flops)
     cases += torchao_cases
@@ -128,7 +151,8 @@ def _torchao_cases(cell: Cell, flops: int):
         out.append(Case(f"torchao {label}", "torchao", "f32" if dtype == torch.float32 else "bf16",
                         lambda i, models=models, x=x: _pick(cell, models, i)(x), _n(cell, models), flops,
                         nbytes(x) + n * k + 4 * n + m * n * x.element_size(),
-                        spot_check(x, w0, 0.05), note="torchao quantize_"))
+                        spot_check(x, w0, 0.05), note="torchao quantize_",
+                        weight_bytes=n * k + 4 * n))
     return out, ""
 
 

@@ -2,23 +2,28 @@
 F.linear for every row of one layer shape, one line per op/backend, M on the x axis.
 
 Made from a committed result file only (the README's plot is this command's output).
-Needs matplotlib (pip install matplotlib, or the `bench` extra).
+Rows that failed their check against the reference are left out (the command says how
+many, and exits 1). Needs matplotlib (pip install matplotlib, or the `bench` extra).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from pathlib import Path
 
-from .report import _label
+from .report import _label, checked, choose_shape, load, parser
+
+NO_MATPLOTLIB = ("bench.plot needs matplotlib, which is not installed here: "
+                 "pip install matplotlib (or pip install '.[bench]')")
 
 
 def series(result: dict, k: int, n: int) -> dict:
     """{"op [backend] dtype": [(M, speedup over fp32 F.linear), ...] sorted by M};
-    reference rows are left out (they are the oracle, not a fast path)."""
+    reference rows are left out (they are the oracle, not a fast path), and so are rows
+    that failed their check (not a verified number)."""
     rows = [r for r in result["rows"] if r["K"] == k and r["N"] == n and r["median_ms"]
             and r["op"] != "quantize_per_token" and r.get("speedup_vs_f32_linear")
-            and r["backend"] != "reference"]       # the oracle, not a fast path
+            and r["backend"] != "reference"       # the oracle, not a fast path
+            and checked(r)]
     out: dict = {}
     for r in rows:
         out.setdefault(f"{r['op']} [{_label(r)}] {r['dtype']}", []).append(
@@ -52,19 +57,29 @@ def plot(result: dict, k: int, n: int, out: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n")[0])
-    p.add_argument("file", type=Path)
-    p.add_argument("--shape", default="4096x4096", help="layer as KxN")
+    p = parser("python -m bench.plot", __doc__)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default docs/<file stem>_<shape>.png)")
     args = p.parse_args(argv)
-    k, n = (int(v) for v in args.shape.lower().split("x"))
-    result = json.loads(args.file.read_text())
+    result = load(p, args.file)
+    k, n = choose_shape(p, result, args.shape, args.file)
+    if not series(result, k, n):
+        p.error(f"{args.file.name}: no row of {k}x{n} to plot")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(NO_MATPLOTLIB, file=sys.stderr)
+        return 1
     out = args.out or Path("docs") / f"{args.file.stem}_{k}x{n}.png"
     machine = result.get("machine", {})
     title = (f"{machine.get('device_name', '?')}, {machine.get('torch_threads', '?')} threads, "
              f"K={k} N={n} ({args.file.name})")
     plot(result, k, n, out, title)
     print(f"wrote {out}")
+    failed = [r for r in result["rows"] if (r["K"], r["N"]) == (k, n) and not checked(r)]
+    if failed:
+        print(f"left out {len(failed)} rows that failed their check against the reference "
+              f"({', '.join(sorted({r['check'] for r in failed}))})", file=sys.stderr)
+        return 1
     return 0
 
 

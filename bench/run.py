@@ -17,14 +17,16 @@ unless named in --ops), on
 CUDA also int4_mm_tc, sparse24_mm_tc and sparse24_int4_mm_tc (the tensor-core layouts the
 CUDA C++ kernels read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
 and torch._int_mm. Every row's output is checked once (bench/cases.py); timing is in
-bench/timing.py. Prints a table and writes bench/results/<device>_<date>.json.
-Exit status 1 if any row is MISMATCH or ERROR.
+bench/timing.py. Prints a table and writes bench/results/<device>_<date>.json
+(a run that crashes writes the rows measured so far, marked "incomplete", then raises).
+Exit status 1 if any row is MISMATCH or ERROR, or if no pyfast row was timed.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -47,6 +49,11 @@ from .cpu_baselines import cpu_baseline_cases, measure_bandwidth_gbs
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FAILED = ("MISMATCH", "ERROR")
+# A row whose weight copies add up to less than this fraction of the rotation target is
+# reported (rotation.short_of_target): the memory cap or timing.MAX_COPIES held it back.
+# (Not 1.0: the CPU baselines' copies are counted to the pyfast format they are built
+# from, e.g. int4pack's to int4's, and their own bytes differ by a few percent.)
+SHORT_OF_TARGET = 0.9
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -65,19 +72,25 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "the torch baselines always run")
     p.add_argument("--act-dtype", choices=tuple(DTYPES), default=None,
                    help="activations of the pyfast ops: default float32 on CPU, float16 on GPU")
-    p.add_argument("--reps", type=int, default=None,
-                   help="at most this many timed repetitions per row (default 100; --quick 10)")
-    p.add_argument("--min-reps", type=int, default=3, help="at least this many (default 3)")
-    p.add_argument("--max-seconds-per-cell", type=float, default=None,
-                   help="time each row for about this long (default 1.0; --quick 0.05); "
-                        "the rows of a cell are timed interleaved, one repetition each per round")
-    p.add_argument("--rotate-mib", type=float, default=None,
+    p.add_argument("--reps", type=_number(int, "--reps", 1), default=None,
+                   help="at most this many timed repetitions per row, exactly this many where "
+                        "--max-seconds-per-cell allows (default 100; --quick 10; with "
+                        "--cuda-graphs each replay covers every weight copy, which can be more)")
+    p.add_argument("--min-reps", type=_number(int, "--min-reps", 1), default=3,
+                   help="at least this many, however slow the row (default 3; at most --reps)")
+    p.add_argument("--max-seconds-per-cell", type=_number(float, "--max-seconds-per-cell", 0),
+                   default=None,
+                   help="seconds of timed repetitions per ROW, despite the name (default 1.0; "
+                        "--quick 0.05; 0: --min-reps only): the rows of a cell are timed "
+                        "interleaved, one burst each per round, so a cell of R rows takes "
+                        "about R times this")
+    p.add_argument("--rotate-mib", type=_number(float, "--rotate-mib", 0), default=None,
                    help="MiB of weights to rotate through at small M (default: 256, or 8x the "
                         "last-level cache if larger; --quick 1; 0: no rotation)")
-    p.add_argument("--rotate-max-m", type=int, default=16,
-                   help="rotate weight copies for M <= this (default 16)")
-    p.add_argument("--peak-gbs", type=float, default=None,
-                   help="memory bandwidth of the device in GB/s, to print %% of peak "
+    p.add_argument("--rotate-max-m", type=_number(int, "--rotate-max-m", 0), default=16,
+                   help="rotate weight copies for M <= this (default 16; 0: no rotation)")
+    p.add_argument("--peak-gbs", type=_number(float, "--peak-gbs", 0, strict=True), default=None,
+                   help="memory bandwidth of the device in GB/s (> 0), to print %% of peak "
                         "(CPU default: measured at the start of the run)")
     p.add_argument("--no-torch-cpu-baselines", dest="torch_cpu_baselines", action="store_false",
                    help="skip quantize_dynamic, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu "
@@ -90,8 +103,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help=f"smoke test: shape {S.QUICK_SHAPES[0][0]}x{S.QUICK_SHAPES[0][1]}, "
                         f"M {','.join(map(str, S.QUICK_MS))}, few reps")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                   help="directory for the JSON result (default bench/results)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+                   help="directory for the JSON result, made if missing (default bench/results)")
+    p.add_argument("--threads", type=_number(int, "--threads", 1), default=None,
+                   help="torch.set_num_threads(N), N >= 1")
     p.add_argument("--float32-matmul-precision", choices=("highest", "high", "medium"),
                    default="highest",
                    help="torch.set_float32_matmul_precision for the run (default highest); "
@@ -109,28 +123,87 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.cuda_graphs and args.device != "cuda":
         p.error(f"--cuda-graphs times CUDA graphs: it needs --device cuda, not {args.device}")
     quick = args.quick
-    args.m = args.m or list(S.QUICK_MS if quick else S.LLM_MS)
-    args.shapes = args.shapes or list(S.QUICK_SHAPES if quick else S.LLM_SHAPES)
-    args.ops = args.ops or [o for o in C.ALL_OPS
-                            if o not in (C.CPU_LAYOUT_OPS if args.device == "cuda"
-                                         else C.CUDA_LAYOUT_OPS)]
-    args.act_dtype = args.act_dtype or ("float16" if args.device == "cuda" else "float32")
-    args.reps = args.reps or (10 if quick else 100)
+    if args.m is None:
+        args.m = list(S.QUICK_MS if quick else S.LLM_MS)
+    if args.shapes is None:
+        args.shapes = list(S.QUICK_SHAPES if quick else S.LLM_SHAPES)
+    if args.ops is None:
+        args.ops = [o for o in C.ALL_OPS
+                    if o not in (C.CPU_LAYOUT_OPS if args.device == "cuda" else C.CUDA_LAYOUT_OPS)]
+    if args.act_dtype is None:
+        args.act_dtype = "float16" if args.device == "cuda" else "float32"
+    if args.reps is None:
+        args.reps = 10 if quick else 100
+    if args.min_reps > args.reps:
+        p.error(f"--min-reps {args.min_reps} is more than --reps {args.reps} (default 100, "
+                "10 with --quick): --min-reps must be at most --reps")
     if args.max_seconds_per_cell is None:
         args.max_seconds_per_cell = 0.05 if quick else 1.0
     if args.rotate_mib is None and quick:
         args.rotate_mib = 1.0
+    untimeable = _untimeable(args.ops, args.device, args.backends)
+    if len(untimeable) == len(args.ops):
+        p.error("no pyfast row can be timed here:\n  " + "\n  ".join(
+            f"{op} / {family}: {why}" for op, reasons in untimeable.items()
+            for family, why in reasons))
+    _check_out(p, args.out)
     return args
 
 
+def _number(kind, option: str, minimum: float, strict: bool = False):
+    """argparse type: a `kind` (int or float) >= minimum (> minimum with strict)."""
+    accepted = f"{'an integer' if kind is int else 'a finite number'} " + \
+        f"{'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (value is None or not math.isfinite(value)
+                or value < minimum or (strict and value == minimum)):
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: expected {accepted}")
+        return value
+    return parse
+
+
 def _names(allowed):
+    """argparse type: names from `allowed`, comma-separated (a repeated name counts once)."""
     def parse(text: str) -> List[str]:
-        names = [p.strip() for p in text.split(",") if p.strip()]
+        names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
         bad = [n for n in names if n not in allowed]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"{text!r}: accepted names: {', '.join(allowed)}")
         return names
     return parse
+
+
+def _untimeable(ops: List[str], device: str, backends: Optional[List[str]]
+                ) -> Dict[str, List[tuple]]:
+    """{op: [(family, why not)]} for each op of which no backend family can run here (no
+    row would be timed; cells can still skip families the shape does not suit)."""
+    out = {}
+    for op in ops:
+        found = [C.usable_families(o, device, backends) for o in C.forced_ops(op)]
+        if not any(usable for usable, _ in found):
+            out[op] = [s for _, skipped in found for s in skipped] or [("-", "no backend family")]
+    return out
+
+
+def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """--out must be a directory, or a path where one can be made (made now, before any
+    timing, so that a bad --out does not throw away a sweep)."""
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out}: is a file; --out takes the directory the result file goes in")
+    if not out.exists() and out.suffix == ".json":
+        p.error(f"--out {out}: looks like a file name; --out takes the directory the result "
+                "file goes in (its name is <device>_<date>.json)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {out}: cannot make this directory ({exc.strerror or exc})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: the directory is not writable")
 
 
 # --- the machine ----------------------------------------------------------------------
@@ -220,6 +293,7 @@ def _row(case: C.Case, cell: C.Cell) -> Dict[str, Any]:
             "device": cell.device, "M": m, "K": k, "N": n, "dtype": case.dtype,
             "median_ms": None, "min_ms": None, "reps": 0, "rotated_copies": case.copies,
             "flops": case.flops, "bytes": case.bytes, "tflops": None, "gbs": None,
+            "rotation_bytes": (case.copies * case.weight_bytes) if case.weight_bytes else None,
             "speedup_vs_f32_linear": None, "speedup_vs_half_linear": None,
             "check": "ERROR", "max_rel_err": None, "note": case.note}
 
@@ -239,7 +313,10 @@ def measure_cell(cases: List[C.Case], cell: C.Cell, budget: T.Budget,
         try:
             if isinstance(t, Exception):
                 raise t
-            row["check"], row["max_rel_err"] = case.check(t.first_output)
+            status = case.check(t.first_output)
+            row["check"], row["max_rel_err"] = status[0], status[1]
+            if len(status) > 2:                   # the check says why (e.g. wrong dtype)
+                row["note"] = "; ".join(filter(None, (row["note"], status[2])))
         except (RuntimeError, ValueError, TypeError) as exc:
             row["check"] = "ERROR"
             row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -266,8 +343,15 @@ def add_speedups(cell_rows: List[Dict[str, Any]]) -> None:
             r["speedup_vs_half_linear"] = base["half"] / r["median_ms"]
 
 
-def sweep(args: argparse.Namespace, emit) -> tuple:
-    """All rows and skipped cells; emit(line) prints as the sweep goes."""
+def sweep(args: argparse.Namespace, emit, peak_gbs: Optional[float] = None,
+          out: Optional[Dict[str, Any]] = None) -> tuple:
+    """(rows, skipped, rotation); emit(line) prints as the sweep goes. `out`, if given, is
+    filled as the sweep goes ({"rows": [...], "skipped": [...], "rotation": {...}}), so a
+    caller still has what was measured when a later cell raises. peak_gbs: the bandwidth
+    for the rows' pct_peak_bw (default --peak-gbs)."""
+    out = {"rows": [], "skipped": [], "rotation": {}} if out is None else out
+    rows, skipped, rotation = out["rows"], out["skipped"], out["rotation"]
+    peak_gbs = args.peak_gbs if peak_gbs is None else peak_gbs
     device, act = args.device, DTYPES[args.act_dtype]
     half = torch.float16 if device == "cuda" else torch.bfloat16
     budget = T.Budget(min_reps=args.min_reps, max_reps=args.reps,
@@ -275,13 +359,19 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
                       warmup_seconds=0.01 if args.quick else 0.1, cuda_graphs=args.cuda_graphs)
     target = T.rotation_target_bytes(device, args.rotate_mib)
     rotating = target > 0 and any(m <= args.rotate_max_m for m in args.m)
-    # Room for copies: a quarter of free host memory (half of free GPU memory), per format.
-    cap = int(T.free_memory_bytes(device) * (0.5 if device == "cuda" else 0.25)) // 6
-    copies_for = (lambda b: T.copies_for(b, target, cap)) if rotating else (lambda b: 1)
-    rows: List[Dict[str, Any]] = []
-    skipped: List[Dict[str, Any]] = []
+    cpu_baselines = args.torch_cpu_baselines and device == "cpu"
+    formats = C.formats_used(args.ops, cpu_baselines)
+    cap = copies_cap_bytes(device, formats, cpu_baselines)
+    copies_for = ((lambda b: T.copies_for(b, target, cap, T.MAX_COPIES)) if rotating
+                  else (lambda b: 1))
+    rotation.update({"target_bytes": target if rotating else 0, "max_m": args.rotate_max_m,
+                     "used": rotating, "formats": list(formats), "max_copies": T.MAX_COPIES,
+                     "memory_cap_bytes_per_format": cap if rotating else None,
+                     "short_of_target": []})
+    short = rotation["short_of_target"]
     for k, n in args.shapes:
-        layer = C.make_layer(k, n, device, act, half, copies_for, args.torch_hugepages)
+        layer = C.make_layer(k, n, device, act, half, copies_for, args.torch_hugepages,
+                             rotate_formats=formats)
         for m in args.m:
             cell = C.Cell(m, layer, device, act, half, rotate=m <= args.rotate_max_m)
             todo = [(c, True) for c in C.baseline_cases(cell)]
@@ -296,7 +386,7 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
                 skipped += [{"op": op, "backend": f, "M": m, "K": k, "N": n, "reason": why}
                             for f, why in op_skipped]
             cell_rows = []
-            measured = measure_cell([c for c, _ in todo], cell, budget, args.peak_gbs)
+            measured = measure_cell([c for c, _ in todo], cell, budget, peak_gbs)
             for (case, is_baseline), row in zip(todo, measured):
                 if is_baseline and row["check"] == "ERROR":   # torch's own shape limits
                     skipped.append({"op": case.op, "backend": case.backend, "M": m, "K": k,
@@ -305,18 +395,33 @@ def sweep(args: argparse.Namespace, emit) -> tuple:
                 cell_rows.append(row)
             add_speedups(cell_rows)
             for row in cell_rows:
-                emit(format_row(row, bool(args.peak_gbs)))
+                emit(format_row(row, bool(peak_gbs)))
+                if (cell.rotate and rotating and row["rotation_bytes"]
+                        and row["rotation_bytes"] < SHORT_OF_TARGET * target):
+                    short.append({key: row[key] for key in ("op", "backend", "dtype", "note", "M",
+                                                            "K", "N", "rotated_copies",
+                                                            "rotation_bytes")})
             rows += cell_rows
         del layer
         if device == "cuda":
             torch.cuda.empty_cache()
-    return rows, skipped, {"target_bytes": target if rotating else 0,
-                           "max_m": args.rotate_max_m, "used": rotating}
+    return rows, skipped, rotation
 
 
-def result_path(out_dir: Path, device: str, quick: bool) -> Path:
+def copies_cap_bytes(device: str, formats, cpu_baselines: bool) -> int:
+    """Bytes of rotation copies allowed per format: a quarter of free host memory (half of
+    free GPU memory), shared by the formats the rows read and, on CPU, the baselines' own
+    per-copy objects (quantize_dynamic, int4pack, torchao's two: cpu_baselines.py)."""
+    share = len(formats) + (4 if cpu_baselines else 0)
+    return int(T.free_memory_bytes(device) * (0.5 if device == "cuda" else 0.25)) // max(1, share)
+
+
+def result_path(out_dir: Path, device: str, quick: bool,
+                now: Optional[_dt.datetime] = None) -> Path:
+    """out_dir/<device>_<date>[_quick].json, with _HHMMSS (of `now`: the run's start) and
+    then _2, _3, ... where that file exists."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or device
-    now = _dt.datetime.now()
+    now = now or _dt.datetime.now()
     stem = f"{slug}_{now:%Y-%m-%d}" + ("_quick" if quick else "")
     path = out_dir / f"{stem}.json"
     if path.exists():
@@ -328,9 +433,32 @@ def result_path(out_dir: Path, device: str, quick: bool) -> Path:
     return path
 
 
+def _finite(v):
+    """v with every NaN or infinite float replaced by None (JSON null): strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def write_result(result: Dict[str, Any], out_dir: Path, device: str, quick: bool,
+                 started: _dt.datetime) -> Path:
+    """The result as strict JSON (NaN -> null), the rows and skipped lists last."""
+    last = ("rows", "skipped")
+    ordered = {**{k: v for k, v in result.items() if k not in last},
+               **{k: result[k] for k in last}}
+    path = result_path(out_dir, device, quick, started)
+    path.write_text(json.dumps(_finite(ordered), indent=1, allow_nan=False) + "\n")
+    return path
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
+    started_at = _dt.datetime.now()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -346,33 +474,29 @@ def main(argv: Optional[List[str]] = None) -> int:
               "using the CPU and CPU timings will be noisy")
     print("* = what a plain call runs here; xF32/x" + half_name.upper() + " = speedup vs "
           "F.linear in that dtype, same shape, this run; rot = weight copies rotated\n")
+    # The bandwidth the rows' %BW is of: --peak-gbs, else measured now (CPU). The user's
+    # --peak-gbs stays in result["args"]; what was used is result["bandwidth"]["gbs"].
+    peak_gbs = args.peak_gbs
     bandwidth = {"gbs": args.peak_gbs, "source": "--peak-gbs" if args.peak_gbs else None}
     if args.peak_gbs is None and args.device == "cpu":
         mib = 64 if args.quick else 512
         pages = measure_bandwidth_gbs(mib=mib)
         huge = measure_bandwidth_gbs(mib=mib, hugepages=True) if memory.status() is None else None
-        args.peak_gbs = max(pages, huge or 0.0)
-        bandwidth = {"gbs": args.peak_gbs, "gbs_4k_pages": pages, "gbs_huge_pages": huge,
+        peak_gbs = max(pages, huge or 0.0)
+        bandwidth = {"gbs": peak_gbs, "gbs_4k_pages": pages, "gbs_huge_pages": huge,
                      "source": f"measured: median torch.sum over {mib} MiB float32, "
                                f"{torch.get_num_threads()} threads, at the start of this run, "
                                "the larger of PyTorch's pages and huge pages (pyfast/memory.py)"}
-        print(f"memory bandwidth (read, measured now): {args.peak_gbs:.1f} GB/s (PyTorch's "
+        print(f"memory bandwidth (read, measured now): {peak_gbs:.1f} GB/s (PyTorch's "
               f"pages {pages:.1f}, huge pages {'n/a' if huge is None else f'{huge:.1f}'})")
-    print(header(half_name, bool(args.peak_gbs)), flush=True)
-    rows, skipped, rotation = sweep(args, lambda line: print(line, flush=True))
-    if skipped:
-        print("\nnot timed:")
-        for s in {(s["op"], s["backend"], s["reason"]): s for s in skipped}.values():
-            print(f"  {s['op']} / {s['backend']}: {s['reason']}")
-    elapsed = time.perf_counter() - started
-    failed = [r for r in rows if r["check"] in FAILED]
+    print(header(half_name, bool(peak_gbs)), flush=True)
     result = {
         "machine": machine,
         "command": " ".join(["python -m bench.run", *(sys.argv[1:] if argv is None else argv)]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "half_dtype": half_name,
         "float32_matmul_precision": args.float32_matmul_precision,
-        "rotation": rotation,
+        "rotation": {},
         "bandwidth": bandwidth,
         "memory": {"pyfast_weights": memory.describe(),
                    "torch_weights": ("placed as pyfast's (--torch-hugepages)"
@@ -384,17 +508,49 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "median of per-call CUDA event times (no sync between calls)"
                    if args.device == "cuda" else "median of per-call time.perf_counter_ns")
                   + "; the rows of a cell interleaved, one repetition each per round",
-        "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_s": round(elapsed, 1),
+        "started": started_at.isoformat(timespec="seconds"),
         "load_average_before": load_before,      # 1/5/15-min; > 0 = other work on the machine
-        "load_average_after": os.getloadavg(),
-        "rows": rows,
-        "skipped": skipped,
+        "rows": [],
+        "skipped": [],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = result_path(args.out, args.device, args.quick)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(failed)} failed checks; wrote {path}")
+
+    def finish(**extra) -> Path:
+        result.update(finished=_dt.datetime.now().isoformat(timespec="seconds"),
+                      elapsed_s=round(time.perf_counter() - started, 1),
+                      load_average_after=os.getloadavg(), **extra)
+        return write_result(result, args.out, args.device, args.quick, started_at)
+
+    try:
+        rows, skipped, _ = sweep(args, lambda line: print(line, flush=True), peak_gbs, result)
+    except (Exception, KeyboardInterrupt) as exc:   # keep what was measured, then re-raise
+        if result["rows"]:
+            path = finish(incomplete=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                          if str(exc) else type(exc).__name__)
+            print(f"\nthe run stopped ({type(exc).__name__}); the {len(result['rows'])} rows "
+                  f"measured before it are in {path} (marked incomplete)", file=sys.stderr)
+        raise
+    if skipped:
+        print("\nnot timed:")
+        for s in {(s["op"], s["backend"], s["reason"]): s for s in skipped}.values():
+            print(f"  {s['op']} / {s['backend']}: {s['reason']}")
+    short = {(s["op"], s["backend"], s["dtype"], s["note"], s["K"], s["N"]): s
+             for s in result["rotation"]["short_of_target"]}       # one line per row, any M
+    if short:
+        target = result["rotation"]["target_bytes"] / T.MIB
+        print(f"\nWARNING: {len(short)} rows rotated through less than "
+              f"{100 * SHORT_OF_TARGET:.0f}% of the {target:.3g} MiB target (the memory cap or "
+              f"the {T.MAX_COPIES}-copy limit; the rows' rotation_bytes), so part of their "
+              "weight may come from cache:")
+        for s in short.values():
+            print(f"  {s['op']} / {s['backend']} {s['dtype']} {s['K']}x{s['N']}: "
+                  f"{s['rotated_copies']} copies, {s['rotation_bytes'] / T.MIB:.1f} MiB")
+    failed = [r for r in rows if r["check"] in FAILED]
+    path = finish()
+    print(f"\n{len(rows)} rows in {result['elapsed_s']:.0f} s; {len(failed)} failed checks; "
+          f"wrote {path}")
+    if not any(r["op"] in C.ALL_OPS for r in rows):
+        print("no pyfast row was timed (see 'not timed' above): exit status 1", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

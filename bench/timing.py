@@ -45,8 +45,9 @@ MIB = 1 << 20
 class Budget:
     """How long to spend on one row."""
     min_reps: int = 3           # timed repetitions at least, however slow the call
-    max_reps: int = 100         # and at most
-    max_seconds: float = 1.0    # timed repetitions stop after about this long (>= min_reps)
+    max_reps: int = 100         # and at most (CUDA graphs: see _bursts)
+    max_seconds: float = 1.0    # per row: timed repetitions stop after about this long
+                                # (>= min_reps); a cell of R rows takes about R times this
     warmup_seconds: float = 0.1  # warm-up calls after the first, up to max_warmup calls
     max_warmup: int = 10
     cuda_graphs: bool = False   # GPU: time CUDA-graph replays of each burst (module doc)
@@ -123,17 +124,22 @@ def _capture(row: Row, start: int, calls: int):
     return graph
 
 
-def _bursts(estimate: float, budget: Budget) -> int:
-    """Timed calls per burst: about max_seconds / ROUNDS long, within the rep limits."""
-    per = math.ceil(budget.max_seconds / ROUNDS / max(estimate, 1e-9))
-    return max(math.ceil(budget.min_reps / ROUNDS), min(math.ceil(budget.max_reps / ROUNDS), per))
+def _bursts(estimate: float, budget: Budget) -> List[int]:
+    """Timed calls in each of the ROUNDS bursts of a row: about max_seconds in all, and
+    in all between min_reps and max_reps exactly (the first rounds take one call more
+    where the total does not divide by ROUNDS; with fewer calls than ROUNDS the last
+    rounds have none). With CUDA graphs each burst is one replay of max(bursts) calls,
+    at least one per weight copy, so there the total can exceed max_reps."""
+    per_round = math.ceil(budget.max_seconds / ROUNDS / max(estimate, 1e-9))
+    total = max(1, budget.min_reps, min(budget.max_reps, ROUNDS * per_round))
+    return [total // ROUNDS + (r < total % ROUNDS) for r in range(ROUNDS)]
 
 
 def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[Any]:
     """Time every row of a cell in ROUNDS rounds of one burst per row (module doc).
 
     Each row is warmed up by _warm (its first output kept for the check). A burst is
-    _bursts() consecutive timed calls of one row (about max_seconds / ROUNDS), after
+    _bursts()[round] consecutive timed calls of one row (about max_seconds / ROUNDS), after
     one untimed call when the burst has more than one: the first call after another
     row can pay for what that row left in the caches and the thread pool, which a model
     running one format layer after layer does not. The row order rotates by one each
@@ -149,6 +155,8 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
         except (RuntimeError, ValueError, TypeError) as exc:
             results[j] = exc
     order = list(state)
+    if not order:                       # every row raised in its warm-up: nothing to time
+        return results
     burst = {j: _bursts(state[j][1], budget) for j in order}
     nxt = {j: state[j][2] for j in order}            # next weight copy index of each row
     times = {j: [] for j in order}
@@ -159,8 +167,8 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
             try:
                 # Every copy in each replay: a graph of fewer calls than copies would
                 # replay a subset small enough to stay partly in cache.
-                burst[j] = max(burst[j], rows[j].copies)
-                graphs[j] = _capture(rows[j], nxt[j], burst[j])
+                burst[j] = [max(max(burst[j]), rows[j].copies)] * ROUNDS
+                graphs[j] = _capture(rows[j], nxt[j], burst[j][0])
                 modes[j] = "CUDA graph"
             except (RuntimeError, ValueError, TypeError) as exc:  # timed per call instead
                 torch.cuda.synchronize()
@@ -170,20 +178,22 @@ def measure_interleaved(rows: List[Row], device: str, budget: Budget) -> List[An
         for j in order[r % len(order):] + order[:r % len(order)]:
             if isinstance(results[j], Exception):
                 continue
-            call = rows[j].call
+            call, calls = rows[j].call, burst[j][r]
+            if calls == 0:
+                continue
             if j in graphs:
                 begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 begin.record()
                 graphs[j].replay()
                 end.record()
-                events[j].append((begin, end, burst[j]))
+                events[j].append((begin, end, burst[j][r]))
                 continue
             try:
                 with rows[j].context():
-                    if burst[j] > 1:
+                    if calls > 1:
                         call(nxt[j])
                         nxt[j] += 1
-                    for _ in range(burst[j]):
+                    for _ in range(calls):
                         if device == "cuda":
                             begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                             begin.record()
@@ -254,8 +264,15 @@ def rotation_target_bytes(device: str, requested_mib: Optional[float]) -> int:
     return max(256 * MIB, 8 * llc)
 
 
+# Copies of one format at most: beyond this, making the copies (and the CPU baselines'
+# per-copy objects, bench/cpu_baselines.py) costs more time than it is worth. It reaches
+# the 256 MiB target for copies of 64 KiB or more; rows below their rotation target are
+# reported by bench.run (rotation.short_of_target in the result file).
+MAX_COPIES = 4096
+
+
 def copies_for(one_copy_bytes: int, target_bytes: int, memory_cap_bytes: int,
-               max_copies: int = 256) -> int:
+               max_copies: int = MAX_COPIES) -> int:
     """Copies so that copies * one_copy_bytes >= target, within the memory cap."""
     if target_bytes <= 0 or one_copy_bytes <= 0:
         return 1

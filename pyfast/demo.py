@@ -25,7 +25,7 @@ from torch import nn
 
 import pyfast
 from pyfast import demo_recipes
-from pyfast.demo_mlp import median_ms
+from pyfast.demo_mlp import count, median_ms
 from pyfast.digits import DigitsCNN, accuracy, load_digits, train
 
 
@@ -74,15 +74,32 @@ def _plot(rows, path: str) -> str:
     return f"plot: {path}"
 
 
+EPILOG = """other commands:
+  python -m pyfast mlp [--dim D --blocks B --tokens T --rounds R]
+                        kernel-latency demo on a transformer-style MLP (mlp --help)
+  python -m pyfast backends
+                        print which backend runs each op on this machine
+
+recipes (--only, separated by ';'):
+""" + "\n".join(f"  {name}" for name in demo_recipes.RECIPES)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyfast", description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=12, help="teacher training epochs")
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--student-epochs", type=int, default=12)
-    p.add_argument("--only", default="", help="recipe names separated by ';' (default: all)")
+    p = argparse.ArgumentParser(prog="python -m pyfast", description=__doc__.split("\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=count("--epochs", 0), default=12,
+                   help="teacher training epochs (default 12)")
+    p.add_argument("--finetune-epochs", type=count("--finetune-epochs", 0), default=3,
+                   help="fine-tuning epochs after pruning, low-rank and QAT (default 3)")
+    p.add_argument("--student-epochs", type=count("--student-epochs", 0), default=12,
+                   help="half-width student training epochs (default 12)")
+    p.add_argument("--only", default="", help="recipe names separated by ';' (default: all; "
+                                              "the names are listed below)")
     p.add_argument("--out", default="demo-output", help="folder for the saved models and the plot")
-    p.add_argument("--rounds", type=int, default=20, help="latency rounds (median)")
-    p.add_argument("--batch", type=int, default=64, help="latency batch size")
+    p.add_argument("--rounds", type=count("--rounds"), default=20,
+                   help="latency rounds (median; default 20)")
+    p.add_argument("--batch", type=count("--batch"), default=64,
+                   help="latency batch size (default 64; at most the test set's size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -106,7 +123,10 @@ def main(argv=None) -> int:
         print(f"-> {name}", flush=True)
         models[name] = demo_recipes.run(name, teacher, data, settings)
 
-    x_lat = data.x_test[:args.batch]
+    x_lat = data.x_test[:args.batch]          # the test set may hold fewer than --batch
+    batch = len(x_lat)
+    if batch < args.batch:
+        print(f"--batch {args.batch}: the test set has {batch} images; timing batches of {batch}")
     ms = median_ms(models, x_lat, args.rounds)
     rows = []
     for name, model in models.items():
@@ -124,7 +144,7 @@ def main(argv=None) -> int:
         print(f"{r['name']:<28}{100 * r['acc']:>8.2f}%{r['params']:>9,}{r['nonzero']:>9,}"
               f"{r['kib']:>10.1f}{base['kib'] / r['kib']:>8.2f}x{r['ms']:>10.2f}"
               f"{base['ms'] / r['ms']:>8.2f}x  {'ok' if r['reload'] else 'MISMATCH'}")
-    print(f"\nbatch of {args.batch} images for latency (median of {args.rounds} rounds); "
+    print(f"\nbatch of {batch} images for latency (median of {args.rounds} rounds); "
           "params = weights and biases of the linear and conv layers; file = pyfast.save; "
           "reload = pyfast.load into a meta skeleton gives identical outputs.")
     print(_plot(rows, os.path.join(args.out, "accuracy_vs_size.png")))

@@ -51,7 +51,23 @@ VARIANTS: Dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
+def count(option: str, minimum: int = 1):
+    """argparse type: an integer >= minimum, else an error naming the option and value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
 def median_ms(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, float]:
+    """Median ms per call of each model on x over `rounds` (>= 1) rounds, after a warm-up."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: expected at least 1 timing round")
     times: Dict[str, List[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for m in models.values():  # warm-up
@@ -66,10 +82,13 @@ def median_ms(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyfast mlp", description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=512, help="model width (hidden = 4 x dim)")
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=64, help="rows of the input batch (M)")
-    p.add_argument("--rounds", type=int, default=15, help="timing rounds (median)")
+    p.add_argument("--dim", type=count("--dim"), default=512,
+                   help="model width (hidden = 4 x dim; default 512)")
+    p.add_argument("--blocks", type=count("--blocks"), default=4, help="MLP blocks (default 4)")
+    p.add_argument("--tokens", type=count("--tokens"), default=64,
+                   help="rows of the input batch (M; default 64)")
+    p.add_argument("--rounds", type=count("--rounds"), default=15,
+                   help="timing rounds (median; default 15)")
     args = p.parse_args(argv)
 
     base = build_model(args.dim, args.blocks)
