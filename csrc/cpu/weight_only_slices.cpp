@@ -46,6 +46,19 @@
 //     so there one row at a time stays (1.02x);
 //   - the zero point kept whole in int32 (a vpmulld per block and row) with the rest:
 //     0.91-0.93x of the float32 zero point term below (without the -8 sum X).
+// Tried on 2026-11-25 and not kept (same harness style: a build with an environment
+// switch, both variants alternated per round in one process, 30 rounds, 2 threads, int4
+// g128 weights on huge pages rotated through 256 MiB; W8A8 read 44-51 GB/s in these runs,
+// this kernel 34-37 GB/s, 1.32-1.50x W8A8; variant / this kernel, median [quartiles]):
+//   - four adjacent rows per step (x slices loaded once for four): 1.006 [0.95, 1.05] at
+//     4096 x 4096, 1.027 [0.97, 1.05] at 4096 x 11008;
+//   - four rows 8 apart per step (rows i, i + 8, i + 16, i + 24 of a group of 32: four
+//     sequential streams, as W8A8's decode reads four panels): 1.009 [0.97, 1.08] and
+//     1.071 [0.94, 1.11];
+//   - the odd nibbles by one vgf2p8affineqb (GFNI) instead of a shift and an and: 1.006,
+//     0.958, 1.024 on the three shapes (quartiles 0.94-1.07).
+// With the weight in cache (4096 x 1024, 2 threads, not rotated) a call read 50.6 GB/s,
+// so from memory the sweep is not held by its arithmetic alone here either.
 // The idea is the Ozaki scheme's (Ozaki, Ogita, Oishi, Rump, "Error-free transformations
 // of matrix multiplication by using fast routines of matrix multiplication and its
 // applications", Numer. Algorithms 2012): split the float operand into narrow integer
