@@ -29,7 +29,7 @@ from .nn import Int4Linear, Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Spars
 from .nn import layout as _layout
 from .nn.conv import conv_unsupported_reason, hooks_reason
 from .nn.linear import _CompressedLinear, _Int8LayoutLinear
-from .nn.lowbit import LowBitLinear
+from .nn.lowbit import LowBitLinear, unsupported_reason as lowbit_unsupported
 from .nn.sparse_int4 import Sparse24Int4Linear, unsupported_reason as s24i4_unsupported
 from .sparsity import is_24, magnitude_24_mask
 
@@ -365,7 +365,7 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
             return reason
         k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
         why = (_int4_reason(k, group_size, "in_channels*kh*kw") if method == "int4" else
-               _lowbit_reason(k, _LOWBIT_BITS[method], group_size, "in_channels*kh*kw")
+               lowbit_unsupported(k, _LOWBIT_BITS[method], group_size, "in_channels*kh*kw")
                if method in _LOWBIT_BITS else None)
         return why or QuantConv2d.from_conv(
             mod, lambda lin: quantized_layer(lin, method, group_size, symmetric, layout))
@@ -375,19 +375,10 @@ def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
         return Int8WeightOnlyLinear.from_linear(mod)
     if method in _LOWBIT_BITS:
         bits = _LOWBIT_BITS[method]
-        return _lowbit_reason(mod.in_features, bits, group_size, "in_features") or \
+        return lowbit_unsupported(mod.in_features, bits, group_size) or \
             LowBitLinear.from_linear(mod, bits=bits, group_size=group_size)
     return _int4_reason(mod.in_features, group_size, "in_features") or \
         Int4Linear.from_linear(mod, group_size=group_size, symmetric=symmetric, layout=layout)
-
-
-def _lowbit_reason(k: int, bits: int, group_size: int, what: str) -> Optional[str]:
-    """pyfast.nn.lowbit.unsupported_reason with K named `what` (a conv's in_channels*kh*kw)."""
-    try:
-        chk.group_size(group_size, k, k_name=what, bits=bits)
-    except ValueError as exc:
-        return f"{exc} ({'int2' if bits == 2 else 'binary'})"
-    return None
 
 
 def _int4_reason(k: int, group_size: int, what: str) -> Optional[str]:

@@ -23,11 +23,13 @@ from .linear import _CompressedLinear
 Tensor = torch.Tensor
 
 
-def unsupported_reason(in_features: int, bits: int, group_size: int) -> Optional[str]:
+def unsupported_reason(in_features: int, bits: int, group_size: int,
+                       k_name: str = "in_features") -> Optional[str]:
     """None if a LowBitLinear can hold in_features inputs with these settings, else why
-    not (for skipping a layer: pyfast.quantize's "int2"/"binary")."""
+    not (for skipping a layer: pyfast.quantize's "int2"/"binary"); k_name names K in the
+    reason (a conv's "in_channels*kh*kw")."""
     try:
-        chk.group_size(group_size, in_features, k_name="in_features", bits=bits)
+        chk.group_size(group_size, in_features, k_name=k_name, bits=bits)
     except ValueError as exc:
         return f"{exc} ({'int2' if bits == 2 else 'binary'})"
     return None
