@@ -281,6 +281,37 @@ def test_progress_bar_over_layers(capsys):
     assert "gptq int4" in capsys.readouterr().err
 
 
+def test_progress_bar_counts_only_the_layers_it_converts(monkeypatch):
+    """A tied layer (left as it is) was counted: the bar ended at 1/3."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    def recording_bar(*, total, **kwargs):
+        bars.append(Bar(total))
+        return bars[-1]
+
+    monkeypatch.setattr("pyfast.quant.gptq._progress.bar", recording_bar)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model.extra = nn.Linear(32, 32)
+    model.extra.weight = model[1].weight
+    with pytest.warns(UserWarning, match="tied"):
+        gptq_quantize(model, torch.randn(8, 32), group_size=32)
+    assert set(model.pyfast_skipped) == {"1", "extra"}
+    assert [(b.total, b.n) for b in bars] == [(1, 1)]
+
+
 def _model():
     return nn.Sequential(nn.Linear(32, 4))
 

@@ -193,6 +193,23 @@ def test_other_conv_kinds_are_left_with_the_reason():
         pyfast.quantize(nn.Sequential(nn.Conv1d(4, 4, 3)), "int8", include="nothing")
 
 
+@pytest.mark.parametrize("prepare", ["static", "qat"])
+def test_prepare_static_and_qat_leave_other_conv_kinds_with_the_reason(prepare):
+    """prepare_static and prepare_qat passed over them without a note."""
+    from pyfast.quant import prepare_qat, prepare_static
+    run = prepare_static if prepare == "static" else (lambda m, **kw: prepare_qat(m, "int8", **kw))
+    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Flatten(),
+                          nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"0: Conv1d: pyfast compresses nn.Conv2d only \(im2col\); "
+                                         r"1: ConvTranspose2d: pyfast compresses"):
+        run(model)
+    assert set(model.pyfast_skipped) == {"0", "1"}
+    assert type(model[0]) is nn.Conv1d and type(model[1]) is nn.ConvTranspose2d
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(2, 2)), conv=False)
+
+
 @pytest.mark.parametrize("make", [Int8Linear.from_linear, Int8WeightOnlyLinear.from_linear,
                                   lambda lin: Int4Linear.from_linear(lin, 32, symmetric=False),
                                   lambda lin: StaticInt8Linear.from_linear(lin, torch.tensor([0.03]))],

@@ -33,7 +33,8 @@ from torch import nn
 
 from .. import _checks as chk
 from .. import _progress, _torch_fastpath, reference
-from ..api import Filter, _matcher, _walk, _why_not_linear, positions, replace_module
+from ..api import (Filter, _matcher, _param_holders, _tied_reason, _walk, _why_not_linear,
+                   positions, replace_module)
 from ..nn import Int4Linear, LowBitLinear
 
 Tensor = torch.Tensor
@@ -225,9 +226,11 @@ def gptq_quantize(model: nn.Module, batches, bits: int = 4, group_size: int = 12
     inputs = _calibration_inputs(batches)
     inc, exc = _matcher(include, "include", True), _matcher(exclude, "exclude", False)
     parents = {id(c): m for m in model.modules() for c in m.children()}
+    holders = _param_holders(model)
     total = sum(1 for name, m in model.named_modules() if isinstance(m, nn.Linear)
                 and inc(name, m) and not exc(name, m)
-                and _why_not_linear(name, m, parents.get(id(m))) is None)
+                and _why_not_linear(name, m, parents.get(id(m))) is None
+                and _tied_reason(m, holders) is None)   # the layers _walk will convert
     bar = _progress.bar(total=total, desc=f"gptq int{bits}", progress=progress)
 
     def convert(name: str, lin: nn.Linear):

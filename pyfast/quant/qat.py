@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .. import reference
@@ -297,7 +298,7 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
         why = _parametrization_reason(mod)   # a prune mask carries over; weight_norm cannot
         if why is not None:
             return why
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, _ConvNd):   # Conv1d, Conv3d, ConvTranspose*: skipped, with the reason
             reason = conv_unsupported_reason(mod) or (
                 _int4_reason(mod.weight[0].numel(), group_size, "in_channels*kh*kw")
                 if method == "int4" else None)
@@ -309,7 +310,7 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
         return QATLinear.from_linear(mod, method, group_size, symmetric)
 
     def is_target(mod: nn.Module) -> bool:
-        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
+        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, _ConvNd))
 
     return _walk(model, include, exclude, convert, is_target)
 

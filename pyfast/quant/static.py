@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .. import _progress
 from ..api import Filter, _walk, positions, replace_module
@@ -90,7 +91,7 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
         raise TypeError(f"conv must be a bool, got {conv!r}")
 
     def attach(name: str, mod: nn.Module):
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, _ConvNd):   # Conv1d, Conv3d, ConvTranspose*: skipped, with the reason
             reason = conv_unsupported_reason(mod)
             if reason is not None:
                 return reason
@@ -108,7 +109,7 @@ def prepare_static(model: nn.Module, observer: Union[str, type] = "minmax", *,
         return None
 
     def is_target(mod: nn.Module) -> bool:
-        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d))
+        return isinstance(mod, nn.Linear) or (conv and isinstance(mod, _ConvNd))
 
     with _undone_on_error(model):
         return _walk(model, include, exclude, attach, is_target)
