@@ -383,8 +383,11 @@ def _settings(mod: nn.Module, kind: str) -> dict:
         return {}
     geo = getattr(mod, "geometry", None) or {k: getattr(mod, k) for k in
                                              ("kernel_size", "stride", "dilation")}
+    # LowRankConv2d's geometry has padding / padding_mode too, spelled as a torch Conv2d's
+    # config: a pair standing for a Conv2d with other padding computes another output size
+    padding = {k: geo[k] for k in ("padding", "padding_mode") if k in geo}
     return {**{k: list(geo[k]) for k in ("kernel_size", "stride", "dilation")},
-            "groups": getattr(mod, "groups", 1)}
+            "groups": getattr(mod, "groups", 1), **padding}
 
 
 def _fit_problem(old: nn.Module, new: nn.Module) -> Optional[str]:

@@ -1,7 +1,8 @@
 """distill(student, teacher, data, ...): train a student on a teacher's outputs, features
 and relations together with the hard labels.
 
-Per batch (teacher in eval mode under torch.no_grad, student in train mode):
+Per batch (teacher in eval mode under torch.no_grad, student in train mode; a module
+the two share, such as a frozen backbone, stays in eval mode, the teacher's):
 
     loss = alpha * response_loss(s, t, T) + (1 - alpha) * cross_entropy(s, y)   Hinton 2015
          + feature_weight * FeatureDistiller.loss()                              FitNets 2015
@@ -89,6 +90,30 @@ def _check_relation_batches(data, batch_size: int) -> None:
                          f"{max(sizes)}; use larger batches or relation=None")
 
 
+def _sequence_first(mod: nn.Module) -> bool:
+    """Whether mod is a torch transformer built with batch_first=False, whose output
+    is [T, B, ...]: a batch of T == B samples would pass the shape check unnoticed."""
+    if isinstance(mod, nn.Transformer):
+        return not mod.batch_first
+    if isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return len(mod.layers) > 0 and _sequence_first(mod.layers[0])
+    if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not mod.self_attn.batch_first
+    return False
+
+
+def _check_batch_first(relation_layer, which: str, name: str, emb: Tensor,
+                       batch: int) -> None:
+    """RKD relates the samples of a batch: the captured output must be [B, ...]."""
+    if emb.dim() == 0 or emb.shape[0] != batch:
+        raise ValueError(f"relation_layer {tuple(relation_layer)!r}: the {which} layer "
+                         f"{name!r} gives an output of shape {tuple(emb.shape)}, whose dim 0 "
+                         f"is not the batch of {batch} samples; RKD relates the samples of a "
+                         "batch and needs a batch-first [B, ...] output (a batch_first=False "
+                         "TransformerEncoder / LSTM gives [T, B, ...]): name a batch-first "
+                         "layer")
+
+
 def _epoch(data, batch_size: int, seed: int):
     batches = data.batches(batch_size, seed=seed) if isinstance(data, Digits) else data
     for item in batches:
@@ -116,8 +141,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
     too), or a pairs dict {student layer: teacher layer}, for which one is built (measuring
     the shapes on the first batch) and closed at the end.
     relation: RKD term(s) on the logits, or on the outputs of relation_layer =
-    (student layer name, teacher layer name) if given (any shapes, flattened per sample;
-    the widths may differ). RKD needs at least 3 samples a batch: a smaller batch (the
+    (student layer name, teacher layer name) if given (any batch-first shape [B, ...],
+    flattened per sample; the widths may differ; an output whose dim 0 is not the batch,
+    as a batch_first=False transformer's [T, B, ...], raises ValueError before the first
+    update). RKD needs at least 3 samples a batch: a smaller batch (the
     last one of a DataLoader without drop_last, of a Digits epoch) is trained without
     the relation term, the other terms unchanged. When no batch can be that large (a
     Digits batch_size, a DataLoader's batch_size or every batch of a list below 3), the
@@ -171,13 +198,21 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
             owned.append(caps[0])
             caps += (Capture(teacher, [relation_layer[1]], "teacher"),)
             owned.append(caps[1])
+            for cap, name in zip(caps, relation_layer):
+                mod = cap.modules[name]
+                if _sequence_first(mod):
+                    raise ValueError(
+                        f"relation_layer {tuple(relation_layer)!r}: the {cap.which} layer "
+                        f"{name!r} is an nn.{type(mod).__name__} with batch_first=False, whose "
+                        "output is [T, B, ...]; RKD relates the samples of a batch, on dim 0: "
+                        "build it with batch_first=True or name a batch-first layer")
         params = [p for p in student.parameters() if p.requires_grad]
         if features is not None:
             params += list(features.parameters())
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        teacher.eval()
         student.train()
+        teacher.eval()      # second: modules the teacher shares with the student stay in eval
         history: List[Dict[str, float]] = []
         bar = _progress.bar(range(epochs), desc="distill", progress=progress)
         for epoch in bar:
@@ -196,6 +231,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, *, epochs: int, lr: fl
                 if kinds and len(xb) >= MIN_RELATION_BATCH:
                     s_emb, t_emb = (s_logits, t_logits) if caps is None else (
                         caps[0].get(relation_layer[0]), caps[1].get(relation_layer[1]))
+                    if caps is not None:
+                        for cap, name, emb in zip(caps, relation_layer, (s_emb, t_emb)):
+                            _check_batch_first(relation_layer, cap.which, name, emb, len(xb))
                     parts["relation"] = sum(RELATIONS[k](s_emb, t_emb) for k in kinds)
                     loss = loss + relation_weight * parts["relation"]
                     related += len(xb)

@@ -36,8 +36,9 @@ def response_loss(student_logits: Tensor, teacher_logits: Tensor,
     position is then a sample of the batch mean). The gradient of the KL with respect to
     s is (softmax(s/T) - softmax(t/T)) / T, which shrinks like 1/T^2 at high T for
     centred logits; the T^2 factor keeps the gradient scale independent of T, so the
-    same alpha works at any temperature. Returns a 0-D tensor (>= 0, 0 iff the
-    softened distributions are equal).
+    same alpha works at any temperature. Masked classes (-inf logits) count 0 where the
+    teacher's probability is 0. Returns a 0-D tensor (>= 0, 0 iff the softened
+    distributions are equal).
     """
     _check_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() < 2:
@@ -46,7 +47,9 @@ def response_loss(student_logits: Tensor, teacher_logits: Tensor,
     t = _check_temperature(temperature)
     s_log = F.log_softmax(student_logits / t, dim=1)
     t_log = F.log_softmax(teacher_logits.detach() / t, dim=1)
-    kl = (t_log.exp() * (t_log - s_log)).sum(dim=1)          # [B, ...]
+    p_t = t_log.exp()
+    # 0 log 0 = 0 (as F.kl_div): a masked class (-inf logit) would give 0 * inf = NaN
+    kl = torch.where(p_t > 0, p_t * (t_log - s_log), 0.0).sum(dim=1)   # [B, ...]
     return kl.mean() * (t * t)
 
 
@@ -72,7 +75,8 @@ def check_alpha(alpha) -> float:
 # --- relational KD ------------------------------------------------------------------------------
 
 def _embeddings(s_emb: Tensor, t_emb: Tensor):
-    """Both as [B, D] (any feature shape flattened), teacher detached; widths may differ."""
+    """Both as [B, D] (any feature shape flattened), teacher detached, in a common dtype
+    of at least float32 (float16 / bfloat16 embeddings are upcast); widths may differ."""
     _check_pair(s_emb, t_emb, "s_emb", "t_emb")
     if s_emb.dim() == 0 or t_emb.dim() == 0 or s_emb.shape[0] != t_emb.shape[0]:
         raise ValueError(f"s_emb {tuple(s_emb.shape)} and t_emb {tuple(t_emb.shape)} must be "
@@ -80,7 +84,11 @@ def _embeddings(s_emb: Tensor, t_emb: Tensor):
     if s_emb.shape[0] < 3:
         raise ValueError(f"relational losses compare pairs and triplets of samples: the batch "
                          f"must hold at least 3, got {s_emb.shape[0]}")
-    return s_emb.reshape(s_emb.shape[0], -1), t_emb.detach().reshape(t_emb.shape[0], -1)
+    # at least float32: the distances' 1e-12 floor rounds to 0 in float16 (sqrt'(0) of two
+    # equal samples: a NaN gradient), and float16 squares of distances over- / underflow
+    dtype = torch.promote_types(torch.promote_types(s_emb.dtype, t_emb.dtype), torch.float32)
+    return (s_emb.reshape(s_emb.shape[0], -1).to(dtype),
+            t_emb.detach().reshape(t_emb.shape[0], -1).to(dtype))
 
 
 def _pair_distances(e: Tensor) -> Tensor:
@@ -104,8 +112,12 @@ def rkd_distance_loss(s_emb: Tensor, t_emb: Tensor) -> Tensor:
 
 def _triplet_cosines(e: Tensor) -> Tensor:
     """[B, D] -> cos of the angle at e_j of (e_i, e_j, e_k): <n_ji, n_jk>, n_ji the unit
-    vector from e_j to e_i; [B, B, B] indexed [j, i, k]."""
-    unit = F.normalize(e[None, :, :] - e[:, None, :], dim=2)       # [j, i] = e_i - e_j
+    vector from e_j to e_i (0 if they coincide); [B, B, B] indexed [j, i, k]."""
+    diff = e[None, :, :] - e[:, None, :]                           # [j, i] = e_i - e_j
+    norm = diff.norm(dim=2, keepdim=True)
+    # a coincident pair (i == j, or two equal samples) has no direction: unit 0 with a zero
+    # gradient, where F.normalize's 1/eps gradient (1e12) would blow up the student's update
+    unit = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1.0), 0.0)
     return unit @ unit.transpose(1, 2)
 
 

@@ -139,7 +139,10 @@ def factorize(model: nn.Module, rank: Optional[int] = None, energy: Optional[flo
     rank / energy: exactly one (see the module docstring). include/exclude: glob(s) on
     module names or a callable(name, module), as in pyfast.quantize. min_saving: the
     fraction of a layer's parameters the factorization must save, else the layer is
-    skipped (0.0: any saving). Grouped convs are skipped with the reason.
+    skipped (0.0: any saving). Grouped convs and layers with non-finite weights are
+    skipped with the reason; report.skipped names the layers this call left,
+    model.pyfast_skipped (and the warning) those of earlier calls too. The pairs keep each
+    layer's training mode and requires_grad flags (a frozen layer stays frozen).
     example_input: if given, MACs are per sample of it (a forward pass counts the rows /
     output pixels of each layer); else per output position. Layers already inside a
     LowRankLinear / LowRankConv2d are not factorized again.
@@ -164,6 +167,9 @@ def factorize(model: nn.Module, rank: Optional[int] = None, energy: Optional[flo
             if reason is not None:
                 return reason
         w2 = mod.weight.reshape(mod.weight.shape[0], -1)
+        if not bool(torch.isfinite(w2).all()):
+            # NaN: the SVD raises half-way through the walk; inf: it returns NaN factors
+            return "weight has non-finite values (NaN or inf); the SVD needs finite ones"
         n, k = w2.shape
         usv = svd(w2)
         r = min(rank, n, k) if rank is not None else rank_for_energy(usv[1], energy)
@@ -185,7 +191,20 @@ def factorize(model: nn.Module, rank: Optional[int] = None, energy: Optional[flo
             before, after, n * k * mult, r * (n + k) * mult))
         return new
 
+    own: Dict[str, str] = {}     # convert's reasons, also those repeating an earlier call's
+
+    def convert_recorded(name: str, mod: nn.Module):
+        result = convert(name, mod)
+        if isinstance(result, str):
+            own[name or "<root>"] = result
+        return result
+
+    earlier = dict(getattr(model, "pyfast_skipped", {}))
     with torch.no_grad():
-        _walk(model, include, exclude, convert, is_target)
-    report.skipped = dict(model.pyfast_skipped)
+        _walk(model, include, exclude, convert_recorded, is_target)
+    # the report names the layers this call left: model.pyfast_skipped (and the walk's
+    # warning, as for quantize) also keeps the reasons of earlier quantize / prune /
+    # factorize calls for layers this call may not even have looked at
+    report.skipped = {k: v for k, v in model.pyfast_skipped.items()
+                      if earlier.get(k) != v or k in own}
     return report

@@ -83,6 +83,17 @@ def _float_dtype(mod: nn.Module) -> torch.dtype:
     return _float_dtype(inner) if inner is not None else getattr(mod, "orig_dtype", torch.float32)
 
 
+def _keep_flags(pair: "_LowRankPair", source: nn.Module) -> None:
+    """The pair takes the dense layer's training mode and requires_grad flags: a frozen
+    layer stays frozen (an optimizer built from the requires_grad parameters would
+    train it otherwise) and an eval-mode model gets no train-mode layer."""
+    pair.train(source.training)
+    for factor in (pair.first, pair.second):
+        factor.weight.requires_grad_(source.weight.requires_grad)
+    if source.bias is not None:
+        pair.second.bias.requires_grad_(source.bias.requires_grad)
+
+
 def _size(factor: str, index: int) -> property:
     """A read-only size of the pair: _in_out(self.<factor>)[index]."""
     return property(lambda self: _in_out(getattr(self, factor))[index])
@@ -123,7 +134,8 @@ class LowRankLinear(_LowRankPair):
     def from_linear(cls, linear: nn.Linear, rank: int,
                     usv: Optional[SVD] = None) -> "LowRankLinear":
         """The truncated-SVD factorization of linear at `rank` (1..min(out, in)).
-        usv: svd(linear.weight) if already computed (pyfast.lowrank.factorize has it)."""
+        usv: svd(linear.weight) if already computed (pyfast.lowrank.factorize has it).
+        The pair keeps linear's training mode and requires_grad flags."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         chk.tensor("linear.weight", linear.weight, dtypes=chk.FLOAT_DTYPES)
@@ -136,6 +148,7 @@ class LowRankLinear(_LowRankPair):
             layer.second.weight.copy_(b)
             if linear.bias is not None:
                 layer.second.bias.copy_(linear.bias)
+        _keep_flags(layer, linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -200,7 +213,8 @@ class LowRankConv2d(_LowRankPair):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, usv: Optional[SVD] = None) -> "LowRankConv2d":
         """The truncated-SVD factorization of conv's weight as [C_out, C_in*kh*kw] at `rank`.
-        usv: svd of that reshaped weight if already computed."""
+        usv: svd of that reshaped weight if already computed. The pair keeps conv's
+        training mode and requires_grad flags."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         reason = conv_factorize_reason(conv)
@@ -216,6 +230,7 @@ class LowRankConv2d(_LowRankPair):
             layer.second.weight.copy_(b.reshape(layer.second.weight.shape))
             if conv.bias is not None:
                 layer.second.bias.copy_(conv.bias)
+        _keep_flags(layer, conv)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,14 +36,25 @@ _OWN_HOOK_MODULES = ("pyfast.quant.static", "pyfast.quant.gptq")
 
 def hooks_reason(mod: nn.Module) -> Optional[str]:
     """None unless mod has a forward hook or forward pre-hook that a pyfast layer standing
-    in for it would not run (spectral_norm's, a user's). Those of torch.nn.utils.prune
-    pass (a conversion reads the weight they compute), and so do pyfast's own."""
+    in for it would not run (spectral_norm's, a user's, an open FeatureDistiller's). Those
+    of torch.nn.utils.prune pass (a conversion reads the weight they compute), and so do
+    pyfast's own transient ones (static observers, GPTQ)."""
     for kind, hooks in (("forward pre-hook", mod._forward_pre_hooks),
                         ("forward hook", mod._forward_hooks)):
         for hook in hooks.values():
             where = getattr(hook, "__module__", None)
             if isinstance(hook, torch_prune.BasePruningMethod) or where in _OWN_HOOK_MODULES:
                 continue
+            if where == "pyfast.distill.features":
+                # pyfast's own, but it stays until the distiller is closed. Not carried over:
+                # the FeatureDistiller's handle would still point at this layer, and a
+                # compressed student layer would no longer train under distill
+                return ("carries the capture hook of an open pyfast.distill.FeatureDistiller "
+                        "(or of a running distill() call), which a pyfast layer would not "
+                        "run: compress the models before building the FeatureDistiller "
+                        "(pyfast.quant.prepare_qat for quantization-aware distillation) or "
+                        "after distilling, once it is closed (fd.close(), or build it in a "
+                        "`with` block; distill() closes those it builds)")
             what = getattr(hook, "__qualname__", None) or type(hook).__qualname__
             return (f"has a {kind} {where}.{what}, which a pyfast layer would not run: "
                     "remove it first (its handle's .remove(); torch.nn.utils."
