@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from . import _torch_fastpath
 from .api import torch_pruned
+from .nn.conv import conv_padding
 from .nn.linear import _dtype_from_name
 
 FORMAT = "pyfast/1"
@@ -376,18 +378,23 @@ def _layer_kind(mod: nn.Module) -> Optional[str]:
 
 def _settings(mod: nn.Module, kind: str) -> dict:
     """What a replacement must keep besides the sizes: a torch layer's whole config (less
-    sizes and dtype), else a conv's geometry (LowRankConv2d keeps it in `geometry`)."""
+    sizes and dtype), else a conv's geometry (LowRankConv2d keeps it in `geometry`). Every
+    conv also gets `pads`, its zero padding as (top, bottom, left, right), so that a
+    QuantConv2d (which keeps only that form) is compared with a Conv2d's padding too."""
     if type(mod) in _TORCH.values():
-        return _without(_torch_config(mod), "dtype", *_SIZES[kind])
+        out = _without(_torch_config(mod), "dtype", *_SIZES[kind])
+        return {**out, "pads": list(conv_padding(mod))} if kind == "conv" else out
     if kind != "conv":
         return {}
     geo = getattr(mod, "geometry", None) or {k: getattr(mod, k) for k in
                                              ("kernel_size", "stride", "dilation")}
-    # LowRankConv2d's geometry has padding / padding_mode too, spelled as a torch Conv2d's
-    # config: a pair standing for a Conv2d with other padding computes another output size
-    padding = {k: geo[k] for k in ("padding", "padding_mode") if k in geo}
+    if "padding" in geo:   # LowRankConv2d: padding / padding_mode spelled as a Conv2d's
+        padding = {k: geo[k] for k in ("padding", "padding_mode") if k in geo}
+        pads = conv_padding(SimpleNamespace(**geo))
+    else:                  # QuantConv2d, QATConv2d: zero padding (top, bottom, left, right)
+        padding, pads = {"padding_mode": "zeros"}, mod.padding
     return {**{k: list(geo[k]) for k in ("kernel_size", "stride", "dilation")},
-            "groups": getattr(mod, "groups", 1), **padding}
+            "groups": getattr(mod, "groups", 1), **padding, "pads": list(pads)}
 
 
 def _fit_problem(old: nn.Module, new: nn.Module) -> Optional[str]:
@@ -402,6 +409,8 @@ def _fit_problem(old: nn.Module, new: nn.Module) -> Optional[str]:
     old_set, new_set = _settings(old, kind), _settings(new, kind)
     differ = {k: (old_set[k], new_set[k]) for k in old_set.keys() & new_set.keys()
               if old_set[k] != new_set[k]}
+    if "padding" in differ:
+        differ.pop("pads", None)   # the same difference, already named as torch spells it
     if differ:
         return "settings differ (model, file): " + ", ".join(f"{k} {v[0]} vs {v[1]}"
                                                               for k, v in sorted(differ.items()))

@@ -333,8 +333,17 @@ def _file_of(tmp_path, model):
      r"module '0'.*QuantConv2d.*kernel_size \[5, 5\] vs \[3, 3\]"),
     (lambda: _conv_bn(5), lambda: nn.Sequential(_conv_bn(5)[0], nn.BatchNorm1d(5)),
      r"module '1'.*the model's layer is BatchNorm1d, the file's BatchNorm2d"),
+    # a QuantConv2d keeps its padding as (top, bottom, left, right): it loaded into a
+    # skeleton Conv2d of other padding (another output size) without a word
+    (lambda: pyfast.quantize(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), "int8"),
+     lambda: nn.Sequential(nn.Conv2d(16, 32, 3)),
+     r"module '0'.*QuantConv2d.*settings differ \(model, file\): pads \[0, 0, 0, 0\] vs "
+     r"\[1, 1, 1, 1\]"),
+    (lambda: pyfast.quantize(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), "int8"),
+     lambda: nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect")),
+     r"module '0'.*QuantConv2d.*settings differ \(model, file\): padding_mode reflect vs zeros"),
 ], ids=["conv-for-linear", "embedding", "larger-linear", "larger-int4", "conv-geometry",
-        "quantconv-geometry", "batchnorm-kind"])
+        "quantconv-geometry", "batchnorm-kind", "quantconv-padding", "quantconv-padding-mode"])
 def test_refuses_a_module_the_file_cannot_replace(tmp_path, file_model, skeleton, msg):
     """load rebuilt any module of the file over whatever the skeleton had at that name
     (a Conv2d and an Embedding became Int8Linear; an 8->16->3 MLP became 32->64->10)."""
