@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import prune as torch_prune
+from torch.nn.utils import parametrize
 
 from . import _checks as chk
 from . import _torch_fastpath
@@ -90,26 +91,43 @@ def refresh_pruned(mod: nn.Module) -> None:
         setattr(mod, method._tensor_name, method.apply_mask(mod))
 
 
+def _own_params(mod: nn.Module) -> list:
+    """(tensor name, attribute path, Parameter) of each Parameter mod holds: its own, and
+    the originals of its parametrized tensors (a pyfast.prune mask, weight_norm), which its
+    ParametrizationList holds for it (mod._parameters no longer has them)."""
+    own = [(n, n, p) for n, p in mod._parameters.items() if p is not None]
+    if parametrize.is_parametrized(mod):
+        for tname, plist in mod.parametrizations.items():
+            own += [(tname, f"parametrizations.{tname}.{k}", p)
+                    for k, p in plist._parameters.items() if p is not None]
+    return own
+
+
 def _param_holders(model: nn.Module) -> Dict[int, list]:
     """{id(Parameter): [(its name in model, the module holding it)]}: a tied Parameter
-    (an lm_head sharing an embedding's weight) has several holders."""
+    (an lm_head sharing an embedding's weight) has several holders. A parametrization's
+    original counts as held by the parametrized layer, so a masked layer's tie is seen."""
     holders: Dict[int, list] = {}
     for name, mod in model.named_modules():
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((f"{name}.{pname}".lstrip("."), mod))
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue    # its originals are listed under the layer that owns it
+        for _, path, p in _own_params(mod):
+            holders.setdefault(id(p), []).append((f"{name}.{path}".lstrip("."), mod))
     return holders
 
 
-def _tied_reason(mod: nn.Module, holders: Dict[int, list]) -> Optional[str]:
+def _tied_reason(mod: nn.Module, holders: Dict[int, list], tensors: Optional[tuple] = None,
+                 effect: str = "which a pyfast layer would untie; to compress it anyway"
+                 ) -> Optional[str]:
     """Why a layer whose Parameter another module holds too is left as it is: its pyfast
-    layer would hold a copy of its own, silently untying them."""
-    for pname, p in mod._parameters.items():
-        others = [n for n, m in holders.get(id(p), []) if m is not mod] if p is not None else []
-        if others:
-            return (f"its {pname} is tied to {', '.join(others)} (the same Parameter), which "
-                    "a pyfast layer would untie; to compress it anyway, untie it first: "
-                    f"layer.{pname} = nn.Parameter(layer.{pname}.detach().clone())")
+    layer would hold a copy of its own, silently untying them. tensors: check only these
+    (None: all); effect: what the call would do to the tie (the default: a conversion's)."""
+    for tname, path, p in _own_params(mod):
+        others = [n for n, m in holders.get(id(p), []) if m is not mod]
+        if others and (tensors is None or tname in tensors):
+            return (f"its {tname} is tied to {', '.join(others)} (the same Parameter), "
+                    f"{effect}, untie it first: "
+                    f"layer.{path} = nn.Parameter(layer.{path}.detach().clone())")
     return None
 
 

@@ -14,6 +14,7 @@ from torch.nn.utils import prune as torch_prune
 import pyfast
 from pyfast.nn import (Int8Linear, Int8WeightOnlyLinear, QuantConv2d, Sparse24Linear,
                        StaticInt8Linear)
+from pyfast.sparsity import magnitude_24_mask
 
 
 def _net():
@@ -173,6 +174,46 @@ def test_an_lm_head_tied_to_an_embedding_is_left():
                                    progress=False)
     shared = nn.Linear(16, 16)        # one module at two places is not a tie: it converts
     _quiet_quantize(nn.Sequential(shared, nn.ReLU(), shared), "int8")
+
+
+def test_a_masked_tied_lm_head_is_left_too():
+    """A pyfast.prune mask moves the weight Parameter under parametrizations.weight.original,
+    where the tie check did not look: sparsify / quantize then silently untied the head."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.lm_head = nn.Linear(16, 32, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.lm_head(torch.tanh(self.embed(ids)))
+
+    for call in (pyfast.sparsify, lambda m: pyfast.quantize(m, "int8")):
+        model = LM()
+        pyfast.prune.apply_mask(model.lm_head, magnitude_24_mask(model.lm_head.weight))
+        with pytest.warns(UserWarning, match=r"lm_head: its weight is tied to embed\.weight "
+                                             r"\(the same Parameter\), which a pyfast layer would "
+                                             r"untie"):
+            call(model)
+        assert type(model.lm_head).__bases__[0] is nn.Linear     # masked, not converted
+        assert model.lm_head.parametrizations.weight.original is model.embed.weight
+    # the hint unties a masked weight; then it converts
+    hint = ("layer.parametrizations.weight.original = "
+            "nn.Parameter(layer.parametrizations.weight.original.detach().clone())")
+    assert model.pyfast_skipped["lm_head"].endswith(hint)
+    layer = model.lm_head
+    layer.parametrizations.weight.original = nn.Parameter(
+        layer.parametrizations.weight.original.detach().clone())
+    _quiet_quantize(model, "int8")
+    assert isinstance(model.lm_head, Int8Linear)
+    # a masked layer that is not tied still converts
+    lone = nn.Sequential(nn.Linear(16, 8))
+    pyfast.prune.n_m(lone, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyfast.sparsify(lone)
+    assert isinstance(lone[0], Sparse24Linear)
 
 
 # --- swap: a torch-pruned layer that is not an nn.Linear --------------------------------------

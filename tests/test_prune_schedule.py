@@ -104,6 +104,19 @@ def test_iterative_structured_shrinks_each_step():
     assert net(torch.randn(2, 20)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("initial_amount", [0.25, 0.5])
+def test_iterative_structured_reaches_final_amount_whatever_initial_amount(initial_amount):
+    """Step 1 used to assume initial_amount of the channels already gone: with 0.5, only
+    19% of them were removed instead of 60%."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the output layer is reported as kept
+        prune.iterative(net, 0.6, 3, initial_amount=initial_amount,
+                        prune_fn=prune.structured, example_input=torch.randn(2, 8))
+    assert abs(net[0].out_features - 0.4 * 64) <= 1.5     # per-step rounding
+
+
 def test_iterative_argument_errors():
     with pytest.raises(TypeError, match="prune_fn must be a callable"):
         prune.iterative(mlp(), 0.5, 2, prune_fn="magnitude")

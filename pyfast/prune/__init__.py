@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from .graph import TraceError
-from .masks import apply_mask, finish, get_mask, is_masked, WeightMask
+from .masks import apply_mask, attention_projections, finish, get_mask, is_masked, WeightMask
 from .schedule import iterative, sparsity_schedule
 from .slimming import l1_penalty, slimming_penalty
 from .structured import channel_counts, structured
@@ -38,13 +38,22 @@ class Sparsity(dict):
 
 
 def sparsity(model: nn.Module) -> Sparsity:
-    """Sparsity of each layer pyfast.summary lists (Linear, Conv2d, pyfast layers), and overall."""
+    """Sparsity of each layer pyfast.summary lists (Linear, Conv2d, pyfast layers), and of
+    each nn.MultiheadAttention's Q/K/V projection weights ("<name>.in_proj_weight", raw
+    Parameters no pruner masks: left out, the overall would overstate), and overall."""
     from ..summary import summary
 
     rows = summary(model, print_table=False)
     out = Sparsity({r.name: r.sparsity for r in rows})
-    out.weights = sum(r.weights for r in rows)
-    out.zeros = sum(round(r.sparsity * r.weights) for r in rows)
+    weights = [r.weights for r in rows]
+    zeros = [round(r.sparsity * r.weights) for r in rows]
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            for pname, w in attention_projections(mod):
+                out[f"{name}.{pname}".lstrip(".")] = float((w == 0).sum()) / max(w.numel(), 1)
+                weights.append(w.numel())
+                zeros.append(int((w == 0).sum()))
+    out.weights, out.zeros = sum(weights), sum(zeros)
     out.overall = out.zeros / out.weights if out.weights else 0.0
     return out
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 Node = fx.Node
@@ -44,6 +45,10 @@ ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.si
                          F.dropout2d, torch.dropout}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
                   F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+# the 1-d pools; the other pools are 2-d. A pool takes [B, C, L] (1-d) / [B, C, H, W] (2-d);
+# given one dim less, PyTorch reads the input as unbatched and pools over the channels
+POOLS_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+            F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)
 ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 REDUCTIONS = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}   # over given dims
 MERGES = {operator.add: "an add", operator.iadd: "an add", torch.add: "an add",
@@ -150,7 +155,6 @@ class _Walker:
             return f"output feeds {what} {where}; removing channels would break it"
         ndim = len(shape)
         channel_dim, last = dim == 1, dim == ndim - 1
-        poolable = channel_dim and group == 1 and ndim >= 3   # [B, C, L] or [B, C, H, W]
         if user.op == "call_module":
             mod = self.modules[user.target]
             cls = plain_type(mod)
@@ -176,8 +180,7 @@ class _Walker:
             if isinstance(mod, ELEMENTWISE_MODULES):
                 return self.follow(plan, user, dim, group, seen)
             if isinstance(mod, POOL_MODULES):
-                return (self.follow(plan, user, dim, group, seen) if poolable
-                        else f"pooling {where} would pool over the channels")
+                return self._pool(plan, user, mod, ndim, dim, group, seen)
             if isinstance(mod, nn.Flatten):
                 return self._flatten(plan, user, shape, dim, group, seen, mod)
             return (f"output reaches {type(mod).__name__} {user.target!r} {where}, which "
@@ -186,8 +189,7 @@ class _Walker:
             if user.target in ELEMENTWISE_FUNCTIONS:
                 return self.follow(plan, user, dim, group, seen)
             if user.target in POOL_FUNCTIONS:
-                return (self.follow(plan, user, dim, group, seen) if poolable
-                        else f"pooling {where} would pool over the channels")
+                return self._pool(plan, user, user.target, ndim, dim, group, seen)
             if user.target is torch.flatten:
                 return self._flatten(plan, user, shape, dim, group, seen, None)
             if user.target in REDUCTIONS:
@@ -204,6 +206,15 @@ class _Walker:
             return (f"output feeds tensor.{user.target}() {where} (e.g. a view/reshape with a "
                     "possibly fixed shape); removing channels would break it")
         return f"output reaches {user.op} {user.name}; removing channels would break it"
+
+    def _pool(self, plan, user, kind, ndim, dim, group, seen) -> Optional[str]:
+        """A pooling module / function: seen through if it pools the spatial dims only."""
+        is_1d = isinstance(kind, POOLS_1D[:4]) or any(kind is f for f in POOLS_1D[4:])
+        want = 3 if is_1d else 4       # [B, C, L] / [B, C, H, W]
+        if dim == 1 and group == 1 and ndim == want:
+            return self.follow(plan, user, dim, group, seen)
+        shape = f" (a {want - 2}-d pool of a {ndim}-d tensor)" if ndim != want else ""
+        return f"pooling at node {user.name} would pool over the channels{shape}"
 
     def _reduce(self, plan, user, ndim, dim, group, seen) -> Optional[str]:
         """mean/sum/amax over dims that are not the channel dim (global average pooling)."""
@@ -239,6 +250,9 @@ def analyze(model: nn.Module, example_input) -> Tuple[Dict[str, Plan], Dict[str,
             continue
         mod = walker.modules[node.target]
         cls = plain_type(mod)
+        if isinstance(mod, _ConvNd) and not isinstance(mod, nn.Conv2d):
+            blocked[node.target] = (f"{type(mod).__name__}: structured pruning rebuilds "
+                                    "nn.Linear / nn.Conv2d layers only")
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or node.target in blocked:
             continue
         if cls not in (nn.Linear, nn.Conv2d) or type(mod).forward is not cls.forward:

@@ -65,9 +65,11 @@ def iterative(model: nn.Module, final_amount: float, steps: int, *,
 
     prune_fn=structured (or a functools.partial of it): each step shrinks the model,
     and structured's amount is a fraction of the channels still there, so step t
-    passes 1 - (1 - s_t) / (1 - s_(t-1)); with the per-step rounding and the
-    one-channel floor, about final_amount of the original channels are gone at the
-    end. Pass its example_input (and criterion, ...) in prune_kwargs.
+    passes 1 - (1 - s_t) / (1 - s_(t-1)), with s_0 = 0 (the model it is given, whatever
+    initial_amount is: that only shapes the schedule, as with the mask pruners); with
+    the per-step rounding and the one-channel floor, about final_amount of the original
+    channels are gone at the end. Pass its example_input (and criterion, ...) in
+    prune_kwargs.
 
     finish=True calls prune.finish(model) at the end (masks made permanent).
     """
@@ -80,7 +82,7 @@ def iterative(model: nn.Module, final_amount: float, steps: int, *,
         raise TypeError(f"finish must be a bool, got {finish!r}")
     amounts = sparsity_schedule(final_amount, steps, schedule, initial_amount)
     relative = _is_structured(prune_fn)
-    before = initial_amount
+    before = 0.0   # the fraction already gone: none; step 1 of structured removes s_1
     for step, s_t in enumerate(amounts, start=1):
         amount = 1 - (1 - s_t) / (1 - before) if relative else s_t
         before = s_t

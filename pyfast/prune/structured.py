@@ -18,17 +18,30 @@ Criteria (the score of output channel c of a producer with weight W [C_out, ...]
   `amount` of each layer. Norms of different layers are not comparable, so "l1" /
   "l2" prune per layer only.
 Each layer keeps at least one channel.
+
+A rebuilt layer is a new module: pyfast.prune masks, requires_grad and train/eval
+mode are carried over, anything else it carries is not. So a producer is left as it
+is, with the reason, if it or a layer that would be rebuilt with it (its BatchNorms and
+consumers) has forward / backward hooks, a parametrization other than a pyfast.prune
+mask (weight_norm), a torch.nn.utils.prune mask, or a Parameter another module holds
+too (tied weights). Every layer is rebuilt before any is put into the model, so a
+call that raises leaves the model as it was.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ..api import Filter, _matcher, positions, replace_module
+from ..api import (Filter, _matcher, _nothing_selected, _param_holders, _tied_reason, positions,
+                   replace_module, torch_pruned)
+from ..nn.conv import hooks_reason
 from .graph import Plan, analyze, plain_type
-from .masks import apply_mask, check_model, effective_weight, get_mask, record_skipped
+from .masks import (WeightMask, apply_mask, check_model, effective_weight, get_mask,
+                    record_skipped)
 from .unstructured import check_amount
 
 Tensor = torch.Tensor
@@ -66,6 +79,40 @@ def _select(scores: Dict[str, Tensor], amount: float, scope: str) -> Dict[str, T
     return out
 
 
+def _rebuild_reason(mod: nn.Module, holders: Dict[int, list]) -> Optional[str]:
+    """Why mod cannot be rebuilt smaller: the new plain layer would drop what it carries
+    besides its tensors and pyfast.prune mask, or untie a Parameter it shares."""
+    pruned = torch_pruned(mod)
+    if pruned:
+        return (f"pruned with torch.nn.utils.prune ({', '.join(pruned)}), whose mask the "
+                "smaller layer would drop: make it permanent first with "
+                "torch.nn.utils.prune.remove(module, name)")
+    if parametrize.is_parametrized(mod):
+        foreign = [f"{type(p).__name__} on {tname}" for tname, plist in mod.parametrizations.items()
+                   for p in plist if tname != "weight" or not isinstance(p, WeightMask)]
+        if foreign:
+            return (f"has the parametrization {', '.join(foreign)}, which the smaller layer "
+                    "would drop (only pyfast.prune masks are carried over): remove it first "
+                    "(torch.nn.utils.parametrize.remove_parametrizations) or exclude the layer")
+    hooked = hooks_reason(mod)
+    if hooked is None and (mod._backward_hooks or mod._backward_pre_hooks):
+        hooked = ("has a backward hook, which the smaller layer would not run: remove it "
+                  "first or exclude the layer")
+    return hooked or _tied_reason(mod, holders, effect="which the smaller layer would untie "
+                                  "(it gets sliced copies); to prune it anyway")
+
+
+def _plan_reason(modules: Dict[str, nn.Module], plan: Plan,
+                 holders: Dict[int, list]) -> Optional[str]:
+    """Why a producer is left as it is because a layer its pruning rebuilds cannot be."""
+    for role, name in ([("", plan.name)] + [("its BatchNorm", n) for n in plan.norms]
+                       + [("its consumer", n) for n, _ in plan.consumers]):
+        why = _rebuild_reason(modules[name], holders)
+        if why is not None:
+            return why if not role else f"{role} {name!r} cannot be rebuilt smaller: {why}"
+    return None
+
+
 def _expand(keep: Tensor, group: int) -> Tensor:
     """Channel indices -> the input columns they own: c*group ... c*group + group - 1."""
     return (keep[:, None] * group + torch.arange(group, device=keep.device)[None, :]).reshape(-1)
@@ -86,6 +133,9 @@ def _rebuild(mod: nn.Module, out_idx: Optional[Tensor], in_idx: Optional[Tensor]
                     getattr(new, key).copy_(src[out_idx.to(src.device)])
             if getattr(mod, "num_batches_tracked", None) is not None:
                 new.num_batches_tracked.copy_(mod.num_batches_tracked)
+        for key in ("weight", "bias"):   # a frozen affine BatchNorm stays frozen
+            if getattr(mod, key) is not None:
+                getattr(new, key).requires_grad_(getattr(mod, key).requires_grad)
         return new.train(mod.training)
     w, mask, bias = effective_weight(mod), get_mask(mod), mod.bias
     rows = out_idx if out_idx is not None else torch.arange(w.shape[0])
@@ -102,6 +152,8 @@ def _rebuild(mod: nn.Module, out_idx: Optional[Tensor], in_idx: Optional[Tensor]
         if bias is not None:
             new.bias.copy_(bias.detach()[rows.to(w.device)])
     new.weight.requires_grad_(mod.weight.requires_grad)
+    if bias is not None:   # a frozen bias stays frozen
+        new.bias.requires_grad_(bias.requires_grad)
     if mask is not None:   # keep unstructured masks applied on what is left
         apply_mask(new, mask[rows.to(w.device)][:, cols.to(w.device)])
     return new.train(mod.training)
@@ -133,6 +185,15 @@ def structured(model: nn.Module, amount: float, example_input, *, criterion: str
     modules = dict(model.named_modules())
     chosen = {n: p for n, p in plans.items() if inc(n, modules[n]) and not exc(n, modules[n])}
     skipped = {n: why for n, why in blocked.items() if inc(n, modules[n]) and not exc(n, modules[n])}
+    if not chosen and not skipped:
+        warnings.warn(_nothing_selected(include, exclude, list(plans) + list(blocked),
+                                        "nn.Linear / nn.Conv2d layers"), stacklevel=2)
+    holders = _param_holders(model)
+    for name in list(chosen):
+        why = _plan_reason(modules, chosen[name], holders)
+        if why is not None:
+            skipped[name] = why
+            del chosen[name]
     scores: Dict[str, Tensor] = {}
     for name, plan in chosen.items():
         s = _scores(modules, plan, criterion)
@@ -154,9 +215,10 @@ def structured(model: nn.Module, amount: float, example_input, *, criterion: str
     # a module registered under several names (an alias, called once) is replaced at every
     # name, so no place keeps the old, unsliced module
     names = {id(m): n for m, n in positions(model, lambda m: True).values()}
-    for name in list(dict.fromkeys(list(out_idx) + list(in_idx))):
-        mod = modules[name]
-        replace_module(model, names[id(mod)], _rebuild(mod, out_idx.get(name), in_idx.get(name)))
+    rebuilt = {name: _rebuild(modules[name], out_idx.get(name), in_idx.get(name))
+               for name in dict.fromkeys(list(out_idx) + list(in_idx))}
+    for name, new in rebuilt.items():   # all rebuilt first: an error leaves the model as it was
+        replace_module(model, names[id(modules[name])], new)
     record_skipped(model, skipped, list(keep))
     return model
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..api import Filter
-from .masks import apply_mask, effective_weight, get_mask, record_skipped, select
+from .masks import apply_mask, check_mask, effective_weight, get_mask, record_skipped, select
 
 Tensor = torch.Tensor
 SCOPES = ("layer", "global")
@@ -76,7 +76,7 @@ def magnitude(model: nn.Module, amount: float, scope: str = "layer", *,
     amount = check_amount(amount)
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r} is not supported; accepted: {', '.join(SCOPES)}")
-    layers, skipped = select(model, include, exclude)
+    layers, skipped = select(model, include, exclude, warn=True)
     return _prune_by_scores(model, layers, [_scores(m, effective_weight(m).abs()) for _, m in layers],
                             amount, scope, skipped)
 
@@ -89,7 +89,7 @@ def random(model: nn.Module, amount: float, seed: int = 0, *, include: Filter = 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
-    layers, skipped = select(model, include, exclude)
+    layers, skipped = select(model, include, exclude, warn=True)
     scores = [_scores(m, torch.rand(m.weight.shape, generator=gen)) for _, m in layers]
     return _prune_by_scores(model, layers, scores, amount, "layer", skipped)
 
@@ -100,12 +100,16 @@ def custom(model: nn.Module, fn: Callable[[str, nn.Module, Tensor], Tensor], *,
     targeted layer; weight is the current (masked) weight, detached. In place."""
     if not callable(fn):
         raise TypeError(f"fn must be a callable(name, module, weight) -> bool mask, got {fn!r}")
-    layers, skipped = select(model, include, exclude)
-    for name, mod in layers:
+    layers, skipped = select(model, include, exclude, warn=True)
+    masks = []
+    for name, mod in layers:   # every mask checked before any is applied: all or nothing
         mask = fn(name, mod, effective_weight(mod))
         if not isinstance(mask, Tensor):
             raise TypeError(f"fn returned {type(mask).__name__} for layer {name!r}; it must "
                             "return a bool torch.Tensor of the weight's shape")
+        check_mask(mod, mask, name)
+        masks.append(mask)
+    for (name, mod), mask in zip(layers, masks):
         apply_mask(mod, mask, name)
     record_skipped(model, skipped, [n for n, _ in layers])
     return model
@@ -139,9 +143,9 @@ def n_m(model: nn.Module, n: int = 2, m: int = 4, *, include: Filter = None,
     model.pyfast_skipped and a warning. In place; returns model.
     """
     check_n_m(n, m)
-    layers, skipped = select(model, include, exclude)
+    layers, skipped = select(model, include, exclude, warn=True)
     done = []
-    for name, mod in layers:
+    for name, mod in layers:   # every mask computed before any is applied: all or nothing
         w = effective_weight(mod)
         rows, k = w.shape[0], w[0].numel()
         if k % m:
@@ -149,7 +153,8 @@ def n_m(model: nn.Module, n: int = 2, m: int = 4, *, include: Filter = None,
             continue
         groups = _scores(mod, w.abs()).reshape(rows, k // m, m)
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, _top_n(groups, n), True)
-        apply_mask(mod, keep.reshape(w.shape), name)
-        done.append(name)
-    record_skipped(model, skipped, done)
+        done.append((name, mod, keep.reshape(w.shape)))
+    for name, mod, keep in done:
+        apply_mask(mod, keep, name)
+    record_skipped(model, skipped, [name for name, _, _ in done])
     return model
