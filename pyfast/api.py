@@ -241,17 +241,18 @@ def _walked_kinds(is_target: Callable[[nn.Module], bool]) -> list:
     return [kind for kind, probe in _KINDS.items() if is_target(probe)]
 
 
-def _nothing_selected(include: Filter, exclude: Filter, names: list, what: str) -> str:
+def _nothing_selected(include: Filter, exclude: Filter, names: list, what: str,
+                      done: str = "converted") -> str:
     """The warning of a walk that selected no layer: the model has none of `what`, or
-    include/exclude (a typo?) select none of `names`."""
+    include/exclude (a typo?) select none of `names`; nothing was `done`."""
     if not names:
-        return f"pyfast found no {what} in the model; nothing was converted"
+        return f"pyfast found no {what} in the model; nothing was {done}"
     given = " and ".join(f"{arg}={spec!r}" for arg, spec in
                          (("include", include), ("exclude", exclude)) if spec is not None)
     shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
     verb = "select" if include is not None and exclude is not None else "selects"
     return (f"{given} {verb} none of the model's {len(names)} {what} ({shown}); "
-            "nothing was converted")
+            f"nothing was {done}")
 
 
 def _walk(model: nn.Module, include: Filter, exclude: Filter,

@@ -115,7 +115,7 @@ def test_a_tied_consumer_is_not_sliced():
 def test_a_filter_that_selects_nothing_warns():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with pytest.warns(UserWarning, match=r"include='fc1' selects none of the model's 2 "
-                                         r"nn\.Linear / nn\.Conv2d layers \('0', '2'\)"):
+                                         r"nn\.Linear / nn\.Conv2d layers \('0', '2'\); nothing was pruned"):
         prune.structured(model, 0.5, torch.randn(2, 8), include="fc1")
     assert prune.channel_counts(model) == {"0": 16, "2": 4}
 

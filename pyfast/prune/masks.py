@@ -166,7 +166,8 @@ def select(model: nn.Module, include: Filter = None, exclude: Filter = None,
     skipped.update(_attention_reasons(model, selected))
     if warn and not layers and not skipped:
         prunable = [names[0] for mod, names in found if isinstance(mod, PRUNABLE)]
-        warnings.warn(_nothing_selected(include, exclude, prunable, "nn.Linear / nn.Conv2d layers"),
+        warnings.warn(_nothing_selected(include, exclude, prunable, "nn.Linear / nn.Conv2d layers",
+                                        "pruned"),
                       stacklevel=3)
     return layers, skipped
 

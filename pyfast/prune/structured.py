@@ -187,7 +187,8 @@ def structured(model: nn.Module, amount: float, example_input, *, criterion: str
     skipped = {n: why for n, why in blocked.items() if inc(n, modules[n]) and not exc(n, modules[n])}
     if not chosen and not skipped:
         warnings.warn(_nothing_selected(include, exclude, list(plans) + list(blocked),
-                                        "nn.Linear / nn.Conv2d layers"), stacklevel=2)
+                                        "nn.Linear / nn.Conv2d layers", "pruned"),
+                      stacklevel=2)
     holders = _param_holders(model)
     for name in list(chosen):
         why = _plan_reason(modules, chosen[name], holders)
