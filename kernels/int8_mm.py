@@ -89,9 +89,14 @@ def _int8_mm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Row offsets in int64: M * K (up to 131071 per row) may exceed 2**31.
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    # Row offsets in int64: M * K (up to 131071 per row) may exceed 2**31. The column
+    # offsets and the K steps too (outside the loop, free): for a transposed view the
+    # column stride is M or N, and BLOCK_K * stride passes 2**31 from 2**24 on.
+    offs_k64 = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k64[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k64[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -99,8 +104,8 @@ def _int8_mm_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     # Epilogue, in float32 and in the reference's order, every operation rounded.
     a_s = to_f32(tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0))

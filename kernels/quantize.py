@@ -41,7 +41,9 @@ _MAX_BLOCK_K = 2048
 @triton.jit
 def _row_block(x_ptr, q_ptr, M, stride_xm, stride_qm, BLOCK_M: tl.constexpr):
     """The BLOCK_M rows of this program: (row indices as int64, rows < M, x row pointers
-    [BLOCK_M, 1], q row pointers [BLOCK_M, 1]); 64-bit, as M * K may exceed 2**31."""
+    [BLOCK_M, 1], q row pointers [BLOCK_M, 1]); 64-bit, as M * K may exceed 2**31.
+    The kernels widen the column offsets cols * stride_xk too: for a transposed x
+    (stride_xk = M) they can pass 2**31 as well."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     return rows, rows < M, x_ptr + rows[:, None] * stride_xm, q_ptr + rows[:, None] * stride_qm
 
@@ -67,7 +69,7 @@ def _quantize_per_token_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
-        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        x = to_f32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
         is_nan = x != x
         amax = tl.maximum(amax, tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1))
         has_nan = tl.maximum(has_nan, tl.max(is_nan.to(tl.int32), axis=1))
@@ -83,7 +85,7 @@ def _quantize_per_token_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
-        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        x = to_f32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
         v = tl.div_rn(x, tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
         v = tl.where(v != v, 0.0, v)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
@@ -136,7 +138,7 @@ def _quantize_static_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
-        x = to_f32(tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0))
+        x = to_f32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
         has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), axis=1))
         v = tl.div_rn(x, tl.full([BLOCK_M, BLOCK_K], 1.0, tl.float32) * s)  # IEEE x / s
         v = tl.where(v != v, 0.0, v)

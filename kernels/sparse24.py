@@ -130,13 +130,16 @@ def _sparse24_mm_kernel(
         k_start = kb * BLOCK_K
         # K tail: K % 4 == 0, so a group is either wholly inside K or wholly outside,
         # and masking x, values and meta separately keeps them consistent.
-        x = tl.load(x_rows + (k_start + offs_k)[None, :] * stride_xk,
+        # k * stride in int64 (x, values, meta): for a transposed view (stride = M or N)
+        # it can pass 2**31. Unit strides are constexpr 1 on the contiguous path.
+        x = tl.load(x_rows + (k_start + offs_k).to(tl.int64)[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
         h = k_start // 2 + offs_h                                      # kept-value slot
-        v = tl.load(v_cols + h[:, None] * stride_vk, mask=(h[:, None] < K // 2) & mask_n, other=0.0)
+        v = tl.load(v_cols + h.to(tl.int64)[:, None] * stride_vk,
+                    mask=(h[:, None] < K // 2) & mask_n, other=0.0)
         j = k_start // 4 + offs_g                                      # group of 4
-        meta = tl.load(m_cols + j[:, None] * stride_mk, mask=(j[:, None] < K // 4) & mask_n,
-                       other=0)
+        meta = tl.load(m_cols + j.to(tl.int64)[:, None] * stride_mk,
+                       mask=(j[:, None] < K // 4) & mask_n, other=0)
         # [2 QK, BLOCK_N] -> [QK, BLOCK_N, 2] -> the first and second kept values
         v0, v1 = tl.split(tl.permute(tl.reshape(v, (QK, 2, BLOCK_N)), (0, 2, 1)))
         acc = sparse24_dots(acc, x, v0, v1, meta, BLOCK_M, QK, INPUT_PRECISION)

@@ -127,17 +127,20 @@ def _sparse24_int4_mm_kernel(
         j = k0 // 4 + offs_j                                             # global group
         # K tail: K % 8 == 0, so a group (and a meta byte) is wholly inside K or
         # wholly outside; masked groups read code 0 and meta 0, and meet x = 0.
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
+        # k * stride in int64 (here and for j, b below): for a transposed view (stride =
+        # M or N) it can pass 2**31. Unit strides are constexpr 1 on the contiguous path.
+        x = tl.load(x_rows + k.to(tl.int64)[None, :] * stride_xk, mask=mask_m & (k[None, :] < K),
+                    other=0.0)
         # Codes and meta are loaded k-major, [groups, BLOCK_N] like int4_mm's tile, so
         # that the per-row zero points and scales run along their second axis.
-        codes = tl.load(p_cols + j[:, None] * stride_pk, mask=(j[:, None] < K_PACKED) & mask_n,
-                        other=0)                                         # [QK, BLOCK_N] uint8
+        codes = tl.load(p_cols + j.to(tl.int64)[:, None] * stride_pk,
+                        mask=(j[:, None] < K_PACKED) & mask_n, other=0)  # [QK, BLOCK_N] uint8
         # Each meta byte is loaded once, [QK / 2, BLOCK_N], and repeated for its two
         # groups in registers. (Loading byte j // 2 per group instead made every meta
         # load a scalar ld.global.b8: the addresses repeat, so nothing vectorises.)
         b = k0 // 8 + offs_b
-        meta = tl.load(m_cols + b[:, None] * stride_mk, mask=(b[:, None] < K_PACKED // 2) & mask_n,
-                       other=0)
+        meta = tl.load(m_cols + b.to(tl.int64)[:, None] * stride_mk,
+                       mask=(b[:, None] < K_PACKED // 2) & mask_n, other=0)
         meta = tl.reshape(tl.broadcast_to(meta[:, None, :], (QK // 2, 2, BLOCK_N)), (QK, BLOCK_N))
         if ONE_GROUP:
             z = zero[None, :]
@@ -209,6 +212,8 @@ def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, ze
         if config["BLOCK_K"] < 16:  # powers of two from 16 on: whole meta bytes too
             raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be at least 16 "
                              "(tl.dot's smallest K on the GPU)")
+    if k == 0:  # an empty sum: out = bias, as the reference (G = 0: there is no scales[:, 0])
+        return out.zero_() if bias is None else out.copy_(bias.float().expand(m, n))
     one_group = k <= gs
 
     def kernel_args(bias_arg, ws, split, stride_ws):

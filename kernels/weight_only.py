@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_subset, int4_minus_zero, int8_to_float
+from ._common import config_subset, int4_minus_zero, int8_to_float, to_f32
 
 Tensor = torch.Tensor
 
@@ -103,13 +103,14 @@ def _epilogue_store(acc, offs_m, offs_n, M, N,
                     out_ptr, stride_om, stride_on,
                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     # out = acc * scale[n] + bias[n] in float32 (the reference's order), cast once.
+    # to_f32: exact for bfloat16 subnormals in the interpreter too.
     mask_n = offs_n < N
     if HAS_SCALE:
         scale = tl.load(scale_ptr + offs_n * stride_scale, mask=mask_n, other=0.0)
-        acc = acc * scale.to(tl.float32)[None, :]
+        acc = acc * to_f32(scale)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
+        acc = acc + to_f32(bias)[None, :]
     out_ptrs = (out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
                 + offs_n[None, :] * stride_on)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
@@ -159,7 +160,7 @@ def _group_params(zero_ptr, scale_ptr, offs_n, mask_n, stride_zn, stride_zg, str
     (zeros uint8 [N, G], scales any float dtype [N, G]); 0 for masked-off rows."""
     zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
     scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
-    return zero.to(tl.int32), scale.to(tl.float32)
+    return zero.to(tl.int32), to_f32(scale)
 
 
 # --- int8 weights ---------------------------------------------------------------------
@@ -202,9 +203,12 @@ def _int8_weight_mm_kernel(
     first, last = _k_block_range(K, BLOCK_K, SPLIT_K)
     for kb in range(first, last):
         k = kb * BLOCK_K + offs_k
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
+        # k * stride in int64: for a transposed view (stride = M or N) it can pass 2**31.
+        # (Unit strides are constexpr 1 on the contiguous path: no multiply there.)
+        k64 = k.to(tl.int64)
+        x = tl.load(x_rows + k64[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
         # The weight tile as [BLOCK_K, BLOCK_N] straight from w [N, K] (k contiguous).
-        w = tl.load(w_cols + k[:, None] * stride_wk, mask=(k[:, None] < K) & mask_n, other=0)
+        w = tl.load(w_cols + k64[:, None] * stride_wk, mask=(k[:, None] < K) & mask_n, other=0)
         acc = tl.dot(x, int8_to_float(w, x.dtype), acc, input_precision=INPUT_PRECISION)
 
     if USE_WORKSPACE:
@@ -274,14 +278,17 @@ def _int4_mm_kernel(
         blocks_per_group = GROUP_SIZE // BLOCK_K   # BLOCK_K divides GROUP_SIZE here
         g = tl.minimum(first // blocks_per_group, (K - 1) // GROUP_SIZE)  # empty split: in bounds
         left = blocks_per_group - first % blocks_per_group  # blocks of group g from `first`
-        scale_next = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n1,
-                             other=0.0).to(tl.float32)
+        scale_next = to_f32(tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n1,
+                                    other=0.0))
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(first, last):
         k0 = kb * BLOCK_K
         k = k0 + offs_k
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m & (k[None, :] < K), other=0.0)
+        # int64 k * stride (and b * stride_pk below), as in the int8 kernel: a transposed
+        # view can pass 2**31
+        x = tl.load(x_rows + k.to(tl.int64)[None, :] * stride_xk, mask=mask_m & (k[None, :] < K),
+                    other=0.0)
         # The activations' even and odd columns, [BLOCK_M, BLOCK_K / 2] each, split in
         # registers from the contiguous x tile.
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
@@ -291,7 +298,8 @@ def _int4_mm_kernel(
         # [BLOCK_K, BLOCK_N] tile by byte k // 2 instead made every load a scalar
         # ld.global.b8, outside the pipeline: the kernel the H100 run measured.)
         b = k0 // 2 + offs_b
-        p = tl.load(p_cols + b[:, None] * stride_pk, mask=(b[:, None] < K_PACKED) & mask_n, other=0)
+        p = tl.load(p_cols + b.to(tl.int64)[:, None] * stride_pk,
+                    mask=(b[:, None] < K_PACKED) & mask_n, other=0)
         if ONE_GROUP:
             w_even, w_odd = int4_minus_zero(p, zero[None, :], x.dtype)
             acc = tl.dot(x_even, w_even, acc, input_precision=INPUT_PRECISION)
@@ -307,8 +315,8 @@ def _int4_mm_kernel(
             if left == 0:
                 g = tl.minimum(g + 1, (K - 1) // GROUP_SIZE)
                 left = blocks_per_group
-            scale_next = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n1,
-                                 other=0.0).to(tl.float32)
+            scale_next = to_f32(tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg,
+                                        mask=mask_n1, other=0.0))
             w_even, w_odd = int4_minus_zero(p, zero_g[None, :], x.dtype)
             part = tl.dot(x_even, w_even, input_precision=INPUT_PRECISION)
             part = tl.dot(x_odd, w_odd, part, input_precision=INPUT_PRECISION)
@@ -378,12 +386,19 @@ def _check_config(config: Dict, group_size: Optional[int] = None, k: int = 0) ->
     allowed = need | {"num_warps", "num_stages"}
     if not need <= config.keys() or not config.keys() <= allowed:
         raise ValueError(f"config {config} must give {sorted(need)} (and may give num_warps, num_stages)")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):  # tl.arange takes powers of two only
-        v = config[key]
-        if not isinstance(v, int) or v < 1 or v & (v - 1):
+    for key, v in config.items():
+        # Only ints: a float SPLIT_K failed inside the launch with an error that did not
+        # name it, and a bool was taken as 0 / 1.
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"config {key} = {v!r} ({type(v).__name__}) must be an int")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):  # tl.arange: powers of two only
+        v = config.get(key, 1)
+        if v < 1 or v & (v - 1):
             raise ValueError(f"config {key} = {v!r} must be a power of two")
     if not 1 <= config["SPLIT_K"] <= MAX_SPLIT_K:
         raise ValueError(f"config SPLIT_K = {config['SPLIT_K']} must be in 1..{MAX_SPLIT_K}")
+    if config.get("num_stages", 1) < 1:
+        raise ValueError(f"config num_stages = {config['num_stages']} must be at least 1")
     if group_size is not None and k > group_size and group_size % config["BLOCK_K"]:
         raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must divide group_size {group_size} "
                          "(a K tile has to lie inside one group)")
@@ -481,6 +496,8 @@ def int4_mm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size
         if config["BLOCK_K"] < 32:  # two dots of BLOCK_K / 2, and tl.dot needs K >= 16 on a GPU
             raise ValueError(f"config BLOCK_K = {config['BLOCK_K']} must be at least 32 for int4_mm "
                              "(the tile's even and odd k make two dots of BLOCK_K / 2)")
+    if k == 0:  # an empty sum: out = bias, as the reference (G = 0: there is no scales[:, 0])
+        return out.zero_() if bias is None else out.copy_(bias.float().expand(m, n))
     one_group = k <= gs  # G == 1: scales[:, 0] is a per-channel scale for the epilogue
 
     def kernel_args(bias_arg, ws, split, stride_ws):

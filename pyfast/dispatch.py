@@ -91,6 +91,13 @@ _FORCED: contextvars.ContextVar[Tuple[Dict[str, str], ...]] = contextvars.Contex
     "pyfast_forced_backends", default=())
 
 
+class _Entry(dict):
+    """One use_backend block in _FORCED: its {op or "*": family}, plus the use_backend
+    object that entered it, so that the object's __exit__ finds its own entry in the
+    context it runs in (one object may be in force in several threads / tasks at once)."""
+    __slots__ = ("owner",)
+
+
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the call; the message says why."""
 
@@ -201,7 +208,9 @@ class use_backend:
     the block's entry and exit while tracing, and the compiled code would run the
     default kernels, so inside a compiled function it raises (a graph break, or an error
     with fullgraph=True). A block removes only its own entry on exit, so a generator
-    that leaves its block after its caller entered another one leaves the caller's."""
+    that leaves its block after its caller entered another one leaves the caller's, and
+    one object may be in force in several threads / tasks at once (each exit undoes the
+    entry of the same thread / task)."""
 
     def __init__(self, family: Optional[str] = None, **per_op: str) -> None:
         forced: Dict[str, str] = {}
@@ -214,18 +223,25 @@ class use_backend:
             if op != "*" and op not in _REGISTRY.kernels:
                 raise ValueError(f"use_backend got unknown op {op!r}; ops: {', '.join(ops())}")
         self._forced = forced
-        self._entered: List[Dict[str, str]] = []   # this object's entries, if re-entered
 
     @_not_traced
     def __enter__(self) -> None:
-        entry = dict(self._forced)   # a new object per entry: removed by identity on exit
-        self._entered.append(entry)
+        entry = _Entry(self._forced)
+        entry.owner = self
         _FORCED.set(_FORCED.get() + (entry,))
 
     @_not_traced
     def __exit__(self, *exc) -> None:
-        entry = self._entered.pop()
-        _FORCED.set(tuple(f for f in _FORCED.get() if f is not entry))
+        # This object's innermost entry in this context (thread / task): the one its
+        # matching __enter__ made. Not a list on the object, which every context shares:
+        # with one object in force in two tasks, the first to leave removed the other's
+        # entry (absent from its own context), and its own stayed in force.
+        current = _FORCED.get()
+        mine = [i for i, f in enumerate(current) if getattr(f, "owner", None) is self]
+        if not mine:
+            raise RuntimeError("use_backend.__exit__ without a matching __enter__ in this "
+                               "thread / asyncio task")
+        _FORCED.set(current[:mine[-1]] + current[mine[-1] + 1:])
 
 
 # --- the rule ---------------------------------------------------------------------

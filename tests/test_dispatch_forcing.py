@@ -68,6 +68,105 @@ def test_one_object_entered_twice():
     assert _chosen() == pyfast.backends().default(OP, "cpu")
 
 
+def test_one_object_in_two_tasks_at_once():
+    """One use_backend object (e.g. a module-level constant) in force in two tasks whose
+    blocks overlap: the object kept one list of entries for every context, so the first
+    task to leave popped the other's entry (absent from its own context) and both kept
+    the forcing after their blocks."""
+    force = pyfast.use_backend(**{OP: "reference"})
+    default = pyfast.backends().default(OP, "cpu")
+    assert default != "reference"
+    seen = {}
+
+    async def main():
+        a_in, b_in, a_out = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def a():
+            with force:
+                a_in.set()
+                await b_in.wait()
+            seen["a after"] = _chosen()
+            a_out.set()
+
+        async def b():
+            await a_in.wait()
+            with force:
+                b_in.set()
+                await a_out.wait()
+                seen["b inside"] = _chosen()
+            seen["b after"] = _chosen()
+
+        await asyncio.gather(a(), b())
+
+    asyncio.run(main())
+    assert seen == {"a after": default, "b inside": "reference", "b after": default}
+
+
+def test_one_object_in_two_threads_at_once():
+    """As above with threads: thread 1 leaves while thread 2 is inside."""
+    import threading
+
+    force = pyfast.use_backend(**{OP: "reference"})
+    default = pyfast.backends().default(OP, "cpu")
+    in1, in2, out1 = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def run(name, body):
+        try:
+            body()
+        except BaseException as exc:  # reported by the assertion below
+            errors.append((name, exc))
+            for event in (in1, in2, out1):
+                event.set()  # do not leave the other thread waiting
+
+    def one():
+        with force:
+            in1.set()
+            assert in2.wait(30)
+        seen["1 after"] = _chosen()
+        out1.set()
+
+    def two():
+        assert in1.wait(30)
+        with force:
+            in2.set()
+            assert out1.wait(30)
+            seen["2 inside"] = _chosen()
+        seen["2 after"] = _chosen()
+
+    threads = [threading.Thread(target=run, args=(n, f)) for n, f in (("1", one), ("2", two))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert seen == {"1 after": default, "2 inside": "reference", "2 after": default}
+    assert _chosen() == default
+
+
+def test_exit_in_a_context_the_object_did_not_enter_is_an_error():
+    """An exit with no entry of this object in this thread / task removes nothing else."""
+    import contextvars
+    import threading
+
+    force, other = pyfast.use_backend(**{OP: "reference"}), pyfast.use_backend(**{OP: "cuda"})
+    errors = []
+    with force:
+        def leave():
+            try:
+                with other:
+                    force.__exit__(None, None, None)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        # a fresh context: a thread may inherit its parent's (Python 3.14 free-threaded)
+        thread = threading.Thread(target=contextvars.Context().run, args=(leave,))
+        thread.start()
+        thread.join(30)
+        assert _chosen() == "reference"
+    assert errors == ["use_backend.__exit__ without a matching __enter__ in this thread / "
+                      "asyncio task"]
+
+
 def _compiled_case():
     x = torch.randn(3, 64)
     w = torch.randint(-5, 5, (8, 64), dtype=torch.int8)
