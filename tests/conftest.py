@@ -83,3 +83,16 @@ def threads(request):
         yield request.param
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (pytestmark = pytest.mark.usefixtures(
+    "one_thread")): accuracy thresholds measured so (digits), and on a shared 2-core
+    machine two OpenMP threads competing with other processes run many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -17,14 +17,7 @@ from pyfast.distill import (FeatureDistiller, distill, kd_loss, response_loss, r
                             rkd_distance_loss)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: the accuracy thresholds were measured so, and on a shared 2-core
-    machine two OpenMP threads competing with other processes run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

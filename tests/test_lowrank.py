@@ -14,14 +14,7 @@ from pyfast.digits import DigitsCNN, accuracy, load_digits, train
 from pyfast.lowrank import (LowRankConv2d, LowRankLinear, factorize, rank_for_energy)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: the digits accuracy was measured so, and on a shared 2-core machine two
-    OpenMP threads competing with other processes run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def with_spectrum(n: int, k: int, s) -> torch.Tensor:

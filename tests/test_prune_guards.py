@@ -13,12 +13,7 @@ from torch.nn.utils import prune as torch_prune
 from pyfast import prune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()   # the machine is shared: 1 thread is faster here
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 PRUNERS = {"magnitude": lambda m, **kw: prune.magnitude(m, 0.5, **kw),

@@ -10,12 +10,7 @@ from pyfast.quant import QATConv2d, QATLinear
 from pyfast.sparsity import is_24, magnitude_24_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()   # the machine is shared: 1 thread is faster here
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def mlp():
