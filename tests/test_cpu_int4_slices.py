@@ -57,8 +57,8 @@ def test_int4_m1_slices(isa, threads, group_size, dtype, monkeypatch):
     the dequantized weight (float64), PyTorch-based tolerance in x's dtype. Shapes: K = 390 / 384 (a partial last block; 390 per
     channel, with a partial last lane), 4096 (whole rows), 8448 and 12160 (x data past
     24 KiB: two chunks of 33 and 48 blocks); N = 9, 23, 40, 70 (row groups of 32: partial
-    ones, and full ones followed by a partial one; with x in one chunk, four streams of
-    rows with a tail of 1-3 rows left to the pairs sweep: N = 9 on 1 thread, 23).
+    ones, and full ones followed by a partial one; with x in one chunk, far-apart streams
+    of rows with a tail row left to the pairs sweep: N = 9, 23).
     bfloat16 x reaches the kernel with PYFAST_NO_BF16DOT (else the vdpbf16ps kernel runs)."""
     monkeypatch.setenv("PYFAST_NO_BF16DOT", "1")
     gen = torch.Generator().manual_seed(5)

@@ -354,10 +354,15 @@ inline bool one_chunk(const Int4Weight& w) {
 //     67 GB/s). Bit-identical outputs (the same lane sums in the same order per row).
 //     At K = 11008 (x in two chunks; streams of whole rows read x from L2): 1.003 [0.98,
 //     1.05], so there the row groups of sweep stay.
-//   - bench run 2026-11-25_024140_m1 (commit 45a55ef): int4 1.36x and 1.43x W8A8 at K =
-//     4096 (67% and 71% of the bandwidth), against 1.25x and 1.24x (57%, 60%) in the
-//     run before this change; K = 11008 unchanged (1.25x).
-constexpr int kStreams = 4;
+//   - bench run 2026-11-25_024140_m1 (commit 45a55ef, 4 streams): int4 1.36x and 1.43x
+//     W8A8 at K = 4096 (67% and 71% of the bandwidth), against 1.25x and 1.24x (57%,
+//     60%) in the run before this change; K = 11008 unchanged (1.25x);
+//   - then, against those 4 streams (same harness, 16 rounds): 2 streams 1.173 [1.11,
+//     1.21] and 1.073 [1.00, 1.12] at N = 4096, 1.113 [1.06, 1.15] at N = 11008 (the
+//     C++ model read alike with 2 and 4: the 4-row lane sums hold 8 nibble vectors and
+//     4 chains in registers, 2 rows half of that); 8 streams 0.84-0.88 (spills); the
+//     prefetch 32 KiB ahead 0.96-0.98.
+constexpr int kStreams = 2;
 constexpr int64_t kStreamAheadBytes = 16 * 1024;
 
 template <Scales kScales>
