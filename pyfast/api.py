@@ -276,14 +276,14 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
 
     targets = positions(model, is_target)
     done = _pyfast_positions(model, is_target)      # before the walk adds pyfast layers
-    skipped: Dict[str, str] = dict(getattr(model, "pyfast_skipped", {}))
+    skipped = _Skipped(getattr(model, "pyfast_skipped", {}))
     selected = _convert_selected(model, targets, select, convert, skipped)
     for mod, names in done.values():
         chosen = select(mod, names)
         selected = selected or bool(chosen)
         if chosen and not (already is not None and already(mod)):
             skipped[chosen[0] or "<root>"] = _already_reason(mod)
-    model.pyfast_skipped = skipped
+    model.pyfast_skipped = dict(skipped)
     if not selected:
         kinds = _walked_kinds(is_target)
         counted = tuple(type(_KINDS[k]) for k in kinds) or nn.Module  # only those `what` names
@@ -291,10 +291,27 @@ def _walk(model: nn.Module, include: Filter, exclude: Filter,
         found += [names[0] for _, names in done.values()]
         what = what or (f"{' / '.join(kinds)} layers" if kinds else "layers this call converts")
         warnings.warn(_nothing_selected(include, exclude, found, what), stacklevel=3)
-    if skipped:
+    if skipped.now:     # this call's reasons; model.pyfast_skipped keeps earlier calls' too
         warnings.warn("pyfast left these layers as they were: "
-                      + "; ".join(f"{n}: {r}" for n, r in skipped.items()), stacklevel=3)
+                      + "; ".join(f"{n}: {skipped[n]}" for n in skipped.now), stacklevel=3)
     return model
+
+
+class _Skipped(dict):
+    """model.pyfast_skipped as a walk updates it; `now` lists the names this walk set (a
+    layer it left again for the same reason too), so that its warning names those only."""
+
+    def __init__(self, earlier) -> None:
+        super().__init__(earlier)
+        self.now: Dict[str, None] = {}
+
+    def __setitem__(self, name: str, reason: str) -> None:
+        super().__setitem__(name, reason)
+        self.now[name] = None
+
+    def pop(self, name, *default):
+        self.now.pop(name, None)
+        return super().pop(name, *default)
 
 
 def _convert_selected(model: nn.Module, targets: Dict[int, list], select, convert,

@@ -256,3 +256,16 @@ def test_magnitude_24_mask_breaks_ties_by_lower_index():
     assert magnitude_24_mask(w).tolist() == [[True, True, False, False,
                                               False, True, True, False,
                                               True, True, False, False]]
+
+
+def test_the_warning_names_only_what_this_call_left():
+    """model.pyfast_skipped keeps every call's reasons, but the warning repeated those of
+    earlier calls, for layers this call did not even look at."""
+    model = nn.Sequential(nn.Linear(30, 8), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"0: in_features 30 .*; 1: in_features 8"):
+        pyfast.quantize(model, "int4", group_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyfast.quantize(model, "int4", group_size=32, include="1")
+    assert [str(w.message).split(": ", 1)[1][:2] for w in caught] == ["1:"]
+    assert set(model.pyfast_skipped) == {"0", "1"}
