@@ -339,3 +339,17 @@ def test_qat_conv_output_has_the_memory_format_torch_conv_gives(method):
     y = qat(cl)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     torch.testing.assert_close(y, qat(x))
+
+
+def test_convert_qat_refuses_a_hooked_layer_and_converts_nothing():
+    """convert_qat replaced a hooked QAT layer and the hook was silently gone."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    quant.prepare_qat(model, "int8")
+    handle = model[2].register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.raises(ValueError, match=r"cannot convert QAT layer '2': it has a forward hook "
+                                         r".*remove it first \(its handle's \.remove\(\)"):
+        quant.convert_qat(model)
+    assert isinstance(model[0], QATLinear) and isinstance(model[2], QATLinear)
+    handle.remove()
+    quant.convert_qat(model)
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2], Int8Linear)

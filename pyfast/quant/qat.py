@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from .. import reference
 from ..api import (Filter, _int4_reason, _walk, check_quant_args, positions, quantized_layer,
                    replace_module, torch_pruned)
-from ..nn.conv import ConvGeometry, conv_padding, conv_unsupported_reason, im2col, \
+from ..nn.conv import ConvGeometry, conv_padding, conv_unsupported_reason, hooks_reason, im2col, \
     linear_from_weight
 from ..nn.linear import _dtype_from_name, _dtype_name
 
@@ -317,7 +317,9 @@ def prepare_qat(model: nn.Module, method: str = "int8", group_size: int = 128,
 
 def convert_qat(model: nn.Module) -> nn.Module:
     """Replace every QATLinear / QATConv2d by its pyfast layer (Int8Linear, Int4Linear or
-    QuantConv2d around one), built from the trained float weights; in place."""
+    QuantConv2d around one), built from the trained float weights; in place. A QAT layer
+    with a forward hook or pre-hook (a user's, an open FeatureDistiller's) is refused with
+    a ValueError before any layer is converted: the new layer would not run the hook."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QATLinear, QATConv2d))]
@@ -327,6 +329,11 @@ def convert_qat(model: nn.Module) -> nn.Module:
     if layers[0][0] == "":
         raise ValueError(f"model is itself a {type(model).__name__}; wrap it in a container "
                          "(e.g. nn.Sequential(layer)) so it can be replaced in place")
+    for name, mod in layers:   # all checked first: a refused call converts nothing
+        hooked = hooks_reason(mod)
+        if hooked is not None:
+            hooked = hooked.replace(" or exclude the layer", "")   # convert_qat has no filters
+            raise ValueError(f"cannot convert QAT layer {name!r}: it {hooked}")
     shared = positions(model, lambda m: isinstance(m, (QATLinear, QATConv2d)))
     with torch.no_grad():
         for name, mod in layers:
