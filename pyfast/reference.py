@@ -103,7 +103,11 @@ def affine_params(g: Tensor, maxq: int, symmetric: bool) -> Tuple[Tensor, Tensor
         return scales, torch.full_like(scales, float(maxq // 2 + 1))
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
-    scales = safe_scale(hi - lo, float(maxq))
+    span = hi - lo
+    # a finite range wider than float32's maximum (hi - lo = inf, |w| > 1.7e38) has the
+    # finite scale hi / maxq - lo / maxq; elsewhere (hi - lo) / maxq, rounded as before
+    wide = torch.isinf(span) & torch.isfinite(hi) & torch.isfinite(lo)
+    scales = torch.where(wide, hi / maxq - lo / maxq, safe_scale(span, float(maxq)))
     zeros = torch.round(-lo / scales).nan_to_num_(0.0).clamp_(0, maxq)
     return scales, zeros
 

@@ -198,6 +198,28 @@ def test_pack_int4_scale_and_zero_follow_formats(symmetric):
         assert q[0, :4].tolist() == [8 + round(-3.0 / (4.5 / 7)), 8, 8 + round(7 / 4.5), 15]
 
 
+@pytest.mark.parametrize("pack", ["int4", "int2"])
+def test_asymmetric_range_wider_than_float32_max_keeps_a_finite_scale(pack):
+    """hi - lo overflowed to inf for a group whose max - min passes float32's maximum:
+    an inf scale, every code 0 and a NaN / inf dequantized weight. Now the scale is
+    hi / maxq - lo / maxq."""
+    # (within a rounded zero point of float32's maximum a code may still dequantize to inf)
+    w = torch.tensor([[1e38, -3e38, 1e37, 0.0] * 8, [3e38, -1e38, 2.0, -1.0] * 8])
+    if pack == "int4":
+        packed, scales, zeros = reference.pack_int4(w, 32, False)
+        q, maxq = unpack_int4(packed).float(), 15
+    else:
+        packed, scales, zeros = reference.pack_lowbit(w, 2, 32)
+        q, maxq = reference.unpack_bits(packed, 2).float(), 3
+    assert bool(torch.isfinite(scales).all())
+    hi, lo = w.amax(dim=1), w.amin(dim=1)
+    assert torch.equal(scales.flatten(), hi / maxq - lo / maxq)
+    deq = (q - zeros.float()) * scales        # one group per row
+    assert bool(torch.isfinite(deq).all())
+    # each weight within half a step (plus the zero point's rounding) of its code
+    assert bool(((deq - w).abs() <= scales).all())
+
+
 def test_pack_int4_nibble_order_low_is_even_k():
     # symmetric, amax 7 in the group: scale 1, q = w + 8
     w = torch.zeros(1, 32)
