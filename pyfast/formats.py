@@ -40,6 +40,7 @@ int4 weights, group-wise  (pack_int4, int4_mm)
     symmetric:  scale = amax(|w_group|) / 7, zero = 8,
                 q = clamp(round(w / scale) + 8, 0, 15)   (so the signed value is in [-8, 7])
     asymmetric: scale = (max - min) / 15 over the group with min <= 0 <= max forced
+                (max / 15 - min / 15 where max - min passes float32's maximum),
                 zero = clamp(round(-min / scale), 0, 15),
                 q = clamp(round(w / scale) + zero, 0, 15)
     group_size is one of 32, 64, 128 or -1; K must be even and a multiple of group_size.
