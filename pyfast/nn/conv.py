@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.nn.utils import prune as torch_prune
 
 from .. import _checks as chk
@@ -198,8 +199,9 @@ class ConvGeometry(nn.Module):
         out = rows.transpose(1, 2).reshape(n, self.out_channels, *size)   # channels_last
         if unbatched:
             return out.squeeze(0).contiguous()
-        keep = like is not None and not like.is_contiguous() and \
-            like.is_contiguous(memory_format=torch.channels_last)
+        # torch's conv rule (suggest_memory_format): a [B, 1, H, W] input is contiguous in
+        # both formats, and its strides say which one it was made in
+        keep = like is not None and suggest_memory_format(like) == torch.channels_last
         return out if keep else out.contiguous()
 
     def _geometry_repr(self) -> str:

@@ -82,12 +82,20 @@ class _CompressedLinear(nn.Module):
             raise TypeError(f"{type(self).__name__} cannot be cast to {probe.dtype}: its "
                             "kernels take float32, float16 or bfloat16; accepted casts: "
                             ".float(), .half(), .bfloat16(), .to(device)")
+        probe16 = fn(torch.empty(0, dtype=torch.float16, device=device))
+        # a cast sends float32 and float16 to one dtype; a move keeps each its own
+        cast = (probe.dtype if isinstance(probe, Tensor) and isinstance(probe16, Tensor)
+                and probe16.dtype == probe.dtype else None)
         probe = fn(torch.empty(0, dtype=torch.int8, device=device))
         if isinstance(probe, Tensor) and probe.dtype != torch.int8:
             raise TypeError(f"{type(self).__name__} cannot cast its integer codes to "
                             f"{probe.dtype} (e.g. module.type(dtype) casts every tensor); "
                             "accepted casts: .float(), .half(), .bfloat16(), .to(dtype), "
                             ".to(device), which leave integer tensors alone")
+        # Trainable buffers (a fine-tuned bias, 2:4 values or scales) are the optimizer's
+        # tensors: Module._apply would replace them by copies that are not leaves (their
+        # gradient went to the old tensor, which the layer no longer reads).
+        trainable = {n: t for n, t in self._buffers.items() if t is not None and t.requires_grad}
         # The float32 buffers (scales) stay float32 through .half() / .to(dtype): they go
         # through fn as int32 views, which those casts leave alone. A view is a new tensor
         # object without requires_grad, so where fn returned the view itself (no move), the
@@ -106,8 +114,29 @@ class _CompressedLinear(nn.Module):
                 elif now.dtype == torch.int32:
                     self._buffers[name] = now.view(torch.float32).requires_grad_(
                         original.requires_grad)
+        for name, original in trainable.items():
+            self._keep_leaf(name, original)
+        if cast is not None:
+            self.orig_dtype = cast   # the dense layer this one stands for is now in `cast`
         self._place_buffers()
         return self
+
+    def _keep_leaf(self, name: str, original: Tensor) -> None:
+        """Put the trainable `original` back in buffer `name` with the data _apply gave it,
+        as nn.Module._apply does for a Parameter (its gradient follows); where torch cannot
+        swap the data in (a move to the meta device), the new tensor becomes a leaf."""
+        now = self._buffers.get(name)
+        if now is None or now is original:
+            return
+        now = now.detach()
+        if not torch._has_compatible_shallow_copy_type(original, now):
+            self._buffers[name] = now.requires_grad_()
+            return
+        with torch.no_grad():
+            original.data = now
+            if original.grad is not None:
+                original.grad = original.grad.to(device=now.device, dtype=now.dtype)
+        self._buffers[name] = original
 
     def _probe_device(self) -> torch.device:
         return next((t.device for t in self._buffers.values() if t is not None),
@@ -120,12 +149,27 @@ class _CompressedLinear(nn.Module):
     def _check_loaded_values(self) -> None:
         """ValueError if a buffer holds values its format forbids (after load_state_dict)."""
 
+    # The float buffer in the dtype of the model (casts follow it): orig_dtype follows it
+    # where a load assigns it (pyfast.load of a model cast after compression).
+    _DTYPE_BUFFER = "bias"
+
     # load_state_dict (and pyfast.load) are where packed data comes from outside pyfast:
     # values that the kernels assume (a 2:4 meta byte's idx0 < idx1) are checked there
     # once, not per call, and reported as load_state_dict reports a wrong shape.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         errors = len(error_msgs)
+        try:
+            state_dict = self._to_own_layout(state_dict, prefix)
+        except ValueError as exc:   # the repack refuses a value (a 2:4 meta byte)
+            error_msgs.append(f"{type(self).__name__} at {prefix!r}: {exc}")
+            return
+        # All or nothing: until every tensor is in and checked, keep the buffers (the
+        # objects, which assign=True replaces, and the values, which copy_ overwrites).
+        # The kernels do not check the values per call: a refused value left in gave garbage.
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        before = {n: (b, None if assign else b.detach().clone())
+                  for n, b in self._buffers.items() if b is not None and prefix + n in state_dict}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if len(error_msgs) == errors and any(k.startswith(prefix) for k in state_dict):
@@ -133,6 +177,54 @@ class _CompressedLinear(nn.Module):
                 self._check_loaded_values()
             except ValueError as exc:
                 error_msgs.append(f"{type(self).__name__} at {prefix!r}: {exc}")
+        if len(error_msgs) > errors:
+            with torch.no_grad():
+                for name, (obj, value) in before.items():
+                    if value is not None:
+                        obj.copy_(value)
+                    self._buffers[name] = obj
+        elif assign and prefix + self._DTYPE_BUFFER in state_dict and \
+                self._buffers.get(self._DTYPE_BUFFER) is not None:
+            self.orig_dtype = self._buffers[self._DTYPE_BUFFER].dtype
+
+    # --- layouts (pyfast/nn/layout.py): a layer with two layouts names the buffers whose
+    # shape depends on it, and re-lays them with the repack / unrepack functions.
+    _LAYOUTS: tuple = ()
+    _LAYOUT_BUFFERS: tuple = ()
+
+    def _relaid(self, tensors: dict, layout: str) -> dict:
+        """tensors ({name: tensor} of _LAYOUT_BUFFERS), in the layer's other layout, re-laid
+        in `layout`."""
+        raise NotImplementedError
+
+    def _set_layout(self, layout: str) -> None:
+        if layout != self.layout:
+            relaid = self._relaid({n: self._buffers[n] for n in self._LAYOUT_BUFFERS}, layout)
+            for name, t in relaid.items():
+                setattr(self, name, t)
+            self.layout = layout
+
+    def _to_own_layout(self, state_dict, prefix):
+        """state_dict, or a copy whose packed tensors saved in the layer's other layout are
+        re-laid in its own: "auto" resolves by machine and device (VNNI on an AVX-512 VNNI
+        CPU, tc on a GPU, canonical on the meta device), so a state_dict may hold either."""
+        names = self._LAYOUT_BUFFERS
+        incoming = {n: state_dict.get(prefix + n) for n in names}
+        if not names or not all(isinstance(t, Tensor) for t in incoming.values()):
+            return state_dict          # a missing key: torch reports it
+        own = {n: self._buffers[n] for n in names}
+        if all(incoming[n].shape == own[n].shape for n in names):
+            return state_dict
+        other = next(lay for lay in self._LAYOUTS if lay != self.layout)
+        # the other layout's shapes and dtypes, from a re-lay of stand-ins on meta
+        spec = self._relaid({n: torch.empty_like(t, device="meta") for n, t in own.items()},
+                            other)
+        if not all(incoming[n].shape == spec[n].shape and incoming[n].dtype == spec[n].dtype
+                   for n in names):
+            return state_dict          # neither layout: torch reports the size mismatch
+        out = dict(state_dict)         # (the caller's dict stays as it was)
+        out.update((prefix + n, t) for n, t in self._relaid(incoming, self.layout).items())
+        return out
 
     def _place_buffers(self) -> None:
         for name, buf in self._buffers.items():
@@ -236,6 +328,7 @@ class _Int8LayoutLinear(_Int8WeightLinear):
     picks that layout where its C++ kernel runs at the AVX-512 level."""
 
     _vnni_op = "w8a8_mm_vnni"
+    _LAYOUTS, _LAYOUT_BUFFERS = _VNNI, ("weight_int8",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  layout: str = "canonical"):
@@ -258,12 +351,13 @@ class _Int8LayoutLinear(_Int8WeightLinear):
         _layout.check(layout, accepted=_VNNI, what=type(self).__name__)
         chosen = _layout.resolve_vnni(layout, self.weight_int8.device, self._vnni_op,
                                       (self.out_features, self.in_features))
-        if chosen != self.layout:
-            self.weight_int8 = (
-                torch.ops.pyfast.repack_int8_vnni(self.weight_int8) if chosen == "vnni" else
-                int8_vnni.unrepack(self.weight_int8, self.out_features, self.in_features))
-            self.layout = chosen
+        self._set_layout(chosen)
         return self
+
+    def _relaid(self, tensors: dict, layout: str) -> dict:
+        w = tensors["weight_int8"]
+        return {"weight_int8": torch.ops.pyfast.repack_int8_vnni(w) if layout == "vnni" else
+                int8_vnni.unrepack(w, self.out_features, self.in_features)}
 
     def canonical_weight(self) -> Tensor:
         """The int8 weight [N, K] whatever the layout (a view or an un-repacked copy)."""
@@ -346,6 +440,8 @@ class _Int4GroupLinear(_CompressedLinear):
 class Int4Linear(_Int4GroupLinear):
     """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul."""
 
+    _LAYOUTS, _LAYOUT_BUFFERS = _TC, ("packed",)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, symmetric: bool = True, device=None,
                  layout: str = "canonical"):
@@ -388,11 +484,13 @@ class Int4Linear(_Int4GroupLinear):
         in place, exact (a permutation of the packed bytes); returns self."""
         _layout.check(layout, accepted=_TC, what="Int4Linear")
         chosen = _layout.resolve(layout, "int4_mm_tc", self.packed.device, self.orig_dtype)
-        if chosen != self.layout:
-            self.packed = (torch.ops.pyfast.repack_int4_tc(self.packed) if chosen == "tc" else
-                           int4_tc.unrepack(self.packed, self.out_features, self.in_features))
-            self.layout = chosen
+        self._set_layout(chosen)
         return self
+
+    def _relaid(self, tensors: dict, layout: str) -> dict:
+        p = tensors["packed"]
+        return {"packed": torch.ops.pyfast.repack_int4_tc(p) if layout == "tc" else
+                int4_tc.unrepack(p, self.out_features, self.in_features)}
 
     def forward(self, x: Tensor) -> Tensor:
         op = torch.ops.pyfast.int4_mm_tc if self.layout == "tc" else torch.ops.pyfast.int4_mm
@@ -402,6 +500,9 @@ class Int4Linear(_Int4GroupLinear):
 
 class Sparse24Linear(_CompressedLinear):
     """2:4 semi-structured sparse weights (fp32/fp16/bf16 values + 2-bit indices)."""
+
+    _LAYOUTS, _LAYOUT_BUFFERS = _TC, ("meta",)
+    _DTYPE_BUFFER = "values"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None, layout: str = "canonical"):
@@ -438,12 +539,13 @@ class Sparse24Linear(_CompressedLinear):
         values are now); in place, exact; returns self."""
         _layout.check(layout, accepted=_TC, what="Sparse24Linear")
         chosen = _layout.resolve(layout, "sparse24_mm_tc", self.values.device, self.values.dtype)
-        if chosen != self.layout:
-            self.meta = (torch.ops.pyfast.repack_sparse24_tc(self.meta) if chosen == "tc" else
-                         sparse24_tc.unrepack_meta(self.meta, self.out_features,
-                                                   self.in_features))
-            self.layout = chosen
+        self._set_layout(chosen)
         return self
+
+    def _relaid(self, tensors: dict, layout: str) -> dict:
+        m = tensors["meta"]
+        return {"meta": torch.ops.pyfast.repack_sparse24_tc(m) if layout == "tc" else
+                sparse24_tc.unrepack_meta(m, self.out_features, self.in_features)}
 
     @classmethod
     def from_config(cls, config: dict, device=None):

@@ -57,6 +57,8 @@ class Sparse24Int4Linear(_Int4GroupLinear):
     and meta_tc int32 [ceil(N/16), ceil(K/64), 32]; scales and zeros stay as they are.
     """
 
+    _LAYOUTS, _LAYOUT_BUFFERS = _TC, ("packed", "meta")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, symmetric: bool = True, device=None,
                  layout: str = "canonical"):
@@ -120,14 +122,15 @@ class Sparse24Int4Linear(_Int4GroupLinear):
         _layout.check(layout, accepted=_TC, what="Sparse24Int4Linear")
         chosen = _layout.resolve(layout, "sparse24_int4_mm_tc", self.packed.device,
                                  self.orig_dtype)
-        if chosen != self.layout:
-            self.packed, self.meta = (
-                torch.ops.pyfast.repack_sparse24_int4_tc(self.packed, self.meta)
-                if chosen == "tc" else
-                sparse24_int4_tc.unrepack(self.packed, self.meta, self.out_features,
-                                          self.in_features))
-            self.layout = chosen
+        self._set_layout(chosen)
         return self
+
+    def _relaid(self, tensors: dict, layout: str) -> dict:
+        packed, meta = tensors["packed"], tensors["meta"]
+        packed, meta = (torch.ops.pyfast.repack_sparse24_int4_tc(packed, meta) if layout == "tc"
+                        else sparse24_int4_tc.unrepack(packed, meta, self.out_features,
+                                                       self.in_features))
+        return {"packed": packed, "meta": meta}
 
     def canonical_weight(self) -> Tuple[Tensor, Tensor]:
         """(packed uint8 [N, K/4], meta uint8 [N, K/8]) whatever the layout (the buffers,
