@@ -361,7 +361,10 @@ inline bool one_chunk(const Int4Weight& w) {
 //     1.21] and 1.073 [1.00, 1.12] at N = 4096, 1.113 [1.06, 1.15] at N = 11008 (the
 //     C++ model read alike with 2 and 4: the 4-row lane sums hold 8 nibble vectors and
 //     4 chains in registers, 2 rows half of that); 8 streams 0.84-0.88 (spills); the
-//     prefetch 32 KiB ahead 0.96-0.98.
+//     prefetch 32 KiB ahead 0.96-0.98;
+//   - bench run 2026-11-25_032140_m1 (commit 461defc, 2 streams): int4 1.62x and 1.64x
+//     W8A8 at K = 4096, at 73% and 77% of the bandwidth (W8A8 read 43-44 GB/s there,
+//     47-48 in 024140_m1); K = 11008 1.31x at 61%.
 constexpr int kStreams = 2;
 constexpr int64_t kStreamAheadBytes = 16 * 1024;
 
