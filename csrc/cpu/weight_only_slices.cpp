@@ -353,7 +353,8 @@ inline bool one_chunk(const Int4Weight& w) {
 //     1.066-1.088 and 1.019 [1.00, 1.13]; 4 KiB ahead 1.026 (a run whose W8A8 read
 //     67 GB/s). Bit-identical outputs (the same lane sums in the same order per row).
 //     At K = 11008 (x in two chunks; streams of whole rows read x from L2): 1.003 [0.98,
-//     1.05], so there the row groups of sweep stay.
+//     1.05], so there the row groups of sweep stay; two far-apart row groups of sweep in
+//     lockstep (x in chunks, each x load shared): 1.060, 0.995, 1.002 in three runs.
 //   - bench run 2026-11-25_024140_m1 (commit 45a55ef, 4 streams): int4 1.36x and 1.43x
 //     W8A8 at K = 4096 (67% and 71% of the bandwidth), against 1.25x and 1.24x (57%,
 //     60%) in the run before this change; K = 11008 unchanged (1.25x);
