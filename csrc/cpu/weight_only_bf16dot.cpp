@@ -28,6 +28,10 @@
 // + 4 vpternlogd, then per x row 4 vdpbf16ps + 3 FMA-class ops; measured ad hoc about
 // 13 cycles per block at M = 1 with the weight in L2, i.e. near the rate 2 cores need
 // to keep up with DRAM, and about 8 per block per x row at M = 4.
+// Two far-apart row streams at M = 1 (what made the int8-slice kernel read faster,
+// weight_only_slices.cpp): 0.981, 0.956 and 1.039 of this sweep on 4096x4096,
+// 4096x11008 and 11008x4096 (ad hoc A/B, 20 rounds, bit-identical; this kernel read
+// 38-46 GB/s there, 1.58-1.80x W8A8), so not kept.
 #include <immintrin.h>
 
 #include <algorithm>
