@@ -194,8 +194,9 @@ class _CompressedLinear(nn.Module):
 
     def _relaid(self, tensors: dict, layout: str) -> dict:
         """tensors ({name: tensor} of _LAYOUT_BUFFERS), in the layer's other layout, re-laid
-        in `layout`."""
-        raise NotImplementedError
+        in `layout`. Only the layers with two layouts (non-empty _LAYOUTS) define it, and
+        only they call it."""
+        raise NotImplementedError(f"{type(self).__name__} has one layout: nothing to re-lay")
 
     def _set_layout(self, layout: str) -> None:
         if layout != self.layout:
