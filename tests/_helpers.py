@@ -348,3 +348,20 @@ def assert_same_nonfinite(out: torch.Tensor, want: torch.Tensor, kind: str, labe
     fin = want.isfinite()
     torch.testing.assert_close(out[fin].float(), want[fin].float(), rtol=0.05, atol=0.05,
                                msg=label)
+
+
+class TiedLM(torch.nn.Module):
+    """An lm_head tied to the embedding, as in GPT-2 / T5: emb [16, 8] -> body Linear(8, 8)
+    -> act -> head Linear(8, 16) whose weight is emb.weight."""
+
+    def __init__(self, act=torch.tanh):
+        super().__init__()
+        torch.manual_seed(0)
+        self.act = act
+        self.emb = torch.nn.Embedding(16, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(self.act(self.body(self.emb(t))))

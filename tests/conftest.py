@@ -4,6 +4,7 @@ Tests that need a GPU carry the `cuda` marker and are skipped (with the reason)
 where torch sees no CUDA device; nothing else is ever skipped.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def quiet_prune():
+    """Silence pyfast.prune's "left these layers" warning (a model's output layer is
+    always reported as kept) in modules that test other things."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pyfast.prune left these layers")
+        yield

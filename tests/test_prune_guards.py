@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from pyfast import prune
+from _helpers import TiedLM
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -31,28 +32,13 @@ def _record(call):
     return [str(w.message) for w in caught]
 
 
-class LM(nn.Module):
-    """An lm_head tied to the embedding, as in GPT-2 / T5."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(16, 8)
-        self.body = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, t):
-        return self.head(torch.tanh(self.body(self.emb(t))))
-
-
 # --- 1. tied weights -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pruner", sorted(PRUNERS))
 def test_a_tied_lm_head_is_left_with_the_tie_reason(pruner):
     """The mask used to zero the embedding's rows too; its training then revived them,
     and prune.finish changed the model's output."""
-    model = LM()
+    model = TiedLM()
     emb = model.emb.weight.detach().clone()
     messages = _record(lambda: PRUNERS[pruner](model))
     assert not prune.is_masked(model.head) and prune.is_masked(model.body)

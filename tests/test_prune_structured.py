@@ -1,6 +1,5 @@
 """pyfast.prune.structured: channels really removed, same output as zeroing them, skips."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -11,14 +10,9 @@ from pyfast import prune
 from pyfast.digits import DigitsCNN
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_prune")   # tests/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():   # the output layer is always reported as kept
-        warnings.filterwarnings("ignore", message="pyfast.prune left these layers")
-        yield
 
 
 def randomize_bn(model):
@@ -293,7 +287,7 @@ class _Aliased(nn.Module):
         return self.out(torch.relu(self.c(torch.relu(self.a(x)))))
 
 
-def test_a_module_registered_under_two_names_is_replaced_at_both(_quiet):
+def test_a_module_registered_under_two_names_is_replaced_at_both():
     """Only the first name got the sliced layer; the other kept the old one, and the
     forward then failed on mismatched shapes."""
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ frozen); a 2-d pool on a 3-d tensor; filters that select nothing; and a failure 
 which must leave the model as it was."""
 import copy
 import importlib
-import warnings
 
 import pytest
 import torch
@@ -12,19 +11,15 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from pyfast import prune
+from _helpers import TiedLM
 
 # the module (pyfast.prune.structured, the attribute, is the function)
 structured_mod = importlib.import_module("pyfast.prune.structured")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_prune")   # tests/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():   # the output layer is always reported as kept
-        warnings.filterwarnings("ignore", message="pyfast.prune left these layers")
-        yield
 
 
 def mlp():
@@ -81,22 +76,9 @@ def test_a_frozen_bias_and_a_frozen_batchnorm_stay_frozen():
     assert model[4].weight.requires_grad and not model[4].bias.requires_grad
 
 
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(16, 8)
-        self.body = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, t):
-        return self.head(torch.relu(self.body(self.emb(t))))
-
-
 def test_a_tied_consumer_is_not_sliced():
     """Slicing the head's input columns gave it a copy of its own: the tie was gone."""
-    model, t = TiedLM(), torch.randint(0, 16, (2, 5))
+    model, t = TiedLM(torch.relu), torch.randint(0, 16, (2, 5))
     ref = model(t)
     prune.structured(model, 0.5, t)
     assert model.head.weight is model.emb.weight and model.body.out_features == 8

@@ -187,16 +187,13 @@ class _CompressedLinear(nn.Module):
                 self._buffers.get(self._DTYPE_BUFFER) is not None:
             self.orig_dtype = self._buffers[self._DTYPE_BUFFER].dtype
 
-    # --- layouts (pyfast/nn/layout.py): a layer with two layouts names the buffers whose
-    # shape depends on it, and re-lays them with the repack / unrepack functions.
+    # --- layouts (pyfast/nn/layout.py): a layer with two layouts names them (_LAYOUTS) and
+    # the buffers whose shape depends on the layout, and defines _relaid(tensors, layout):
+    # those buffers ({name: tensor}, in its other layout) re-laid in `layout` by the
+    # repack / unrepack functions. Layers with one layout leave both empty and never
+    # reach _relaid (_to_own_layout returns first; only two-layout layers call _set_layout).
     _LAYOUTS: tuple = ()
     _LAYOUT_BUFFERS: tuple = ()
-
-    def _relaid(self, tensors: dict, layout: str) -> dict:
-        """tensors ({name: tensor} of _LAYOUT_BUFFERS), in the layer's other layout, re-laid
-        in `layout`. Only the layers with two layouts (non-empty _LAYOUTS) define it, and
-        only they call it."""
-        raise NotImplementedError(f"{type(self).__name__} has one layout: nothing to re-lay")
 
     def _set_layout(self, layout: str) -> None:
         if layout != self.layout:
