@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import pyfast
 from pyfast import dispatch, memory
+from pyfast.layouts import int4_ksplit
 from pyfast.sparsity import magnitude_24_mask
 
 from .shapes import INT4_GROUP_SIZE
@@ -27,7 +28,7 @@ from .shapes import INT4_GROUP_SIZE
 Tensor = torch.Tensor
 PYFAST_OPS = ("int8_mm", "int8_mm_vnni", "w8a8_mm", "w8a8_mm_vnni", "int8_weight_mm", "int4_mm",
               "sparse24_mm", "sparse24_int4_mm", "quantize_per_token", "int4_mm_tc",
-              "sparse24_mm_tc", "sparse24_int4_mm_tc")
+              "sparse24_mm_tc", "sparse24_int4_mm_tc", "int4_mm_ksplit")
 # quantize_per_token then int8_mm as two op calls: W8A8 unfused, beside w8a8_mm (the one
 # op Int8Linear calls), so the fusion's gain is measured in the same run
 E2E = "w8a8_e2e"
@@ -42,8 +43,9 @@ ALL_OPS = PYFAST_OPS + tuple(TWO_OP_ROWS)
 # fast; elsewhere the reference un-repacks per call, so they are benched by default on
 # CUDA only (name them in --ops to time them elsewhere).
 CUDA_LAYOUT_OPS = ("int4_mm_tc", "sparse24_mm_tc", "sparse24_int4_mm_tc")
-# and on the CPU's VNNI layout: only the C++ CPU kernel reads it fast (benched on CPU only)
-CPU_LAYOUT_OPS = ("w8a8_mm_vnni", "int8_mm_vnni", STATIC_E2E)
+# and on the CPU's VNNI and K-split layouts: only the C++ CPU kernels read them fast
+# (benched on CPU only)
+CPU_LAYOUT_OPS = ("w8a8_mm_vnni", "int8_mm_vnni", STATIC_E2E, "int4_mm_ksplit")
 
 # Loose tolerances on max|out - ref| / max|ref|: they catch a wrong kernel (wrong layout,
 # wrong scale, garbage), not last-bit differences in summation order.
@@ -94,6 +96,8 @@ class Layer:
              zeros u8 [N, K/128])  the same 2:4-pruned weight, kept values int4 symmetric
     int4_tc, sparse24_tc, sparse24_int4_tc  int4 / sparse24 / sparse24_int4 with the
              weight (or metadata) repacked for the CUDA kernels (pyfast/layouts)
+    int4_ksplit (repack_int4_ksplit(packed, C), scales, zeros)  int4 cut into the C K
+             chunks that layout "auto" uses (int4_ksplit.chunks_for; 1 where it gives none)
     """
     k: int
     n: int
@@ -109,6 +113,7 @@ class Layer:
     sparse24_tc: list
     sparse24_int4_tc: list
     int8_vnni: list
+    int4_ksplit: list
     torch_hugepages: bool = False   # TORCH_FORMATS placed like pyfast's too (make_layer)
 
     def copies(self) -> Dict[str, int]:
@@ -116,7 +121,8 @@ class Layer:
 
 
 LAYER_FORMATS = ("dense", "half", "int8", "int8_kn", "int8_nk", "int4", "sparse24",
-                 "sparse24_int4", "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni")
+                 "sparse24_int4", "int4_tc", "sparse24_tc", "sparse24_int4_tc", "int8_vnni",
+                 "int4_ksplit")
 
 
 TORCH_FORMATS = ("dense", "half", "int8_kn", "int8_nk")   # the torch baselines' weights
@@ -129,7 +135,8 @@ OP_FORMATS = {"quantize_per_token": (), "int8_mm": ("int8",), "int8_mm_vnni": ("
               "int4_mm": ("int4",), "sparse24_mm": ("sparse24",),
               "sparse24_int4_mm": ("sparse24_int4",), "int4_mm_tc": ("int4_tc",),
               "sparse24_mm_tc": ("sparse24_tc",), "sparse24_int4_mm_tc": ("sparse24_int4_tc",),
-              "w8a8_e2e": ("int8",), "w8a8_static_e2e": ("int8_vnni",)}
+              "w8a8_e2e": ("int8",), "w8a8_static_e2e": ("int8_vnni",),
+              "int4_mm_ksplit": ("int4_ksplit",)}
 
 
 def formats_used(ops, cpu_baselines: bool) -> Tuple[str, ...]:
@@ -162,11 +169,15 @@ def make_layer(k: int, n: int, device: str, act_dtype: torch.dtype, half_dtype: 
         sparse_int4_tc = (*torch.ops.pyfast.repack_sparse24_int4_tc(*sparse_int4[:2]),
                           *sparse_int4[2:])
         int8_vnni = (torch.ops.pyfast.repack_int8_vnni(int8[0]), int8[1])
+        chunks = int4_ksplit.chunks_for(k, INT4_GROUP_SIZE) or 1
+        int4_ks = (torch.ops.pyfast.repack_int4_ksplit(int4[0], chunks, INT4_GROUP_SIZE),
+                   *int4[1:])
     formats = {"dense": w, "half": w.to(half_dtype), "int8": int8,
                "int8_kn": int8[0].t().contiguous(), "int8_nk": int8[0], "int4": int4, "sparse24": sparse,
                "sparse24_int4": sparse_int4,
                "int4_tc": int4_tc, "sparse24_tc": sparse_tc,
-               "sparse24_int4_tc": sparse_int4_tc, "int8_vnni": int8_vnni}
+               "sparse24_int4_tc": sparse_int4_tc, "int8_vnni": int8_vnni,
+               "int4_ksplit": int4_ks}
     rotate = LAYER_FORMATS if rotate_formats is None else rotate_formats
     return Layer(k, n, **{name: _copies(v, copies_for(_size(v)) if name in rotate else 1,
                                         torch_hugepages or name not in TORCH_FORMATS)
@@ -394,6 +405,13 @@ def _pyfast_call(op: str, cell: Cell):
         return (lambda i: ops.int4_mm_tc(cell.x, *cell.pick("int4_tc", i), INT4_GROUP_SIZE, None),
                 "int4_tc", 2 * m * n * k, x_bytes + _size(cell.layer.int4_tc[0]) + out_bytes,
                 f"{a_s}.w4g{INT4_GROUP_SIZE}.tc", act)
+    if op == "int4_mm_ksplit":
+        chunks = cell.layer.int4_ksplit[0][0].shape[0]
+        return (lambda i: ops.int4_mm_ksplit(cell.x, *cell.pick("int4_ksplit", i),
+                                             INT4_GROUP_SIZE, None),
+                "int4_ksplit", 2 * m * n * k,
+                x_bytes + _size(cell.layer.int4_ksplit[0]) + out_bytes,
+                f"{a_s}.w4g{INT4_GROUP_SIZE}.ks{chunks}", act)
     if op == "sparse24_mm_tc":
         return (lambda i: ops.sparse24_mm_tc(cell.x, *cell.pick("sparse24_tc", i), None),
                 "sparse24_tc", 2 * m * n * k,
@@ -478,6 +496,7 @@ def _pyfast_args(op: str, cell: Cell) -> tuple:
         "sparse24_mm": lambda: (x, *layer.sparse24[0], None),
         "sparse24_int4_mm": lambda: (x, *layer.sparse24_int4[0], INT4_GROUP_SIZE, None),
         "int4_mm_tc": lambda: (x, *layer.int4_tc[0], INT4_GROUP_SIZE, None),
+        "int4_mm_ksplit": lambda: (x, *layer.int4_ksplit[0], INT4_GROUP_SIZE, None),
         "sparse24_mm_tc": lambda: (x, *layer.sparse24_tc[0], None),
         "sparse24_int4_mm_tc": lambda: (x, *layer.sparse24_int4_tc[0], INT4_GROUP_SIZE, None),
     }[op]()

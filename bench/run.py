@@ -12,8 +12,9 @@ same on the VNNI layout, as Int8Linear runs it on an AVX-512 CPU), int8_weight_m
 int4_mm (group 128, symmetric), sparse24_mm, sparse24_int4_mm (the same 2:4 weight with int4
 kept values, group 128 symmetric), quantize_per_token, w8a8_e2e
 (quantize_per_token then int8_mm, two op calls), w8a8_static_e2e (quantize_static then
-int8_mm_vnni, as StaticInt8Linear runs on an AVX-512 CPU; the VNNI rows are CPU only
-unless named in --ops), on
+int8_mm_vnni, as StaticInt8Linear runs on an AVX-512 CPU), int4_mm_ksplit (int4_mm's weight
+in the K chunks Int4Linear's layout "auto" gives it on an AVX-512 CPU: 2 at K = 11008, one
+at K = 4096; the VNNI and K-split rows are CPU only unless named in --ops), on
 CUDA also int4_mm_tc, sparse24_mm_tc and sparse24_int4_mm_tc (the tensor-core layouts the
 CUDA C++ kernels read; CPU only with --ops), and the baselines F.linear fp32 and bf16 (CPU) / fp16 (GPU)
 and torch._int_mm. Every row's output is checked once (bench/cases.py); timing is in

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from . import reference
-from .layouts import int4_tc, sparse24_int4_tc, sparse24_tc
+from .layouts import int4_ksplit, int4_tc, sparse24_int4_tc, sparse24_tc
 
 
 def _float_grad(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,11 @@ def _setup_int4_mm_tc(ctx, inputs, output):
     _setup_int4_mm(ctx, (x, packed, scales, zeros, group_size, bias), output)
 
 
+def _setup_int4_mm_ksplit(ctx, inputs, output):
+    x, w_ks, scales, zeros, group_size, bias = inputs
+    _setup_int4_mm(ctx, (x, int4_ksplit.unrepack(w_ks), scales, zeros, group_size, bias), output)
+
+
 def _setup_sparse24_mm_tc(ctx, inputs, output):
     x, values, meta_tc, bias = inputs
     meta = sparse24_tc.unrepack_meta(meta_tc, values.shape[0], x.shape[1])
@@ -194,6 +199,8 @@ _NO_GRAD_ADVICE = {
     "sparse24_compress": "compression is a re-layout; train the dense or the Sparse24Linear "
                          "values (sparse24_mm has gradients) instead",
     "repack_int4_tc": "repacking is a re-layout of packed integers; repack under torch.no_grad()",
+    "repack_int4_ksplit": "repacking is a re-layout of packed integers; repack under "
+                          "torch.no_grad()",
     "repack_sparse24_tc": "repacking is a re-layout of integer metadata; repack under "
                           "torch.no_grad()",
     "repack_sparse24_int4_tc": "repacking is a re-layout of int4 codes and integer metadata; "
@@ -246,6 +253,7 @@ def register() -> None:
         setup_context=_setup_sparse24_int4_mm)
     # the saved tensors are canonical, so the backward formulas are the ones above
     reg("pyfast::int4_mm_tc", _backward_int4_mm, setup_context=_setup_int4_mm_tc)
+    reg("pyfast::int4_mm_ksplit", _backward_int4_mm, setup_context=_setup_int4_mm_ksplit)
     reg("pyfast::sparse24_mm_tc", _backward_sparse24_mm, setup_context=_setup_sparse24_mm_tc)
     reg("pyfast::sparse24_int4_mm_tc", _backward_sparse24_int4_mm,
         setup_context=_setup_sparse24_int4_mm_tc)

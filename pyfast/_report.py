@@ -124,6 +124,10 @@ class BackendReport(list):
             "float16/bfloat16 weights on a GPU with the CUDA build), elsewhere the canonical "
             "int4_mm / sparse24_mm / sparse24_int4_mm; pyfast.repack(model) re-lays a model "
             "after .to(device)",
+            "int4_mm_ksplit takes the int4 weight cut into K chunks (repack_int4_ksplit, "
+            "once per layer), which the C++ CPU kernel reads faster at M = 1 for K > 6144: "
+            "Int4Linear uses it on an AVX-512 CPU for such K unless the layer is bfloat16 "
+            "(layout=\"auto\"), elsewhere the canonical int4_mm",
             "w8a8_mm_vnni / int8_mm_vnni take the int8 weight in the C++ CPU kernel's VNNI "
             "panel order (repack_int8_vnni, once per layer): Int8Linear / StaticInt8Linear "
             "use it where that kernel runs at the AVX-512 VNNI level (layout=\"auto\"), "

@@ -387,7 +387,7 @@ def _check_method_takes(method: str, group_size: Optional[int], symmetric) -> No
 
 
 # The layouts each quantize method's layer can store (besides "auto").
-_METHOD_LAYOUTS = {"int8": ("canonical", "vnni"), "int4": ("canonical", "tc")}
+_METHOD_LAYOUTS = {"int8": ("canonical", "vnni"), "int4": ("canonical", "tc", "ksplit")}
 
 
 def quantized_layer(mod: nn.Module, method: str, group_size: int = 128,
@@ -444,8 +444,9 @@ def quantize(model: nn.Module, method: str, *, group_size: Optional[int] = None,
     leaves every conv alone.
     layout (pyfast/nn/layout.py): "auto" stores each weight in the order of its fast
     kernel where that kernel runs (int8: VNNI panels on an AVX-512 CPU; int4: tensor-core
-    order on a GPU with the CUDA extension, float16/bfloat16), else canonical;
-    "canonical"; or the method's own layout ("vnni" for int8, "tc" for int4).
+    order on a GPU with the CUDA extension, float16/bfloat16, or K chunks on an AVX-512
+    CPU for K > 6144, not bfloat16), else canonical; "canonical"; or a layout of the
+    method ("vnni" for int8, "tc" or "ksplit" for int4).
     group_size and symmetric are refused (ValueError) for a method that does not use
     them: group_size for int8 / int8-weight, symmetric=False for int8, int8-weight and
     binary (int2 groups are always asymmetric, so symmetric=False is what int2 does).
@@ -563,20 +564,21 @@ def repack(model: nn.Module, layout: str = "auto") -> nn.Module:
     """Re-lay every Int4Linear, Sparse24Linear, Sparse24Int4Linear, Int8Linear and
     StaticInt8Linear of model in `layout`, in place.
 
-    For a model moved with .to(device) after compression: "auto" gives each layer the
-    layout of its fast kernel where that kernel runs on the new device (tensor-core
-    order on a GPU, VNNI order on an AVX-512 CPU), the canonical one elsewhere.
-    "canonical" re-lays every such layer; "tc" / "vnni" only the layers that have that
-    layout (Int4Linear, Sparse24Linear and Sparse24Int4Linear / Int8Linear and
-    StaticInt8Linear), leaving the others as they are.
+    For a model moved with .to(device) (or cast) after compression: "auto" gives each
+    layer the layout of its fast kernel where that kernel runs on the new device
+    (tensor-core order on a GPU, VNNI order and int4 K chunks on an AVX-512 CPU), the
+    canonical one elsewhere. "canonical" re-lays every such layer; "tc" / "vnni" /
+    "ksplit" only the layers that have that layout (Int4Linear, Sparse24Linear and
+    Sparse24Int4Linear / Int8Linear and StaticInt8Linear / Int4Linear), leaving the
+    others as they are.
     Exact: a permutation of the packed bytes. Returns model."""
     _layout.check(layout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for mod in model.modules():
-        if isinstance(mod, _TC_LAYERS) and layout != "vnni":
+        if isinstance(mod, _TC_LAYERS) and layout in ("auto", "canonical", *mod._LAYOUTS):
             mod.repack(layout)
-        elif isinstance(mod, _Int8LayoutLinear) and layout != "tc":
+        elif isinstance(mod, _Int8LayoutLinear) and layout in ("auto", "canonical", "vnni"):
             mod.repack(layout)
     return model
 

@@ -16,7 +16,7 @@ import torch
 
 from . import _checks as chk
 from . import dispatch, reference
-from .layouts import int4_tc, int8_vnni, sparse24_int4_tc, sparse24_tc
+from .layouts import int4_ksplit, int4_tc, int8_vnni, sparse24_int4_tc, sparse24_tc
 
 Tensor = torch.Tensor
 # 128 * 128 * K must stay below 2**31 for the int32 accumulator (csrc/cpu/int8_mm.cpp too).
@@ -78,6 +78,12 @@ SCHEMAS: Dict[str, str] = {
     "sparse24_int4_mm_tc": "sparse24_int4_mm_tc(Tensor x, Tensor codes_tc, Tensor meta_tc, "
                            "Tensor scales, Tensor zeros, int group_size, Tensor? bias=None) "
                            "-> Tensor",
+    # CPU K-split layout (pyfast/layouts/int4_ksplit.py), made once at layer creation:
+    # packed uint8 [N, K/2] -> w_ks uint8 [C, N, K/(2C)], chunk c the columns of chunk c
+    "repack_int4_ksplit": "repack_int4_ksplit(Tensor packed, int chunks, int group_size) -> Tensor",
+    # int4_mm on a K-split weight: scales/zeros [N, G] canonical -> [M, N] x.dtype
+    "int4_mm_ksplit": "int4_mm_ksplit(Tensor x, Tensor w_ks, Tensor scales, Tensor zeros, "
+                      "int group_size, Tensor? bias=None) -> Tensor",
     # CPU VNNI layout (pyfast/layouts/int8_vnni.py), made once at layer creation:
     # w_int8 [N, K] -> w_vnni int8 [ceil(N/48), ceil(K/4), 48, 4]
     "repack_int8_vnni": "repack_int8_vnni(Tensor w_int8) -> Tensor",
@@ -296,6 +302,23 @@ def _check_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
     chk.same_device(x=x, w_tc=w_tc, scales=scales, zeros=zeros, bias=bias)
 
 
+def _check_repack_int4_ksplit(packed, chunks, group_size):
+    chk.tensor("packed", packed, dtypes=(torch.uint8,), dim=2)
+    k = 2 * packed.shape[1]
+    chk.group_size(group_size, k, k_name="2 * packed.shape[1] (K)")
+    int4_ksplit.check_chunks(k, chunks, group_size)
+
+
+def _check_int4_mm_ksplit(x, w_ks, scales, zeros, group_size, bias=None):
+    chk.tensor("x", x, dtypes=chk.FLOAT_DTYPES, dim=2)
+    k = x.shape[1]
+    gs = chk.group_size(group_size, k, k_name="x.shape[1] (K)")
+    n = _check_tc_group_params(scales, zeros, k, gs, group_size)
+    int4_ksplit.check_repacked(w_ks, n, k, group_size, "w_ks")
+    chk.bias(bias, n)
+    chk.same_device(x=x, w_ks=w_ks, scales=scales, zeros=zeros, bias=bias)
+
+
 def _check_repack_sparse24_tc(meta):
     chk.tensor("meta", meta, dtypes=(torch.uint8,), dim=2)
 
@@ -373,6 +396,8 @@ CHECKS: Dict[str, Callable] = {
     "sparse24_int4_mm": _check_sparse24_int4_mm,
     "repack_int4_tc": _check_repack_int4_tc,
     "int4_mm_tc": _check_int4_mm_tc,
+    "repack_int4_ksplit": _check_repack_int4_ksplit,
+    "int4_mm_ksplit": _check_int4_mm_ksplit,
     "repack_sparse24_tc": _check_repack_sparse24_tc,
     "sparse24_mm_tc": _check_sparse24_mm_tc,
     "repack_sparse24_int4_tc": _check_repack_sparse24_int4_tc,
@@ -480,6 +505,17 @@ def _fake_int4_mm_tc(x, w_tc, scales, zeros, group_size, bias=None):
     return x.new_empty((x.shape[0], scales.shape[0]))
 
 
+def _fake_repack_int4_ksplit(packed, chunks, group_size):
+    _check_repack_int4_ksplit(packed, chunks, group_size)
+    n, half = packed.shape
+    return packed.new_empty((chunks, n, half // chunks))
+
+
+def _fake_int4_mm_ksplit(x, w_ks, scales, zeros, group_size, bias=None):
+    _check_int4_mm_ksplit(x, w_ks, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], scales.shape[0]))
+
+
 def _fake_repack_sparse24_tc(meta):
     _check_repack_sparse24_tc(meta)
     shape = sparse24_tc.repacked_shape(meta.shape[0], 4 * meta.shape[1])
@@ -533,6 +569,8 @@ FAKES: Dict[str, Callable] = {
     "sparse24_int4_mm": _fake_sparse24_int4_mm,
     "repack_int4_tc": _fake_repack_int4_tc,
     "int4_mm_tc": _fake_int4_mm_tc,
+    "repack_int4_ksplit": _fake_repack_int4_ksplit,
+    "int4_mm_ksplit": _fake_int4_mm_ksplit,
     "repack_sparse24_tc": _fake_repack_sparse24_tc,
     "sparse24_mm_tc": _fake_sparse24_mm_tc,
     "repack_sparse24_int4_tc": _fake_repack_sparse24_int4_tc,
@@ -569,6 +607,8 @@ REFERENCE: Dict[str, Callable] = {
     "sparse24_int4_mm": reference.sparse24_int4_mm,
     "repack_int4_tc": reference.repack_int4_tc,
     "int4_mm_tc": reference.int4_mm_tc,
+    "repack_int4_ksplit": reference.repack_int4_ksplit,
+    "int4_mm_ksplit": reference.int4_mm_ksplit,
     "repack_sparse24_tc": reference.repack_sparse24_tc,
     "sparse24_mm_tc": reference.sparse24_mm_tc,
     "repack_sparse24_int4_tc": reference.repack_sparse24_int4_tc,
@@ -767,6 +807,23 @@ def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
     """int4_mm with the weight from repack_int4_tc; same result as int4_mm."""
     chk.int_arg("group_size", group_size)
     return _call("int4_mm_tc", x, w_tc, scales, zeros, group_size, bias)
+
+
+def repack_int4_ksplit(packed: Tensor, chunks: int, group_size: int = 128) -> Tensor:
+    """int4 packed uint8 [N, K/2] -> w_ks uint8 [chunks, N, K/(2 chunks)], the K-split
+    layout of the C++ CPU kernel (pyfast/layouts/int4_ksplit.py; int4_ksplit.chunks_for
+    gives the count "auto" uses), for int4_mm_ksplit. Exact; run once per layer."""
+    chk.int_arg("group_size", group_size)
+    return _call_checked("repack_int4_ksplit", packed, chunks, group_size)
+
+
+def int4_mm_ksplit(x: Tensor, w_ks: Tensor, scales: Tensor, zeros: Tensor,
+                   group_size: int = 128, bias: Optional[Tensor] = None) -> Tensor:
+    """int4_mm with the weight from repack_int4_ksplit (scales and zeros canonical); same
+    result as int4_mm up to float32 summation order (each chunk's sum, then the chunks
+    added in order)."""
+    chk.int_arg("group_size", group_size)
+    return _call("int4_mm_ksplit", x, w_ks, scales, zeros, group_size, bias)
 
 
 def repack_sparse24_tc(meta: Tensor) -> Tensor:

@@ -299,7 +299,7 @@ def sparse24_int4_mm(x: Tensor, packed: Tensor, meta: Tensor, scales: Tensor, ze
 
 # --- kernel layouts (repack once at layer creation; pyfast/layouts) ------------------
 # The CUDA kernels read the weights in fragment order, the CPU int8 kernel in VNNI
-# panel order. The reference of each matmul
+# panel order, the CPU int4 kernel (optionally) in K chunks. The reference of each matmul
 # on a repacked weight undoes the repack (an exact permutation) and runs the canonical
 # reference above, so it is the same oracle; it is slow by design (one unrepack per
 # call) and is only the fallback where the layout's kernel cannot run.
@@ -315,6 +315,17 @@ def int4_mm_tc(x: Tensor, w_tc: Tensor, scales: Tensor, zeros: Tensor,
     from .layouts import int4_tc
     packed = int4_tc.unrepack(w_tc, scales.shape[0], x.shape[1])
     return int4_mm(x, packed, scales, zeros, group_size, bias)
+
+
+def repack_int4_ksplit(packed: Tensor, chunks: int, group_size: int) -> Tensor:
+    from .layouts import int4_ksplit
+    return int4_ksplit.repack(packed, chunks)
+
+
+def int4_mm_ksplit(x: Tensor, w_ks: Tensor, scales: Tensor, zeros: Tensor,
+                   group_size: int, bias: Optional[Tensor]) -> Tensor:
+    from .layouts import int4_ksplit
+    return int4_mm(x, int4_ksplit.unrepack(w_ks), scales, zeros, group_size, bias)
 
 
 def repack_sparse24_tc(meta: Tensor) -> Tensor:

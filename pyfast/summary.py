@@ -30,7 +30,6 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from . import reference
-from .layouts import int4_tc
 from .lowrank.layers import LowRankConv2d, LowRankLinear
 from .nn import Int4Linear, LowBitLinear, Sparse24Int4Linear, Sparse24Linear, _CompressedLinear
 from .quant.qat import QATConv2d, QATLinear
@@ -147,9 +146,8 @@ def _effective_weight(layer: _CompressedLinear) -> Tensor:
     if isinstance(layer, Sparse24Int4Linear):
         return layer.dequantized_weight()
     if isinstance(layer, Int4Linear):
-        packed = (int4_tc.unrepack(layer.packed, layer.out_features, layer.in_features)
-                  if layer.layout == "tc" else layer.packed)
-        return reference.dequantize_int4(packed, layer.scales, layer.zeros, layer.group_size)
+        return reference.dequantize_int4(layer.canonical_packed(), layer.scales, layer.zeros,
+                                         layer.group_size)
     if isinstance(layer, LowBitLinear):
         return reference.dequantize_lowbit(layer.packed, layer.scales, layer.zeros, layer.bits,
                                            layer.group_size)

@@ -52,6 +52,11 @@ def _int4_tc():
     return ops.repack_int4_tc(u8(5, 32))
 
 
+def _int4_ks(chunks=2, group_size=32):
+    """A valid K-split weight for N = 5, K = 64 (2 chunks of 32 columns: group 32)."""
+    return ops.repack_int4_ksplit(u8(5, 32), chunks, group_size)
+
+
 def _meta_tc():
     """Valid repacked metadata for N = 5, K = 64."""
     return ops.repack_sparse24_tc(torch.full((5, 16), 0b0100, dtype=torch.uint8))
@@ -388,6 +393,38 @@ CASES = {
     "int4_mm_tc-group": Case("int4_mm_tc", lambda: (f32(3, 64), _int4_tc(), f32(5, 2), u8(5, 2),
                                                     48), ValueError,
                              "group_size 48 is not supported"),
+    # --- K-split layout (pyfast/layouts/int4_ksplit.py): x [3, 64], N = 5, group 32
+    "repack_int4_ksplit-int8": Case("repack_int4_ksplit", lambda: (i8(5, 32), 2, 32), TypeError,
+                                    "packed has dtype torch.int8; accepted: uint8"),
+    "repack_int4_ksplit-chunks-3": Case("repack_int4_ksplit", lambda: (u8(5, 32), 3, 32),
+                                        ValueError, "chunks = 3 does not cut K = 64 into equal "
+                                                    "chunks of whole groups of 32"),
+    "repack_int4_ksplit-chunks-0": Case("repack_int4_ksplit", lambda: (u8(5, 32), 0, 32),
+                                        ValueError, "chunks must be >= 1, got 0"),
+    "repack_int4_ksplit-group-48": Case("repack_int4_ksplit", lambda: (u8(5, 32), 2, 48),
+                                        ValueError, "group_size 48 is not supported"),
+    "int4_mm_ksplit-x-int": Case("int4_mm_ksplit", lambda: (i8(3, 64), _int4_ks(), f32(5, 2),
+                                                            u8(5, 2), 32), TypeError,
+                                 f"x has dtype torch.int8; {ACCEPT_FLOAT}"),
+    "int4_mm_ksplit-canonical-w": Case("int4_mm_ksplit", lambda: (f32(3, 64), u8(5, 32),
+                                                                  f32(5, 2), u8(5, 2), 32),
+                                       ValueError, "w_ks has shape (5, 32); for N = 5, K = 64 "
+                                                   "it must be [C, N, K / (2 C)]"),
+    "int4_mm_ksplit-w-dtype": Case("int4_mm_ksplit", lambda: (f32(3, 64), i8(2, 5, 16),
+                                                              f32(5, 2), u8(5, 2), 32),
+                                   TypeError, "w_ks has dtype torch.int8; accepted: uint8"),
+    "int4_mm_ksplit-chunks-vs-group": Case("int4_mm_ksplit",
+                                           lambda: (f32(3, 64), _int4_ks(2, -1), f32(5, 1),
+                                                    u8(5, 1), 64), ValueError,
+                                           "chunks = 2 does not cut K = 64 into equal chunks "
+                                           "of whole groups of 64"),
+    "int4_mm_ksplit-zeros-rows": Case("int4_mm_ksplit", lambda: (f32(3, 64), _int4_ks(),
+                                                                 f32(5, 2), u8(4, 2), 32),
+                                      ValueError, "zeros has shape (4, 2): dimension 0 must be 5"),
+    "int4_mm_ksplit-bias-length": Case("int4_mm_ksplit", lambda: (f32(3, 64), _int4_ks(),
+                                                                  f32(5, 2), u8(5, 2), 32,
+                                                                  f32(4)), ValueError,
+                                       "bias has shape (4,): dimension 0 must be 5"),
     "repack_sparse24_tc-float": Case("repack_sparse24_tc", lambda: (f32(5, 16),), TypeError,
                                      "meta has dtype torch.float32; accepted: uint8"),
     "sparse24_mm_tc-values-dtype": Case("sparse24_mm_tc", lambda: (f32(3, 64), f32(5, 32).half(),
@@ -525,6 +562,11 @@ CONVERTED = {
                              "group_size must be an int, got tensor(32)"),
     "int4_mm_tc-group-float": (lambda: ops.int4_mm_tc(f32(3, 64), *PACKED, 32.0),
                                "group_size must be an int, got 32.0"),
+    "int4_mm_ksplit-group-float": (lambda: ops.int4_mm_ksplit(f32(3, 64), _int4_ks(),
+                                                              *PACKED[1:], 32.0),
+                                   "group_size must be an int, got 32.0"),
+    "repack_int4_ksplit-chunks-True": (lambda: ops.repack_int4_ksplit(PACKED[0], True, 32),
+                                       "chunks must be an int, got bool True"),
     "lowbit_mm-bits-True": (lambda: ops.lowbit_mm(f32(3, 64), *INT2.values(), True, 32),
                             "bits must be an int, got True"),
     "int8_mm-out_dtype-int": (lambda: ops.int8_mm(i8(3, 64), i8(5, 64), f32(3), f32(5), None, 6),

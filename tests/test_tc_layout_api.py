@@ -273,7 +273,7 @@ def test_auto_is_canonical_on_cpu_and_says_why_not_tc():
 
 @pytest.mark.parametrize("bad", ["TC", "fast", None, 1])
 def test_bad_layout_is_rejected_with_the_choices(bad):
-    with pytest.raises(ValueError, match="accepted: 'canonical', 'tc', 'auto'"):
+    with pytest.raises(ValueError, match="accepted: 'canonical', 'tc', 'ksplit', 'auto'"):
         Int4Linear.from_linear(_linear(), group_size=32, layout=bad)
     with pytest.raises(ValueError, match="layout"):
         Int4Linear(128, 8, group_size=32, layout="auto" if bad is None else bad)

@@ -55,6 +55,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -102,7 +103,7 @@ void int4_small_scalar(const float* xp, int64_t ld, int64_t M, const Int4Weight&
     const uint8_t* p = w.packed + n * half;
     for (int64_t j = 0; j < half; ++j) {
       const int64_t g = j / gbytes;
-      const float z = static_cast<float>(w.zeros[n * w.G + g]), s = w.scales[n * w.G + g];
+      const float z = static_cast<float>(w.zeros[n * w.ldg + g]), s = w.scales[n * w.ldg + g];
       const int64_t at = (j / L) * 2 * L + j % L;
       row[at] = (static_cast<float>(p[j] & 15) - z) * s;
       row[at + L] = (static_cast<float>(p[j] >> 4) - z) * s;
@@ -347,32 +348,46 @@ at::Tensor int8_weight_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   return out;
 }
 
-// --- int4_mm --------------------------------------------------------------------------------
+// --- int4_mm and int4_mm_ksplit ------------------------------------------------------------
+//
+// Both run the weight as chunks along K: ws[c] holds columns [c Kc, (c + 1) Kc) as an int4
+// weight of Kc columns (weight_only.h). int4_mm has one chunk, the whole weight.
+// int4_mm_ksplit (pyfast/layouts/int4_ksplit.py) has C, each a contiguous [N, Kc/2] block:
+// at M = 1 a thread then reads its rows of chunk 0 as long sequential streams with x's
+// slices for Kc columns in L1, then those of chunk 1. In the canonical layout a K whose
+// slices overflow L1 (K > 6144) is read as segments of each row (weight_only_slices.cpp,
+// sweep), about 37 against 48 GB/s in a C++ model of the two access patterns (2 threads,
+// K = 11008, weights rotated past the L3; ad hoc). Each path below runs every chunk into
+// float32 sums (chunk 0 into acc, chunk c > 0 into parts[c - 1]) and adds them in chunk
+// order, each thread for its own columns.
 
-at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
-                       const at::Tensor& scales_in, const at::Tensor& zeros_in,
-                       int64_t group_size, const std::optional<at::Tensor>& bias) {
-  check_x(x_in);
-  const int64_t M = x_in.size(0), K = x_in.size(1);
-  const int64_t G = check_int4_groups(group_size, K, 2, "int4_mm needs an even K");
-  const int64_t group = group_size == -1 ? K : group_size;
-  check_device(packed_in, "packed", at::kCPU);
-  check_dtype(packed_in, "packed", {at::kByte});
-  check_dim(packed_in, "packed", 2);
-  const int64_t N = packed_in.size(0);
-  check_size(packed_in, "packed", 1, K / 2, "x.size(1) / 2 = K/2");
-  check_group_params(scales_in, zeros_in, N, G);
-  const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
+// acc[m, n] += parts[p][m, n] for p < P, m < M, n in [n0, n1) (parts [P, M, N]).
+void add_parts(float* acc, const float* parts, int64_t P, int64_t M, int64_t N, int64_t n0,
+               int64_t n1) {
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = parts + (p * M + m) * N;
+      float* dst = acc + m * N;
+      for (int64_t n = n0; n < n1; ++n) dst[n] += src[n];
+    }
+}
 
+// x [M, K] (K = C Kc, M, N, K > 0), the chunks ws, bias (float32 [N] or undefined) ->
+// out [M, N] in x.dtype.
+at::Tensor int4_run(const at::Tensor& x_in, const std::vector<Int4Weight>& ws,
+                    const at::Tensor& b) {
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = ws[0].N;
+  const int64_t C = static_cast<int64_t>(ws.size()), Kc = ws[0].K;
   at::Tensor out = at::empty({M, N}, x_in.options());
-  if (M == 0 || N == 0) return out;
-  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();  // empty sum
-  const at::Tensor pc = packed_in.contiguous(), zc = zeros_in.contiguous();
-  const at::Tensor sc = scales_in.to(at::kFloat).contiguous();
-  const Int4Weight w{pc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(),
-                     zc.const_data_ptr<uint8_t>(), N, K, group, G};
   const Isa isa = cpu::active_isa();
   const float* bp = ptr_or_null(b);
+  // the float32 sums: acc (out itself for float32 out) and the parts of chunks 1..C-1
+  auto sums = [&](const at::TensorOptions& f32) {
+    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, f32);
+    at::Tensor parts = C > 1 ? at::empty({C - 1, M, N}, f32) : at::Tensor();
+    return std::make_pair(acc, parts);
+  };
+  auto dst = [&](float* ap, float* pp, int64_t c) { return c == 0 ? ap : pp + (c - 1) * M * N; };
 
   const at::ScalarType dt = x_in.scalar_type();
   if ((dt == at::kBFloat16 || (dt == at::kFloat && fp32_matmul_allows_bf16())) &&
@@ -380,16 +395,23 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     // float32 x here: rounded to bfloat16 once (the internal precision the user allowed),
     // the float32 sums are the output (no bfloat16 rounding of out).
     const at::Tensor xb = dt == at::kBFloat16 ? x_in : x_in.to(at::kBFloat16);
-    const int64_t ld = (K + 127) / 128 * 128;
-    at::Tensor xq = at::empty({M, ld}, xb.options());
-    at::Tensor xs = at::empty({M, ld / 8}, xb.options().dtype(at::kFloat));
+    const int64_t ld = (Kc + 127) / 128 * 128;
+    at::Tensor xq = at::empty({C, M, ld}, xb.options());
+    at::Tensor xs = at::empty({C, M, ld / 8}, xb.options().dtype(at::kFloat));
     uint16_t* xqp = reinterpret_cast<uint16_t*>(xq.mutable_data_ptr<at::BFloat16>());
-    if (x_int4_bf16dot(xb, ld, xqp, xs.mutable_data_ptr<float>())) {
-      at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xs.options());
-      const float* xsp = xs.const_data_ptr<float>();
+    float* xsp = xs.mutable_data_ptr<float>();
+    bool ok = true;
+    for (int64_t c = 0; c < C && ok; ++c)
+      ok = x_int4_bf16dot(xb.narrow(1, c * Kc, Kc), ld, xqp + c * M * ld, xsp + c * M * (ld / 8));
+    if (ok) {
+      auto [acc, parts] = sums(xs.options());
       float* ap = acc.mutable_data_ptr<float>();
+      float* pp = C > 1 ? parts.mutable_data_ptr<float>() : nullptr;
       split_n(N, M * K, [&](int64_t n0, int64_t n1) {
-        int4_small_bf16dot(xqp, xsp, ld, M, w, n0, n1, ap, N);
+        for (int64_t c = 0; c < C; ++c)
+          int4_small_bf16dot(xqp + c * M * ld, xsp + c * M * (ld / 8), ld, M, ws[c], n0, n1,
+                             dst(ap, pp, c), N);
+        add_parts(ap, pp, C - 1, M, N, n0, n1);
       });
       finish_f32(acc, bp, out);
       return out;
@@ -398,46 +420,144 @@ at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   if (M == 1 && isa == Isa::kAvx512 && int8_slices_enabled()) {
     // x in int8 slices (weight_only_slices.cpp) unless x cannot be represented.
     const at::Tensor xf = x_float32(x_in);
-    at::Tensor xs = at::empty({(K + 127) / 128 * kSliceBlockBytes}, xf.options().dtype(at::kByte));
-    at::Tensor zs = at::empty({G}, xf.options());
+    const int64_t xbytes = (Kc + 127) / 128 * kSliceBlockBytes, Gc = ws[0].G;
+    at::Tensor xs = at::empty({C * xbytes}, xf.options().dtype(at::kByte));
+    at::Tensor zs = at::empty({C * Gc}, xf.options());
     uint8_t* xsp = xs.mutable_data_ptr<uint8_t>();
     float* zsp = zs.mutable_data_ptr<float>();
-    if (x_int4_slices(xf.const_data_ptr<float>(), w, xsp, zsp)) {
-      at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, xf.options());
+    bool ok = true;
+    for (int64_t c = 0; c < C && ok; ++c)
+      ok = x_int4_slices(xf.const_data_ptr<float>() + c * Kc, ws[c], xsp + c * xbytes,
+                         zsp + c * Gc);
+    if (ok) {
+      auto [acc, parts] = sums(xf.options());
       float* ap = acc.mutable_data_ptr<float>();
-      split_n(N, K, [&](int64_t n0, int64_t n1) { int4_m1_slices(xsp, zsp, w, n0, n1, ap); });
+      float* pp = C > 1 ? parts.mutable_data_ptr<float>() : nullptr;
+      split_n(N, K, [&](int64_t n0, int64_t n1) {
+        for (int64_t c = 0; c < C; ++c)
+          int4_m1_slices(xsp + c * xbytes, zsp + c * Gc, ws[c], n0, n1, dst(ap, pp, c));
+        add_parts(ap, pp, C - 1, 1, N, n0, n1);
+      });
       finish_f32(acc, bp, out);
       return out;
     }
   }
   if (M <= small_m_limit(x_in.scalar_type(), isa)) {
     const XBlocks blocks = int4_small_layout(isa);
-    const int64_t B = blocks.lanes * blocks.per_lane, ld = (K + B - 1) / B * B;
-    const at::Tensor xp = at::empty({M, ld}, x_in.options().dtype(at::kFloat));
-    x_int4_small(x_in, blocks, ld, xp.mutable_data_ptr<float>());
-    at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, xp.options());
-    const float* xpp = xp.const_data_ptr<float>();
+    const int64_t B = blocks.lanes * blocks.per_lane, ld = (Kc + B - 1) / B * B;
+    const at::Tensor xp = at::empty({C, M, ld}, x_in.options().dtype(at::kFloat));
+    float* xpp = xp.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c)
+      x_int4_small(x_in.narrow(1, c * Kc, Kc), blocks, ld, xpp + c * M * ld);
+    auto [acc, parts] = sums(xp.options());
     float* ap = acc.mutable_data_ptr<float>();
+    float* pp = C > 1 ? parts.mutable_data_ptr<float>() : nullptr;
     split_n(N, M * K, [&](int64_t n0, int64_t n1) {
-      switch (isa) {
-        case Isa::kAvx512: return int4_small_avx512(xpp, ld, M, w, n0, n1, ap, N);
-        case Isa::kAvx2: return int4_small_avx2(xpp, ld, M, w, n0, n1, ap, N);
-        default: return int4_small_scalar(xpp, ld, M, w, n0, n1, ap, N);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* xc = xpp + c * M * ld;
+        float* d = dst(ap, pp, c);
+        switch (isa) {
+          case Isa::kAvx512: int4_small_avx512(xc, ld, M, ws[c], n0, n1, d, N); break;
+          case Isa::kAvx2: int4_small_avx2(xc, ld, M, ws[c], n0, n1, d, N); break;
+          default: int4_small_scalar(xc, ld, M, ws[c], n0, n1, d, N);
+        }
       }
+      add_parts(ap, pp, C - 1, M, N, n0, n1);
     });
     finish_f32(acc, bp, out);
     return out;
   }
 
-  auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) { dequant_int4_f32(isa, w, n0, n1, d); };
+  // Large M: panels of the dequantized weight; with chunks, each row of each chunk
+  // dequantized straight into its columns of the panel (one row per call: the row stride
+  // of a call's output is then moot). Kc is a multiple of 32 (int4_mm_ksplit_cpu checks),
+  // the columns that the AVX-512 panel order permutes within: the chunks' orders join
+  // into K's, and no chunk's row is padded.
+  auto dq = [&](auto dequant, int64_t n0, int64_t n1, auto* d) {
+    if (C == 1) return dequant(isa, ws[0], n0, n1, d);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < C; ++c) dequant(isa, ws[c], n, n + 1, d + (n - n0) * K + c * Kc);
+  };
+  auto dq_f32 = [&](int64_t n0, int64_t n1, float* d) {
+    dq([](Isa i, const Int4Weight& w, int64_t a, int64_t z, float* p) {
+      dequant_int4_f32(i, w, a, z, p);
+    }, n0, n1, d);
+  };
   auto dq_bf16 = [&](int64_t n0, int64_t n1, uint16_t* d) {
-    dequant_int4_bf16(isa, w, n0, n1, d);
+    dq([](Isa i, const Int4Weight& w, int64_t a, int64_t z, uint16_t* p) {
+      dequant_int4_bf16(i, w, a, z, p);
+    }, n0, n1, d);
   };
   // x's columns in the panel's k order (a permutation: exact in any dtype).
   const int64_t lanes = int4_panel_lanes(isa);
   const at::Tensor x_panel =
       lanes == 0 ? x_in : x_int4_blocks(x_in, {lanes, 2}, x_in.scalar_type());
   return panel_path(x_panel, N, bp, out, dq_f32, dq_bf16);
+}
+
+// The empty results: M or N is 0, or K is 0 (the bias alone: an empty sum).
+std::optional<at::Tensor> int4_empty(const at::Tensor& x, int64_t N, const at::Tensor& b) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M != 0 && N != 0 && K != 0) return std::nullopt;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
+}
+
+// Checks x and the packed weight's device, dtype and dims; returns G (groups per row).
+int64_t check_int4_call(const at::Tensor& x, const at::Tensor& w, const char* w_name,
+                        int64_t w_dim, int64_t group_size, const char* why_even) {
+  check_x(x);
+  const int64_t G = check_int4_groups(group_size, x.size(1), 2, why_even);
+  check_device(w, w_name, at::kCPU);
+  check_dtype(w, w_name, {at::kByte});
+  check_dim(w, w_name, w_dim);
+  return G;
+}
+
+at::Tensor int4_mm_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
+                       const at::Tensor& scales_in, const at::Tensor& zeros_in,
+                       int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const int64_t G = check_int4_call(x_in, packed_in, "packed", 2, group_size,
+                                    "int4_mm needs an even K");
+  const int64_t K = x_in.size(1), N = packed_in.size(0);
+  const int64_t group = group_size == -1 ? K : group_size;
+  check_size(packed_in, "packed", 1, K / 2, "x.size(1) / 2 = K/2");
+  check_group_params(scales_in, zeros_in, N, G);
+  const at::Tensor b = bias_f32(bias, N, "packed.size(0) = N");
+  if (auto empty = int4_empty(x_in, N, b)) return *empty;
+  const at::Tensor pc = packed_in.contiguous(), zc = zeros_in.contiguous();
+  const at::Tensor sc = scales_in.to(at::kFloat).contiguous();
+  return int4_run(x_in, {Int4Weight{pc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(),
+                                    zc.const_data_ptr<uint8_t>(), N, K, group, G, G}}, b);
+}
+
+at::Tensor int4_mm_ksplit_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                              const at::Tensor& scales_in, const at::Tensor& zeros_in,
+                              int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const int64_t G = check_int4_call(x_in, w_in, "w_ks", 3, group_size,
+                                    "int4_mm_ksplit needs an even K");
+  const int64_t K = x_in.size(1), C = w_in.size(0), N = w_in.size(1), Kc = 2 * w_in.size(2);
+  PYFAST_CHECK(C >= 1 && C * Kc == K, "w_ks has shape ", w_in.sizes(),
+               "; accepted: [C, N, K / (2 C)] with C >= 1 and K = x.size(1) = ", K);
+  const int64_t group = group_size == -1 ? Kc : group_size;  // per channel: per chunk
+  PYFAST_CHECK(Kc % 32 == 0 && (group_size == -1 || Kc % group_size == 0), "w_ks has chunks "
+               "of ", Kc, " columns, not a multiple of 32 and of group_size ", group_size,
+               "; accepted: chunks of whole groups and of a multiple of 32 columns (the "
+               "AVX-512 panels permute x within blocks of 32)");
+  check_group_params(scales_in, zeros_in, N, G);
+  const at::Tensor b = bias_f32(bias, N, "w_ks.size(1) = N");
+  if (auto empty = int4_empty(x_in, N, b)) return *empty;
+  const at::Tensor pc = w_in.contiguous(), zc = zeros_in.contiguous();
+  const at::Tensor sc = scales_in.to(at::kFloat).contiguous();
+  const int64_t Gc = group_size == -1 ? 1 : Kc / group;           // groups per chunk
+  const int64_t step = group_size == -1 ? 0 : Gc;                   // chunk c's first group
+  std::vector<Int4Weight> ws;
+  for (int64_t c = 0; c < C; ++c)
+    ws.push_back(Int4Weight{pc.const_data_ptr<uint8_t>() + c * N * (Kc / 2),
+                            sc.const_data_ptr<float>() + c * step,
+                            zc.const_data_ptr<uint8_t>() + c * step, N, Kc, group, Gc, G});
+  return int4_run(x_in, ws, b);
 }
 
 }  // namespace
@@ -453,9 +573,15 @@ TORCH_LIBRARY_FRAGMENT(pyfast_C, m) {
   //   out x.dtype [M, N] = x @ ((q - zero) * scale).T + bias, accumulated in float32.
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, "
         "Tensor? bias) -> Tensor");
+  // int4_mm with packed in K chunks, w_ks uint8 [C, N, K / (2 C)] (chunk c: the packed
+  // columns [c K/C, (c + 1) K/C), pyfast/layouts/int4_ksplit.py); scales, zeros, bias and
+  // out as int4_mm (group_size -1: one scale per row, as there).
+  m.def("int4_mm_ksplit(Tensor x, Tensor w_ks, Tensor scales, Tensor zeros, int group_size, "
+        "Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyfast_C, CPU, m) {
   m.impl("int8_weight_mm", &pyfast::int8_weight_mm_cpu);
   m.impl("int4_mm", &pyfast::int4_mm_cpu);
+  m.impl("int4_mm_ksplit", &pyfast::int4_mm_ksplit_cpu);
 }

@@ -21,7 +21,11 @@
 // Layouts (pyfast/formats.py):
 //   int8 weight : w int8 [N, K] row-major, scale float32 [N]
 //   int4 weight : packed uint8 [N, K/2] (low nibble = even k), scales float32
-//                 [N, G], zeros uint8 [N, G], G = K / group (group = K per channel)
+//                 [N, G], zeros uint8 [N, G], G = K / group (group = K per channel);
+//                 int4_mm_ksplit: packed uint8 [C, N, K/(2C)], chunk c the canonical
+//                 packed of columns [c K/C, (c + 1) K/C) (pyfast/layouts/int4_ksplit.py),
+//                 each run as an Int4Weight of K/C columns whose scales and zeros are
+//                 the columns of its groups in the [N, G] tensors (ldg = G)
 #pragma once
 
 #include <cstdint>
@@ -39,12 +43,14 @@ struct Int8Weight {
 };
 
 struct Int4Weight {
-  const uint8_t* packed;  // [N, K/2]
-  const float* scales;    // [N, G]
-  const uint8_t* zeros;   // [N, G]
+  const uint8_t* packed;  // [N, K/2] contiguous
+  const float* scales;    // [N, G], row stride ldg
+  const uint8_t* zeros;   // [N, G], row stride ldg
   int64_t N, K;
   int64_t group;          // elements per group (K when per channel)
   int64_t G;              // groups per row
+  int64_t ldg;            // row stride of scales and zeros: G, or for one K chunk of
+                          // int4_mm_ksplit the whole weight's G (1 per channel)
 };
 
 // Activations as the small kernels read them: float32 rows of length `ld`.

@@ -98,7 +98,7 @@ PYFAST_TARGET_AVX2 void int4_tile(const float* x, int64_t ldx, const Int4Weight&
   for (int64_t g = 0; g < w.G; ++g) {
     __m256 zm[NR], sc[NR];
     for (int r = 0; r < NR; ++r) {
-      const int64_t i = (n + r) * w.G + g;
+      const int64_t i = (n + r) * w.ldg + g;
       zm[r] = _mm256_set1_ps(8388608.0f + static_cast<float>(w.zeros[i]));  // 2**23 + zero
       sc[r] = _mm256_set1_ps(w.scales[i]);
     }

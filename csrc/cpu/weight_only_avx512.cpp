@@ -125,14 +125,14 @@ PYFAST_TARGET_AVX512 inline __m512 nibble(const MagicConsts& c, const __m512* su
 }
 
 PYFAST_TARGET_AVX512 inline __m512 block_scales(const Int4Weight& w, int64_t n, int64_t b) {
-  return per_lane(w.scales + n * w.G, w, b);
+  return per_lane(w.scales + n * w.ldg, w, b);
 }
 
 // The subtrahends 2^E + z of positions 2..4 for block b of row n, z per lane
 // (exact: z <= 15, E >= 15).
 PYFAST_TARGET_AVX512 inline void block_subs(const MagicConsts& c, const Int4Weight& w,
                                             int64_t n, int64_t b, __m512* sub) {
-  const __m512 zf = per_lane(w.zeros + n * w.G, w, b);
+  const __m512 zf = per_lane(w.zeros + n * w.ldg, w, b);
   for (int p = 2; p < 5; ++p) sub[p] = _mm512_add_ps(c.base[p], zf);
 }
 
@@ -317,7 +317,7 @@ PYFAST_TARGET_AVX512 inline void dequant_int4_blocks(const Int4Weight& w, int64_
     const uint8_t* p = w.packed + n * half;
     Out* d = dst + (n - n0) * ld;
     for (int64_t g = 0; g < w.G; ++g) {
-      const int64_t i = n * w.G + g;
+      const int64_t i = n * w.ldg + g;
       const __m512 T = _mm512_mul_ps(
           _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(w.zeros[i]))),
           _mm512_set1_ps(w.scales[i]));

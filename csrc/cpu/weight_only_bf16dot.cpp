@@ -80,8 +80,8 @@ PYFAST_TARGET_AVX512_BF16 void rows_bf16dot(const uint16_t* xq, const float* xs,
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* row = w.packed + (n + r) * half;
       const uint8_t* next = segment_after(w, n, rows, r, b0, kChunk, kAhead);
-      const float* scales = w.scales + (n + r) * w.G;
-      const uint8_t* zeros = w.zeros + (n + r) * w.G;
+      const float* scales = w.scales + (n + r) * w.ldg;
+      const uint8_t* zeros = w.zeros + (n + r) * w.ldg;
       __m512 t[MR];
       for (int m = 0; m < MR; ++m) t[m] = tot[r][m];
       for (int64_t b = b0; b < b1; ++b) {

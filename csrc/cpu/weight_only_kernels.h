@@ -81,8 +81,8 @@ PYFAST_WO_INLINE void dequant_int4_body(const Int4Weight& w, int64_t n0, int64_t
   const int64_t half = w.K / 2, gbytes = w.group / 2;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t g = 0; g < w.G; ++g) {
-      const float z = static_cast<float>(w.zeros[n * w.G + g]);
-      const float s = w.scales[n * w.G + g];
+      const float z = static_cast<float>(w.zeros[n * w.ldg + g]);
+      const float s = w.scales[n * w.ldg + g];
       dequant_int4_group(w.packed + n * half + g * gbytes, gbytes, z, s,
                          dst + (n - n0) * w.K + g * w.group, cvt);
     }

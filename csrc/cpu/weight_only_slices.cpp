@@ -288,7 +288,7 @@ PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4
     const int64_t rows = std::min(kRowGroup, n1 - n);
     __m512 tot[kRowGroup];
     for (int64_t r = 0; r < rows; ++r)
-      tot[r] = zero_term(w.scales + (n + r) * w.G, w.zeros + (n + r) * w.G, zsum, w.G,
+      tot[r] = zero_term(w.scales + (n + r) * w.ldg, w.zeros + (n + r) * w.ldg, zsum, w.G,
                          _mm512_setzero_ps());
     for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
       const int64_t b1 = std::min(blocks, b0 + chunk);
@@ -297,7 +297,7 @@ PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4
         const uint8_t* row = w.packed + (n + r) * half;
         const uint8_t* next = segment_after(w, n, rows, r, b0, chunk, ahead);
         const uint8_t* next2 = segment_after(w, n, rows, r + 1, b0, chunk, ahead);
-        const float* scales = w.scales + (n + r) * w.G;
+        const float* scales = w.scales + (n + r) * w.ldg;
         __m512 t0 = tot[r], t1 = tot[r + 1];
         for (int64_t b = b0; b < b1; ++b) {
           prefetch_l2(next + 64 * (b - b0));
@@ -307,14 +307,14 @@ PYFAST_TARGET_AVX512 void sweep(const uint8_t* xs, const float* zsum, const Int4
           __m512i a[2];
           lane_sums<2>(row, half, half, b, xb, a);
           t0 = scale_sums(a[0], sweep_scales<kScales>(scales, w, b), f, t0);
-          t1 = scale_sums(a[1], sweep_scales<kScales>(scales + w.G, w, b), f, t1);
+          t1 = scale_sums(a[1], sweep_scales<kScales>(scales + w.ldg, w, b), f, t1);
         }
         tot[r] = t0, tot[r + 1] = t1;
       }
       for (; r < rows; ++r) {
         const uint8_t* row = w.packed + (n + r) * half;
         const uint8_t* next = segment_after(w, n, rows, r, b0, chunk, ahead);
-        const float* scales = w.scales + (n + r) * w.G;
+        const float* scales = w.scales + (n + r) * w.ldg;
         __m512 t = tot[r];
         for (int64_t b = b0; b < b1; ++b) {
           prefetch_l2(next + 64 * (b - b0));
@@ -382,9 +382,9 @@ PYFAST_TARGET_AVX512 void sweep_streams(const uint8_t* xs, const float* zsum,
     const float* scales[kStreams];
     for (int q = 0; q < kStreams; ++q) {
       const int64_t r = n0 + q * run + i;
-      t[q] = zero_term(w.scales + r * w.G, w.zeros + r * w.G, zsum, w.G, _mm512_setzero_ps());
+      t[q] = zero_term(w.scales + r * w.ldg, w.zeros + r * w.ldg, zsum, w.G, _mm512_setzero_ps());
       next[q] = w.packed + std::min(r + ahead, n1 - 1) * half;  // the next run's start: harmless
-      scales[q] = w.scales + r * w.G;
+      scales[q] = w.scales + r * w.ldg;
     }
     const uint8_t* row = w.packed + (n0 + i) * half;
     for (int64_t b = 0; b < blocks; ++b) {

@@ -51,6 +51,10 @@ def _int4_mm(x, packed, scales, zeros, group_size, bias=None):
     return torch.ops.pyfast_C.int4_mm(x, packed, scales, zeros, group_size, bias)
 
 
+def _int4_mm_ksplit(x, w_ks, scales, zeros, group_size, bias=None):
+    return torch.ops.pyfast_C.int4_mm_ksplit(x, w_ks, scales, zeros, group_size, bias)
+
+
 def _sparse24_mm(x, values, meta, bias=None):
     return torch.ops.pyfast_C.sparse24_mm(x, values, meta, bias)
 
@@ -68,6 +72,7 @@ KERNELS = {
     "int8_mm_vnni": (_int8_mm_vnni, "int8_vnni.cpp"),
     "int8_weight_mm": (_int8_weight_mm, "weight_only.cpp"),
     "int4_mm": (_int4_mm, "weight_only.cpp"),
+    "int4_mm_ksplit": (_int4_mm_ksplit, "weight_only.cpp"),
     "sparse24_mm": (_sparse24_mm, "sparse24.cpp"),
     "sparse24_int4_mm": (_sparse24_int4_mm, "sparse24_int4.cpp"),
 }

@@ -6,6 +6,10 @@
                  sparse24_tc.py, op sparse24_mm_tc); Sparse24Int4Linear: int4 codes and
                  metadata in sparse-tensor-core order (pyfast/layouts/sparse24_int4_tc.py,
                  op sparse24_int4_mm_tc). Only the CUDA C++ kernels read it fast.
+    "ksplit"     Int4Linear: the packed int4 weight cut into C chunks along K, each
+                 contiguous (pyfast/layouts/int4_ksplit.py, op int4_mm_ksplit). The C++
+                 CPU kernel reads it faster at M = 1 where K > 6144; elsewhere its paths
+                 run chunk by chunk (bfloat16 x at M = 2..16 about 0.9x, see below).
     "vnni"       Int8Linear / StaticInt8Linear: the int8 weight in VNNI panel order
                  (pyfast/layouts/int8_vnni.py, ops w8a8_mm_vnni / int8_mm_vnni). Only the
                  C++ CPU kernel reads it fast, with AVX-512 VNNI (elsewhere that kernel
@@ -14,6 +18,11 @@
                  weight, "canonical" everywhere else:
                  tc   -- a CUDA device with the kernel built (pyfast.backends()) and
                          float16/bfloat16 weights (the kernels multiply in those dtypes);
+                 ksplit -- an Int4Linear weight on a CPU, the C++ extension built with
+                         int4_mm_ksplit, the CPU kernels at the AVX-512 level, a weight
+                         that is not bfloat16 (bfloat16 x runs the vdpbf16ps kernel, which
+                         gains nothing from the chunks at M = 1 and lost 7-12% at M = 4 and
+                         16) and K > 6144 with a chunk count (int4_ksplit.chunks_for);
                  vnni -- a CPU weight, the C++ extension built with the layer's op
                          (w8a8_mm_vnni / int8_mm_vnni), the CPU kernels at the
                          AVX-512 level, and a weight that the panels pad by at most
@@ -29,9 +38,9 @@ from typing import Optional
 import torch
 
 from .. import _ext, dispatch
-from ..layouts import int8_vnni
+from ..layouts import int4_ksplit, int8_vnni
 
-LAYOUTS = ("canonical", "tc", "vnni")
+LAYOUTS = ("canonical", "tc", "vnni", "ksplit")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -73,13 +82,9 @@ def vnni_padding(n: int, k: int) -> float:
     return nt * kt * pn * gk / (n * k) - 1
 
 
-def why_not_vnni(device, op: str = "w8a8_mm_vnni", shape=None) -> Optional[str]:
-    """None if the fast CPU kernel of `op` (w8a8_mm_vnni: Int8Linear; int8_mm_vnni:
-    StaticInt8Linear) would run a weight on device, and (with shape = (N, K)) its VNNI
-    padding is at most VNNI_MAX_PADDING; else why not."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return f"the weight is on {device.type}; the VNNI layout is for the CPU kernel"
+def _why_not_cpp_avx512(op: str, why_avx512: str) -> Optional[str]:
+    """None if op's C++ CPU kernel is registered, built and runs at the AVX-512 level;
+    else why not (why_avx512 says why a lower level does not do)."""
     backend = dispatch.kernels(op).get("cpp")
     if backend is None:
         return f"no C++ CPU kernel is registered for {op}"
@@ -88,8 +93,21 @@ def why_not_vnni(device, op: str = "w8a8_mm_vnni", shape=None) -> Optional[str]:
         return why
     isa = _ext.cpu_isa()
     if isa != "avx512":
-        return (f"the CPU kernels run at the {isa} level; the VNNI layout is fast only with "
-                "AVX-512 VNNI (its kernel is scalar code elsewhere)")
+        return f"the CPU kernels run at the {isa} level; {why_avx512}"
+    return None
+
+
+def why_not_vnni(device, op: str = "w8a8_mm_vnni", shape=None) -> Optional[str]:
+    """None if the fast CPU kernel of `op` (w8a8_mm_vnni: Int8Linear; int8_mm_vnni:
+    StaticInt8Linear) would run a weight on device, and (with shape = (N, K)) its VNNI
+    padding is at most VNNI_MAX_PADDING; else why not."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"the weight is on {device.type}; the VNNI layout is for the CPU kernel"
+    why = _why_not_cpp_avx512(op, "the VNNI layout is fast only with AVX-512 VNNI (its "
+                                  "kernel is scalar code elsewhere)")
+    if why:
+        return why
     if shape is not None:
         n, k = shape
         pad = vnni_padding(n, k)
@@ -115,3 +133,32 @@ def resolve_vnni(layout: str, device, op: str = "w8a8_mm_vnni", shape=None) -> s
     if layout != "auto":
         return layout
     return "vnni" if why_not_vnni(device, op, shape) is None else "canonical"
+
+
+def why_not_ksplit(device, dtype: torch.dtype, k: int, group_size: int) -> Optional[str]:
+    """None if "auto" stores an Int4Linear weight (on device, layer dtype `dtype`, K
+    columns) in the K-split layout, else why not (module docstring)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"the weight is on {device.type}; the K-split layout is for the CPU kernel"
+    if dtype == torch.bfloat16:
+        return ("the layer is bfloat16: its x takes the vdpbf16ps kernel, which the K-split "
+                "layout does not speed up")
+    if int4_ksplit.chunks_for(k, group_size) is None:
+        return (f"K = {k}: " + ("x's slices fit in L1 whole, the canonical layout is as fast"
+                                if k <= int4_ksplit.MAX_CHUNK_K else
+                                "no chunk count cuts it into chunks of whole 128-column "
+                                f"blocks of at most {int4_ksplit.MAX_CHUNK_K} columns"))
+    return _why_not_cpp_avx512("int4_mm_ksplit", "the K-split layout speeds up the AVX-512 "
+                                                 "M = 1 kernel only")
+
+
+def resolve_int4(layout: str, device, dtype: torch.dtype, k: int, group_size: int) -> str:
+    """Int4Linear's 'auto' -> 'tc', 'ksplit' or 'canonical' (see the module docstring);
+    others unchanged."""
+    check(layout)
+    if layout != "auto":
+        return layout
+    if why_not_tc("int4_mm_tc", device, dtype) is None:
+        return "tc"
+    return "ksplit" if why_not_ksplit(device, dtype, k, group_size) is None else "canonical"

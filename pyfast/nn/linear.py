@@ -15,12 +15,13 @@ from torch import nn
 from .. import _checks as chk
 from .. import memory
 from .. import ops  # noqa: F401  (torch.ops.pyfast.* must exist)
-from ..layouts import int4_tc, int8_vnni, sparse24_tc
+from ..layouts import int4_ksplit, int4_tc, int8_vnni, sparse24_tc
 from . import layout as _layout
 from ..sparsity import magnitude_24_mask
 
 Tensor = torch.Tensor
-_TC = ("canonical", "tc")        # Int4Linear, Sparse24Linear (pyfast/nn/layout.py)
+_TC = ("canonical", "tc")        # Sparse24Linear, Sparse24Int4Linear (pyfast/nn/layout.py)
+_INT4 = ("canonical", "tc", "ksplit")   # Int4Linear
 _VNNI = ("canonical", "vnni")    # Int8Linear, StaticInt8Linear
 
 
@@ -187,11 +188,11 @@ class _CompressedLinear(nn.Module):
                 self._buffers.get(self._DTYPE_BUFFER) is not None:
             self.orig_dtype = self._buffers[self._DTYPE_BUFFER].dtype
 
-    # --- layouts (pyfast/nn/layout.py): a layer with two layouts names them (_LAYOUTS) and
-    # the buffers whose shape depends on the layout, and defines _relaid(tensors, layout):
-    # those buffers ({name: tensor}, in its other layout) re-laid in `layout` by the
-    # repack / unrepack functions. Layers with one layout leave both empty and never
-    # reach _relaid (_to_own_layout returns first; only two-layout layers call _set_layout).
+    # --- layouts (pyfast/nn/layout.py): a layer with several layouts names them (_LAYOUTS)
+    # and the buffers whose shape depends on the layout, and defines _relaid(tensors,
+    # layout): those buffers ({name: tensor}, in any of its layouts) re-laid in `layout` by
+    # the repack / unrepack functions. Layers with one layout leave both empty and never
+    # reach _relaid (_to_own_layout returns first; only layers with layouts call _set_layout).
     _LAYOUTS: tuple = ()
     _LAYOUT_BUFFERS: tuple = ()
 
@@ -202,24 +203,34 @@ class _CompressedLinear(nn.Module):
                 setattr(self, name, t)
             self.layout = layout
 
+    def _incoming_layout(self, incoming: dict, own: dict):
+        """The layout, other than the layer's, whose shapes and dtypes the tensors
+        `incoming` have (from a re-lay of stand-ins of `own` on meta), or None."""
+        stand_ins = {n: torch.empty_like(t, device="meta") for n, t in own.items()}
+        for other in self._LAYOUTS:
+            if other == self.layout:
+                continue
+            spec = self._relaid(stand_ins, other)
+            if all(incoming[n].shape == spec[n].shape and incoming[n].dtype == spec[n].dtype
+                   for n in own):
+                return other
+        return None
+
     def _to_own_layout(self, state_dict, prefix):
-        """state_dict, or a copy whose packed tensors saved in the layer's other layout are
-        re-laid in its own: "auto" resolves by machine and device (VNNI on an AVX-512 VNNI
-        CPU, tc on a GPU, canonical on the meta device), so a state_dict may hold either."""
+        """state_dict, or a copy whose packed tensors saved in another of the layer's
+        layouts are re-laid in its own: "auto" resolves by machine and device (VNNI or
+        K-split on a CPU, tc on a GPU, canonical on the meta device), so a state_dict may
+        hold any of them."""
         names = self._LAYOUT_BUFFERS
         incoming = {n: state_dict.get(prefix + n) for n in names}
         if not names or not all(isinstance(t, Tensor) for t in incoming.values()):
             return state_dict          # a missing key: torch reports it
         own = {n: self._buffers[n] for n in names}
-        if all(incoming[n].shape == own[n].shape for n in names):
+        if all(incoming[n].shape == own[n].shape and incoming[n].dtype == own[n].dtype
+               for n in names):
             return state_dict
-        other = next(lay for lay in self._LAYOUTS if lay != self.layout)
-        # the other layout's shapes and dtypes, from a re-lay of stand-ins on meta
-        spec = self._relaid({n: torch.empty_like(t, device="meta") for n, t in own.items()},
-                            other)
-        if not all(incoming[n].shape == spec[n].shape and incoming[n].dtype == spec[n].dtype
-                   for n in names):
-            return state_dict          # neither layout: torch reports the size mismatch
+        if self._incoming_layout(incoming, own) is None:
+            return state_dict          # no layout of the layer: torch reports the mismatch
         out = dict(state_dict)         # (the caller's dict stays as it was)
         out.update((prefix + n, t) for n, t in self._relaid(incoming, self.layout).items())
         return out
@@ -431,14 +442,20 @@ class _Int4GroupLinear(_CompressedLinear):
 
     def _int4_format(self, what: str) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        tc = ", tensor-core layout" if self.layout == "tc" else ""
-        return f"{what} {g} {'sym' if self.symmetric else 'asym'}{tc}"
+        lay = {"tc": ", tensor-core layout", "ksplit": ", K-split layout"}.get(self.layout, "")
+        return f"{what} {g} {'sym' if self.symmetric else 'asym'}{lay}"
 
 
 class Int4Linear(_Int4GroupLinear):
-    """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul."""
+    """W4A16: group-wise int4 weights (symmetric or asymmetric), dequant fused in the matmul.
 
-    _LAYOUTS, _LAYOUT_BUFFERS = _TC, ("packed",)
+    packed: canonical uint8 [N, K/2] (formats.py); in the layout "tc" its repack_int4_tc
+    image (the CUDA kernel's fragment order); in the layout "ksplit" its
+    repack_int4_ksplit image uint8 [C, N, K/(2C)] (the C++ CPU kernel's K chunks,
+    C = int4_ksplit.chunks_for(K), or 1 where that gives none). scales and zeros are
+    canonical in every layout (pyfast/nn/layout.py says which "auto" picks)."""
+
+    _LAYOUTS, _LAYOUT_BUFFERS = _INT4, ("packed",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, symmetric: bool = True, device=None,
@@ -446,12 +463,12 @@ class Int4Linear(_Int4GroupLinear):
         super().__init__(in_features, out_features, bias, device)
         gs = chk.group_size(group_size, in_features, k_name="in_features")
         self.group_size, self.symmetric = group_size, chk.bool_arg("symmetric", symmetric)
-        self.layout = _layout.check(layout, allow_auto=False, accepted=_TC, what="Int4Linear")
+        self.layout = _layout.check(layout, allow_auto=False, accepted=_INT4, what="Int4Linear")
         groups = in_features // gs
-        # packed: canonical uint8 [N, K/2] (formats.py), or its repack_int4_tc image
         canonical = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
-        self.register_buffer("packed", canonical if layout == "canonical" else
-                             torch.ops.pyfast.repack_int4_tc(canonical))
+        self.register_buffer("packed", canonical)
+        if layout != "canonical":
+            self.packed = self._relaid({"packed": canonical}, layout)["packed"]
         self._register_group_params(out_features, groups, device)
 
     @property
@@ -461,11 +478,10 @@ class Int4Linear(_Int4GroupLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128,
                     symmetric: bool = True, layout: str = "auto") -> "Int4Linear":
-        """layout: "canonical", "tc" or "auto" (pyfast/nn/layout.py)."""
+        """layout: "canonical", "tc", "ksplit" or "auto" (pyfast/nn/layout.py)."""
         cls._check_linear(linear)
-        _layout.check(layout, accepted=_TC, what="Int4Linear")
+        _layout.check(layout, accepted=_INT4, what="Int4Linear")
         w = linear.weight.detach()
-        chosen = _layout.resolve(layout, "int4_mm_tc", w.device, w.dtype)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     group_size=group_size, symmetric=symmetric, device=w.device)
         layer.orig_dtype = w.dtype
@@ -474,24 +490,56 @@ class Int4Linear(_Int4GroupLinear):
         layer.scales.copy_(scales)
         layer.zeros.copy_(zeros)
         layer._copy_bias(linear)
-        return layer.repack(chosen)
+        return layer.repack(layout)
 
     @torch.no_grad()
     def repack(self, layout: str = "auto") -> "Int4Linear":
-        """Store the weight in `layout` ("canonical", "tc" or "auto" for where it is now);
-        in place, exact (a permutation of the packed bytes); returns self."""
-        _layout.check(layout, accepted=_TC, what="Int4Linear")
-        chosen = _layout.resolve(layout, "int4_mm_tc", self.packed.device, self.orig_dtype)
+        """Store the weight in `layout` ("canonical", "tc", "ksplit" or "auto" for where it
+        is now); in place, exact (a permutation of the packed bytes); returns self."""
+        _layout.check(layout, accepted=_INT4, what="Int4Linear")
+        chosen = _layout.resolve_int4(layout, self.packed.device, self.orig_dtype,
+                                      self.in_features, self.group_size)
         self._set_layout(chosen)
         return self
 
+    def canonical_packed(self) -> Tensor:
+        """The canonical packed uint8 [N, K/2] whatever the layout (a view or a copy)."""
+        return self._canonical(self.packed)
+
+    def _canonical(self, p: Tensor) -> Tensor:
+        if p.dtype == torch.int32:                                  # "tc"
+            return int4_tc.unrepack(p, self.out_features, self.in_features)
+        return int4_ksplit.unrepack(p) if p.dim() == 3 else p      # "ksplit" / canonical
+
+    def _ksplit_chunks(self) -> int:
+        if self.layout == "ksplit" and self.packed.dim() == 3:
+            return int(self.packed.shape[0])                       # keep the layer's own
+        return int4_ksplit.chunks_for(self.in_features, self.group_size) or 1
+
+    def _incoming_layout(self, incoming: dict, own: dict):
+        p = incoming["packed"]   # a K-split weight of any chunk count is taken (re-split)
+        if p.dtype == torch.uint8 and p.dim() == 3 and p.shape[1] == self.out_features \
+                and p.shape[0] >= 1 and 2 * p.shape[0] * p.shape[2] == self.in_features:
+            try:
+                int4_ksplit.check_chunks(self.in_features, int(p.shape[0]), self.group_size)
+                return "ksplit"
+            except ValueError:
+                return None
+        return super()._incoming_layout(incoming, own)
+
     def _relaid(self, tensors: dict, layout: str) -> dict:
-        p = tensors["packed"]
-        return {"packed": torch.ops.pyfast.repack_int4_tc(p) if layout == "tc" else
-                int4_tc.unrepack(p, self.out_features, self.in_features)}
+        p = self._canonical(tensors["packed"])
+        if layout == "tc":
+            p = torch.ops.pyfast.repack_int4_tc(p)
+        elif layout == "ksplit":
+            p = torch.ops.pyfast.repack_int4_ksplit(p.contiguous(), self._ksplit_chunks(),
+                                                    self.group_size)
+        return {"packed": p.contiguous()}
+
+    _OPS = {"tc": "int4_mm_tc", "ksplit": "int4_mm_ksplit"}
 
     def forward(self, x: Tensor) -> Tensor:
-        op = torch.ops.pyfast.int4_mm_tc if self.layout == "tc" else torch.ops.pyfast.int4_mm
+        op = getattr(torch.ops.pyfast, self._OPS.get(self.layout, "int4_mm"))
         out = op(self._flat(x), self.packed, self.scales, self.zeros, self.group_size, self.bias)
         return self._unflat(out, x)
 
