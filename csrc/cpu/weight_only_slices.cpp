@@ -366,6 +366,12 @@ inline bool one_chunk(const Int4Weight& w) {
 //   - bench run 2026-11-25_032140_m1 (commit 461defc, 2 streams): int4 1.62x and 1.64x
 //     W8A8 at K = 4096, at 73% and 77% of the bandwidth (W8A8 read 43-44 GB/s there,
 //     47-48 in 024140_m1); K = 11008 1.31x at 61%.
+//   - K > 6144: the canonical layout can only be read in row segments here (sweep). The
+//     K-split layout (pyfast/layouts/int4_ksplit.py, int4_mm_ksplit in weight_only.cpp)
+//     stores each chunk of K <= 6144 columns contiguously, and each chunk then runs
+//     this function: bench run 2026-11-25_043600_m1, 11008 x 4096, 1.05x int4_mm
+//     (1.37x W8A8, 72% of the bandwidth); paired A/B rounds 1.10-1.23x while W8A8 read
+//     47-53 GB/s, 0.98x when it read 75 (the sweep is then bound by its instructions).
 constexpr int kStreams = 2;
 constexpr int64_t kStreamAheadBytes = 16 * 1024;
 
