@@ -6,6 +6,7 @@ reference cannot hide by agreeing with itself.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -18,6 +19,17 @@ import torch.nn.functional as F
 
 import pyfast
 from pyfast import dispatch
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) inside the block, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -17,6 +17,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _helpers import torch_threads  # noqa: E402  (imports pyfast: after TRITON_INTERPRET)
+
 # Devices every op test runs on; the CUDA one is marked and skipped without a GPU.
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -78,12 +80,8 @@ def isa(request):
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def threads(request):
     """torch.set_num_threads(1 or 2) for the test, restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(request.param) as n:
+        yield n
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +89,8 @@ def one_thread():
     """One torch thread for a whole module (pytestmark = pytest.mark.usefixtures(
     "one_thread")): accuracy thresholds measured so (digits), and on a shared 2-core
     machine two OpenMP threads competing with other processes run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.fixture

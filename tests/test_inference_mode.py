@@ -16,7 +16,7 @@ import torch
 
 import pyfast
 
-from _helpers import dtype_id
+from _helpers import dtype_id, torch_threads
 
 K, N = 4096, 1100
 CASES = [  # (label, how to make the layer, the Ms: decode kernels, small-M tiles, panels)
@@ -31,12 +31,8 @@ CASES = [  # (label, how to make the layer, the Ms: decode kernels, small-M tile
 
 @pytest.fixture
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

@@ -16,19 +16,18 @@ import torch
 from pyfast import prune
 from pyfast.digits import DigitsCNN, accuracy, load_digits, train
 from pyfast.nn import QuantConv2d, Sparse24Linear
+from _helpers import torch_threads
 
 WIDTH = 16
 
 
 @pytest.fixture(scope="module")
 def setup():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)      # the machine is shared: one thread trains faster here
-    data = load_digits()
-    torch.manual_seed(0)
-    teacher = train(DigitsCNN(width=WIDTH), data, epochs=4, progress=False)
-    yield data, teacher, accuracy(teacher, data.x_test, data.y_test)
-    torch.set_num_threads(previous)
+    with torch_threads(1):      # the machine is shared: one thread trains faster here
+        data = load_digits()
+        torch.manual_seed(0)
+        teacher = train(DigitsCNN(width=WIDTH), data, epochs=4, progress=False)
+        yield data, teacher, accuracy(teacher, data.x_test, data.y_test)
 
 
 @pytest.fixture(autouse=True)
