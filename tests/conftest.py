@@ -17,8 +17,6 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _helpers import torch_threads  # noqa: E402  (imports pyfast: after TRITON_INTERPRET)
-
 # Devices every op test runs on; the CUDA one is marked and skipped without a GPU.
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -80,6 +78,7 @@ def isa(request):
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def threads(request):
     """torch.set_num_threads(1 or 2) for the test, restored after."""
+    from _helpers import torch_threads   # here: conftest is also copied alone (test_triton_configs)
     with torch_threads(request.param) as n:
         yield n
 
@@ -89,6 +88,7 @@ def one_thread():
     """One torch thread for a whole module (pytestmark = pytest.mark.usefixtures(
     "one_thread")): accuracy thresholds measured so (digits), and on a shared 2-core
     machine two OpenMP threads competing with other processes run many times slower."""
+    from _helpers import torch_threads
     with torch_threads(1):
         yield
 
